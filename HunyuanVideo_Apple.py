@@ -1,0 +1,659 @@
+"""HunyuanVideo (Tencent's 13B text-to-video model) in plain MLX.
+
+One module, in the order data flows through the model:
+  1. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
+     40 single-stream blocks, final layer;
+  2. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly.
+The text encoders, the causal 3D VAE, the sampler, quantization and the pipeline join later sections.
+
+Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
+attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
+Tencent and ComfyUI files load by name and the diffusers layout needs a short renaming table.
+The reference for every number here is diffusers' HunyuanVideoTransformer3DModel.
+"""
+
+import json
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+__version__ = "0.1.0"
+
+
+class HunyuanVideoError(Exception):
+    """A problem the user can fix: the message is one sentence that says how."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: small fused pieces
+# ---------------------------------------------------------------------------------------------------
+# mx.compile fuses each of these elementwise chains into one kernel per shape.
+
+@mx.compile
+def _modulate(x, shift, scale):
+    """LayerNorm without affine (eps 1e-6), then adaLN: x (B, N, D); shift, scale (B, 1, D)."""
+    return mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
+
+
+@mx.compile
+def _gated(x, gate, y):
+    """Gated residual: x + gate * y, gate (B, 1, D)."""
+    return x + gate * y
+
+
+@mx.compile
+def _rope(x, cos, sin):
+    """Rotate ADJACENT pairs (x[2i], x[2i+1]) by angle i, in float32 like the reference.
+
+    x (B, heads, N, head_dim); cos, sin (N, head_dim/2)."""
+    xf = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)  # (B, heads, N, head_dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _heads(x, n_proj, heads):
+    """(B, N, n_proj*D) projections -> n_proj arrays (B, heads, N, head_dim)."""
+    B, N, _ = x.shape
+    x = x.reshape(B, N, n_proj, heads, -1).transpose(2, 0, 3, 1, 4)  # (n_proj, B, heads, N, head_dim)
+    return [x[i] for i in range(n_proj)]
+
+
+def _attention(q, k, v, mask):
+    """q, k, v (B, heads, N, head_dim); mask None or bool (B, 1, 1|N, N), True = attend -> (B, N, D)."""
+    B, H, N, Dh = q.shape
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=Dh ** -0.5, mask=mask)
+    return o.transpose(0, 2, 1, 3).reshape(B, N, H * Dh)  # (B, heads, N, hd) -> (B, N, D)
+
+
+def _timestep_freqs(t, dtype, dim=256, max_period=10000.0):
+    """Sinusoidal embedding [cos | sin] of t (B,), computed in float32 and then cast, as the reference."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = t.astype(mx.float32)[:, None] * freqs[None]  # (B, half)
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1).astype(dtype)
+
+
+@lru_cache(maxsize=16)
+def _rope_table(grid, axes_dim, theta, n_text):
+    """cos, sin (N_video + n_text, head_dim/2) float32 for the patchified grid (t, h, w).
+
+    Each axis gets its own slice of the head: angles = position * theta^(-2i/dim_axis), axes
+    concatenated [t | h | w], positions in the token order (t, h, w). Computed in float32 as the
+    reference does. The text rows are the identity rotation (cos 1, sin 0), so that the single-stream
+    blocks rotate [video ; text] in one pass and leave the text untouched."""
+    coords = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in grid], indexing="ij")
+    angles = []
+    for pos, d in zip(coords, axes_dim):
+        freqs = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+        angles.append(np.outer(pos.reshape(-1), freqs).astype(np.float32))  # (N_video, d/2)
+    angles = np.concatenate(angles, axis=1)
+    cos = np.concatenate([np.cos(angles), np.ones((n_text, angles.shape[1]), np.float32)])
+    sin = np.concatenate([np.sin(angles), np.zeros((n_text, angles.shape[1]), np.float32)])
+    return mx.array(cos), mx.array(sin)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: embedders
+# ---------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = patch, written as a Linear over flattened channels-last patches.
+    The checkpoint's conv weight (D, C, pt, ph, pw) is stored as (D, pt*ph*pw*C) at load."""
+
+    def __init__(self, in_channels, dim, patch):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(in_channels * patch[0] * patch[1] * patch[2], dim)
+
+    def __call__(self, x):
+        B, T, H, W, C = x.shape
+        pt, ph, pw = self.patch
+        x = x.reshape(B, T // pt, pt, H // ph, ph, W // pw, pw, C)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T', H', W', pt, ph, pw, C)
+        return self.proj(x.reshape(B, -1, pt * ph * pw * C))  # (B, T'*H'*W', D)
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoid -> Linear -> SiLU -> Linear (Tencent's mlp.0 / mlp.2)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.mlp = [nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim)]
+
+    def __call__(self, t, dtype):
+        x = _timestep_freqs(t, dtype)
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class MLPEmbedder(nn.Module):
+    """vector_in: the CLIP pooled vector -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim)
+        self.out_layer = nn.Linear(dim, dim)
+
+    def __call__(self, x):
+        return self.out_layer(nn.silu(self.in_layer(x)))
+
+
+class TextProjection(nn.Module):
+    """The token refiner's pooled-text embedder (same shape as MLPEmbedder, other names)."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x):
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Modulation(nn.Module):
+    """adaLN: SiLU -> Linear(D, n*D) of the conditioning vector, split into n (B, 1, D) pieces."""
+
+    def __init__(self, dim, n):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def __call__(self, vec):
+        return mx.split(self.linear(nn.silu(vec))[:, None], self.n, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: token refiner (txt_in)
+# ---------------------------------------------------------------------------------------------------
+# The LLM's states (B, L, 4096) are projected to D and refined by 2 small transformer blocks among the
+# valid text tokens, conditioned on the timestep and the mask-weighted mean of the raw states.
+
+class RefinerBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attn_qkv = nn.Linear(dim, 3 * dim)
+        self.self_attn_proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), nn.silu)
+        self.adaLN_modulation = [nn.SiLU(), Modulation(dim, 2).linear]  # Tencent: Sequential(SiLU, Linear)
+
+    def __call__(self, x, c, mask):
+        gate_msa, gate_mlp = mx.split(self.adaLN_modulation[1](nn.silu(c))[:, None], 2, axis=-1)
+        q, k, v = _heads(self.self_attn_qkv(self.norm1(x)), 3, self.heads)
+        x = _gated(x, gate_msa, self.self_attn_proj(_attention(q, k, v, mask)))
+        return _gated(x, gate_mlp, self.mlp(self.norm2(x)))
+
+
+class TokenRefiner(nn.Module):
+    def __init__(self, text_dim, dim, heads, num_layers, mlp_ratio=4.0):
+        super().__init__()
+        self.input_embedder = nn.Linear(text_dim, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.c_embedder = TextProjection(text_dim, dim)
+        # a plain dict keeps Tencent's key path individual_token_refiner.blocks.N
+        self.individual_token_refiner = {"blocks": [RefinerBlock(dim, heads, mlp_ratio) for _ in range(num_layers)]}
+
+    def __call__(self, x, timestep, mask):
+        """x (B, L, text_dim) in the compute dtype; mask (B, L) bool numpy, True = valid."""
+        m = mx.array(mask.astype(np.float32))[..., None]  # (B, L, 1)
+        pooled = ((x.astype(mx.float32) * m).sum(axis=1) / m.sum(axis=1)).astype(x.dtype)  # (B, text_dim)
+        c = self.t_embedder(timestep, x.dtype) + self.c_embedder(pooled)
+        x = self.input_embedder(x)
+        # valid queries see valid keys; key 0 stays visible so that a fully padded row is not empty
+        keys = mask.copy()
+        keys[:, 0] = True
+        attn_mask = None if keys.all() else mx.array(keys)[:, None, None, :]  # (B, 1, 1, L)
+        for block in self.individual_token_refiner["blocks"]:
+            x = block(x, c, attn_mask)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: double-stream and single-stream blocks
+# ---------------------------------------------------------------------------------------------------
+
+class DoubleBlock(nn.Module):
+    """Video and text keep their own weights (img_* / txt_*) and meet in one joint attention."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        for s in ("img", "txt"):
+            setattr(self, f"{s}_mod", Modulation(dim, 6))
+            setattr(self, f"{s}_attn_qkv", nn.Linear(dim, 3 * dim))
+            setattr(self, f"{s}_attn_q_norm", nn.RMSNorm(head_dim, eps=1e-6))
+            setattr(self, f"{s}_attn_k_norm", nn.RMSNorm(head_dim, eps=1e-6))
+            setattr(self, f"{s}_attn_proj", nn.Linear(dim, dim))
+            setattr(self, f"{s}_mlp", MLP(dim, int(dim * mlp_ratio), nn.gelu_approx))
+
+    def _qkv(self, s, x, shift, scale):
+        q, k, v = _heads(getattr(self, f"{s}_attn_qkv")(_modulate(x, shift, scale)), 3, self.heads)
+        return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
+
+    def _rest(self, s, x, attn, mod):
+        """Attention output projection and MLP, both gated, for stream s."""
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = _gated(x, gate1, getattr(self, f"{s}_attn_proj")(attn))
+        return _gated(x, gate2, getattr(self, f"{s}_mlp")(_modulate(x, shift2, scale2)))
+
+    def __call__(self, img, txt, vec, rope, mask):
+        """img (B, Ni, D), txt (B, Nt, D), vec (B, D); rope = (cos, sin) for the Ni video tokens."""
+        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+        qi, ki, vi = self._qkv("img", img, img_mod[0], img_mod[1])
+        qi, ki = _rope(qi, *rope), _rope(ki, *rope)  # RoPE on video only
+        qt, kt, vt = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
+        attn = _attention(mx.concatenate([qi, qt], axis=2), mx.concatenate([ki, kt], axis=2),
+                          mx.concatenate([vi, vt], axis=2), mask)  # over [video ; text]
+        n = img.shape[1]
+        return self._rest("img", img, attn[:, :n], img_mod), self._rest("txt", txt, attn[:, n:], txt_mod)
+
+
+class SingleBlock(nn.Module):
+    """One stream over [video ; text]: linear1 -> [q | k | v | mlp], linear2 over [attn | gelu(mlp)]."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.dim = dim
+        self.linear1 = nn.Linear(dim, 3 * dim + int(dim * mlp_ratio))
+        self.linear2 = nn.Linear(dim + int(dim * mlp_ratio), dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.modulation = Modulation(dim, 3)
+
+    def __call__(self, x, vec, rope, mask):
+        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows."""
+        shift, scale, gate = self.modulation(vec)
+        h = self.linear1(_modulate(x, shift, scale))  # (B, N, 3D + mlp)
+        q, k, v = _heads(h[..., : 3 * self.dim], 3, self.heads)
+        q, k = _rope(self.q_norm(q), *rope), _rope(self.k_norm(k), *rope)
+        attn = _attention(q, k, v, mask)
+        return _gated(x, gate, self.linear2(mx.concatenate([attn, nn.gelu_approx(h[..., 3 * self.dim:])], axis=-1)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_features):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = [nn.SiLU(), Modulation(dim, 2).linear]  # Tencent order: shift, scale
+
+    def __call__(self, x, vec):
+        shift, scale = mx.split(self.adaLN_modulation[1](nn.silu(vec))[:, None], 2, axis=-1)
+        return self.linear(_modulate(x, shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: the model
+# ---------------------------------------------------------------------------------------------------
+
+class HunyuanVideoTransformer(nn.Module):
+    """HYVideo-T/2-cfgdistill. The defaults are the real model; tests build smaller ones by keyword.
+    The keywords are diffusers' config names, so a diffusers config.json passes straight through."""
+
+    def __init__(self, in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                 num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                 patch_size_t=1, guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+                 rope_theta=256.0, rope_axes_dim=(16, 56, 56)):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        if sum(rope_axes_dim) != attention_head_dim or any(d % 2 for d in rope_axes_dim):
+            raise HunyuanVideoError(f"rope_axes_dim {tuple(rope_axes_dim)} must be even numbers adding up to "
+                                    f"the head width {attention_head_dim}.")
+        self.patch = (patch_size_t, patch_size, patch_size)
+        self.out_channels = out_channels
+        self.rope_axes_dim = tuple(rope_axes_dim)
+        self.rope_theta = float(rope_theta)
+        self.img_in = PatchEmbed(in_channels, dim, self.patch)
+        self.txt_in = TokenRefiner(text_embed_dim, dim, num_attention_heads, num_refiner_layers)  # its MLP: always 4x
+        self.time_in = TimestepEmbedder(dim)
+        self.vector_in = MLPEmbedder(pooled_projection_dim, dim)
+        if guidance_embeds:
+            self.guidance_in = TimestepEmbedder(dim)
+        self.double_blocks = [DoubleBlock(dim, num_attention_heads, mlp_ratio) for _ in range(num_layers)]
+        self.single_blocks = [SingleBlock(dim, num_attention_heads, mlp_ratio) for _ in range(num_single_layers)]
+        self.final_layer = FinalLayer(dim, out_channels * self.patch[0] * self.patch[1] * self.patch[2])
+
+    @property
+    def dtype(self):
+        return self.img_in.proj.weight.dtype
+
+    def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
+        """latents (B, T, H, W, C); timestep (B,) in 0..1000; text_states (B, L, text_dim);
+        text_mask (B, L), 1 = valid; pooled (B, pooled_dim); guidance (B,) already x1000, or None for
+        a checkpoint without a guidance embedding. Returns the velocity (B, T, H, W, C), model dtype."""
+        B, T, H, W, C = latents.shape
+        pt, ph, pw = self.patch
+        if T % pt or H % ph or W % pw:
+            raise HunyuanVideoError(f"latent size {T}x{H}x{W} (frames x height x width) must be a multiple of "
+                                    f"the patch {pt}x{ph}x{pw}: use a video height and width divisible by 16.")
+        if "guidance_in" in self and guidance is None:
+            raise HunyuanVideoError("this checkpoint embeds the guidance scale: pass guidance (B,), the scale x 1000.")
+        dtype = self.dtype
+        # Text padding. The reference keeps all L slots and masks keys past [video ; first count(mask)
+        # text tokens]; in the refiner, keys where the mask is 0. Slots after the last valid one therefore
+        # never reach a valid output, and dropping them changes nothing but the work. What is left is
+        # masked only when the batch's lengths differ.
+        mask = np.array(text_mask.astype(mx.float32)) > 0  # (B, L) on the host: tiny
+        valid = mask.any(axis=0)
+        keep = int(np.nonzero(valid)[0][-1]) + 1 if valid.any() else 1
+        mask, text_states = mask[:, :keep], text_states[:, :keep]
+        counts = mask.sum(axis=1)  # (B,)
+
+        timestep = timestep.astype(mx.float32)
+        vec = self.time_in(timestep, dtype)
+        if "guidance_in" in self:
+            vec = vec + self.guidance_in(guidance.astype(mx.float32), dtype)
+        vec = vec + self.vector_in(pooled.astype(dtype))  # (B, D), summed in the reference's order
+        txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
+        img = self.img_in(latents.astype(dtype))  # (B, Ni, D)
+
+        ni = img.shape[1]
+        cos, sin = _rope_table((T // pt, H // ph, W // pw), self.rope_axes_dim, self.rope_theta, keep)
+        attn_mask = None
+        if (counts != keep).any():
+            attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, (cos[:ni], sin[:ni]), attn_mask)
+        x = mx.concatenate([img, txt], axis=1)  # (B, Ni + keep, D)
+        for block in self.single_blocks:
+            x = block(x, vec, (cos, sin), attn_mask)
+        x = self.final_layer(x[:, :ni], vec)  # (B, Ni, C*pt*ph*pw), channel-major
+
+        x = x.reshape(B, T // pt, H // ph, W // pw, self.out_channels, pt, ph, pw)
+        x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # (B, T', pt, H', ph, W', pw, C)
+        return x.reshape(B, T, H, W, self.out_channels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: files
+# ---------------------------------------------------------------------------------------------------
+
+def _read_safetensors(f):
+    try:
+        return mx.load(str(f))
+    except Exception as e:  # MLX checks the header and that every tensor lies inside the file
+        raise HunyuanVideoError(f"{f} could not be read as safetensors ({e}); it is probably truncated or "
+                                f"corrupt: download it again.") from None
+
+
+def _torch_to_mx(t):
+    import torch
+
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
+        return mx.array(t.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(t.contiguous().numpy())
+
+
+def _read_pt(f):
+    """A PyTorch pickle, opened only with weights_only=True (no code runs); state dict under 'module'."""
+    try:
+        import torch
+    except ImportError:
+        raise HunyuanVideoError(f"{f} is a PyTorch pickle: install torch (pip install torch) to read it safely, "
+                                f"or use a .safetensors checkpoint.") from None
+    try:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise HunyuanVideoError(f"{f} could not be read as a weights-only PyTorch checkpoint "
+                                f"({str(e).splitlines()[0]}); it may be truncated or corrupt: download it again.") from None
+    if isinstance(sd, dict) and isinstance(sd.get("module"), dict):
+        sd = sd["module"]
+    if not isinstance(sd, dict):
+        raise HunyuanVideoError(f"{f} holds no state dict: pass a HunyuanVideo transformer checkpoint.")
+    return {k: _torch_to_mx(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_weights(path):
+    """All tensors of a checkpoint file or folder, and the folder's config.json (or {})."""
+    path = Path(path).expanduser()
+    hint = "pass the transformer/ folder of a diffusers checkpoint, or a Tencent .pt or ComfyUI .safetensors file"
+    if not path.exists():
+        raise HunyuanVideoError(f"{path} does not exist: {hint}.")
+    config = {}
+    if path.is_dir():
+        if (path / "config.json").exists():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except ValueError as e:
+                raise HunyuanVideoError(f"{path / 'config.json'} is not valid JSON ({e}): download it again.") from None
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).exists()]
+            if missing:
+                raise HunyuanVideoError(f"{path} lacks {len(missing)} of the {len(shards)} shards its index lists "
+                                        f"({', '.join(missing[:3])}): the download is incomplete; download it again.")
+            files = [path / s for s in shards]
+        else:
+            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("mp_rank_00_model_states.pt")) \
+                or sorted(path.glob("*.pt"))
+        if not files:
+            raise HunyuanVideoError(f"{path} holds no .safetensors or .pt weights: {hint}.")
+        if len(files) > 1 and files[0].suffix == ".pt":
+            raise HunyuanVideoError(f"{path} holds several .pt files ({', '.join(f.name for f in files[:3])}): "
+                                    f"pass the one to load.")
+    else:
+        files = [path]
+    weights = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            weights.update(_read_safetensors(f))
+        elif f.suffix in (".pt", ".pth", ".bin"):
+            weights.update(_read_pt(f))
+        else:
+            raise HunyuanVideoError(f"{f} is neither .safetensors nor .pt: {hint}.")
+    return weights, config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: layouts
+# ---------------------------------------------------------------------------------------------------
+# diffusers -> Tencent names, scope by scope: (diffusers scope, Tencent scope, {diffusers module: Tencent
+# module}). A tuple of diffusers modules is fused, in that row order, into one Tencent module. This is the
+# inverse of diffusers' convert_hunyuan_video_transformer_to_diffusers, against which the tests check it.
+
+_FROM_DIFFUSERS = [
+    (r"transformer_blocks\.(\d+)", "double_blocks.{}", {
+        "norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod.linear",
+        ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn_qkv",
+        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn_qkv",
+        "attn.norm_q": "img_attn_q_norm", "attn.norm_k": "img_attn_k_norm",
+        "attn.norm_added_q": "txt_attn_q_norm", "attn.norm_added_k": "txt_attn_k_norm",
+        "attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj",
+        "ff.net.0.proj": "img_mlp.fc1", "ff.net.2": "img_mlp.fc2",
+        "ff_context.net.0.proj": "txt_mlp.fc1", "ff_context.net.2": "txt_mlp.fc2"}),
+    (r"single_transformer_blocks\.(\d+)", "single_blocks.{}", {
+        ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"): "linear1", "proj_out": "linear2",
+        "attn.norm_q": "q_norm", "attn.norm_k": "k_norm", "norm.linear": "modulation.linear"}),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)", "txt_in.individual_token_refiner.blocks.{}", {
+        "norm1": "norm1", "norm2": "norm2", ("attn.to_q", "attn.to_k", "attn.to_v"): "self_attn_qkv",
+        "attn.to_out.0": "self_attn_proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
+        "norm_out.linear": "adaLN_modulation.1"}),
+    (r"context_embedder", "txt_in", {
+        "proj_in": "input_embedder",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "c_embedder.linear_1",
+        "time_text_embed.text_embedder.linear_2": "c_embedder.linear_2"}),
+    (r"", "", {
+        "x_embedder.proj": "img_in.proj",
+        "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped below
+        "proj_out": "final_layer.linear"}),
+]
+
+
+def _from_diffusers(sd):
+    """Rename (and fuse) a diffusers state dict to Tencent's names. Keys it does not know keep their name,
+    so that the strict check reports them."""
+    out, groups = {}, {}  # groups: fused Tencent key -> {diffusers module: tensor}
+    for key, value in sd.items():
+        for scope, target, table in _FROM_DIFFUSERS:
+            m = re.fullmatch((scope + r"\." if scope else "") + r"(.+)\.(weight|bias)", key)
+            if not m:
+                continue
+            *idx, module, param = m.groups()
+            prefix = target.format(*idx) + "." if target else ""
+            for src, dst in table.items():
+                parts = src if isinstance(src, tuple) else (src,)
+                if module in parts:
+                    break
+            else:
+                continue
+            if isinstance(src, tuple):
+                groups.setdefault((prefix + dst + "." + param, src), {})[module] = value
+            else:
+                out[prefix + dst + "." + param] = value
+            break
+        else:
+            out[key] = value
+    for (key, parts), found in groups.items():
+        if len(found) == len(parts):
+            out[key] = mx.concatenate([found[p] for p in parts], axis=0)
+        else:  # incomplete: leave the pieces under names the strict check will report
+            out.update({f"{key} (part {p})": v for p, v in found.items()})
+    for param in ("weight", "bias"):  # diffusers' final modulation is (scale, shift); Tencent's (shift, scale)
+        key = f"final_layer.adaLN_modulation.1.{param}"
+        if key in out:
+            scale, shift = mx.split(out[key], 2, axis=0)
+            out[key] = mx.concatenate([shift, scale], axis=0)
+    return out
+
+
+def _strip_prefix(sd):
+    """ComfyUI and other single files may prefix every key (model.diffusion_model., ...)."""
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _count(sd, prefix):
+    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"\.(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def _transformer_sizes(sd, config, source):
+    """Constructor keywords from the tensors' shapes, then the checkpoint's config.json on top."""
+    try:
+        dim, cin, pt, ph, pw = sd["img_in.proj.weight"].shape
+        head_dim = sd.get("double_blocks.0.img_attn_q_norm.weight", sd.get("single_blocks.0.q_norm.weight")).shape[0]
+        fc1 = sd.get("double_blocks.0.img_mlp.fc1.weight")
+        mlp = fc1.shape[0] if fc1 is not None else sd["single_blocks.0.linear1.weight"].shape[0] - 3 * dim
+        sizes = dict(
+            in_channels=cin, out_channels=sd["final_layer.linear.weight"].shape[0] // (pt * ph * pw),
+            num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+            num_layers=_count(sd, "double_blocks"), num_single_layers=_count(sd, "single_blocks"),
+            num_refiner_layers=_count(sd, "txt_in.individual_token_refiner.blocks"), mlp_ratio=mlp / dim,
+            patch_size=ph, patch_size_t=pt, guidance_embeds="guidance_in.mlp.0.weight" in sd,
+            text_embed_dim=sd["txt_in.input_embedder.weight"].shape[1],
+            pooled_projection_dim=sd["vector_in.in_layer.weight"].shape[1])
+    except (KeyError, ValueError, AttributeError):
+        some = ", ".join(sorted(sd)[:3])
+        raise HunyuanVideoError(f"{source} does not look like a HunyuanVideo transformer checkpoint (its keys "
+                                f"start {some}): pass the transformer's weights.") from None
+    names = set(HunyuanVideoTransformer.__init__.__code__.co_varnames)
+    sizes.update({k: v for k, v in config.items() if k in names})
+    return sizes
+
+
+def _load_strict(model, weights, dtype, source):
+    """Put weights into model, refusing any missing, unexpected or mis-shaped key in one sentence."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = [f"{k} {tuple(weights[k].shape)} instead of {tuple(expected[k].shape)}"
+                 for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    problems = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("mis-shaped tensors", misshaped)) if names]
+    if problems:
+        raise HunyuanVideoError(f"{source} does not fit the model: {'; '.join(problems)}; check that it is a "
+                                f"complete checkpoint of the right model.")
+    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
+    mx.eval(model.parameters())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: entry points
+# ---------------------------------------------------------------------------------------------------
+
+def load_transformer(path, dtype=mx.bfloat16, **sizes):
+    """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
+    Tencent state dict (mp_rank_00_model_states.pt, or its folder) or a ComfyUI single .safetensors file.
+
+    Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
+    (Tencent files carry no RoPE settings, for instance)."""
+    source = Path(path).expanduser()
+    weights, config = _read_weights(source)
+    if config.get("_class_name", "HunyuanVideoTransformer3DModel") != "HunyuanVideoTransformer3DModel":
+        raise HunyuanVideoError(f"{source} holds a {config['_class_name']}, not a HunyuanVideo transformer: pass "
+                                f"the checkpoint's transformer/ folder.")
+    if config.get("image_condition_type"):
+        raise HunyuanVideoError(f"{source} is an image-to-video variant ({config['image_condition_type']}), which "
+                                f"this port does not support yet: use the text-to-video checkpoint.")
+    weights = _strip_prefix(weights)
+    if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in weights):
+        weights = _from_diffusers(weights)
+    sizes = {**_transformer_sizes(weights, config, source), **sizes}
+    if sizes["attention_head_dim"] != 128 and "rope_axes_dim" not in sizes:
+        raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
+                                f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
+    model = HunyuanVideoTransformer(**sizes)
+    conv = weights.get("img_in.proj.weight")
+    if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
+        weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
+    return _load_strict(model, weights, dtype, source)
+
+
+def save_transformer(model, folder):
+    """Write model as Tencent-layout safetensors plus a config.json with what the tensors cannot say (RoPE),
+    a folder that load_transformer reads without torch. Written to a temporary name, then renamed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    pt, ph, pw = model.patch
+    w = weights["img_in.proj.weight"]  # back to the checkpoint's Conv3d (D, C, pt, ph, pw)
+    weights["img_in.proj.weight"] = w.reshape(w.shape[0], pt, ph, pw, -1).transpose(0, 4, 1, 2, 3)
+    tmp = folder / ".partial"  # MLX appends .safetensors to any name, so stage in a hidden folder
+    tmp.mkdir(exist_ok=True)
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx", "layout": "tencent"})
+    (tmp / "model.safetensors").replace(folder / "model.safetensors")
+    tmp.rmdir()
+    config = {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
+              "rope_axes_dim": list(model.rope_axes_dim), "rope_theta": model.rope_theta,
+              "hunyuan_apple_version": __version__}
+    (folder / "config.json.partial").write_text(json.dumps(config, indent=2))
+    (folder / "config.json.partial").replace(folder / "config.json")

@@ -1,0 +1,73 @@
+"""The scripts as a user runs them: convert_weights.py, hunyuan_apple.py, bench_hunyuan_apple.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from test_transformer import CONFIGS, make_inputs, make_reference, run_ours
+
+import HunyuanVideo_Apple as H
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "transformer"
+    make_reference(CONFIGS["uneven-rope-no-guidance"]["model"]).save_pretrained(path)
+    return path
+
+
+def test_convert_reloads_identically(diffusers_folder, tmp_path):
+    r = run("convert_weights.py", "--model", diffusers_folder, "--output", tmp_path / "mlx", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "mlx").iterdir()) == ["config.json", "model.safetensors"]
+    direct = H.load_transformer(diffusers_folder, dtype=mx.float32)
+    converted = H.load_transformer(tmp_path / "mlx", dtype=mx.float32)
+    a, b = dict(tree_flatten(direct.parameters())), dict(tree_flatten(converted.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    inputs = make_inputs(CONFIGS["uneven-rope-no-guidance"])
+    assert np.array_equal(run_ours(direct, inputs), run_ours(converted, inputs))
+    # an existing output is never overwritten
+    r = run("convert_weights.py", "--model", diffusers_folder, "--output", tmp_path / "mlx")
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--frames", "12"], "4n+1"),
+    (["--resolution", "540", "960"], "multiples of 16"),
+    (["--steps", "0"], "at least 1 step"),
+    (["--model", "/nonexistent/transformer"], "does not exist"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_cli_bad_input_one_sentence(args, words):
+    r = run("hunyuan_apple.py", "--prompt", "a cat", *args)
+    assert r.returncode == 2, r
+    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_empty_prompt():
+    r = run("hunyuan_apple.py", "--prompt", "  ")
+    assert r.returncode == 2 and "--prompt is empty" in r.stderr
+
+
+def test_cli_says_generation_is_not_there_yet(diffusers_folder):
+    r = run("hunyuan_apple.py", "--prompt", "a cat", "--model", diffusers_folder)
+    assert "loaded the transformer" in r.stdout, r.stderr
+    assert r.returncode == 3 and "not have yet" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_tiny_prints_a_table():
+    r = run("bench_hunyuan_apple.py", "--tiny", "--repeat", "1", "--sizes", "32x48x5")
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "32x48x5" and int(row[1]) == 2 * 2 * 3 + 256 and float(row[3]) > 0
