@@ -12,6 +12,7 @@ Tencent and ComfyUI files load by name and the diffusers layout needs a short re
 The reference for every number here is diffusers' HunyuanVideoTransformer3DModel.
 """
 
+import inspect
 import json
 import math
 import re
@@ -196,7 +197,7 @@ class RefinerBlock(nn.Module):
         self.self_attn_proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio), nn.silu)
-        self.adaLN_modulation = [nn.SiLU(), Modulation(dim, 2).linear]  # Tencent: Sequential(SiLU, Linear)
+        self.adaLN_modulation = [nn.SiLU(), nn.Linear(dim, 2 * dim)]  # Tencent: Sequential(SiLU, Linear)
 
     def __call__(self, x, c, mask):
         gate_msa, gate_mlp = mx.split(self.adaLN_modulation[1](nn.silu(c))[:, None], 2, axis=-1)
@@ -297,7 +298,7 @@ class FinalLayer(nn.Module):
     def __init__(self, dim, out_features):
         super().__init__()
         self.linear = nn.Linear(dim, out_features)
-        self.adaLN_modulation = [nn.SiLU(), Modulation(dim, 2).linear]  # Tencent order: shift, scale
+        self.adaLN_modulation = [nn.SiLU(), nn.Linear(dim, 2 * dim)]  # Tencent order: shift, scale
 
     def __call__(self, x, vec):
         shift, scale = mx.split(self.adaLN_modulation[1](nn.silu(vec))[:, None], 2, axis=-1)
@@ -583,7 +584,7 @@ def _transformer_sizes(sd, config, source):
         some = ", ".join(sorted(sd)[:3])
         raise HunyuanVideoError(f"{source} does not look like a HunyuanVideo transformer checkpoint (its keys "
                                 f"start {some}): pass the transformer's weights.") from None
-    names = set(HunyuanVideoTransformer.__init__.__code__.co_varnames)
+    names = inspect.signature(HunyuanVideoTransformer).parameters
     sizes.update({k: v for k, v in config.items() if k in names})
     return sizes
 
