@@ -71,3 +71,11 @@ def test_bench_tiny_prints_a_table():
     assert r.returncode == 0, r.stderr
     row = r.stdout.strip().splitlines()[-1].split()
     assert row[0] == "32x48x5" and int(row[1]) == 2 * 2 * 3 + 256 and float(row[3]) > 0
+
+
+def test_bench_flop_count_matches_the_notes():
+    """The benchmark's effective TFLOP/s rests on this count: 0.35 PFLOP at 544x960x25, 12.1 at 720x1280x129."""
+    import bench_hunyuan_apple as B
+    assert B.tokens(720, 1280, 129) == 119_056
+    assert abs(B.forward_flops({}, B.tokens(544, 960, 25)) / 1e15 - 0.35) < 0.005
+    assert abs(B.forward_flops({}, B.tokens(720, 1280, 129)) / 1e15 - 12.1) < 0.05

@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from conftest import randomize, rel_err
 from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.loaders import single_file_utils
@@ -282,3 +283,11 @@ def test_real_width_blocks_tencent_layout(tmp_path):
     inputs = make_inputs(cfg)
     err = rel_err(run_ours(ours, inputs), run_reference(ref, inputs))
     assert err <= F32_TOL, f"real width: relative error {err:.2e} > {F32_TOL}"
+
+
+def test_defaults_are_the_real_model():
+    """The constructor's defaults build HYVideo-T/2-cfgdistill: 12,821,012,544 parameters (Tencent's count).
+    MLX creates the random weights lazily, so counting them costs no memory."""
+    model = H.HunyuanVideoTransformer()
+    assert sum(p.size for _, p in tree_flatten(model.parameters())) == 12_821_012_544
+    assert (len(model.double_blocks), len(model.single_blocks), model.rope_axes_dim) == (20, 40, (16, 56, 56))
