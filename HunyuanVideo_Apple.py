@@ -3,8 +3,9 @@
 One module, in the order data flows through the model:
   1. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
      40 single-stream blocks, final layer;
-  2. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly.
-The text encoders, the causal 3D VAE, the sampler, quantization and the pipeline join later sections.
+  2. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
+  3. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly.
+The text encoders, the sampler, quantization and the pipeline join later sections.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
@@ -389,6 +390,318 @@ class HunyuanVideoTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# VAE: causal 3D convolutions, resnets, up/down sampling, the mid block
+# ---------------------------------------------------------------------------------------------------
+# "884-16c-hy": 8x smaller in height and width, 4x fewer frames, 16 channels. Every convolution is
+# causal in time: frame t sees frames <= t only, so the first frame is encoded on its own (an image).
+# Channels-last throughout: (B, T, H, W, C). Conv weights are MLX's (O, kt, kh, kw, I); the checkpoints'
+# PyTorch (O, I, kt, kh, kw) is transposed once at load.
+
+class CausalConv3d(nn.Module):
+    """Replicate-pad H and W by k//2 on both sides and T by k-1 in front only, then convolve unpadded."""
+
+    def __init__(self, cin, cout, kernel=3, stride=(1, 1, 1)):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride)
+
+    def __call__(self, x):
+        k = self.kernel
+        if k > 1:
+            x = mx.pad(x, [(0, 0), (k - 1, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)], mode="edge")
+        return self.conv(x)
+
+
+def _nearest(x, ft, fh, fw):
+    """Nearest-neighbour upsampling by integer factors: (B, T, H, W, C) -> (B, ft*T, fh*H, fw*W, C)."""
+    B, T, H, W, C = x.shape
+    x = mx.broadcast_to(x[:, :, None, :, None, :, None], (B, T, ft, H, fh, W, fw, C))
+    return x.reshape(B, T * ft, H * fh, W * fw, C)
+
+
+class Upsample(nn.Module):
+    """Frame 0 is upsampled in space only; later frames in time too (T -> 2T - 1 when ft = 2)."""
+
+    def __init__(self, channels, factor):
+        super().__init__()
+        self.factor = factor
+        self.conv = CausalConv3d(channels, channels, 3)
+
+    def __call__(self, x):
+        ft, fh, fw = self.factor
+        first = _nearest(x[:, :1], 1, fh, fw)
+        if x.shape[1] > 1:
+            first = mx.concatenate([first, _nearest(x[:, 1:], ft, fh, fw)], axis=1)
+        return self.conv(first)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, stride):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=stride)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6, pytorch_compatible=True)
+        self.conv1 = CausalConv3d(cin, cout, 3)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6, pytorch_compatible=True)
+        self.conv2 = CausalConv3d(cout, cout, 3)
+        if cin != cout:
+            self.conv_shortcut = CausalConv3d(cin, cout, 1)
+
+    def __call__(self, x):
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        return h + (self.conv_shortcut(x) if "conv_shortcut" in self else x)
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all T*H*W positions, each frame seeing itself and earlier frames."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x):
+        B, T, H, W, C = x.shape
+        h = self.group_norm(x).reshape(B, 1, T * H * W, C)  # one head over (t, h, w) positions
+        frame = mx.arange(T * H * W) // (H * W)
+        causal = frame[None, :] <= frame[:, None]  # (N, N): key frame <= query frame
+        o = mx.fast.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), scale=C ** -0.5,
+                                                 mask=causal)
+        return x + self.to_out[0](o).reshape(B, T, H, W, C)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels, groups, attention=True):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)]
+        self.attentions = [VAEAttention(channels, groups)] if attention else []
+
+    def __call__(self, x):
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+def _vae_factors(n_blocks, spatial_ratio, temporal_ratio):
+    """(ft, fh, fw) of each level's down- (or up-) sampler, None where it has none: the first
+    log2(spatial) levels halve H and W, the levels just before the last one halve T too."""
+    n_space, n_time = int(math.log2(spatial_ratio)), int(math.log2(temporal_ratio))
+    factors = []
+    for i in range(n_blocks):
+        s = i < n_space
+        t = n_blocks - 1 - n_time <= i < n_blocks - 1
+        factors.append((2 if t else 1, 2 if s else 1, 2 if s else 1) if s or t else None)
+    return factors
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, cin, latent, block_out, layers, groups, spatial_ratio, temporal_ratio, attention):
+        super().__init__()
+        self.conv_in = CausalConv3d(cin, block_out[0], 3)
+        self.down_blocks = []
+        prev = block_out[0]
+        for cout, factor in zip(block_out, _vae_factors(len(block_out), spatial_ratio, temporal_ratio)):
+            block = nn.Module()
+            block.resnets = [ResnetBlock(prev if j == 0 else cout, cout, groups) for j in range(layers)]
+            if factor:
+                block.downsamplers = [Downsample(cout, factor)]
+            self.down_blocks.append(block)
+            prev = cout
+        self.mid_block = MidBlock(block_out[-1], groups, attention)
+        self.conv_norm_out = nn.GroupNorm(groups, block_out[-1], eps=1e-6, pytorch_compatible=True)
+        self.conv_out = CausalConv3d(block_out[-1], 2 * latent, 3)
+
+    def __call__(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            for layer in block.resnets + block.get("downsamplers", []):
+                x = layer(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, latent, cout, block_out, layers, groups, spatial_ratio, temporal_ratio, attention):
+        super().__init__()
+        self.conv_in = CausalConv3d(latent, block_out[-1], 3)
+        self.mid_block = MidBlock(block_out[-1], groups, attention)
+        self.up_blocks = []
+        prev = block_out[-1]
+        for c, factor in zip(block_out[::-1], _vae_factors(len(block_out), spatial_ratio, temporal_ratio)):
+            block = nn.Module()
+            block.resnets = [ResnetBlock(prev if j == 0 else c, c, groups) for j in range(layers + 1)]
+            if factor:
+                block.upsamplers = [Upsample(c, factor)]
+            self.up_blocks.append(block)
+            prev = c
+        self.conv_norm_out = nn.GroupNorm(groups, block_out[0], eps=1e-6, pytorch_compatible=True)
+        self.conv_out = CausalConv3d(block_out[0], cout, 3)
+
+    def __call__(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            for layer in block.resnets + block.get("upsamplers", []):
+                x = layer(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE: the model, with tiled decode and encode
+# ---------------------------------------------------------------------------------------------------
+# Tiling follows the reference exactly, so that the same tiles and strides give the same video: the clip
+# is cut in time into chunks of tile_t (+1 causal context) frames every stride_t frames; each chunk, if
+# larger than a tile in space, into tile_h x tile_w tiles every stride_h x stride_w; the overlaps are
+# blended linearly, each tile with its already-blended neighbours above, to the left and before it.
+# Each tile is evaluated before the next one starts, so the peak memory is set by the tile.
+
+DEFAULT_VAE_TILE = (16, 256, 256)  # (frames, height, width) in pixels, the reference's defaults
+DEFAULT_VAE_STRIDE = (12, 192, 192)
+
+
+def _tile_settings(tile, stride):
+    """Check tile and stride (frames, height, width); stride defaults to 3/4 of the tile, as the reference's."""
+    stride = tuple(stride) if stride is not None else tuple(3 * n // 4 for n in tile)
+    if len(tile) != 3 or len(stride) != 3 or not all(0 < s <= t for s, t in zip(stride, tile)):
+        raise HunyuanVideoError(f"VAE tile {tuple(tile)} and stride {stride} must each be (frames, height, width) "
+                                f"with 0 < stride <= tile, e.g. tile {DEFAULT_VAE_TILE}, stride {DEFAULT_VAE_STRIDE}.")
+    return tuple(tile), stride
+
+
+def _blend(a, b, extent, axis):
+    """b's first `extent` slices along axis fade in from a's last ones: a*(1 - i/extent) + b*(i/extent)."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    if extent <= 0:
+        return b
+    shape = [1] * b.ndim
+    shape[axis] = extent
+    w = (mx.arange(extent, dtype=mx.float32) / extent).reshape(shape).astype(b.dtype)
+    a_end = mx.take(a, mx.arange(a.shape[axis] - extent, a.shape[axis]), axis=axis)
+    b_start, b_rest = mx.split(b, [extent], axis=axis)
+    return mx.concatenate([a_end * (1 - w) + b_start * w, b_rest], axis=axis)
+
+
+def _tiled_space(fn, x, tile, stride, blend, keep, out_hw):
+    """fn over tile x tile windows of x (B, T, H, W, C) every stride, blended and cropped to keep each."""
+    rows, prev = [], None
+    for i in range(0, x.shape[2], stride[0]):
+        row = []
+        for j in range(0, x.shape[3], stride[1]):
+            t = fn(x[:, :, i:i + tile[0], j:j + tile[1]])
+            if prev is not None:
+                t = _blend(prev[len(row)], t, blend[0], axis=2)
+            if row:
+                t = _blend(row[-1], t, blend[1], axis=3)
+            mx.eval(t)
+            row.append(t)
+        rows.append(mx.concatenate([t[:, :, :keep[0], :keep[1]] for t in row], axis=3))
+        prev = row
+    return mx.concatenate(rows, axis=2)[:, :, :out_hw[0], :out_hw[1]]
+
+
+def _tiled_time(fn, x, tile, stride, blend, keep, out_t):
+    """fn over chunks x[:, i : i + tile + 1] every stride frames; chunks after the first drop their first
+    output frame (the causal context), fade in from the previous chunk and keep `keep` frames."""
+    out, prev = [], None
+    for n, i in enumerate(range(0, x.shape[1], stride)):
+        t = fn(x[:, i:i + tile + 1])
+        if n:
+            t = _blend(prev, t[:, 1:], blend, axis=1)
+        mx.eval(t)
+        out.append(t[:, :keep + (0 if n else 1)])
+        prev = t
+    return mx.concatenate(out, axis=1)[:, :out_t]
+
+
+class HunyuanVideoVAE(nn.Module):
+    """AutoencoderKLHunyuanVideo. The defaults are the real model; keywords are diffusers' config names."""
+
+    def __init__(self, in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                 layers_per_block=2, norm_num_groups=32, scaling_factor=0.476986, spatial_compression_ratio=8,
+                 temporal_compression_ratio=4, mid_block_add_attention=True):
+        super().__init__()
+        if temporal_compression_ratio != 4:
+            raise HunyuanVideoError(f"temporal_compression_ratio {temporal_compression_ratio}: the HunyuanVideo "
+                                    f"VAE compresses time by 4; use its own config.")
+        args = (tuple(block_out_channels), layers_per_block, norm_num_groups, spatial_compression_ratio,
+                temporal_compression_ratio, mid_block_add_attention)
+        self.encoder = VAEEncoder(in_channels, latent_channels, *args)
+        self.decoder = VAEDecoder(latent_channels, out_channels, *args)
+        self.quant_conv = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
+        self.scaling_factor = scaling_factor
+        self.ratio = (temporal_compression_ratio, spatial_compression_ratio)
+
+    @property
+    def dtype(self):
+        return self.post_quant_conv.weight.dtype
+
+    def _decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+    def _encode(self, x):
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, z, tile=None, stride=None):
+        """z (B, t, h, w, latent), already divided by scaling_factor -> video (B, 4(t-1)+1, 8h, 8w, 3) in
+        about [-1, 1], model dtype. tile and stride, (frames, height, width) in pixels, tile it as the
+        reference does with the same settings (stride defaults to 3/4 of the tile); tile=None decodes in one
+        piece, with no splitting in time either."""
+        z = z.astype(self.dtype)
+        if tile is None:
+            return self._decode(z)
+        (ft, fh, fw), (st, sh, sw) = _tile_settings(tile, stride)
+        rt, rs = self.ratio
+        t = z.shape[1]
+
+        def space(z):
+            if z.shape[2] > fh // rs or z.shape[3] > fw // rs:
+                out_hw = (z.shape[2] * rs, z.shape[3] * rs)
+                return _tiled_space(self._decode, z, (fh // rs, fw // rs), (sh // rs, sw // rs), (fh - sh, fw - sw),
+                                    (sh, sw), out_hw)
+            return self._decode(z)
+
+        if t > ft // rt:
+            return _tiled_time(space, z, ft // rt, st // rt, ft - st, st, (t - 1) * rt + 1)
+        return space(z)
+
+    def encode(self, x, tile=None, stride=None):
+        """video (B, F, H, W, 3) in [-1, 1] -> posterior mean (B, (F-1)/4+1, H/8, W/8, latent), unscaled.
+        tile and stride as in decode, in pixels."""
+        x = x.astype(self.dtype)
+        if tile is None:
+            h = self._encode(x)
+        else:
+            (ft, fh, fw), (st, sh, sw) = _tile_settings(tile, stride)
+            rt, rs = self.ratio
+
+            def space(x):
+                if x.shape[2] > fh or x.shape[3] > fw:
+                    out_hw = (x.shape[2] // rs, x.shape[3] // rs)
+                    return _tiled_space(self._encode, x, (fh, fw), (sh, sw), (fh // rs - sh // rs, fw // rs - sw // rs),
+                                        (sh // rs, sw // rs), out_hw)
+                return self._encode(x)
+
+            F = x.shape[1]
+            if F > ft:
+                h = _tiled_time(space, x, ft, st, ft // rt - st // rt, st // rt, (F - 1) // rt + 1)
+            else:
+                h = space(x)
+        return h[..., : h.shape[-1] // 2]  # the posterior's mean; the other half is its log-variance
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loading: files
 # ---------------------------------------------------------------------------------------------------
 
@@ -423,17 +736,17 @@ def _read_pt(f):
     except Exception as e:
         raise HunyuanVideoError(f"{f} could not be read as a weights-only PyTorch checkpoint "
                                 f"({str(e).splitlines()[0]}); it may be truncated or corrupt: download it again.") from None
-    if isinstance(sd, dict) and isinstance(sd.get("module"), dict):
-        sd = sd["module"]
+    for key in ("module", "state_dict"):  # Tencent's DiT nests under 'module'; training files under 'state_dict'
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
     if not isinstance(sd, dict):
-        raise HunyuanVideoError(f"{f} holds no state dict: pass a HunyuanVideo transformer checkpoint.")
+        raise HunyuanVideoError(f"{f} holds no state dict: pass a HunyuanVideo checkpoint.")
     return {k: _torch_to_mx(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_weights(path):
-    """All tensors of a checkpoint file or folder, and the folder's config.json (or {})."""
+def _read_weights(path, hint):
+    """All tensors of a checkpoint file or folder, and the folder's config.json (or {}). hint: what to pass."""
     path = Path(path).expanduser()
-    hint = "pass the transformer/ folder of a diffusers checkpoint, or a Tencent .pt or ComfyUI .safetensors file"
     if not path.exists():
         raise HunyuanVideoError(f"{path} does not exist: {hint}.")
     config = {}
@@ -554,7 +867,7 @@ def _from_diffusers(sd):
 
 def _strip_prefix(sd):
     """ComfyUI and other single files may prefix every key (model.diffusion_model., ...)."""
-    for prefix in ("model.diffusion_model.", "diffusion_model.", "model."):
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "model.", "first_stage_model."):
         if sd and all(k.startswith(prefix) for k in sd):
             return {k[len(prefix):]: v for k, v in sd.items()}
     return sd
@@ -589,6 +902,33 @@ def _transformer_sizes(sd, config, source):
     return sizes
 
 
+def _check_class(config, expected, source, folder):
+    if config.get("_class_name", expected) != expected:
+        raise HunyuanVideoError(f"{source} holds a {config['_class_name']} where a {expected} was expected: pass "
+                                f"the checkpoint's {folder}/ folder.")
+
+
+def _vae_sizes(sd, config, source):
+    """VAE constructor keywords from the tensors' shapes, then config.json on top."""
+    try:
+        levels = _count(sd, "encoder.down_blocks")
+        sizes = dict(
+            in_channels=sd["encoder.conv_in.conv.weight"].shape[1],
+            out_channels=sd["decoder.conv_out.conv.weight"].shape[0],
+            latent_channels=sd["post_quant_conv.weight"].shape[0],
+            block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight"].shape[0]
+                                     for i in range(levels)),
+            layers_per_block=_count(sd, "encoder.down_blocks.0.resnets"),
+            mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd)
+    except KeyError:
+        some = ", ".join(sorted(sd)[:3])
+        raise HunyuanVideoError(f"{source} does not look like a HunyuanVideo VAE checkpoint (its keys start "
+                                f"{some}): pass the VAE's weights.") from None
+    names = inspect.signature(HunyuanVideoVAE).parameters
+    sizes.update({k: v for k, v in config.items() if k in names})
+    return sizes
+
+
 def _load_strict(model, weights, dtype, source):
     """Put weights into model, refusing any missing, unexpected or mis-shaped key in one sentence."""
     expected = dict(tree_flatten(model.parameters()))
@@ -618,10 +958,9 @@ def load_transformer(path, dtype=mx.bfloat16, **sizes):
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
     (Tencent files carry no RoPE settings, for instance)."""
     source = Path(path).expanduser()
-    weights, config = _read_weights(source)
-    if config.get("_class_name", "HunyuanVideoTransformer3DModel") != "HunyuanVideoTransformer3DModel":
-        raise HunyuanVideoError(f"{source} holds a {config['_class_name']}, not a HunyuanVideo transformer: pass "
-                                f"the checkpoint's transformer/ folder.")
+    weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
+                                            ".pt or ComfyUI .safetensors file")
+    _check_class(config, "HunyuanVideoTransformer3DModel", source, "transformer")
     if config.get("image_condition_type"):
         raise HunyuanVideoError(f"{source} is an image-to-video variant ({config['image_condition_type']}), which "
                                 f"this port does not support yet: use the text-to-video checkpoint.")
@@ -658,3 +997,20 @@ def save_transformer(model, folder):
               "hunyuan_apple_version": __version__}
     (folder / "config.json.partial").write_text(json.dumps(config, indent=2))
     (folder / "config.json.partial").replace(folder / "config.json")
+
+
+def load_vae(path, dtype=mx.bfloat16, **sizes):
+    """The HunyuanVideo VAE from a diffusers vae/ folder, Tencent's vae/pytorch_model.pt or ComfyUI's
+    hunyuan_video_vae_bf16.safetensors (all three use diffusers' key names). Keywords override sizes."""
+    source = Path(path).expanduser()
+    weights, config = _read_weights(source, "pass the vae/ folder of a diffusers checkpoint, Tencent's "
+                                            "vae/pytorch_model.pt or ComfyUI's hunyuan_video_vae_bf16.safetensors")
+    if config.get("_class_name") != "AutoencoderKLCausal3D":  # Tencent's own name for the same VAE
+        _check_class(config, "AutoencoderKLHunyuanVideo", source, "vae")
+    if any(k.startswith("vae.") for k in weights):  # as Tencent's loader: only the vae.* part of a bigger file
+        weights = {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}
+    weights = _strip_prefix(weights)
+    model = HunyuanVideoVAE(**{**_vae_sizes(weights, config, source), **sizes})
+    # every source is PyTorch-layout: Conv3d (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I)
+    weights = {k: v.transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v for k, v in weights.items()}
+    return _load_strict(model, weights, dtype, source)
