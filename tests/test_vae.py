@@ -49,24 +49,24 @@ def to_np(t):  # (B, C, T, H, W) torch -> channels-last numpy
     return t.permute(0, 2, 3, 4, 1).detach().numpy()
 
 
-def ref_decode(ref, z, tile=None, stride=None):
-    ref.use_framewise_decoding = tile is not None  # diffusers splits time by default; untiled means whole
+def configure(ref, tile, stride):
+    """Untiled means one piece (diffusers splits time by default); tiled, the same tile and stride as ours."""
+    ref.use_framewise_decoding = ref.use_framewise_encoding = tile is not None
     ref.use_tiling = False
     if tile:
         ref.enable_tiling(tile_sample_min_num_frames=tile[0], tile_sample_min_height=tile[1],
                           tile_sample_min_width=tile[2], tile_sample_stride_num_frames=stride[0],
                           tile_sample_stride_height=stride[1], tile_sample_stride_width=stride[2])
+
+
+def ref_decode(ref, z, tile=None, stride=None):
+    configure(ref, tile, stride)
     with torch.no_grad():
         return to_np(ref.decode(z).sample)
 
 
 def ref_encode(ref, x, tile=None, stride=None):
-    ref.use_framewise_encoding = tile is not None
-    ref.use_tiling = False
-    if tile:
-        ref.enable_tiling(tile_sample_min_num_frames=tile[0], tile_sample_min_height=tile[1],
-                          tile_sample_min_width=tile[2], tile_sample_stride_num_frames=stride[0],
-                          tile_sample_stride_height=stride[1], tile_sample_stride_width=stride[2])
+    configure(ref, tile, stride)
     with torch.no_grad():
         return to_np(ref.encode(x).latent_dist.mean)
 
