@@ -1,11 +1,12 @@
 """HunyuanVideo (Tencent's 13B text-to-video model) in plain MLX.
 
 One module, in the order data flows through the model:
-  1. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
+  1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector);
+  2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
      40 single-stream blocks, final layer;
-  2. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
-  3. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly.
-The text encoders, the sampler, quantization and the pipeline join later sections.
+  3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
+  4. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly.
+The sampler, quantization and the pipeline join later sections.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
@@ -17,6 +18,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +32,191 @@ __version__ = "0.1.0"
 
 class HunyuanVideoError(Exception):
     """A problem the user can fix: the message is one sentence that says how."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (one pooled vector)
+# ---------------------------------------------------------------------------------------------------
+# The prompt is read twice. The language model of LLaVA-Llama-3-8B reads it inside a fixed system
+# template; its third-to-last hidden state (the output of layer n-2, no final norm) gives one vector per
+# token, and the template's first 95 tokens are cropped off. CLIP-L's text model gives one pooled vector.
+
+PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video.2. The color, shape, size, texture, quantity, text, and spatial "
+    "relationships of the objects.3. Actions, events, behaviors temporal relationships, physical movement changes "
+    "of the objects.4. background environment, light, style and atmosphere.5. camera angles, movements, and "
+    "transitions used in the video:<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>")
+CROP_START = 95  # <|begin_of_text|> + the template's 94 tokens before the prompt, in the Llama-3 vocabulary
+TEXT_LENGTH = 256  # LLM states after cropping: right-padded (mask 0) or truncated to this many
+CLIP_LENGTH = 77
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention, causal, with Llama's RoPE (halves rotated, theta 500000)."""
+
+    def __init__(self, dim, heads, kv_heads, head_dim, rope_theta):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.rope_theta = heads, kv_heads, head_dim, rope_theta
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def __call__(self, x):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)  # (B, heads, L, hd)
+        k = self.k_proj(x).reshape(B, L, self.kv_heads, -1).transpose(0, 2, 1, 3)  # (B, kv_heads, L, hd)
+        v = self.v_proj(x).reshape(B, L, self.kv_heads, -1).transpose(0, 2, 1, 3)
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask="causal")
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, dim, hidden, heads, kv_heads, head_dim, eps, rope_theta):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.self_attn = LlamaAttention(dim, heads, kv_heads, head_dim, rope_theta)
+        self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.mlp = LlamaMLP(dim, hidden)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaTextEncoder(nn.Module):
+    """transformers' LlamaModel up to hidden_states[-(skip_layers + 1)]: the last skip_layers layers and the
+    final norm never reach that output, so they are not built (nor loaded). Keywords: its config.json names."""
+
+    def __init__(self, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 head_dim=None, skip_layers=2):
+        super().__init__()
+        head_dim = head_dim or hidden_size // num_attention_heads
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = [LlamaLayer(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
+                                  rms_norm_eps, rope_theta) for _ in range(num_hidden_layers - skip_layers)]
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def __call__(self, ids):
+        """ids (B, L) -> states (B, L, hidden). Causal: a position never sees the ones after it, so right
+        padding leaves the valid positions as they are."""
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, dim, hidden, heads, eps, act):
+        super().__init__()
+        self.heads = heads
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, name, nn.Linear(dim, dim))
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, hidden, act)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def __call__(self, x):
+        B, L, D = x.shape
+        a = self.self_attn
+        h = self.layer_norm1(x)
+        q, k, v = (p(h).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (a.q_proj, a.k_proj, a.v_proj))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // self.heads) ** -0.5, mask="causal")
+        x = x + a.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextEncoder(nn.Module):
+    """transformers' CLIPTextModel, returning its pooler_output: the final-normed state at the end token."""
+
+    def __init__(self, vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+                 eos_token_id=2):
+        super().__init__()
+        if hidden_act not in ("quick_gelu", "gelu"):
+            raise HunyuanVideoError(f"CLIP hidden_act {hidden_act!r} is not supported: use quick_gelu or gelu.")
+        act = (lambda x: x * mx.sigmoid(1.702 * x)) if hidden_act == "quick_gelu" else nn.gelu
+        self.eos_token_id = eos_token_id
+        tm = self.text_model = nn.Module()
+        tm.embeddings = nn.Module()
+        tm.embeddings.token_embedding = nn.Embedding(vocab_size, hidden_size)
+        tm.embeddings.position_embedding = nn.Embedding(max_position_embeddings, hidden_size)
+        tm.encoder = nn.Module()
+        tm.encoder.layers = [CLIPLayer(hidden_size, intermediate_size, num_attention_heads, layer_norm_eps, act)
+                             for _ in range(num_hidden_layers)]
+        tm.final_layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    @property
+    def dtype(self):
+        return self.text_model.final_layer_norm.weight.dtype
+
+    def __call__(self, ids):
+        """ids (B, L) -> pooled (B, hidden)."""
+        tm = self.text_model
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding(mx.arange(ids.shape[1]))
+        for layer in tm.encoder.layers:
+            x = layer(x)
+        x = tm.final_layer_norm(x)
+        # the end token: the largest id in configs that say eos_token_id 2 (CLIP-L's, from before
+        # transformers fixed it), else the first eos_token_id, as transformers decides
+        end = mx.argmax(ids, axis=1) if self.eos_token_id == 2 else mx.argmax(ids == self.eos_token_id, axis=1)
+        return mx.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
+
+
+def _tokenize(tokenizer, texts, length, what):
+    """Right-padded or truncated to `length` ids, as the reference tokenizes, warning about what is cut."""
+    for text, ids in zip(texts, tokenizer(texts, verbose=False).input_ids):  # uncut, to measure
+        if len(ids) > length:
+            warnings.warn(f"the prompt is {len(ids)} tokens for {what}, which reads {length}: the last "
+                          f"{len(ids) - length} were cut (...{tokenizer.decode(ids[length - 8:length])!r} is where "
+                          f"it stops).", stacklevel=3)
+    enc = tokenizer(texts, max_length=length, padding="max_length", truncation=True, return_tensors="np")
+    return enc.input_ids, enc.attention_mask
+
+
+def encode_llama(prompts, tokenizer, model, max_length=TEXT_LENGTH, template=PROMPT_TEMPLATE, crop_start=CROP_START):
+    """Prompts -> (states (B, max_length, hidden) in the model's dtype, zero where padded; mask (B, max_length)).
+    Only the longest prompt's tokens are run: the causal model gives valid positions the same states either way."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, mask = _tokenize(tokenizer, [template.format(p) for p in prompts], max_length + crop_start,
+                          "the LLaVA-Llama-3 text encoder")
+    n = int(mask.sum(axis=1).max())
+    states = model(mx.array(ids[:, :n]))[:, crop_start:]  # (B, n - crop_start, hidden)
+    mask = mx.array(mask[:, crop_start:].astype(np.int32))  # (B, max_length)
+    states = mx.pad(states, [(0, 0), (0, max_length - states.shape[1]), (0, 0)])
+    return states * mask[..., None].astype(states.dtype), mask
+
+
+def encode_clip(prompts, tokenizer, model, max_length=CLIP_LENGTH):
+    """Prompts -> CLIP's pooled vectors (B, hidden)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, _ = _tokenize(tokenizer, prompts, max_length, "CLIP")
+    return model(mx.array(ids))
+
+
+def encode_prompt(prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
+    """The DiT's text inputs for a prompt: text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768)."""
+    states, mask = encode_llama(prompt, tokenizer, text_encoder)
+    return states, mask, encode_clip(prompt, tokenizer_2, text_encoder_2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1014,3 +1201,58 @@ def load_vae(path, dtype=mx.bfloat16, **sizes):
     # every source is PyTorch-layout: Conv3d (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I)
     weights = {k: v.transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v for k, v in weights.items()}
     return _load_strict(model, weights, dtype, source)
+
+
+def _hf_sizes(cls, config):
+    """The constructor keywords a transformers config.json gives (its names are the constructor's)."""
+    return {k: config[k] for k in inspect.signature(cls).parameters if k in config and config[k] is not None}
+
+
+def load_text_encoder(path, dtype=mx.bfloat16):
+    """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel).
+    The last two layers and the final norm do not reach hidden_states[-3]: they are left on disk."""
+    source = Path(path).expanduser()
+    weights, config = _read_weights(source, "pass the text_encoder/ folder of a diffusers HunyuanVideo checkpoint")
+    if config.get("model_type") != "llama":
+        raise HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
+                                f"LLaVA-Llama-3's language model (model_type llama) was expected: pass text_encoder/.")
+    if config.get("rope_scaling"):
+        raise HunyuanVideoError(f"{source} uses rope_scaling {config['rope_scaling']}, which HunyuanVideo's text "
+                                f"encoder does not: pass the checkpoint's own text_encoder/.")
+    model = LlamaTextEncoder(**_hf_sizes(LlamaTextEncoder, config))
+    weights = _strip_prefix(weights)
+    used = len(model.layers)
+    weights = {k: v for k, v in weights.items() if k not in ("norm.weight", "lm_head.weight")
+               and not (k.startswith("layers.") and int(k.split(".")[1]) >= used)}
+    return _load_strict(model, weights, dtype, source)
+
+
+def load_clip_text_encoder(path, dtype=mx.bfloat16):
+    """CLIP-L's text model from a diffusers text_encoder_2/ folder (transformers' CLIPTextModel)."""
+    source = Path(path).expanduser()
+    weights, config = _read_weights(source, "pass the text_encoder_2/ folder of a diffusers HunyuanVideo checkpoint")
+    if config.get("model_type") not in ("clip_text_model", "clip"):
+        raise HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
+                                f"CLIP's text model was expected: pass text_encoder_2/.")
+    config = config.get("text_config", config)  # a full CLIPModel config nests the text part
+    model = CLIPTextEncoder(**_hf_sizes(CLIPTextEncoder, config))
+    if any(k.startswith("text_model.") for k in weights):  # transformers 4's layout, or a whole CLIPModel
+        weights = {k: v for k, v in weights.items() if k.startswith("text_model.")}
+    else:  # transformers 5 saves a CLIPTextModel without the prefix
+        weights = {"text_model." + k: v for k, v in weights.items()}
+    weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}  # a buffer, not a weight
+    return _load_strict(model, weights, dtype, source)
+
+
+def load_tokenizer(path):
+    """A transformers tokenizer from a tokenizer/ or tokenizer_2/ folder."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise HunyuanVideoError(f"{path} is not a folder: pass the checkpoint's tokenizer/ or tokenizer_2/ folder.")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise HunyuanVideoError(f"{path} holds no readable tokenizer ({str(e).splitlines()[0]}): download the "
+                                f"checkpoint's tokenizer folders again.") from None
