@@ -5,8 +5,10 @@ One module, in the order data flows through the model:
   2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
      40 single-stream blocks, final layer;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
-  4. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly.
-The sampler, quantization and the pipeline join later sections.
+  4. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly;
+  5. the flow-matching Euler sampler, and the pipeline that runs it all in phases;
+  6. the offline demo: a tiny random checkpoint in the real layout.
+Quantization joins later.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
@@ -14,11 +16,15 @@ Tencent and ComfyUI files load by name and the diffusers layout needs a short re
 The reference for every number here is diffusers' HunyuanVideoTransformer3DModel.
 """
 
+import gc
 import inspect
 import json
 import math
 import re
+import shutil
+import time
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -182,13 +188,14 @@ class CLIPTextEncoder(nn.Module):
         return mx.take_along_axis(x, end[:, None, None], axis=1)[:, 0]
 
 
-def _tokenize(tokenizer, texts, length, what):
-    """Right-padded or truncated to `length` ids, as the reference tokenizes, warning about what is cut."""
+def _tokenize(tokenizer, texts, length, what, template_tokens=0):
+    """Right-padded or truncated to `length` ids, as the reference tokenizes, warning about what is cut
+    (counted without the template's tokens, which are not the user's)."""
     for text, ids in zip(texts, tokenizer(texts, verbose=False).input_ids):  # uncut, to measure
         if len(ids) > length:
-            warnings.warn(f"the prompt is {len(ids)} tokens for {what}, which reads {length}: the last "
-                          f"{len(ids) - length} were cut (...{tokenizer.decode(ids[length - 8:length])!r} is where "
-                          f"it stops).", stacklevel=3)
+            warnings.warn(f"the prompt is {len(ids) - template_tokens} tokens for {what}, which reads "
+                          f"{length - template_tokens}: the last {len(ids) - length} were cut "
+                          f"(...{tokenizer.decode(ids[length - 8:length])!r} is where it stops).", stacklevel=3)
     enc = tokenizer(texts, max_length=length, padding="max_length", truncation=True, return_tensors="np")
     return enc.input_ids, enc.attention_mask
 
@@ -198,7 +205,7 @@ def encode_llama(prompts, tokenizer, model, max_length=TEXT_LENGTH, template=PRO
     Only the longest prompt's tokens are run: the causal model gives valid positions the same states either way."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, mask = _tokenize(tokenizer, [template.format(p) for p in prompts], max_length + crop_start,
-                          "the LLaVA-Llama-3 text encoder")
+                          "the LLaVA-Llama-3 text encoder", crop_start)
     n = int(mask.sum(axis=1).max())
     states = model(mx.array(ids[:, :n]))[:, crop_start:]  # (B, n - crop_start, hidden)
     mask = mx.array(mask[:, crop_start:].astype(np.int32))  # (B, max_length)
@@ -511,7 +518,7 @@ class HunyuanVideoTransformer(nn.Module):
             raise HunyuanVideoError(f"rope_axes_dim {tuple(rope_axes_dim)} must be even numbers adding up to "
                                     f"the head width {attention_head_dim}.")
         self.patch = (patch_size_t, patch_size, patch_size)
-        self.out_channels = out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.rope_axes_dim = tuple(rope_axes_dim)
         self.rope_theta = float(rope_theta)
         self.img_in = PatchEmbed(in_channels, dim, self.patch)
@@ -976,11 +983,12 @@ def _read_weights(path, hint):
 # Loading: layouts
 # ---------------------------------------------------------------------------------------------------
 # diffusers -> Tencent names, scope by scope: (diffusers scope, Tencent scope, {diffusers module: Tencent
-# module}). A tuple of diffusers modules is fused, in that row order, into one Tencent module. This is the
+# module}), {} standing for a block index. A tuple of diffusers modules is fused, in that row order, into
+# one Tencent module. This is the
 # inverse of diffusers' convert_hunyuan_video_transformer_to_diffusers, against which the tests check it.
 
 _FROM_DIFFUSERS = [
-    (r"transformer_blocks\.(\d+)", "double_blocks.{}", {
+    ("transformer_blocks.{}", "double_blocks.{}", {
         "norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod.linear",
         ("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn_qkv",
         ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn_qkv",
@@ -989,20 +997,20 @@ _FROM_DIFFUSERS = [
         "attn.to_out.0": "img_attn_proj", "attn.to_add_out": "txt_attn_proj",
         "ff.net.0.proj": "img_mlp.fc1", "ff.net.2": "img_mlp.fc2",
         "ff_context.net.0.proj": "txt_mlp.fc1", "ff_context.net.2": "txt_mlp.fc2"}),
-    (r"single_transformer_blocks\.(\d+)", "single_blocks.{}", {
+    ("single_transformer_blocks.{}", "single_blocks.{}", {
         ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"): "linear1", "proj_out": "linear2",
         "attn.norm_q": "q_norm", "attn.norm_k": "k_norm", "norm.linear": "modulation.linear"}),
-    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)", "txt_in.individual_token_refiner.blocks.{}", {
+    ("context_embedder.token_refiner.refiner_blocks.{}", "txt_in.individual_token_refiner.blocks.{}", {
         "norm1": "norm1", "norm2": "norm2", ("attn.to_q", "attn.to_k", "attn.to_v"): "self_attn_qkv",
         "attn.to_out.0": "self_attn_proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
         "norm_out.linear": "adaLN_modulation.1"}),
-    (r"context_embedder", "txt_in", {
+    ("context_embedder", "txt_in", {
         "proj_in": "input_embedder",
         "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
         "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
         "time_text_embed.text_embedder.linear_1": "c_embedder.linear_1",
         "time_text_embed.text_embedder.linear_2": "c_embedder.linear_2"}),
-    (r"", "", {
+    ("", "", {
         "x_embedder.proj": "img_in.proj",
         "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
         "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
@@ -1015,13 +1023,19 @@ _FROM_DIFFUSERS = [
 ]
 
 
+def _match_scope(scope, key):
+    """key = scope (with {} for a block index) + module + .weight|.bias -> groups (*index, module, param)."""
+    pattern = re.escape(scope).replace(r"\{\}", r"(\d+)") + r"\." if scope else ""
+    return re.fullmatch(pattern + r"(.+)\.(weight|bias)", key)
+
+
 def _from_diffusers(sd):
     """Rename (and fuse) a diffusers state dict to Tencent's names. Keys it does not know keep their name,
     so that the strict check reports them."""
     out, groups = {}, {}  # groups: fused Tencent key -> {diffusers module: tensor}
     for key, value in sd.items():
         for scope, target, table in _FROM_DIFFUSERS:
-            m = re.fullmatch((scope + r"\." if scope else "") + r"(.+)\.(weight|bias)", key)
+            m = _match_scope(scope, key)
             if not m:
                 continue
             *idx, module, param = m.groups()
@@ -1049,6 +1063,31 @@ def _from_diffusers(sd):
         if key in out:
             scale, shift = mx.split(out[key], 2, axis=0)
             out[key] = mx.concatenate([shift, scale], axis=0)
+    return out
+
+
+def _to_diffusers(sd):
+    """Tencent names -> diffusers names, splitting the fused tensors: the inverse of _from_diffusers."""
+    out = {}
+    dim = sd["img_in.proj.weight"].shape[0]
+    for key, value in sd.items():
+        if key.startswith("final_layer.adaLN_modulation.1."):  # (shift, scale) -> (scale, shift)
+            value = mx.concatenate(mx.split(value, 2, axis=0)[::-1], axis=0)
+        for scope, target, table in _FROM_DIFFUSERS:
+            m = _match_scope(target, key)
+            dst = next((src for src, t in table.items() if m and t == m.groups()[-2]), None)
+            if dst is None:
+                continue
+            *idx, _, param = m.groups()
+            prefix = scope.format(*idx) + "." if scope else ""
+            if isinstance(dst, tuple):  # q | k | v (| mlp): dim rows each, the MLP takes the rest
+                cuts = [dim * (i + 1) for i in range(3)] if len(dst) == 4 else [dim, 2 * dim]
+                out.update({f"{prefix}{d}.{param}": part for d, part in zip(dst, mx.split(value, cuts, axis=0))})
+            else:
+                out[f"{prefix}{dst}.{param}"] = value
+            break
+        else:
+            out[key] = value
     return out
 
 
@@ -1256,3 +1295,252 @@ def load_tokenizer(path):
     except Exception as e:
         raise HunyuanVideoError(f"{path} holds no readable tokenizer ({str(e).splitlines()[0]}): download the "
                                 f"checkpoint's tokenizer folders again.") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampler: flow matching, Euler
+# ---------------------------------------------------------------------------------------------------
+# The DiT predicts the velocity v = d(latents)/d(sigma) from noise (sigma 1) to video (sigma 0). The
+# schedule is linear in sigma, then shifted towards the noisy end; the model sees sigma x 1000 as its
+# timestep. Embedded guidance (the model was distilled with it) needs one forward per step.
+
+def flow_sigmas(steps, shift=7.0):
+    """steps + 1 noise levels from 1 to 0: s' = shift*s / (1 + (shift-1)*s), in float32 like the reference."""
+    s = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+    s = shift * s / (1 + (shift - 1) * s)
+    return np.append(s, np.float32(0.0)).astype(np.float32)
+
+
+def timestep(sigma, batch):
+    """The DiT's timestep for noise level sigma: sigma x 1000 in float32, one per video."""
+    return mx.full((batch,), np.float32(sigma) * np.float32(1000), dtype=mx.float32)
+
+
+def euler_step(latents, velocity, sigma, sigma_next):
+    """latents + (sigma_next - sigma) * velocity, in float32."""
+    return latents + float(np.float32(sigma_next) - np.float32(sigma)) * velocity.astype(mx.float32)
+
+
+def check_request(height, width, num_frames, num_inference_steps=1, prompt="x"):
+    """None, or one sentence naming what is wrong with a generation request and how to fix it."""
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        return f"height {height} and width {width} must be positive multiples of 16 (544 x 960 is HunyuanVideo's 540p)."
+    if num_frames < 1 or (num_frames - 1) % 4:
+        n = max(1, round((num_frames - 1) / 4)) * 4 + 1
+        return f"{num_frames} frames: the frame count must be 4n+1 (1, 5, 9, ... 129); try {n}."
+    if num_inference_steps < 1:
+        return f"{num_inference_steps} steps: use at least 1 (50 is the default)."
+    if not any(p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
+        return "the prompt is empty: describe the video to generate."
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline: text to video in phases
+# ---------------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo"
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def _download(repo_id):
+    """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "scheduler/*"] + [f"{c}/*" for c in COMPONENTS]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise HunyuanVideoError(f"could not download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                                f"check the network and the hub id, or pass a local folder.") from None
+
+
+class HunyuanVideoPipeline:
+    """Prompt in, frames out, in phases that each load what they need and free it before the next: the text
+    encoders (the 16 GB LLM, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
+    self.stats holds each phase's seconds and peak memory (GB) of the last run."""
+
+    def __init__(self, folder, dtype=mx.bfloat16, quantization=None):
+        self.folder, self.dtype, self.quantization = Path(folder), dtype, quantization
+        self.stats = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=mx.bfloat16, quantization=None):
+        """A local folder in the diffusers layout, or a hub id, downloaded on first use."""
+        folder = Path(path_or_hub_id).expanduser()
+        if not folder.exists():
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
+                raise HunyuanVideoError(f"{folder} does not exist: pass a HunyuanVideo folder in the diffusers layout "
+                                        f"or a hub id such as {DEFAULT_MODEL}.")
+            folder = _download(path_or_hub_id)
+        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+        if missing:
+            raise HunyuanVideoError(f"{folder} lacks {', '.join(missing)}: pass a complete HunyuanVideo checkpoint "
+                                    f"in the diffusers layout (or download it again).")
+        if quantization is not None:
+            raise HunyuanVideoError(f"quantization {quantization!r} is not available in this version: leave it out "
+                                    f"to run in bf16.")
+        return cls(folder, dtype, quantization)
+
+    @contextmanager
+    def _phase(self, name):
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            gc.collect()  # what the phase loaded is garbage now: give its memory back before the next one
+            self.stats[name] = (time.perf_counter() - start, mx.get_peak_memory() / 2**30)
+            mx.clear_cache()
+
+    def encode_prompt(self, prompt):
+        """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt."""
+        with self._phase("text encoders"):
+            tokenizer = load_tokenizer(self.folder / "tokenizer")
+            crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
+            llm = load_text_encoder(self.folder / "text_encoder", self.dtype)
+            states, mask = encode_llama(prompt, tokenizer, llm, crop_start=crop_start)
+            mx.eval(states, mask)
+            del llm
+            gc.collect()
+            clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtype)
+            pooled = encode_clip(prompt, load_tokenizer(self.folder / "tokenizer_2"), clip)
+            mx.eval(pooled)
+        return states, mask, pooled
+
+    def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
+                guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None):
+        """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
+        step (progress, previews); returning False cancels."""
+        with self._phase("denoise"):
+            model = load_transformer(self.folder / "transformer", self.dtype)
+            B = text_states.shape[0]
+            shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
+            if latents is None:
+                key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**32))
+                latents = mx.random.normal(shape, key=key)
+            elif tuple(latents.shape) != shape:
+                raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit {num_frames} frames of "
+                                        f"{height} x {width}: pass latents of shape {shape}.")
+            x = latents.astype(mx.float32)
+            guidance = mx.full((B,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
+            text_states, pooled = text_states.astype(model.dtype), pooled.astype(model.dtype)
+            sigmas = flow_sigmas(num_inference_steps, flow_shift)
+            for i in range(num_inference_steps):
+                v = model(x.astype(model.dtype), timestep(sigmas[i], B), text_states, text_mask, pooled, guidance)
+                x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+                mx.eval(x)
+                if callback is not None and callback(i + 1, num_inference_steps, x) is False:
+                    raise HunyuanVideoError(f"cancelled after step {i + 1} of {num_inference_steps}.")
+        return x
+
+    def decode(self, latents, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
+        """Latents (B, t, h, w, 16) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
+        default (the reference's tiles); tile=None decodes in one piece."""
+        with self._phase("decode"):
+            vae = load_vae(self.folder / "vae", self.dtype)
+            video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile=tile, stride=stride)
+            frames = (mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8)
+            frames = np.array(frames)
+        return frames[0] if frames.shape[0] == 1 else frames
+
+    def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
+                 flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None):
+        """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16)."""
+        problem = check_request(height, width, num_frames, num_inference_steps, prompt)
+        if problem:
+            raise HunyuanVideoError(problem)
+        if output_type not in ("np", "latent"):
+            raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
+        self.stats = {}
+        states, mask, pooled = self.encode_prompt(prompt)
+        latents = self.denoise(states, mask, pooled, height, width, num_frames, num_inference_steps, guidance_scale,
+                               flow_shift, seed, latents, callback)
+        return latents if output_type == "latent" else self.decode(latents)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The offline demo: a tiny random HunyuanVideo in the real layout
+# ---------------------------------------------------------------------------------------------------
+
+_TINY_WORDS = ("a an the and of in on at with to from by is are was cat dog fox bird fish horse person man woman "
+               "child car city street forest sea beach sky sun moon night rain snow water fire tree flower grass "
+               "mountain river house room light dark red blue green yellow white black small big old young walks "
+               "runs flies swims jumps sits looks plays dances smiles camera slow fast close wide shot view "
+               "realistic cinematic style video scene")
+
+
+def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
+    """A word-level tokenizer in transformers' format (no network needed): words, then the special tokens,
+    so that the end token has the largest id as in CLIP's vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)) + specials)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.add_special_tokens(specials)
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if lowercase:
+        tk.normalizer = normalizers.Lowercase()
+    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(s, vocab[s]) for s in specials
+                                                                                      if s in template])
+    bos, eos = template.split()[0], specials[-1]
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=eos, unk_token="<unk>",
+                                  model_max_length=max_length, padding_side="right")
+    tok.save_pretrained(folder)
+    return len(vocab)
+
+
+def _save_component(folder, weights, config):
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / ("model.safetensors" if "model_type" in config else
+                                      "diffusion_pytorch_model.safetensors")), weights, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_tiny_checkpoint(folder, seed=0):
+    """A tiny random-weight HunyuanVideo in the diffusers layout, tokenizers included, built without torch or
+    network: every file the real checkpoint has, in the same format, so the whole path runs in seconds. Its
+    videos are noise. Built in a temporary folder, then renamed."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.random.seed(seed)
+    words = re.findall(r"\w+|[^\w\s]", re.sub(r"<\|\w+\|>", " ", PROMPT_TEMPLATE)) + _TINY_WORDS.split()
+    llama_specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"]
+    n_llama = _word_tokenizer(words, llama_specials, "<|begin_of_text|> $A", False, 1024, tmp / "tokenizer")
+    n_clip = _word_tokenizer(words, ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", True,
+                             CLIP_LENGTH, tmp / "tokenizer_2")
+
+    llama_cfg = dict(vocab_size=n_llama, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0)
+    llama = LlamaTextEncoder(**llama_cfg, skip_layers=0)  # all layers, as the real file has them
+    _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((32,))},
+                     {"model_type": "llama", "architectures": ["LlamaModel"], **llama_cfg})
+    clip_cfg = dict(vocab_size=n_clip, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu", eos_token_id=2)
+    clip = CLIPTextEncoder(**clip_cfg)
+    _save_component(tmp / "text_encoder_2", dict(tree_flatten(clip.parameters())),
+                    {"model_type": "clip_text_model", "architectures": ["CLIPTextModel"], **clip_cfg})
+
+    dit_cfg = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+                   num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=[4, 6, 6])
+    dit = HunyuanVideoTransformer(**dit_cfg)
+    w = dict(tree_flatten(dit.parameters()))
+    conv = w["img_in.proj.weight"]  # back to the checkpoint's Conv3d (D, C, pt, ph, pw)
+    w["img_in.proj.weight"] = conv.reshape(conv.shape[0], 1, 2, 2, -1).transpose(0, 4, 1, 2, 3)
+    _save_component(tmp / "transformer", _to_diffusers(w), {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg})
+    vae_cfg = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+    vae = HunyuanVideoVAE(**vae_cfg)
+    _save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout
+                                  for k, v in tree_flatten(vae.parameters())},
+                    {"_class_name": "AutoencoderKLHunyuanVideo", "scaling_factor": 0.476986, **vae_cfg})
+
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0}))
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline", "tiny_demo": True}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder

@@ -1,53 +1,277 @@
 """HunyuanVideo text-to-video on MLX: the command line.
 
-    python hunyuan_apple.py --prompt "a cat walks on the grass" --resolution 544 960 --frames 13
+    python hunyuan_apple.py --prompt "a cat walks on the grass" --quality 540p --aspect-ratio 16:9 --frames 13
+    python hunyuan_apple.py --model tiny --prompt "a cat"          # offline demo: tiny random weights, noise video
 
-This version checks the request and loads the transformer (--model); the text encoders, the VAE and the
-sampler that complete text-to-video are not in this version yet, and it says so instead of pretending.
+Writes an H.264 mp4 (and its settings as JSON beside it and in the mp4's metadata). The latents are saved
+before decoding; if anything fails after denoising, the message says how to decode them again.
 """
 
 import argparse
+import json
+import os
+import re
 import sys
+import time
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
 
 import HunyuanVideo_Apple as H
 
+# HunyuanVideo's trained sizes, (height, width); aspect ratios are width:height (16:9 is landscape)
+BUCKETS = {
+    "540p": {"16:9": (544, 960), "9:16": (960, 544), "4:3": (624, 832), "3:4": (832, 624), "1:1": (720, 720)},
+    "720p": {"16:9": (720, 1280), "9:16": (1280, 720), "4:3": (832, 1104), "3:4": (1104, 832), "1:1": (960, 960)},
+}
+QUANTIZE_BITS = {8: "int8", 4: "int4"}
+# --model tiny runs in seconds at this size unless the flags say otherwise (its videos are noise anyway)
+TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
+SETTINGS = ("prompt", "seed", "steps", "guidance", "shift", "height", "width", "frames", "model", "quantization", "fps")
 
-def check_request(args):
-    """One sentence per problem, naming the fix; None when the request is valid."""
-    h, w = args.resolution
-    if h % 16 or w % 16 or h <= 0 or w <= 0:
-        return f"--resolution {h} {w}: height and width must be positive multiples of 16 (e.g. 544 960)."
-    if args.frames < 1 or (args.frames - 1) % 4:
-        n = max(1, round((args.frames - 1) / 4)) * 4 + 1
-        return f"--frames {args.frames}: the frame count must be 4n+1 (1, 5, 9, ... 129); try {n}."
-    if args.steps < 1:
-        return f"--steps {args.steps}: use at least 1 step (50 is the default)."
-    if not args.prompt.strip():
-        return "--prompt is empty: describe the video to generate."
-    return None
+
+def cache_dir():
+    return Path(os.environ.get("HUNYUAN_APPLE_CACHE", Path.home() / ".cache" / "hunyuan_apple"))
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description="HunyuanVideo text-to-video on MLX.",
+                                 epilog="Sizes: --quality and --aspect-ratio pick one of HunyuanVideo's trained sizes; "
+                                        "--resolution overrides them. Aspect ratios are width:height.")
+    ap.add_argument("--prompt", help="what the video shows")
+    ap.add_argument("--resolution", type=int, nargs="+", metavar="N",
+                    help="HEIGHT WIDTH, or one number (the height; the width follows --aspect-ratio)")
+    ap.add_argument("--aspect-ratio", choices=list(BUCKETS["540p"]), default="16:9",
+                    help="width:height; 16:9 is landscape, 9:16 portrait (default 16:9)")
+    ap.add_argument("--quality", choices=list(BUCKETS), default="540p", help="540p (default) or 720p")
+    ap.add_argument("--frames", type=int, default=13, help="4n+1 frames (default 13; 129 is the model's longest)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=6.0, help="embedded guidance scale (default 6.0)")
+    ap.add_argument("--shift", type=float, default=7.0, help="flow shift (default 7.0)")
+    ap.add_argument("--seed", type=int, help="random if left out; it is printed and saved with the video")
+    ap.add_argument("--model", default=H.DEFAULT_MODEL,
+                    help=f"a local folder in the diffusers layout, a hub id (default {H.DEFAULT_MODEL}), or 'tiny' "
+                         f"for the offline demo")
+    ap.add_argument("--quantization", choices=["fp8", "int8", "int4"])
+    ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
+    ap.add_argument("--output", help="the mp4 to write (default outputs/<time>_<seed>.mp4)")
+    ap.add_argument("--frames-dir", nargs="?", const="/tmp/hunyuan_frames", help="also write PNG frames here "
+                    "(default folder /tmp/hunyuan_frames)")
+    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--gif", action="store_true", help="also write a GIF beside the mp4")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    ap.add_argument("--from-metadata", metavar="FILE", help="repeat a generation from its .json or .mp4")
+    ap.add_argument("--decode-latents", metavar="FILE", help="decode latents saved by an earlier run")
+    return ap, ap.parse_args(argv)
+
+
+def read_metadata(path):
+    """The settings of an earlier generation, from its JSON sidecar or its mp4's comment tag."""
+    path = Path(path)
+    try:
+        if path.suffix == ".mp4":
+            import subprocess
+
+            import imageio_ffmpeg
+
+            out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
+                                  "-"], capture_output=True, text=True, check=True).stdout
+            m = re.search(r"^comment=(.*?)(?<!\\)$", out, re.M | re.S)
+            return json.loads(re.sub(r"\\(.)", r"\1", m.group(1)))
+        return json.loads(path.read_text())
+    except Exception as e:
+        raise H.HunyuanVideoError(f"{path} holds no readable generation settings ({type(e).__name__}): pass the .json "
+                                  f"written beside the video, or the video itself.") from None
+
+
+def resolve(ap, args):
+    """Settings from the flags (and --from-metadata), checked: a dict, or an exit with one sentence."""
+    s = {}
+    if args.from_metadata:
+        s = {k: v for k, v in read_metadata(args.from_metadata).items() if k in SETTINGS}
+    flags = {a.dest for a in ap._actions if a.dest != "help"}
+    given = {k for k in flags if getattr(args, k) != ap.get_default(k)}
+    if args.resolution:
+        if len(args.resolution) > 2:
+            raise H.HunyuanVideoError("--resolution takes HEIGHT WIDTH, or one number (the height).")
+        h = args.resolution[0]
+        ar_w, ar_h = (int(n) for n in args.aspect_ratio.split(":"))
+        w = args.resolution[1] if len(args.resolution) == 2 else int(round(h * ar_w / ar_h / 16)) * 16
+        s.update(height=h, width=w)
+    elif "height" not in s or {"quality", "aspect_ratio"} & given:
+        s["height"], s["width"] = BUCKETS[args.quality][args.aspect_ratio]
+    quantization = args.quantization or QUANTIZE_BITS.get(args.quantize)
+    for key, value in (("prompt", args.prompt), ("seed", args.seed), ("steps", args.steps), ("guidance", args.guidance),
+                       ("shift", args.shift), ("frames", args.frames), ("model", args.model),
+                       ("quantization", quantization), ("fps", args.fps)):
+        flag = {"quantization": "quantize"}.get(key, key)
+        if key not in s or key in given or flag in given:
+            s[key] = value
+    if s["model"] == "tiny" and not args.from_metadata:
+        if not ({"resolution", "quality", "aspect_ratio"} & given):
+            s.update(height=TINY_DEMO["height"], width=TINY_DEMO["width"])
+        s.update({k: TINY_DEMO[k] for k in ("frames", "steps") if k not in given})
+    if s["prompt"] is None:
+        raise H.HunyuanVideoError("--prompt is missing: describe the video to generate.")
+    if s["seed"] is None:
+        s["seed"] = int.from_bytes(os.urandom(4), "little") >> 1
+    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"])
+    if problem:
+        raise H.HunyuanVideoError(problem)
+    if s["fps"] < 1:
+        raise H.HunyuanVideoError(f"--fps {s['fps']}: use a positive frame rate (24 is the default).")
+    return s
+
+
+def check_writable(path, overwrite):
+    """Refuse before any work is done, rather than after an hour of denoising."""
+    if path.exists() and not overwrite:
+        raise H.HunyuanVideoError(f"{path} already exists: pass --overwrite to replace it, or choose another --output.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise H.HunyuanVideoError(f"cannot write to {path.parent} ({e.strerror}): choose another --output.") from None
+
+
+def write_video(frames, path, settings, fps):
+    """H.264 mp4 (yuv420p) with the settings in its metadata, written to a temporary name and renamed."""
+    import imageio.v2 as iio
+
+    tmp = path.with_name(f".{path.stem}.partial.mp4")
+    writer = iio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
+                            macro_block_size=16, output_params=["-metadata", "comment=" + json.dumps(settings)])
+    for frame in frames:
+        writer.append_data(frame)
+    writer.close()
+    tmp.replace(path)
+
+
+def write_extras(frames, path, args, settings):
+    """JSON sidecar, and the PNG frames and GIF when asked. Returns the files written."""
+    import imageio.v2 as iio
+    from PIL import Image
+
+    written = []
+    sidecar = path.with_suffix(".json")
+    sidecar.with_suffix(".json.partial").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    sidecar.with_suffix(".json.partial").replace(sidecar)
+    written.append(sidecar)
+    if args.frames_dir:
+        folder = Path(args.frames_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(folder / f"frame_{i:04d}.png")
+        written.append(folder)
+    if args.gif:
+        gif = path.with_suffix(".gif")
+        tmp = gif.with_name(f".{gif.stem}.partial.gif")
+        iio.mimsave(tmp, list(frames), format="GIF", duration=1000 / settings["fps"], loop=0)
+        tmp.replace(gif)
+        written.append(gif)
+    return written
+
+
+def progress(t0):
+    """A one-line progress bar over the denoising steps: seconds per step and time left."""
+    def show(step, steps, latents):
+        per = (time.perf_counter() - t0[0]) / step
+        bar = "#" * (24 * step // steps) + "-" * (24 - 24 * step // steps)
+        end = "\n" if step == steps else ""
+        print(f"\r  denoising [{bar}] {step}/{steps}  {per:.2f} s/step  ETA {per * (steps - step):.0f} s", end=end,
+              file=sys.stderr, flush=True)
+    return show
+
+
+def report(pipe, files, seconds):
+    print("done in {:.1f} s".format(seconds))
+    for name, (sec, peak) in pipe.stats.items():
+        print(f"  {name:<14} {sec:8.1f} s   peak {peak:6.2f} GB")
+    for f in files:
+        print(f"  wrote {f}")
+
+
+def load_pipeline(model, quantization):
+    if model == "tiny":
+        folder = cache_dir() / f"tiny-{H.__version__}"
+        if not (folder / "model_index.json").exists():
+            print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
+            H.build_tiny_checkpoint(folder)
+        model = folder
+    return H.HunyuanVideoPipeline.from_pretrained(model, quantization=quantization)
+
+
+def decode_saved(args):
+    """--decode-latents: the VAE phase alone, from latents an earlier run saved."""
+    path = Path(args.decode_latents)
+    try:
+        saved = mx.load(str(path), return_metadata=True)
+        latents, settings = saved[0]["latents"], json.loads(saved[1]["settings"])
+    except Exception:
+        raise H.HunyuanVideoError(f"{path} holds no latents saved by hunyuan_apple.py: pass the .latents.safetensors "
+                                  f"file a run left behind.") from None
+    out = Path(args.output or path.with_name(path.name.replace(".latents.safetensors", ".mp4")))
+    check_writable(out, args.overwrite)
+    pipe = load_pipeline(settings["model"], settings.get("quantization"))
+    return pipe, out, settings, latents
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="HunyuanVideo text-to-video on MLX.")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--resolution", type=int, nargs=2, default=[544, 960], metavar=("HEIGHT", "WIDTH"))
-    ap.add_argument("--frames", type=int, default=13, help="4n+1 frames (default 13)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--model", help="a transformer checkpoint: diffusers transformer/ folder, Tencent .pt, ComfyUI file")
-    args = ap.parse_args(argv)
-    problem = check_request(args)
-    if problem:
-        ap.exit(2, f"error: {problem}\n")
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    ap, args = parse_args(argv)
+    t0 = time.perf_counter()
+    latents_file = None
     try:
-        if args.model:
-            model = H.load_transformer(args.model)
-            print(f"loaded the transformer from {args.model}: {len(model.double_blocks)} double and "
-                  f"{len(model.single_blocks)} single blocks, {model.dtype}")
+        if args.decode_latents:
+            pipe, out, settings, latents = decode_saved(args)
+        else:
+            settings = resolve(ap, args)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = Path(args.output or f"outputs/{stamp}_{settings['seed']}.mp4")
+            if out.suffix != ".mp4":
+                raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
+            check_writable(out, args.overwrite)
+            settings["version"] = H.__version__
+            print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
+                  f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}", file=sys.stderr)
+            pipe = load_pipeline(settings["model"], settings["quantization"])
+            states, mask, pooled = pipe.encode_prompt(settings["prompt"])
+            start = [time.perf_counter()]
+            latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],
+                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
+                                   callback=progress(start))
+            # the denoised latents are the expensive part: keep them until the video is safely written
+            latents_file = out.with_name(out.stem + ".latents.safetensors")
+            mx.save_safetensors(str(latents_file), {"latents": latents}, metadata={"settings": json.dumps(settings)})
+        frames = pipe.decode(latents)
+        write_video(frames, out, settings, settings["fps"])
+        files = [out] + write_extras(frames, out, args, settings)
+        if latents_file is not None:
+            latents_file.unlink()
     except H.HunyuanVideoError as e:
-        ap.exit(2, f"error: {e}\n")
-    ap.exit(3, "error: text-to-video needs the text encoders, the VAE and the sampler, which this version does "
-               "not have yet; today the module provides the transformer (HunyuanVideo_Apple.load_transformer).\n")
+        return fail(f"error: {e}", latents_file)
+    except KeyboardInterrupt:
+        return fail("interrupted.", latents_file, 130)
+    except MemoryError:
+        return fail("error: not enough memory: try fewer --frames or a smaller --resolution.", latents_file)
+    except Exception as e:  # after denoising, never lose the latents to an unexpected failure
+        if latents_file is None:
+            raise
+        return fail(f"error: {type(e).__name__}: {e}", latents_file)
+    report(pipe, files, time.perf_counter() - t0)
+    return 0
+
+
+def fail(message, latents_file, code=2):
+    print(message, file=sys.stderr)
+    if latents_file is not None and latents_file.exists():
+        print(f"the denoised latents are saved in {latents_file}: decode them with\n"
+              f"  python hunyuan_apple.py --decode-latents {latents_file}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

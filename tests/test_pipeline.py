@@ -1,0 +1,117 @@
+"""Text to video end to end against diffusers' HunyuanVideoPipeline, run live: a tiny random checkpoint built
+with diffusers and transformers (real vocabularies), saved in the diffusers layout, read by our
+from_pretrained, and both pipelines started from the same initial latents. float32.
+
+Tolerances: final latents, relative error (max |ours - ref| / max |ref|) 1e-3; frames, 2 levels of 255.
+The sampler alone: the scheduler's sigmas and timesteps, 1e-6 absolute.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import make_clip_tokenizer, make_llama_tokenizer, randomize, rel_err
+from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                       HunyuanVideoTransformer3DModel)
+from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+import HunyuanVideo_Apple as H
+
+LATENT_TOL = 1e-3
+FRAME_LEVELS = 2
+
+
+@pytest.mark.parametrize("steps, shift", [(50, 7.0), (6, 17.0), (1, 1.0)])
+def test_sigmas_and_timesteps_match_the_scheduler(steps, shift):
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])  # as the pipeline sets them
+    ours = H.flow_sigmas(steps, shift)
+    assert np.abs(ours - sched.sigmas.numpy()).max() <= 1e-6
+    ts = np.array([np.array(H.timestep(s, 1))[0] for s in ours[:-1]])
+    assert np.abs(ts - sched.timesteps.numpy()).max() <= 1e-6 * 1000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hunyuan")
+    tok, tok2 = make_llama_tokenizer(root / "tok"), make_clip_tokenizer(root / "tok2")
+    llama = randomize(LlamaModel(LlamaConfig(
+        vocab_size=128256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5)), seed=0)
+    clip = randomize(CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2)), seed=1)
+    transformer = randomize(HunyuanVideoTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32), seed=2)
+    vae = randomize(AutoencoderKLHunyuanVideo(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                                              norm_num_groups=4), seed=3)
+    pipe = HunyuanVideoPipeline(text_encoder=llama.eval(), tokenizer=tok, transformer=transformer.eval(),
+                                vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                text_encoder_2=clip.eval(), tokenizer_2=tok2)
+    pipe.save_pretrained(root / "HunyuanVideo")
+    return root / "HunyuanVideo", pipe
+
+
+def test_end_to_end_matches_diffusers(checkpoint):
+    folder, ref = checkpoint
+    prompt, (F, Hh, W), steps = "A red fox runs through the snow, cinematic.", (9, 48, 64), 4
+    init = torch.randn(1, 16, (F - 1) // 4 + 1, Hh // 8, W // 8, generator=torch.Generator().manual_seed(5))
+    kw = dict(height=Hh, width=W, num_frames=F, num_inference_steps=steps, guidance_scale=6.0)
+    with torch.no_grad():
+        ref_latents = ref(prompt, latents=init, output_type="latent", return_dict=False, **kw)[0]
+        ref_frames = ref(prompt, latents=init, output_type="np", return_dict=False, **kw)[0][0]  # (F, H, W, 3) in [0, 1]
+
+    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
+    mine = mx.array(init.permute(0, 2, 3, 4, 1).numpy())  # channels-last
+    latents = ours(prompt, latents=mine, output_type="latent", flow_shift=7.0, **kw)
+    err = rel_err(np.array(latents), ref_latents.permute(0, 2, 3, 4, 1).numpy())
+    assert err <= LATENT_TOL, f"final latents: relative error {err:.2e} > {LATENT_TOL}"
+    frames = ours(prompt, latents=mine, flow_shift=7.0, **kw)
+    assert frames.shape == (F, Hh, W, 3) and frames.dtype == np.uint8
+    levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
+    assert levels <= FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
+    assert frames.std() > 5  # not a blank video
+    assert set(ours.stats) == {"text encoders", "denoise", "decode"}
+
+
+def test_seeded_runs_repeat_and_seeds_differ(checkpoint):
+    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, output_type="latent")
+    a, b, c = (np.array(ours("a cat", seed=s, **kw)) for s in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+def test_callback_sees_each_step_and_can_cancel(checkpoint):
+    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    seen = []
+    ours("a cat", height=32, width=32, num_frames=5, num_inference_steps=3, output_type="latent", seed=0,
+         callback=lambda i, n, x: seen.append((i, n, x.shape)))
+    assert seen == [(1, 3, (1, 2, 4, 4, 16)), (2, 3, (1, 2, 4, 4, 16)), (3, 3, (1, 2, 4, 4, 16))]
+    with pytest.raises(H.HunyuanVideoError, match="cancelled after step 2 of 3"):
+        ours("a cat", height=32, width=32, num_frames=5, num_inference_steps=3, seed=0, callback=lambda i, n, x: i < 2)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(num_frames=12), "4n+1"), (dict(height=540), "multiples of 16"), (dict(num_inference_steps=0), "at least 1"),
+    (dict(prompt=" "), "prompt is empty"), (dict(output_type="pil"), "output_type"),
+    (dict(latents=mx.zeros((1, 3, 4, 4, 16))), "pass latents of shape (1, 2, 4, 4, 16)"),
+])
+def test_bad_requests(checkpoint, kw, words):
+    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    args = dict(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=1)
+    with pytest.raises(H.HunyuanVideoError) as e:
+        ours(**{**args, **kw})
+    assert words in str(e.value)
+
+
+def test_incomplete_folder_and_offline_hub(checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(H.HunyuanVideoError, match="lacks transformer, text_encoder"):
+        H.HunyuanVideoPipeline.from_pretrained(tmp_path)
+    with pytest.raises(H.HunyuanVideoError, match="does not exist"):
+        H.HunyuanVideoPipeline.from_pretrained(tmp_path / "nope" / "deeper")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the download must fail in one sentence
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(H.HunyuanVideoError, match="could not download someone/not-cached"):
+        H.HunyuanVideoPipeline.from_pretrained("someone/not-cached")
