@@ -896,6 +896,49 @@ class HunyuanVideoVAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Quantization: the DiT's blocks and the LLM, with MLX's quantized kernels
+# ---------------------------------------------------------------------------------------------------
+# int8 and int4 are affine (a scale and a bias per 64 weights). fp8 is MLX's mxfp8: E4M3 values, the
+# format of Tencent's own fp8 checkpoint, sharing a power-of-two scale per 32 weights (E5M2's two mantissa
+# bits are too coarse for weights). Quantized: the Linear layers of the DiT's double and single blocks, and
+# every Linear layer of the LLM. Kept in the checkpoint's precision: embeddings and embedders, norms, the
+# token refiner, the final layer, CLIP, the VAE, the DiT's adaLN modulation unless asked (it is 3.4 of the
+# 12.8B parameters, but it sets every token's scale, shift and gate), and any layer whose input width is not
+# a multiple of the group size.
+
+QUANTIZATIONS = {"int8": dict(mode="affine", bits=8, group_size=64),
+                 "int4": dict(mode="affine", bits=4, group_size=64),
+                 "fp8": dict(mode="mxfp8", bits=8, group_size=32)}
+
+
+def quantize(model, quantization, modulation=False):
+    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer or a LlamaTextEncoder.
+    Lazy, like everything in MLX: a weight is quantized when it is evaluated."""
+    if quantization not in QUANTIZATIONS:
+        raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
+    spec = QUANTIZATIONS[quantization]
+    dit = isinstance(model, HunyuanVideoTransformer)
+
+    def wanted(path, module):
+        if not isinstance(module, nn.Linear) or module.weight.shape[1] % spec["group_size"]:
+            return False
+        if dit:
+            return path.startswith(("double_blocks.", "single_blocks.")) and (
+                modulation or not path.endswith(("_mod.linear", "modulation.linear")))
+        return True
+
+    nn.quantize(model, class_predicate=wanted, **spec)
+    model.quantization, model.quantized_modulation = quantization, modulation
+    return model
+
+
+def _quantization_record(model):
+    """What config.json says of a quantized model, so that it loads without quantizing again."""
+    q = getattr(model, "quantization", None)
+    return {"quantization": q, "quantized_modulation": model.quantized_modulation, **QUANTIZATIONS[q]} if q else {}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loading: files
 # ---------------------------------------------------------------------------------------------------
 
@@ -935,6 +978,16 @@ def _read_pt(f):
             sd = sd[key]
     if not isinstance(sd, dict):
         raise HunyuanVideoError(f"{f} holds no state dict: pass a HunyuanVideo checkpoint.")
+    fp8 = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.dtype == torch.float8_e4m3fn]
+    if fp8:  # Tencent's fp8 DiT: W = W_fp8 * scale, one scale per layer in <name>_map.pt, as Tencent computes it
+        scales_file = f.with_name(f.stem + "_map.pt")
+        if not scales_file.exists():
+            raise HunyuanVideoError(f"{f} holds fp8 weights whose scales are in {scales_file.name}, which is not "
+                                    f"beside it: download it too.")
+        scales = torch.load(scales_file, map_location="cpu", weights_only=True)
+        for k in fp8:
+            scale = scales[k.removesuffix(".weight")].to(torch.bfloat16)
+            sd[k] = sd[k].to(torch.bfloat16) * scale
     return {k: _torch_to_mx(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -1155,8 +1208,10 @@ def _vae_sizes(sd, config, source):
     return sizes
 
 
-def _load_strict(model, weights, dtype, source):
-    """Put weights into model, refusing any missing, unexpected or mis-shaped key in one sentence."""
+def _load_strict(model, weights, dtype, source, prepare=None):
+    """Put weights into model, refusing any missing, unexpected or mis-shaped key in one sentence. Then
+    prepare(model) (quantization, say) and evaluate one tensor at a time: the model holds the only
+    references to the lazily read sources, so each is freed once used and the peak stays near the result."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -1168,19 +1223,40 @@ def _load_strict(model, weights, dtype, source):
     if problems:
         raise HunyuanVideoError(f"{source} does not fit the model: {'; '.join(problems)}; check that it is a "
                                 f"complete checkpoint of the right model.")
-    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in weights.items()]))
-    mx.eval(model.parameters())
+    model.update(tree_unflatten([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+                                 for k, v in weights.items()]))
+    weights.clear()
+    if prepare is not None:
+        prepare(model)
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
     return model
+
+
+def _quantized_loading(config, quantization, modulation, source):
+    """(structure, prepare): quantize the model's structure before loading a converted checkpoint (its tensors
+    are already quantized), or quantize the loaded weights after; None where nothing is to be done."""
+    stored = config.get("quantization")
+    if stored and quantization not in (None, stored):
+        raise HunyuanVideoError(f"{source} is stored in {stored}; it cannot become {quantization}: convert the "
+                                f"original checkpoint to {quantization} instead.")
+    if stored:
+        return (lambda m: quantize(m, stored, config.get("quantized_modulation", False))), None
+    if quantization:
+        return None, (lambda m: quantize(m, quantization, modulation))
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading: entry points
 # ---------------------------------------------------------------------------------------------------
 
-def load_transformer(path, dtype=mx.bfloat16, **sizes):
+def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modulation=False, **sizes):
     """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
-    Tencent state dict (mp_rank_00_model_states.pt, or its folder) or a ComfyUI single .safetensors file.
+    Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
+    folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
 
+    quantization: None, "int8", "int4" or "fp8" (see quantize); a converted folder loads as it was stored.
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
     (Tencent files carry no RoPE settings, for instance)."""
     source = Path(path).expanduser()
@@ -1198,31 +1274,42 @@ def load_transformer(path, dtype=mx.bfloat16, **sizes):
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
                                 f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
     model = HunyuanVideoTransformer(**sizes)
+    structure, prepare = _quantized_loading(config, quantization, quantize_modulation, source)
+    if structure:
+        structure(model)
     conv = weights.get("img_in.proj.weight")
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
         weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
-    return _load_strict(model, weights, dtype, source)
+    return _load_strict(model, weights, dtype, source, prepare)
+
+
+def _save_component(folder, weights, config, filename="model.safetensors"):
+    """One component folder: safetensors + config.json, each written under a temporary name and renamed."""
+    folder = Path(folder)
+    tmp = folder / ".partial"  # MLX appends .safetensors to any name, so stage in a hidden folder
+    tmp.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(tmp / filename), weights, metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for f in (filename, "config.json"):
+        (tmp / f).replace(folder / f)
+    tmp.rmdir()
 
 
 def save_transformer(model, folder):
-    """Write model as Tencent-layout safetensors plus a config.json with what the tensors cannot say (RoPE),
-    a folder that load_transformer reads without torch. Written to a temporary name, then renamed."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """The DiT as one safetensors file under Tencent's names (quantized layers as MLX stores them) and a
+    config.json with what the tensors cannot say (RoPE, quantization): load_transformer reads it directly."""
     weights = dict(tree_flatten(model.parameters()))
     pt, ph, pw = model.patch
     w = weights["img_in.proj.weight"]  # back to the checkpoint's Conv3d (D, C, pt, ph, pw)
     weights["img_in.proj.weight"] = w.reshape(w.shape[0], pt, ph, pw, -1).transpose(0, 4, 1, 2, 3)
-    tmp = folder / ".partial"  # MLX appends .safetensors to any name, so stage in a hidden folder
-    tmp.mkdir(exist_ok=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx", "layout": "tencent"})
-    (tmp / "model.safetensors").replace(folder / "model.safetensors")
-    tmp.rmdir()
-    config = {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
-              "rope_axes_dim": list(model.rope_axes_dim), "rope_theta": model.rope_theta,
-              "hunyuan_apple_version": __version__}
-    (folder / "config.json.partial").write_text(json.dumps(config, indent=2))
-    (folder / "config.json.partial").replace(folder / "config.json")
+    _save_component(folder, weights, {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
+                                      "rope_axes_dim": list(model.rope_axes_dim), "rope_theta": model.rope_theta,
+                                      "hunyuan_apple_version": __version__, **_quantization_record(model)})
+
+
+def save_text_encoder(model, folder, config):
+    """The LLM's used layers (quantized as they are) with its transformers config.json plus the quantization."""
+    _save_component(folder, dict(tree_flatten(model.parameters())), {**config, **_quantization_record(model)})
 
 
 def load_vae(path, dtype=mx.bfloat16, **sizes):
@@ -1247,9 +1334,10 @@ def _hf_sizes(cls, config):
     return {k: config[k] for k in inspect.signature(cls).parameters if k in config and config[k] is not None}
 
 
-def load_text_encoder(path, dtype=mx.bfloat16):
-    """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel).
-    The last two layers and the final norm do not reach hidden_states[-3]: they are left on disk."""
+def load_text_encoder(path, dtype=mx.bfloat16, quantization=None):
+    """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel),
+    or one written by convert_weights.py. The last two layers and the final norm do not reach
+    hidden_states[-3]: they are left on disk. quantization: None, "int8", "int4" or "fp8"."""
     source = Path(path).expanduser()
     weights, config = _read_weights(source, "pass the text_encoder/ folder of a diffusers HunyuanVideo checkpoint")
     if config.get("model_type") != "llama":
@@ -1259,11 +1347,14 @@ def load_text_encoder(path, dtype=mx.bfloat16):
         raise HunyuanVideoError(f"{source} uses rope_scaling {config['rope_scaling']}, which HunyuanVideo's text "
                                 f"encoder does not: pass the checkpoint's own text_encoder/.")
     model = LlamaTextEncoder(**_hf_sizes(LlamaTextEncoder, config))
+    structure, prepare = _quantized_loading(config, quantization, False, source)
+    if structure:
+        structure(model)
     weights = _strip_prefix(weights)
     used = len(model.layers)
     weights = {k: v for k, v in weights.items() if k not in ("norm.weight", "lm_head.weight")
                and not (k.startswith("layers.") and int(k.split(".")[1]) >= used)}
-    return _load_strict(model, weights, dtype, source)
+    return _load_strict(model, weights, dtype, source, prepare)
 
 
 def load_clip_text_encoder(path, dtype=mx.bfloat16):
@@ -1360,13 +1451,16 @@ class HunyuanVideoPipeline:
     encoders (the 16 GB LLM, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
     self.stats holds each phase's seconds and peak memory (GB) of the last run."""
 
-    def __init__(self, folder, dtype=mx.bfloat16, quantization=None):
-        self.folder, self.dtype, self.quantization = Path(folder), dtype, quantization
+    def __init__(self, folder, dtype=mx.bfloat16, quantization=None, quantize_modulation=False):
+        self.folder, self.dtype = Path(folder), dtype
+        self.quantization, self.quantize_modulation = quantization, quantize_modulation
         self.stats = {}
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=mx.bfloat16, quantization=None):
-        """A local folder in the diffusers layout, or a hub id, downloaded on first use."""
+    def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=mx.bfloat16, quantization=None,
+                        quantize_modulation=False):
+        """A local folder in the diffusers layout, or a hub id, downloaded on first use. quantization: None
+        (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize)."""
         folder = Path(path_or_hub_id).expanduser()
         if not folder.exists():
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
@@ -1377,10 +1471,9 @@ class HunyuanVideoPipeline:
         if missing:
             raise HunyuanVideoError(f"{folder} lacks {', '.join(missing)}: pass a complete HunyuanVideo checkpoint "
                                     f"in the diffusers layout (or download it again).")
-        if quantization is not None:
-            raise HunyuanVideoError(f"quantization {quantization!r} is not available in this version: leave it out "
-                                    f"to run in bf16.")
-        return cls(folder, dtype, quantization)
+        if quantization not in (None, *QUANTIZATIONS):
+            raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
+        return cls(folder, dtype, quantization, quantize_modulation)
 
     @contextmanager
     def _phase(self, name):
@@ -1398,7 +1491,7 @@ class HunyuanVideoPipeline:
         with self._phase("text encoders"):
             tokenizer = load_tokenizer(self.folder / "tokenizer")
             crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
-            llm = load_text_encoder(self.folder / "text_encoder", self.dtype)
+            llm = load_text_encoder(self.folder / "text_encoder", self.dtype, self.quantization)
             states, mask = encode_llama(prompt, tokenizer, llm, crop_start=crop_start)
             mx.eval(states, mask)
             del llm
@@ -1413,7 +1506,8 @@ class HunyuanVideoPipeline:
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels."""
         with self._phase("denoise"):
-            model = load_transformer(self.folder / "transformer", self.dtype)
+            model = load_transformer(self.folder / "transformer", self.dtype, self.quantization,
+                                     self.quantize_modulation)
             B = text_states.shape[0]
             shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
             if latents is None:
@@ -1491,13 +1585,6 @@ def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
     return len(vocab)
 
 
-def _save_component(folder, weights, config):
-    folder.mkdir(parents=True)
-    mx.save_safetensors(str(folder / ("model.safetensors" if "model_type" in config else
-                                      "diffusion_pytorch_model.safetensors")), weights, metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
 def build_tiny_checkpoint(folder, seed=0):
     """A tiny random-weight HunyuanVideo in the diffusers layout, tokenizers included, built without torch or
     network: every file the real checkpoint has, in the same format, so the whole path runs in seconds. Its
@@ -1513,10 +1600,11 @@ def build_tiny_checkpoint(folder, seed=0):
     n_clip = _word_tokenizer(words, ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", True,
                              CLIP_LENGTH, tmp / "tokenizer_2")
 
-    llama_cfg = dict(vocab_size=n_llama, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    # widths are multiples of 64, so that --quantization has layers to quantize here too
+    llama_cfg = dict(vocab_size=n_llama, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0)
     llama = LlamaTextEncoder(**llama_cfg, skip_layers=0)  # all layers, as the real file has them
-    _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((32,))},
+    _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((64,))},
                      {"model_type": "llama", "architectures": ["LlamaModel"], **llama_cfg})
     clip_cfg = dict(vocab_size=n_clip, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                     max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu", eos_token_id=2)
@@ -1524,23 +1612,25 @@ def build_tiny_checkpoint(folder, seed=0):
     _save_component(tmp / "text_encoder_2", dict(tree_flatten(clip.parameters())),
                     {"model_type": "clip_text_model", "architectures": ["CLIPTextModel"], **clip_cfg})
 
-    dit_cfg = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
-                   num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=[4, 6, 6])
+    dit_cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+                   num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12])
     dit = HunyuanVideoTransformer(**dit_cfg)
     w = dict(tree_flatten(dit.parameters()))
     conv = w["img_in.proj.weight"]  # back to the checkpoint's Conv3d (D, C, pt, ph, pw)
     w["img_in.proj.weight"] = conv.reshape(conv.shape[0], 1, 2, 2, -1).transpose(0, 4, 1, 2, 3)
-    _save_component(tmp / "transformer", _to_diffusers(w), {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg})
+    _save_component(tmp / "transformer", _to_diffusers(w), {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg},
+                    "diffusion_pytorch_model.safetensors")
     vae_cfg = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
     vae = HunyuanVideoVAE(**vae_cfg)
     _save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout
                                   for k, v in tree_flatten(vae.parameters())},
-                    {"_class_name": "AutoencoderKLHunyuanVideo", "scaling_factor": 0.476986, **vae_cfg})
+                    {"_class_name": "AutoencoderKLHunyuanVideo", "scaling_factor": 0.476986, **vae_cfg},
+                    "diffusion_pytorch_model.safetensors")
 
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0}))
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline", "tiny_demo": True}))
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline", "tiny_demo": True, "hunyuan_apple_version": __version__}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return folder

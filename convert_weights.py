@@ -1,40 +1,83 @@
-"""Convert a HunyuanVideo transformer checkpoint to an MLX folder that loads without torch.
+"""Convert HunyuanVideo weights to an MLX checkpoint, quantized or not, that loads without torch and
+without quantizing again.
 
-    python convert_weights.py --model SRC --output DIR [--dtype bfloat16|float16|float32]
+    python convert_weights.py --model SRC --quantization int8 --output DIR
+    python convert_weights.py --model SRC --transformer mp_rank_00_model_states_fp8.pt --output DIR
+    python convert_weights.py --model hunyuan_video_t2v_720p_bf16.safetensors --output DIR
 
-SRC: a diffusers transformer/ folder, Tencent's mp_rank_00_model_states.pt (needs torch, read with
-weights_only=True), or a ComfyUI .safetensors file. DIR gets model.safetensors (Tencent's key names) and
-config.json; HunyuanVideo_Apple.load_transformer(DIR) reads it directly. An existing DIR is refused.
+SRC is a complete HunyuanVideo in the diffusers layout (a folder, or a hub id such as
+hunyuanvideo-community/HunyuanVideo): DIR gets the same layout, with transformer/ and text_encoder/ in MLX's
+format (quantized if asked) and the other parts copied, so HunyuanVideoPipeline.from_pretrained(DIR) and
+load_transformer(DIR/transformer) read it directly. --transformer takes the DiT from another file instead:
+Tencent's .pt (its fp8 variant too, with the _map.pt beside it) or a ComfyUI .safetensors. When SRC is a
+transformer alone (a file, or a transformer/ folder), DIR gets that transformer alone. DIR must not exist:
+it is built under a temporary name and renamed when complete.
 """
 
 import argparse
+import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
 import HunyuanVideo_Apple as H
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+COPIED = ("text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+
+
+def convert_transformer(src, out, args):
+    model = H.load_transformer(src, DTYPES[args.dtype], args.quantization, args.quantize_modulation)
+    H.save_transformer(model, out)
+
+
+def convert(args, out):
+    src = Path(args.model).expanduser()
+    if src.is_file() or (src / "config.json").exists() or (src.is_dir() and not (src / "transformer").exists()
+                                                            and any(src.glob("*.pt"))):
+        return convert_transformer(src, out, args)  # a transformer alone
+    folder = H.HunyuanVideoPipeline.from_pretrained(args.model).folder  # checks, or downloads, the whole
+    print(f"transformer ({args.quantization or args.dtype})", file=sys.stderr)
+    convert_transformer(Path(args.transformer).expanduser() if args.transformer else folder / "transformer",
+                        out / "transformer", args)
+    print(f"text_encoder ({args.quantization or args.dtype})", file=sys.stderr)
+    llm = H.load_text_encoder(folder / "text_encoder", DTYPES[args.dtype], args.quantization)
+    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    H.save_text_encoder(llm, out / "text_encoder", config)
+    del llm
+    for name in COPIED:
+        if (folder / name).is_dir():
+            shutil.copytree(folder / name, out / name)
+        elif (folder / name).exists():
+            shutil.copy2(folder / name, out / name)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="the transformer checkpoint to convert (file or folder)")
+    ap.add_argument("--model", required=True, help="a diffusers-layout folder or hub id, or a transformer alone")
+    ap.add_argument("--transformer", help="take the DiT from this file or folder (Tencent .pt, ComfyUI .safetensors)")
     ap.add_argument("--output", required=True, help="the folder to create")
-    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    ap.add_argument("--quantization", choices=list(H.QUANTIZATIONS), help="quantize the DiT's blocks and the LLM")
+    ap.add_argument("--quantize-modulation", action="store_true", help="also quantize the DiT's adaLN modulation")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="for what is not quantized")
     args = ap.parse_args(argv)
-    out = H.Path(args.output).expanduser()
+    out = Path(args.output).expanduser()
+    tmp = out.with_name(out.name + ".partial")
+    t0 = time.perf_counter()
     try:
         if out.exists():
             raise H.HunyuanVideoError(f"{out} already exists: choose a new --output folder.")
-        t0 = time.perf_counter()
-        model = H.load_transformer(args.model, dtype=DTYPES[args.dtype])
-        H.save_transformer(model, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert(args, tmp)
+        tmp.replace(out)
     except H.HunyuanVideoError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out} ({args.quantization or args.dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

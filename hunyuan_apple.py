@@ -29,7 +29,8 @@ BUCKETS = {
 QUANTIZE_BITS = {8: "int8", 4: "int4"}
 # --model tiny runs in seconds at this size unless the flags say otherwise (its videos are noise anyway)
 TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
-SETTINGS = ("prompt", "seed", "steps", "guidance", "shift", "height", "width", "frames", "model", "quantization", "fps")
+SETTINGS = ("prompt", "seed", "steps", "guidance", "shift", "height", "width", "frames", "model", "quantization",
+            "quantize_modulation", "fps")
 
 
 def cache_dir():
@@ -56,6 +57,8 @@ def parse_args(argv):
                          f"for the offline demo")
     ap.add_argument("--quantization", choices=["fp8", "int8", "int4"])
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
+    ap.add_argument("--quantize-modulation", action="store_true",
+                    help="also quantize the DiT's adaLN modulation (3.4B parameters; saves memory, may cost quality)")
     ap.add_argument("--output", help="the mp4 to write (default outputs/<time>_<seed>.mp4)")
     ap.add_argument("--frames-dir", nargs="?", const="/tmp/hunyuan_frames", help="also write PNG frames here "
                     "(default folder /tmp/hunyuan_frames)")
@@ -105,7 +108,8 @@ def resolve(ap, args):
     quantization = args.quantization or QUANTIZE_BITS.get(args.quantize)
     for key, value in (("prompt", args.prompt), ("seed", args.seed), ("steps", args.steps), ("guidance", args.guidance),
                        ("shift", args.shift), ("frames", args.frames), ("model", args.model),
-                       ("quantization", quantization), ("fps", args.fps)):
+                       ("quantization", quantization), ("quantize_modulation", args.quantize_modulation),
+                       ("fps", args.fps)):
         flag = {"quantization": "quantize"}.get(key, key)
         if key not in s or key in given or flag in given:
             s[key] = value
@@ -195,14 +199,16 @@ def report(pipe, files, seconds):
         print(f"  wrote {f}")
 
 
-def load_pipeline(model, quantization):
+def load_pipeline(settings):
+    model = settings["model"]
     if model == "tiny":
         folder = cache_dir() / f"tiny-{H.__version__}"
         if not (folder / "model_index.json").exists():
             print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
             H.build_tiny_checkpoint(folder)
         model = folder
-    return H.HunyuanVideoPipeline.from_pretrained(model, quantization=quantization)
+    return H.HunyuanVideoPipeline.from_pretrained(model, quantization=settings.get("quantization"),
+                                                  quantize_modulation=settings.get("quantize_modulation", False))
 
 
 def decode_saved(args):
@@ -216,7 +222,7 @@ def decode_saved(args):
                                   f"file a run left behind.") from None
     out = Path(args.output or path.with_name(path.name.replace(".latents.safetensors", ".mp4")))
     check_writable(out, args.overwrite)
-    pipe = load_pipeline(settings["model"], settings.get("quantization"))
+    pipe = load_pipeline(settings)
     return pipe, out, settings, latents
 
 
@@ -238,7 +244,7 @@ def main(argv=None):
             settings["version"] = H.__version__
             print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
                   f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}", file=sys.stderr)
-            pipe = load_pipeline(settings["model"], settings["quantization"])
+            pipe = load_pipeline(settings)
             states, mask, pooled = pipe.encode_prompt(settings["prompt"])
             start = [time.perf_counter()]
             latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],

@@ -46,7 +46,8 @@ def test_generate_writes_what_it_says(env, tmp_path):
     settings = json.loads((tmp_path / "v/cat.json").read_text())
     assert settings | {"version": None} == {"prompt": "a cat walks on the grass", "seed": 3, "steps": 2, "guidance": 6.0,
                                             "shift": 7.0, "height": 48, "width": 64, "frames": 9, "model": "tiny",
-                                            "quantization": None, "fps": 24, "version": None}
+                                            "quantization": None, "quantize_modulation": False, "fps": 24,
+                                            "version": None}
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
     for phase in ("text encoders", "denoise", "decode"):
         assert phase in r.stdout
@@ -89,7 +90,6 @@ def test_failed_decode_keeps_the_latents(env, tmp_path, monkeypatch, capsys):
     (["--model", "."], "lacks transformer"),  # a folder, but not a checkpoint
     (["--output", "notes.txt/video.mp4"], "cannot write to notes.txt"),
     (["--output", "video.avi"], "end the name with .mp4"),
-    (["--quantization", "int8"], "not available in this version"),
 ])
 def test_bad_input_one_sentence(env, tmp_path, args, words):
     (tmp_path / "notes.txt").write_text("a file, not a folder")

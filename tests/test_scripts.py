@@ -55,3 +55,21 @@ def test_bench_flop_count_matches_the_notes():
     assert B.tokens(720, 1280, 129) == 119_056
     assert abs(B.forward_flops({}, B.tokens(544, 960, 25)) / 1e15 - 0.35) < 0.005
     assert abs(B.forward_flops({}, B.tokens(720, 1280, 129)) / 1e15 - 12.1) < 0.05
+
+
+def test_convert_whole_checkpoint_int8_equals_quantize_on_load(tmp_path):
+    tiny = H.build_tiny_checkpoint(tmp_path / "tiny")
+    r = run("convert_weights.py", "--model", tiny, "--quantization", "int8", "--output", tmp_path / "q8")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "q8"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny.iterdir())
+    assert not (tmp_path / "q8.partial").exists()
+    for load, part in ((H.load_transformer, "transformer"), (H.load_text_encoder, "text_encoder")):
+        stored = dict(tree_flatten(load(out / part).parameters()))
+        on_load = dict(tree_flatten(load(tiny / part, quantization="int8").parameters()))
+        assert stored.keys() == on_load.keys() and any(k.endswith(".scales") for k in stored)
+        assert all(mx.array_equal(stored[k], on_load[k]).item() for k in stored), part
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=3, output_type="latent")
+    a = H.HunyuanVideoPipeline.from_pretrained(out)("a cat", **kw)
+    b = H.HunyuanVideoPipeline.from_pretrained(tiny, quantization="int8")("a cat", **kw)
+    assert np.array_equal(np.array(a), np.array(b))
