@@ -20,6 +20,7 @@ import gc
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -531,9 +532,26 @@ class HunyuanVideoTransformer(nn.Module):
         self.single_blocks = [SingleBlock(dim, num_attention_heads, mlp_ratio) for _ in range(num_single_layers)]
         self.final_layer = FinalLayer(dim, out_channels * self.patch[0] * self.patch[1] * self.patch[2])
 
+    # --low-memory: `stream` (set by load_transformer) gives a block's weights freshly read from disk; they are
+    # evaluated with the block and dropped after it. `eval_per_block` evaluates the activations block by block.
+    stream = None
+    eval_per_block = False
+
     @property
     def dtype(self):
         return self.img_in.proj.weight.dtype
+
+    def _run(self, kind, i, block, *args):
+        """Call one block; with --low-memory, evaluate its output, and (streaming) read its weights just
+        before and drop them just after."""
+        if self.stream:
+            block.update(self.stream(kind, i))
+        out = block(*args)
+        if self.stream or self.eval_per_block:
+            mx.eval(out)
+        if self.stream:
+            block.update(self.stream(kind, i))  # fresh and unevaluated: the weights just used are freed
+        return out
 
     def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
         """latents (B, T, H, W, C); timestep (B,) in 0..1000; text_states (B, L, text_dim);
@@ -571,11 +589,11 @@ class HunyuanVideoTransformer(nn.Module):
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, (cos[:ni], sin[:ni]), attn_mask)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run("double_blocks", i, block, img, txt, vec, (cos[:ni], sin[:ni]), attn_mask)
         x = mx.concatenate([img, txt], axis=1)  # (B, Ni + keep, D)
-        for block in self.single_blocks:
-            x = block(x, vec, (cos, sin), attn_mask)
+        for i, block in enumerate(self.single_blocks):
+            x = self._run("single_blocks", i, block, x, vec, (cos, sin), attn_mask)
         x = self.final_layer(x[:, :ni], vec)  # (B, Ni, C*pt*ph*pw), channel-major
 
         x = x.reshape(B, T // pt, H // ph, W // pw, self.out_channels, pt, ph, pw)
@@ -911,15 +929,16 @@ QUANTIZATIONS = {"int8": dict(mode="affine", bits=8, group_size=64),
                  "fp8": dict(mode="mxfp8", bits=8, group_size=32)}
 
 
-def quantize(model, quantization, modulation=False):
-    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer or a LlamaTextEncoder.
-    Lazy, like everything in MLX: a weight is quantized when it is evaluated."""
+def quantize(model, quantization, modulation=False, prefix=""):
+    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks, prefix
+    being its path) or a LlamaTextEncoder. Lazy, like everything in MLX: a weight is quantized when evaluated."""
     if quantization not in QUANTIZATIONS:
         raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
     spec = QUANTIZATIONS[quantization]
-    dit = isinstance(model, HunyuanVideoTransformer)
+    dit = isinstance(model, (HunyuanVideoTransformer, DoubleBlock, SingleBlock))
 
     def wanted(path, module):
+        path = prefix + path
         if not isinstance(module, nn.Linear) or module.weight.shape[1] % spec["group_size"]:
             return False
         if dit:
@@ -1208,7 +1227,7 @@ def _vae_sizes(sd, config, source):
     return sizes
 
 
-def _load_strict(model, weights, dtype, source, prepare=None):
+def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
     """Put weights into model, refusing any missing, unexpected or mis-shaped key in one sentence. Then
     prepare(model) (quantization, say) and evaluate one tensor at a time: the model holds the only
     references to the lazily read sources, so each is freed once used and the peak stays near the result."""
@@ -1223,14 +1242,19 @@ def _load_strict(model, weights, dtype, source, prepare=None):
     if problems:
         raise HunyuanVideoError(f"{source} does not fit the model: {'; '.join(problems)}; check that it is a "
                                 f"complete checkpoint of the right model.")
-    model.update(tree_unflatten([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
-                                 for k, v in weights.items()]))
+    model.update(tree_unflatten(list(_cast(weights, dtype).items())))
     weights.clear()
     if prepare is not None:
         prepare(model)
-    for _, p in tree_flatten(model.parameters()):
-        mx.eval(p)
+    for k, p in tree_flatten(model.parameters()):
+        if not k.startswith(skip):  # skipped: streamed blocks, read only when they run
+            mx.eval(p)
     return model
+
+
+def _cast(weights, dtype):
+    """Floating tensors to dtype; quantized data (integers) as it is. Lazy."""
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
 def _quantized_loading(config, quantization, modulation, source):
@@ -1251,15 +1275,8 @@ def _quantized_loading(config, quantization, modulation, source):
 # Loading: entry points
 # ---------------------------------------------------------------------------------------------------
 
-def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modulation=False, **sizes):
-    """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
-    Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
-    folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
-
-    quantization: None, "int8", "int4" or "fp8" (see quantize); a converted folder loads as it was stored.
-    Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
-    (Tencent files carry no RoPE settings, for instance)."""
-    source = Path(path).expanduser()
+def _transformer_weights(source):
+    """A transformer checkpoint's tensors under Tencent's names (lazy for safetensors), and its config."""
     weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
                                             ".pt or ComfyUI .safetensors file")
     _check_class(config, "HunyuanVideoTransformer3DModel", source, "transformer")
@@ -1269,6 +1286,20 @@ def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modula
     weights = _strip_prefix(weights)
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in weights):
         weights = _from_diffusers(weights)
+    return weights, config
+
+
+def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modulation=False, stream=False, **sizes):
+    """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
+    Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
+    folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
+
+    quantization: None, "int8", "int4" or "fp8" (see quantize); a converted folder loads as it was stored.
+    stream: leave the 60 blocks on disk and read each one when it runs (--low-memory; safetensors only).
+    Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
+    (Tencent files carry no RoPE settings, for instance)."""
+    source = Path(path).expanduser()
+    weights, config = _transformer_weights(source)
     sizes = {**_transformer_sizes(weights, config, source), **sizes}
     if sizes["attention_head_dim"] != 128 and "rope_axes_dim" not in sizes:
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
@@ -1280,7 +1311,32 @@ def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modula
     conv = weights.get("img_in.proj.weight")
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
         weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
-    return _load_strict(model, weights, dtype, source, prepare)
+    skip = ()
+    if stream:
+        if source.suffix == ".pt" or not (source.is_dir() and any(source.glob("*.safetensors")) or
+                                          source.suffix == ".safetensors"):
+            raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
+                                    f"convert_weights.py.")
+        model.stream = _block_streamer(source, model, dtype)
+        skip = ("double_blocks.", "single_blocks.")
+    return _load_strict(model, weights, dtype, source, prepare, skip)
+
+
+def _block_streamer(source, model, dtype):
+    """stream(kind, i): block i's weights, freshly (and lazily) read from disk, cast and quantized exactly as
+    load_transformer does: nothing is read until they are evaluated, and nothing stays once dropped."""
+    def stream(kind, i):
+        prefix = f"{kind}.{i}."
+        weights, _ = _transformer_weights(source)
+        w = _cast({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, dtype)
+        for name, m in getattr(model, kind)[i].named_modules():
+            if isinstance(m, nn.QuantizedLinear) and f"{name}.scales" not in w:  # quantize on load, as quantize()
+                q = mx.quantize(w[f"{name}.weight"], group_size=m.group_size, bits=m.bits, mode=m.mode)
+                w[f"{name}.weight"], w[f"{name}.scales"] = q[0], q[1]
+                if m.mode == "affine":
+                    w[f"{name}.biases"] = q[2]
+        return tree_unflatten(list(w.items()))
+    return stream
 
 
 def _save_component(folder, weights, config, filename="model.safetensors"):
@@ -1451,16 +1507,19 @@ class HunyuanVideoPipeline:
     encoders (the 16 GB LLM, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
     self.stats holds each phase's seconds and peak memory (GB) of the last run."""
 
-    def __init__(self, folder, dtype=mx.bfloat16, quantization=None, quantize_modulation=False):
+    def __init__(self, folder, dtype=mx.bfloat16, quantization=None, quantize_modulation=False, low_memory=False):
         self.folder, self.dtype = Path(folder), dtype
-        self.quantization, self.quantize_modulation = quantization, quantize_modulation
+        self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.stats = {}
+        if low_memory:
+            mx.set_cache_limit(0)  # give freed buffers back at once rather than keeping them for reuse
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=mx.bfloat16, quantization=None,
-                        quantize_modulation=False):
+                        quantize_modulation=False, low_memory=False):
         """A local folder in the diffusers layout, or a hub id, downloaded on first use. quantization: None
-        (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize)."""
+        (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory: no
+        buffer cache, activations evaluated block by block, the DiT's blocks streamed from disk (slower)."""
         folder = Path(path_or_hub_id).expanduser()
         if not folder.exists():
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
@@ -1473,7 +1532,12 @@ class HunyuanVideoPipeline:
                                     f"in the diffusers layout (or download it again).")
         if quantization not in (None, *QUANTIZATIONS):
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
-        return cls(folder, dtype, quantization, quantize_modulation)
+        return cls(folder, dtype, quantization, quantize_modulation, low_memory)
+
+    def check_memory(self, height, width, num_frames):
+        """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit."""
+        return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
+                            self.low_memory)
 
     @contextmanager
     def _phase(self, name):
@@ -1507,7 +1571,8 @@ class HunyuanVideoPipeline:
         step (progress, previews); returning False cancels."""
         with self._phase("denoise"):
             model = load_transformer(self.folder / "transformer", self.dtype, self.quantization,
-                                     self.quantize_modulation)
+                                     self.quantize_modulation, stream=self.low_memory)
+            model.eval_per_block = self.low_memory
             B = text_states.shape[0]
             shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
             if latents is None:
@@ -1539,11 +1604,14 @@ class HunyuanVideoPipeline:
         return frames[0] if frames.shape[0] == 1 else frames
 
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
-                 flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None):
-        """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16)."""
+                 flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False):
+        """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
+        A request that the memory plan says would not fit is refused before anything loads, unless force."""
         problem = check_request(height, width, num_frames, num_inference_steps, prompt)
         if problem:
             raise HunyuanVideoError(problem)
+        if not force:
+            self.check_memory(height, width, num_frames)
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
         self.stats = {}
@@ -1634,3 +1702,144 @@ def build_tiny_checkpoint(folder, seed=0):
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory plan: know before loading anything whether the request fits
+# ---------------------------------------------------------------------------------------------------
+# Peak of a phase = its weights (counted exactly from the safetensors headers, at the precision asked) +
+# its activations (per token or per voxel, times a coefficient). The coefficients differ by backend. CPU:
+# measured with mx.get_peak_memory on this project's Linux machine (its GEMMs and convolutions keep float32
+# copies, and its attention keeps the scores). GPU (Metal, CUDA): counted from the tensors alive at once in a
+# single-stream block and in a VAE resnet at full resolution; they match diffusers' peaks on an H100 (13 GB
+# of DiT activations at 720x1280x129, 3.3 GB for a 16x256x256 VAE tile) and are to be confirmed there.
+
+ACTIVATIONS = {"cpu": dict(per_token=60, scores=True, per_voxel=lambda c0: 18.5 * c0 * c0),
+               "gpu": dict(per_token=18, scores=False, per_voxel=lambda c0: 12 * c0)}
+GB = 2 ** 30
+
+
+def _tensor_shapes(folder):
+    """{name: (shape, bytes per element)} from the safetensors headers of a component folder, read without
+    loading a tensor."""
+    sizes = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "U8": 1, "F8_E4M3": 1, "I8": 1}
+    shapes = {}
+    for f in Path(folder).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        shapes.update({k: (tuple(v["shape"]), sizes.get(v["dtype"], 4)) for k, v in header.items()
+                       if k != "__metadata__"})
+    return shapes
+
+
+def _weights_bytes(folder, quantization=None, modulation=False, dit=True, keep=lambda name: True):
+    """Bytes of a component's weights once loaded: bf16 floats, quantized layers as MLX stores them."""
+    spec = QUANTIZATIONS.get(quantization)
+    modulation_names = ("norm1.linear", "norm1_context.linear", "norm.linear", "_mod.linear", "modulation.linear")
+    total = 0
+    for name, (shape, size) in _tensor_shapes(folder).items():
+        if not keep(name):
+            continue
+        n = math.prod(shape)
+        in_block = not dit or name.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.",
+                                               "single_transformer_blocks."))
+        if (spec and len(shape) == 2 and name.endswith(".weight") and shape[1] % spec["group_size"] == 0
+                and in_block and "embed" not in name and (modulation or not name.removesuffix(".weight")
+                                                          .endswith(modulation_names))):
+            groups = n // spec["group_size"]
+            total += n * spec["bits"] // 8 + (groups * 4 if spec["mode"] == "affine" else groups)
+        else:
+            total += n * (2 if size >= 2 else size)  # floats load as bf16; stored quantized data as it is
+    return total
+
+
+def _backend():
+    return "cpu" if mx.default_device() == mx.cpu else "gpu"
+
+
+def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
+                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None):
+    """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
+    low_memory: the DiT's blocks are streamed from disk, so about two of them are in memory at once."""
+    folder, act = Path(folder), ACTIVATIONS[backend or _backend()]
+    dit_cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    llm_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    used = llm_cfg["num_hidden_layers"] - 2
+    llm = _weights_bytes(folder / "text_encoder", quantization, dit=False,
+                         keep=lambda k: not (k.startswith("layers.") and int(k.split(".")[1]) >= used))
+    clip = _weights_bytes(folder / "text_encoder_2")
+    width_llm, heads_llm = llm_cfg["hidden_size"], llm_cfg["num_attention_heads"]
+    L = TEXT_LENGTH + CROP_START
+    text = max(llm + act["per_token"] * L * width_llm * 2 + act["scores"] * heads_llm * L * L * 2, clip)
+
+    heads = dit_cfg.get("num_attention_heads", 24)
+    D = heads * dit_cfg.get("attention_head_dim", 128)
+    t = (num_frames - 1) // 4 + 1
+    N = t * (height // 16) * (width // 16) + TEXT_LENGTH
+    blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+    first = ("double_blocks.0.", "transformer_blocks.0.")
+    dit = _weights_bytes(folder / "transformer", quantization, modulation)
+    if low_memory:  # the blocks stay on disk but for the one running and the one just dropped
+        dit = min(dit, _weights_bytes(folder / "transformer", quantization, modulation,
+                                      keep=lambda k: not k.startswith(blocks))
+                  + 2 * _weights_bytes(folder / "transformer", quantization, modulation,
+                                       keep=lambda k: k.startswith(first)))
+    denoise = dit + act["per_token"] * N * D * 2 + act["scores"] * heads * N * N * 2
+
+    c0 = vae_cfg.get("block_out_channels", [128])[0]
+    ft, fh, fw = tile or (num_frames - 1, height, width)
+    voxels = (min(ft, num_frames - 1) + 1) * min(fh, height) * min(fw, width)
+    video = num_frames * height * width * 3
+    decode = _weights_bytes(folder / "vae") + act["per_voxel"](c0) * voxels * 2 + video * 7  # bf16, f32, uint8
+    return {"text encoders": text, "denoise": denoise, "decode": decode}
+
+
+def available_memory():
+    """What this machine can give a generation, in bytes: HUNYUAN_APPLE_MEMORY_GB if set (to keep memory for
+    other work), else on a Mac the GPU's recommended working set, on an NVIDIA GPU its memory, elsewhere the
+    memory the OS reports available."""
+    if os.environ.get("HUNYUAN_APPLE_MEMORY_GB"):
+        return int(float(os.environ["HUNYUAN_APPLE_MEMORY_GB"]) * GB)
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    try:
+        return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
+                 budget=None):
+    """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
+    would fit; return the estimate otherwise. Nothing is loaded."""
+    budget = budget or available_memory()
+    request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
+                   modulation=modulation, low_memory=low_memory)
+    est = estimate_memory(folder, **request)
+    phase = max(est, key=est.get)
+    if est[phase] <= 0.9 * budget:
+        return est
+
+    def fits(**change):
+        return max(estimate_memory(folder, **{**request, **change}).values()) <= 0.9 * budget
+
+    options = []
+    for q in ("int8", "int4"):
+        if q != quantization and QUANTIZATIONS[q]["bits"] < QUANTIZATIONS.get(quantization, {"bits": 16})["bits"] \
+                and fits(quantization=q):
+            options.append(f"--quantization {q}")
+            break
+    frames = next((f for f in range(num_frames - 4, 0, -4) if fits(num_frames=f)), None)
+    if frames:
+        options.append(f"--frames {frames}")
+    if (height, width) != (544, 960) and height * width > 544 * 960 and fits(height=544, width=960):
+        options.append("--resolution 544 960")
+    if not low_memory and fits(low_memory=True):
+        options.append("--low-memory")
+    raise HunyuanVideoError(
+        f"this request needs about {est[phase] / GB:.1f} GB at its peak ({phase}) and this machine can give "
+        f"{budget / GB:.1f} GB: try {' or '.join(options) if options else 'a smaller request'}, or --force to run "
+        f"it anyway.")

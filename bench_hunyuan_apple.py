@@ -1,8 +1,11 @@
-"""Time one DiT forward, ours (MLX) and optionally diffusers' (PyTorch) on the same machine.
+"""Benchmarks: one DiT forward against diffusers; each phase of a generation per precision; the memory plan.
 
     python bench_hunyuan_apple.py                        # full-size DiT, random bf16 weights, 3 sizes
     python bench_hunyuan_apple.py --reference            # also diffusers on the same GPU, and the ratio
-    python bench_hunyuan_apple.py --tiny                 # a tiny DiT at small sizes: a smoke run anywhere
+    python bench_hunyuan_apple.py --phases --sizes 544x960x13            # text / denoise / decode per precision
+    python bench_hunyuan_apple.py --phases --model HunyuanVideo          # the same with real weights
+    python bench_hunyuan_apple.py --plan                 # the memory plan's estimates at full size, no weights
+    python bench_hunyuan_apple.py --tiny [--phases]      # tiny random models at small sizes: a smoke run anywhere
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
 linear layers and attention of the 60 blocks (the embedders and the refiner are negligible). Each figure is
@@ -11,12 +14,17 @@ the mean of --repeat timed forwards after one warm-up forward. Random weights, s
 
 import argparse
 import gc
+import json
+import struct
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 import HunyuanVideo_Apple as H
+from mlx.utils import tree_flatten
 
 FULL_SIZES = ["544x960x25", "544x960x61", "720x1280x129"]
 TINY = dict(num_attention_heads=2, attention_head_dim=32, rope_axes_dim=(8, 12, 12), num_layers=2,
@@ -103,21 +111,130 @@ def bench_reference(cfg, sizes, repeat):
     return results, dev
 
 
+def timed(fn):
+    """(result, seconds, peak GB) of fn(), evaluated, from a clean cache."""
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    out = fn()
+    mx.eval(out)
+    return out, time.perf_counter() - t0, mx.get_peak_memory() / 2**30
+
+
+def random_model(cls, quantization=None, **kw):
+    """A model with random bf16 weights, materialized layer by layer (so never in float32 at once)."""
+    model = cls(**kw)
+    model.set_dtype(mx.bfloat16)
+    if quantization:
+        H.quantize(model, quantization)
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
+    return model
+
+
+def bench_phases(args, sizes):
+    """Each phase alone, per precision: random weights at full size (or tiny) unless --model has real ones."""
+    dit_kw = TINY if args.tiny else {}
+    llm_kw = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2) if args.tiny else {}
+    vae_kw = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
+    print(f"{'precision':>9} {'size':>14} {'phase':>14} {'seconds':>9} {'peak GB':>8}")
+    for q in args.quantizations:
+        quant = None if q == "bf16" else q
+        for s in sizes:
+            h, w, f = parse_size(s)
+            rows = []
+            if args.model:
+                pipe = H.HunyuanVideoPipeline.from_pretrained(args.model, quantization=quant)
+                pipe("a red fox runs through a snowy forest at dawn", h, w, f, args.steps, seed=0, force=True)
+                rows = [(name, sec / (args.steps if name == "denoise" else 1), peak)
+                        for name, (sec, peak) in pipe.stats.items()]
+            else:
+                llm, sec, peak = timed(lambda: random_model(H.LlamaTextEncoder, quant, **llm_kw))
+                ids = mx.random.randint(0, llm.embed_tokens.weight.shape[0], (1, H.TEXT_LENGTH + H.CROP_START))
+                _, sec2, peak2 = timed(lambda: llm(ids))
+                rows.append(("text encoder", sec2, max(peak, peak2)))
+                del llm
+                dit, _, peak = timed(lambda: random_model(H.HunyuanVideoTransformer, quant, **dit_kw))
+                x = inputs_np(dit_kw, h, w, f)
+                a = (mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
+                     mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0]))
+                mx.eval(dit(*a))  # warm-up
+                _, sec, peak2 = timed(lambda: dit(*a))
+                rows.append(("denoise step", sec, max(peak, peak2)))
+                del dit
+                vae = random_model(H.HunyuanVideoVAE, **vae_kw)
+                z = mx.random.normal(a[0].shape).astype(mx.bfloat16)
+                _, sec, peak = timed(lambda: vae.decode(z, H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))
+                rows.append(("decode", sec, peak))
+                del vae
+            for name, sec, peak in rows:
+                print(f"{q:>9} {s:>14} {name:>14} {sec:>9.3f} {peak:>8.2f}")
+
+
+def header_only_checkpoint(folder):
+    """The real model's components as safetensors headers without data (and configs): enough for the memory
+    plan, which reads only names, shapes and dtypes. MLX builds the models lazily, so this costs nothing."""
+    def write(name, params, config):
+        d = folder / name
+        d.mkdir(parents=True)
+        header = {k: {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [0, 0]} for k, v in params.items()}
+        raw = json.dumps(header).encode()
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+        (d / "config.json").write_text(json.dumps(config))
+    llm = dict(tree_flatten(H.LlamaTextEncoder(skip_layers=0).parameters()))
+    write("text_encoder", {**llm, "norm.weight": mx.zeros((4096,))},
+          dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32))
+    write("text_encoder_2", dict(tree_flatten(H.CLIPTextEncoder().parameters())), {})
+    write("transformer", dict(tree_flatten(H.HunyuanVideoTransformer().parameters())), {})
+    write("vae", dict(tree_flatten(H.HunyuanVideoVAE().parameters())), {"block_out_channels": [128, 256, 512, 512]})
+    return folder
+
+
+def print_plan(settings):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = header_only_checkpoint(Path(tmp))
+        print(f"{'setting':>14} {'precision':>9} {'modulation':>10} {'low-memory':>10} {'text GiB':>8} {'denoise GiB':>11}"
+              f" {'decode GiB':>10} {'peak GiB':>8}   (estimates for a GPU: Metal or CUDA)")
+        for s, q, modulation, low in settings:
+            h, w, f = parse_size(s)
+            est = H.estimate_memory(folder, h, w, f, q, modulation, low_memory=low, backend="gpu")
+            print(f"{s:>14} {q or 'bf16':>9} {'quantized' if modulation and q else 'bf16':>10} {'yes' if low else 'no':>10} "
+                  f"{est['text encoders'] / H.GB:>8.1f} "
+                  f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
+
+
+PLAN = [("544x960x129", None, False, False), ("720x1280x129", None, False, False),
+        ("480x848x25", "int8", False, False), ("480x848x25", "int8", True, False), ("480x848x25", "int8", False, True),
+        ("544x960x129", "int8", False, False), ("720x1280x129", "int8", False, False)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", help="HEIGHTxWIDTHxFRAMES, e.g. 544x960x25")
     ap.add_argument("--reference", action="store_true", help="also time diffusers (needs torch and diffusers)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny random DiT instead of the full 13B one")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models instead of the full-size ones")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--phases", action="store_true", help="time and peak memory of each phase, per precision")
+    ap.add_argument("--quantizations", nargs="+", default=["bf16", "fp8", "int8", "int4"],
+                    choices=["bf16", "fp8", "int8", "int4"])
+    ap.add_argument("--model", help="with --phases: a checkpoint folder (real weights) instead of random ones")
+    ap.add_argument("--steps", type=int, default=2, help="with --phases --model: denoising steps to average")
+    ap.add_argument("--plan", action="store_true", help="print the memory plan's estimates at full size")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else {}
-    sizes = args.sizes or (TINY_SIZES if args.tiny else FULL_SIZES)
+    sizes = args.sizes or (TINY_SIZES if args.tiny else (["544x960x13"] if args.phases else FULL_SIZES))
     for s in sizes:
         h, w, f = parse_size(s)
         if h % 16 or w % 16 or (f - 1) % 4:
             ap.error(f"size {s}: height and width must be multiples of 16 and frames 4n+1")
-    print(f"MLX {mx.__version__} on {mx.default_device()}; {'tiny' if args.tiny else 'full-size'} DiT, bf16, "
-          f"random weights, mean of {args.repeat}")
+    print(f"MLX {mx.__version__} on {mx.default_device()}")
+    if args.plan:
+        return print_plan(PLAN)
+    if args.phases:
+        return bench_phases(args, sizes)
+    print(f"{'tiny' if args.tiny else 'full-size'} DiT, bf16, random weights, mean of {args.repeat}")
     ours = bench_ours(cfg, sizes, args.repeat)
     ref, dev = bench_reference(cfg, sizes, args.repeat) if args.reference else ({}, None)
     head = f"{'size':>14} {'tokens':>8} {'PFLOP':>7} {'ours s':>8} {'TFLOP/s':>8} {'peak GB':>8}"

@@ -59,6 +59,9 @@ def parse_args(argv):
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
     ap.add_argument("--quantize-modulation", action="store_true",
                     help="also quantize the DiT's adaLN modulation (3.4B parameters; saves memory, may cost quality)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="trade speed for memory: no buffer cache, the DiT's blocks read from disk as they run")
+    ap.add_argument("--force", action="store_true", help="run even if the memory plan says it will not fit")
     ap.add_argument("--output", help="the mp4 to write (default outputs/<time>_<seed>.mp4)")
     ap.add_argument("--frames-dir", nargs="?", const="/tmp/hunyuan_frames", help="also write PNG frames here "
                     "(default folder /tmp/hunyuan_frames)")
@@ -199,7 +202,7 @@ def report(pipe, files, seconds):
         print(f"  wrote {f}")
 
 
-def load_pipeline(settings):
+def load_pipeline(settings, low_memory=False):
     model = settings["model"]
     if model == "tiny":
         folder = cache_dir() / f"tiny-{H.__version__}"
@@ -208,7 +211,8 @@ def load_pipeline(settings):
             H.build_tiny_checkpoint(folder)
         model = folder
     return H.HunyuanVideoPipeline.from_pretrained(model, quantization=settings.get("quantization"),
-                                                  quantize_modulation=settings.get("quantize_modulation", False))
+                                                  quantize_modulation=settings.get("quantize_modulation", False),
+                                                  low_memory=low_memory)
 
 
 def decode_saved(args):
@@ -222,7 +226,7 @@ def decode_saved(args):
                                   f"file a run left behind.") from None
     out = Path(args.output or path.with_name(path.name.replace(".latents.safetensors", ".mp4")))
     check_writable(out, args.overwrite)
-    pipe = load_pipeline(settings)
+    pipe = load_pipeline(settings, args.low_memory)
     return pipe, out, settings, latents
 
 
@@ -244,7 +248,10 @@ def main(argv=None):
             settings["version"] = H.__version__
             print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
                   f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}", file=sys.stderr)
-            pipe = load_pipeline(settings)
+            pipe = load_pipeline(settings, args.low_memory)
+            if not args.force:  # before any weights load
+                est = pipe.check_memory(settings["height"], settings["width"], settings["frames"])
+                print("memory plan: " + ", ".join(f"{k} {v / H.GB:.1f} GB" for k, v in est.items()), file=sys.stderr)
             states, mask, pooled = pipe.encode_prompt(settings["prompt"])
             start = [time.perf_counter()]
             latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],

@@ -73,3 +73,28 @@ def test_convert_whole_checkpoint_int8_equals_quantize_on_load(tmp_path):
     a = H.HunyuanVideoPipeline.from_pretrained(out)("a cat", **kw)
     b = H.HunyuanVideoPipeline.from_pretrained(tiny, quantization="int8")("a cat", **kw)
     assert np.array_equal(np.array(a), np.array(b))
+
+
+def test_bench_phases_and_plan_run():
+    r = run("bench_hunyuan_apple.py", "--tiny", "--phases", "--sizes", "32x48x5", "--quantizations", "bf16", "int8")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [(p, s, n) for p, s, *n, _, _ in rows] == [(p, "32x48x5", n) for p in ("bf16", "int8")
+                                                     for n in (["text", "encoder"], ["denoise", "step"], ["decode"])]
+    r = run("bench_hunyuan_apple.py", "--plan")
+    assert r.returncode == 0 and "720x1280x129" in r.stdout, r.stderr
+
+
+def test_plan_counts_the_real_model_exactly(tmp_path):
+    """The plan's weights, from header-only files of the real shapes: bf16 is 2 bytes x 12,821,012,544
+    parameters; int8 saves 1 - 1/16 byte on each of the 9.06B token-wise block weights (2 bytes -> 1 + a bf16
+    scale and bias per 64)."""
+    import bench_hunyuan_apple as B
+    folder = B.header_only_checkpoint(tmp_path)
+    D, N = 3072, B.tokens(544, 960, 13)
+    activations = 18 * N * D * 2  # the GPU coefficient
+    bf16 = H.estimate_memory(folder, 544, 960, 13, backend="gpu")["denoise"] - activations
+    assert bf16 == 2 * 12_821_012_544
+    int8 = H.estimate_memory(folder, 544, 960, 13, "int8", backend="gpu")["denoise"] - activations
+    token_wise = 960 * D * D  # 20 double blocks x 2 streams x 12 D^2 + 40 single blocks x 12 D^2
+    assert bf16 - int8 == token_wise * (2 - 1 - 4 / 64)
