@@ -5,15 +5,17 @@ One module, in the order data flows through the model:
   2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
      40 single-stream blocks, final layer;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
-  4. loading: diffusers folders, Tencent's .pt state dicts and ComfyUI single files, strictly;
-  5. the flow-matching Euler sampler, and the pipeline that runs it all in phases;
-  6. the offline demo: a tiny random checkpoint in the real layout.
-Quantization joins later.
+  4. quantization of the DiT's blocks and the LLM (int8, int4, fp8);
+  5. loading: diffusers folders, Tencent's .pt state dicts (fp8 too), ComfyUI single files and converted
+     MLX folders, strictly;
+  6. the flow-matching Euler sampler, and the pipeline that runs it all in phases;
+  7. the offline demo: a tiny random checkpoint in the real layout;
+  8. the memory plan: each phase's peak, estimated before anything loads.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
 Tencent and ComfyUI files load by name and the diffusers layout needs a short renaming table.
-The reference for every number here is diffusers' HunyuanVideoTransformer3DModel.
+The reference for every number here is diffusers (its HunyuanVideo transformer, VAE and pipeline).
 """
 
 import gc
@@ -1430,9 +1432,18 @@ def load_clip_text_encoder(path, dtype=mx.bfloat16):
     return _load_strict(model, weights, dtype, source)
 
 
+def _transformers():
+    """transformers, imported for its tokenizers only: without its advice that PyTorch is missing (we never
+    need PyTorch models)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    return transformers
+
+
 def load_tokenizer(path):
     """A transformers tokenizer from a tokenizer/ or tokenizer_2/ folder."""
-    from transformers import AutoTokenizer
+    AutoTokenizer = _transformers().AutoTokenizer
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -1636,7 +1647,7 @@ def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
     """A word-level tokenizer in transformers' format (no network needed): words, then the special tokens,
     so that the end token has the largest id as in CLIP's vocabulary."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast = _transformers().PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)) + specials)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -1720,15 +1731,12 @@ GB = 2 ** 30
 
 
 def _tensor_shapes(folder):
-    """{name: (shape, bytes per element)} from the safetensors headers of a component folder, read without
-    loading a tensor."""
-    sizes = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "U8": 1, "F8_E4M3": 1, "I8": 1}
+    """{name: (shape, safetensors dtype)} from the headers of a component folder, read without loading."""
     shapes = {}
     for f in Path(folder).glob("*.safetensors"):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        shapes.update({k: (tuple(v["shape"]), sizes.get(v["dtype"], 4)) for k, v in header.items()
-                       if k != "__metadata__"})
+        shapes.update({k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"})
     return shapes
 
 
@@ -1737,10 +1745,13 @@ def _weights_bytes(folder, quantization=None, modulation=False, dit=True, keep=l
     spec = QUANTIZATIONS.get(quantization)
     modulation_names = ("norm1.linear", "norm1_context.linear", "norm.linear", "_mod.linear", "modulation.linear")
     total = 0
-    for name, (shape, size) in _tensor_shapes(folder).items():
+    for name, (shape, dtype) in _tensor_shapes(folder).items():
         if not keep(name):
             continue
         n = math.prod(shape)
+        if dtype not in ("BF16", "F16", "F32"):  # already quantized (a converted checkpoint): as stored
+            total += n * {"U32": 4, "I32": 4, "U16": 2}.get(dtype, 1)
+            continue
         in_block = not dit or name.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.",
                                                "single_transformer_blocks."))
         if (spec and len(shape) == 2 and name.endswith(".weight") and shape[1] % spec["group_size"] == 0
@@ -1749,7 +1760,7 @@ def _weights_bytes(folder, quantization=None, modulation=False, dit=True, keep=l
             groups = n // spec["group_size"]
             total += n * spec["bits"] // 8 + (groups * 4 if spec["mode"] == "affine" else groups)
         else:
-            total += n * (2 if size >= 2 else size)  # floats load as bf16; stored quantized data as it is
+            total += n * 2  # floats load as bf16
     return total
 
 

@@ -93,7 +93,7 @@ def read_metadata(path):
 
 
 def resolve(ap, args):
-    """Settings from the flags (and --from-metadata), checked: a dict, or an exit with one sentence."""
+    """Settings from the flags (and --from-metadata), checked: a dict, or HunyuanVideoError in one sentence."""
     s = {}
     if args.from_metadata:
         s = {k: v for k, v in read_metadata(args.from_metadata).items() if k in SETTINGS}

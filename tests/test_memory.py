@@ -85,3 +85,19 @@ def test_cli_refuses_then_force_runs(tiny, tmp_path):
     assert not (tmp_path / "v.mp4").exists()
     r = subprocess.run(cmd + ["--force"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_plan_of_a_converted_checkpoint_counts_it_as_stored(tiny, tmp_path):
+    """A checkpoint converted to int8 holds packed integers: the plan counts them as stored, and gets the same
+    weights as for the original quantized on load."""
+    q8 = tmp_path / "q8"
+    for part in ("text_encoder", "transformer"):
+        (q8 / part).mkdir(parents=True)
+    H.save_transformer(H.load_transformer(tiny / "transformer", quantization="int8"), q8 / "transformer")
+    llm_config = __import__("json").loads((tiny / "text_encoder" / "config.json").read_text())
+    H.save_text_encoder(H.load_text_encoder(tiny / "text_encoder", quantization="int8"), q8 / "text_encoder", llm_config)
+    for part in ("transformer", "text_encoder"):
+        stored = H._weights_bytes(q8 / part, dit=part == "transformer")
+        on_load = H._weights_bytes(tiny / part, "int8", dit=part == "transformer",
+                                   keep=lambda k: not k.startswith(("layers.2.", "layers.3.", "norm.")))
+        assert stored == on_load, part
