@@ -5,6 +5,8 @@
     python bench_hunyuan_apple.py --phases --sizes 544x960x13            # text / denoise / decode per precision
     python bench_hunyuan_apple.py --phases --model HunyuanVideo          # the same with real weights
     python bench_hunyuan_apple.py --plan                 # the memory plan's estimates at full size, no weights
+    python bench_hunyuan_apple.py --parity               # one double + one single block at real width vs diffusers, bf16
+    python bench_hunyuan_apple.py --vae --sizes 544x960x129   # our tiled decode vs diffusers' on the same device
     python bench_hunyuan_apple.py --tiny [--phases]      # tiny random models at small sizes: a smoke run anywhere
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
@@ -205,6 +207,85 @@ def print_plan(settings):
                   f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
 
 
+def torch_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_parity(args):
+    """One double and one single block at the real width (or tiny), random weights made by diffusers on the
+    device and saved, read back through our loader; both run in bf16 on the same inputs."""
+    import torch
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    dev = torch_device()
+    cfg = dict(TINY, num_layers=1, num_single_layers=1) if args.tiny else dict(num_layers=1, num_single_layers=1,
+                                                                               num_refiner_layers=1)
+    torch.manual_seed(0)
+    ref = HunyuanVideoTransformer3DModel(**cfg).to(dev, torch.bfloat16).eval()
+    with torch.no_grad():  # random norms and biases too, so that nothing hides behind ones and zeros
+        for name, p in ref.named_parameters():
+            noise = torch.randn_like(p)
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * noise if "norm" in name else 0.1 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+    print(f"{'size':>14} {'rel. error (max |ours - ref| / max |ref|)':>42}   bf16, diffusers on {dev}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = H.load_transformer(tmp)
+        for s in args.sizes or (["64x64x5"] if args.tiny else ["544x960x13"]):
+            x = inputs_np(cfg, *parse_size(s))
+            with torch.no_grad():
+                r = ref(hidden_states=torch.from_numpy(x["latents"]).permute(0, 4, 1, 2, 3).to(dev, torch.bfloat16),
+                        timestep=torch.tensor([900.0], device=dev),
+                        encoder_hidden_states=torch.from_numpy(x["text"]).to(dev, torch.bfloat16),
+                        encoder_attention_mask=torch.ones(1, 256, device=dev, dtype=torch.int64),
+                        pooled_projections=torch.from_numpy(x["pooled"]).to(dev, torch.bfloat16),
+                        guidance=torch.tensor([6016.0], device=dev, dtype=torch.bfloat16), return_dict=False)[0]
+            r = r.permute(0, 2, 3, 4, 1).float().cpu().numpy()
+            o = ours(mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
+                     mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0], dtype=mx.bfloat16))
+            o = np.array(o.astype(mx.float32))
+            print(f"{s:>14} {np.abs(o - r).max() / np.abs(r).max():>42.2e}")
+
+
+def bench_vae(args, sizes):
+    """Tiled decode of random latents: ours with its default tiles, diffusers' with its own (fp16, as its
+    pipeline runs it), random full-size (or tiny) weights made by diffusers and read by our loader."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    dev = torch_device()
+    cfg = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
+    ref = AutoencoderKLHunyuanVideo(**cfg).to(dev, torch.float16).eval()
+    ref.enable_tiling()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    print(f"{'size':>14} {'ours s':>8} {'peak GB':>8} {'diffusers s':>12} {'peak GB':>8}   (diffusers fp16 on {dev})")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = H.load_vae(tmp)
+        for s in sizes:
+            h, w, f = parse_size(s)
+            z = np.random.default_rng(0).standard_normal((1, (f - 1) // 4 + 1, h // 8, w // 8, 16), dtype=np.float32)
+            zm = mx.array(z, dtype=mx.bfloat16)
+            mx.eval(ours.decode(zm[:, :2, :8, :8], H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))  # warm-up
+            _, sec, peak = timed(lambda: ours.decode(zm, H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))
+            zt = torch.from_numpy(z).permute(0, 4, 1, 2, 3).to(dev, torch.float16)
+            with torch.no_grad():
+                ref.decode(zt[:, :, :2, :8, :8])  # warm-up
+                sync()
+                if dev == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                ref.decode(zt)
+                sync()
+            rsec = time.perf_counter() - t0
+            rpeak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+            print(f"{s:>14} {sec:>8.2f} {peak:>8.2f} {rsec:>12.2f} {rpeak:>8.2f}")
+
+
 PLAN = [("544x960x129", None, False, False), ("720x1280x129", None, False, False),
         ("480x848x25", "int8", False, False), ("480x848x25", "int8", True, False), ("480x848x25", "int8", False, True),
         ("544x960x129", "int8", False, False), ("720x1280x129", "int8", False, False)]
@@ -222,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--model", help="with --phases: a checkpoint folder (real weights) instead of random ones")
     ap.add_argument("--steps", type=int, default=2, help="with --phases --model: denoising steps to average")
     ap.add_argument("--plan", action="store_true", help="print the memory plan's estimates at full size")
+    ap.add_argument("--parity", action="store_true", help="one double and one single block vs diffusers, bf16")
+    ap.add_argument("--vae", action="store_true", help="our tiled VAE decode vs diffusers' on the same device")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else {}
     sizes = args.sizes or (TINY_SIZES if args.tiny else (["544x960x13"] if args.phases else FULL_SIZES))
@@ -232,6 +315,10 @@ def main(argv=None):
     print(f"MLX {mx.__version__} on {mx.default_device()}")
     if args.plan:
         return print_plan(PLAN)
+    if args.parity:
+        return check_parity(args)
+    if args.vae:
+        return bench_vae(args, args.sizes or (["64x96x9"] if args.tiny else ["544x960x129"]))
     if args.phases:
         return bench_phases(args, sizes)
     print(f"{'tiny' if args.tiny else 'full-size'} DiT, bf16, random weights, mean of {args.repeat}")

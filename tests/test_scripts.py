@@ -98,3 +98,11 @@ def test_plan_counts_the_real_model_exactly(tmp_path):
     int8 = H.estimate_memory(folder, 544, 960, 13, "int8", backend="gpu")["denoise"] - activations
     token_wise = 960 * D * D  # 20 double blocks x 2 streams x 12 D^2 + 40 single blocks x 12 D^2
     assert bf16 - int8 == token_wise * (2 - 1 - 4 / 64)
+
+
+def test_bench_parity_and_vae_run():
+    r = run("bench_hunyuan_apple.py", "--tiny", "--parity")
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip().splitlines()[-1].split()[-1]) <= 3e-2  # bf16, as the parity tests bound it
+    r = run("bench_hunyuan_apple.py", "--tiny", "--vae", "--sizes", "32x48x5")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].split()[0] == "32x48x5", r.stderr
