@@ -1178,55 +1178,50 @@ def _count(sd, prefix):
     return max(idx) + 1 if idx else 0
 
 
-def _transformer_sizes(sd, config, source):
-    """Constructor keywords from the tensors' shapes, then the checkpoint's config.json on top."""
+def _transformer_shapes(sd):
+    """The DiT's constructor keywords, read off its tensors' shapes (Tencent names)."""
+    dim, cin, pt, ph, pw = sd["img_in.proj.weight"].shape
+    head_dim = sd.get("double_blocks.0.img_attn_q_norm.weight", sd.get("single_blocks.0.q_norm.weight")).shape[0]
+    fc1 = sd.get("double_blocks.0.img_mlp.fc1.weight")
+    mlp = fc1.shape[0] if fc1 is not None else sd["single_blocks.0.linear1.weight"].shape[0] - 3 * dim
+    return dict(
+        in_channels=cin, out_channels=sd["final_layer.linear.weight"].shape[0] // (pt * ph * pw),
+        num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+        num_layers=_count(sd, "double_blocks"), num_single_layers=_count(sd, "single_blocks"),
+        num_refiner_layers=_count(sd, "txt_in.individual_token_refiner.blocks"), mlp_ratio=mlp / dim,
+        patch_size=ph, patch_size_t=pt, guidance_embeds="guidance_in.mlp.0.weight" in sd,
+        text_embed_dim=sd["txt_in.input_embedder.weight"].shape[1],
+        pooled_projection_dim=sd["vector_in.in_layer.weight"].shape[1])
+
+
+def _vae_shapes(sd):
+    """The VAE's constructor keywords, read off its tensors' shapes."""
+    levels = _count(sd, "encoder.down_blocks")
+    return dict(
+        in_channels=sd["encoder.conv_in.conv.weight"].shape[1],
+        out_channels=sd["decoder.conv_out.conv.weight"].shape[0],
+        latent_channels=sd["post_quant_conv.weight"].shape[0],
+        block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight"].shape[0]
+                                 for i in range(levels)),
+        layers_per_block=_count(sd, "encoder.down_blocks.0.resnets"),
+        mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd)
+
+
+def _sizes(cls, read, sd, config, source, what):
+    """Constructor keywords: read(sd) from the tensors' shapes, then what config.json says on top."""
     try:
-        dim, cin, pt, ph, pw = sd["img_in.proj.weight"].shape
-        head_dim = sd.get("double_blocks.0.img_attn_q_norm.weight", sd.get("single_blocks.0.q_norm.weight")).shape[0]
-        fc1 = sd.get("double_blocks.0.img_mlp.fc1.weight")
-        mlp = fc1.shape[0] if fc1 is not None else sd["single_blocks.0.linear1.weight"].shape[0] - 3 * dim
-        sizes = dict(
-            in_channels=cin, out_channels=sd["final_layer.linear.weight"].shape[0] // (pt * ph * pw),
-            num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
-            num_layers=_count(sd, "double_blocks"), num_single_layers=_count(sd, "single_blocks"),
-            num_refiner_layers=_count(sd, "txt_in.individual_token_refiner.blocks"), mlp_ratio=mlp / dim,
-            patch_size=ph, patch_size_t=pt, guidance_embeds="guidance_in.mlp.0.weight" in sd,
-            text_embed_dim=sd["txt_in.input_embedder.weight"].shape[1],
-            pooled_projection_dim=sd["vector_in.in_layer.weight"].shape[1])
+        sizes = read(sd)
     except (KeyError, ValueError, AttributeError):
         some = ", ".join(sorted(sd)[:3])
-        raise HunyuanVideoError(f"{source} does not look like a HunyuanVideo transformer checkpoint (its keys "
-                                f"start {some}): pass the transformer's weights.") from None
-    names = inspect.signature(HunyuanVideoTransformer).parameters
-    sizes.update({k: v for k, v in config.items() if k in names})
-    return sizes
+        raise HunyuanVideoError(f"{source} does not look like a HunyuanVideo {what} checkpoint (its keys start "
+                                f"{some}): pass the {what}'s weights.") from None
+    return {**sizes, **_hf_sizes(cls, config)}
 
 
 def _check_class(config, expected, source, folder):
     if config.get("_class_name", expected) != expected:
         raise HunyuanVideoError(f"{source} holds a {config['_class_name']} where a {expected} was expected: pass "
                                 f"the checkpoint's {folder}/ folder.")
-
-
-def _vae_sizes(sd, config, source):
-    """VAE constructor keywords from the tensors' shapes, then config.json on top."""
-    try:
-        levels = _count(sd, "encoder.down_blocks")
-        sizes = dict(
-            in_channels=sd["encoder.conv_in.conv.weight"].shape[1],
-            out_channels=sd["decoder.conv_out.conv.weight"].shape[0],
-            latent_channels=sd["post_quant_conv.weight"].shape[0],
-            block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight"].shape[0]
-                                     for i in range(levels)),
-            layers_per_block=_count(sd, "encoder.down_blocks.0.resnets"),
-            mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd)
-    except KeyError:
-        some = ", ".join(sorted(sd)[:3])
-        raise HunyuanVideoError(f"{source} does not look like a HunyuanVideo VAE checkpoint (its keys start "
-                                f"{some}): pass the VAE's weights.") from None
-    names = inspect.signature(HunyuanVideoVAE).parameters
-    sizes.update({k: v for k, v in config.items() if k in names})
-    return sizes
 
 
 def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
@@ -1302,7 +1297,8 @@ def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modula
     (Tencent files carry no RoPE settings, for instance)."""
     source = Path(path).expanduser()
     weights, config = _transformer_weights(source)
-    sizes = {**_transformer_sizes(weights, config, source), **sizes}
+    sizes = {**_sizes(HunyuanVideoTransformer, _transformer_shapes, weights, config, source, "transformer"),
+             **sizes}
     if sizes["attention_head_dim"] != 128 and "rope_axes_dim" not in sizes:
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
                                 f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
@@ -1381,7 +1377,7 @@ def load_vae(path, dtype=mx.bfloat16, **sizes):
     if any(k.startswith("vae.") for k in weights):  # as Tencent's loader: only the vae.* part of a bigger file
         weights = {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}
     weights = _strip_prefix(weights)
-    model = HunyuanVideoVAE(**{**_vae_sizes(weights, config, source), **sizes})
+    model = HunyuanVideoVAE(**{**_sizes(HunyuanVideoVAE, _vae_shapes, weights, config, source, "VAE"), **sizes})
     # every source is PyTorch-layout: Conv3d (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I)
     weights = {k: v.transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v for k, v in weights.items()}
     return _load_strict(model, weights, dtype, source)
