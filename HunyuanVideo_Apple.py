@@ -194,7 +194,7 @@ class CLIPTextEncoder(nn.Module):
 def _tokenize(tokenizer, texts, length, what, template_tokens=0):
     """Right-padded or truncated to `length` ids, as the reference tokenizes, warning about what is cut
     (counted without the template's tokens, which are not the user's)."""
-    for text, ids in zip(texts, tokenizer(texts, verbose=False).input_ids):  # uncut, to measure
+    for ids in tokenizer(texts, verbose=False).input_ids:  # uncut, to measure
         if len(ids) > length:
             warnings.warn(f"the prompt is {len(ids) - template_tokens} tokens for {what}, which reads "
                           f"{length - template_tokens}: the last {len(ids) - length} were cut "
@@ -1349,14 +1349,19 @@ def _save_component(folder, weights, config, filename="model.safetensors"):
     tmp.rmdir()
 
 
+def _checkpoint_weights(model):
+    """The DiT's tensors as checkpoints hold them: Tencent's names, the patch embedding as its Conv3d."""
+    weights = dict(tree_flatten(model.parameters()))
+    pt, ph, pw = model.patch
+    w = weights["img_in.proj.weight"]  # Linear (D, pt*ph*pw*C) -> Conv3d (D, C, pt, ph, pw)
+    weights["img_in.proj.weight"] = w.reshape(w.shape[0], pt, ph, pw, -1).transpose(0, 4, 1, 2, 3)
+    return weights
+
+
 def save_transformer(model, folder):
     """The DiT as one safetensors file under Tencent's names (quantized layers as MLX stores them) and a
     config.json with what the tensors cannot say (RoPE, quantization): load_transformer reads it directly."""
-    weights = dict(tree_flatten(model.parameters()))
-    pt, ph, pw = model.patch
-    w = weights["img_in.proj.weight"]  # back to the checkpoint's Conv3d (D, C, pt, ph, pw)
-    weights["img_in.proj.weight"] = w.reshape(w.shape[0], pt, ph, pw, -1).transpose(0, 4, 1, 2, 3)
-    _save_component(folder, weights, {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
+    _save_component(folder, _checkpoint_weights(model), {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
                                       "rope_axes_dim": list(model.rope_axes_dim), "rope_theta": model.rope_theta,
                                       "hunyuan_apple_version": __version__, **_quantization_record(model)})
 
@@ -1617,10 +1622,10 @@ class HunyuanVideoPipeline:
         problem = check_request(height, width, num_frames, num_inference_steps, prompt)
         if problem:
             raise HunyuanVideoError(problem)
-        if not force:
-            self.check_memory(height, width, num_frames)
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
+        if not force:
+            self.check_memory(height, width, num_frames)
         self.stats = {}
         states, mask, pooled = self.encode_prompt(prompt)
         latents = self.denoise(states, mask, pooled, height, width, num_frames, num_inference_steps, guidance_scale,
@@ -1690,10 +1695,7 @@ def build_tiny_checkpoint(folder, seed=0):
     dit_cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
                    num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12])
     dit = HunyuanVideoTransformer(**dit_cfg)
-    w = dict(tree_flatten(dit.parameters()))
-    conv = w["img_in.proj.weight"]  # back to the checkpoint's Conv3d (D, C, pt, ph, pw)
-    w["img_in.proj.weight"] = conv.reshape(conv.shape[0], 1, 2, 2, -1).transpose(0, 4, 1, 2, 3)
-    _save_component(tmp / "transformer", _to_diffusers(w), {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg},
+    _save_component(tmp / "transformer", _to_diffusers(_checkpoint_weights(dit)), {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg},
                     "diffusion_pytorch_model.safetensors")
     vae_cfg = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
     vae = HunyuanVideoVAE(**vae_cfg)

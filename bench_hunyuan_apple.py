@@ -59,16 +59,17 @@ def inputs_np(cfg, h, w, f, seed=0):
                 pooled=rng.standard_normal((1, cfg.get("pooled_projection_dim", 768)), dtype=np.float32))
 
 
+def dit_args(x):
+    """Our DiT's arguments for inputs_np's arrays: bf16, timestep 900, 256 valid text tokens, guidance 6016."""
+    return (mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
+            mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0]))
+
+
 def bench_ours(cfg, sizes, repeat):
-    model = H.HunyuanVideoTransformer(**cfg)
-    model.set_dtype(mx.bfloat16)
-    for block in [model] + model.double_blocks + model.single_blocks:  # materialize block by block: low peak
-        mx.eval(block.parameters())
+    model = random_model(H.HunyuanVideoTransformer, **cfg)
     results = {}
     for s in sizes:
-        x = inputs_np(cfg, *parse_size(s))
-        args = (mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
-                mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0]))
+        args = dit_args(inputs_np(cfg, *parse_size(s)))
         mx.eval(model(*args))  # warm-up: compiles the fused pieces
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def bench_reference(cfg, sizes, repeat):
     import torch
     from diffusers import HunyuanVideoTransformer3DModel
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch_device()
     torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 directly, on the device
     with torch.device(dev), torch.no_grad():
         model = HunyuanVideoTransformer3DModel(**cfg).eval()
@@ -159,9 +160,7 @@ def bench_phases(args, sizes):
                 rows.append(("text encoder", sec2, max(peak, peak2)))
                 del llm
                 dit, _, peak = timed(lambda: random_model(H.HunyuanVideoTransformer, quant, **dit_kw))
-                x = inputs_np(dit_kw, h, w, f)
-                a = (mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
-                     mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0]))
+                a = dit_args(inputs_np(dit_kw, h, w, f))
                 mx.eval(dit(*a))  # warm-up
                 _, sec, peak2 = timed(lambda: dit(*a))
                 rows.append(("denoise step", sec, max(peak, peak2)))
@@ -245,9 +244,7 @@ def check_parity(args):
                         pooled_projections=torch.from_numpy(x["pooled"]).to(dev, torch.bfloat16),
                         guidance=torch.tensor([6016.0], device=dev, dtype=torch.bfloat16), return_dict=False)[0]
             r = r.permute(0, 2, 3, 4, 1).float().cpu().numpy()
-            o = ours(mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
-                     mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0], dtype=mx.bfloat16))
-            o = np.array(o.astype(mx.float32))
+            o = np.array(ours(*dit_args(x)).astype(mx.float32))
             print(f"{s:>14} {np.abs(o - r).max() / np.abs(r).max():>42.2e}")
 
 
