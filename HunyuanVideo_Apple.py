@@ -6,11 +6,12 @@ One module, in the order data flows through the model:
      40 single-stream blocks, final layer;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
   4. quantization of the DiT's blocks and the LLM (int8, int4, fp8);
-  5. loading: diffusers folders, Tencent's .pt state dicts (fp8 too), ComfyUI single files and converted
-     MLX folders, strictly;
+  5. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as
+     their makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own
+     precision (DiT bf16, VAE and text encoders fp16);
   6. the flow-matching Euler sampler, and the pipeline that runs it all in phases;
   7. the offline demo: a tiny random checkpoint in the real layout;
-  8. the memory plan: each phase's peak, estimated before anything loads.
+  8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
@@ -20,6 +21,7 @@ The reference for every number here is diffusers (its HunyuanVideo transformer, 
 
 import gc
 import inspect
+import itertools
 import json
 import math
 import os
@@ -27,7 +29,6 @@ import re
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class HunyuanVideoError(Exception):
@@ -126,10 +127,12 @@ class LlamaTextEncoder(nn.Module):
 
     def __call__(self, ids):
         """ids (B, L) -> states (B, L, hidden). Causal: a position never sees the ones after it, so right
-        padding leaves the valid positions as they are."""
+        padding leaves the valid positions as they are. Each layer is evaluated on its own: one layer's
+        intermediates are alive at a time (what the memory plan counts)."""
         x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x)
+            mx.eval(x)
         return x
 
 
@@ -235,9 +238,16 @@ def encode_prompt(prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
 # mx.compile fuses each of these elementwise chains into one kernel per shape.
 
 @mx.compile
-def _modulate(x, shift, scale):
-    """LayerNorm without affine (eps 1e-6), then adaLN: x (B, N, D); shift, scale (B, 1, D)."""
+def _modulate_batch(x, shift, scale):
     return mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
+
+
+def _modulate(x, shift, scale):
+    """LayerNorm without affine (eps 1e-6), then adaLN: x (B, N, D); shift, scale (B, 1, D). For one video
+    the adaLN is the norm's own affine, one kernel and one output; a batch needs a weight per video."""
+    if x.shape[0] == 1:
+        return mx.fast.layer_norm(x, 1 + scale.reshape(-1), shift.reshape(-1), 1e-6)
+    return _modulate_batch(x, shift, scale)
 
 
 @mx.compile
@@ -246,22 +256,30 @@ def _gated(x, gate, y):
     return x + gate * y
 
 
+_PAIR = mx.array([1.0, 0.0])  # the even (1) and odd (0) slot of each rotated pair
+
+
 @mx.compile
 def _rope(x, cos, sin):
-    """Rotate ADJACENT pairs (x[2i], x[2i+1]) by angle i, in float32 like the reference.
+    """Rotate ADJACENT pairs (x[2i], x[2i+1]) by angle i, in float32 like the reference, rounding once.
 
-    x (B, heads, N, head_dim); cos, sin (N, head_dim/2)."""
-    xf = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)  # (B, heads, N, head_dim/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    x (B, heads, N, head_dim); cos, sin (N, head_dim/2, 1). Elementwise only, so that it compiles to one
+    kernel: the float32 values never exist as whole arrays (no stack, no float32 copies of q and k)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)  # (B, heads, N, head_dim/2, 2), free: x is contiguous
+    x0, x1 = pairs[..., :1].astype(mx.float32), pairs[..., 1:].astype(mx.float32)
+    out = (x0 * cos - x1 * sin) * _PAIR + (x1 * cos + x0 * sin) * (1 - _PAIR)  # (..., head_dim/2, 2)
+    return out.astype(x.dtype).reshape(x.shape)
 
 
-def _heads(x, n_proj, heads):
-    """(B, N, n_proj*D) projections -> n_proj arrays (B, heads, N, head_dim)."""
-    B, N, _ = x.shape
-    x = x.reshape(B, N, n_proj, heads, -1).transpose(2, 0, 3, 1, 4)  # (n_proj, B, heads, N, head_dim)
-    return [x[i] for i in range(n_proj)]
+def _heads(x, n, heads, dim):
+    """The first n projections of x (B, N, n*dim + rest), [q | k | v | ...] -> n arrays (B, heads, N, head_dim),
+    views of x where its width splits into whole heads (no copy of q, k and v)."""
+    B, N, width = x.shape
+    head_dim = dim // heads
+    if width % head_dim:
+        x, width = x[..., : n * dim], n * dim  # a copy: the rest does not split into heads
+    x = x.reshape(B, N, width // head_dim, head_dim)  # (B, N, width / head_dim, head_dim)
+    return [x[:, :, i * heads:(i + 1) * heads].transpose(0, 2, 1, 3) for i in range(n)]
 
 
 def _attention(q, k, v, mask):
@@ -279,9 +297,9 @@ def _timestep_freqs(t, dtype, dim=256, max_period=10000.0):
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1).astype(dtype)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=1)  # the steps of a generation share one table (61 MB at 720x1280x129); no more is kept
 def _rope_table(grid, axes_dim, theta, n_text):
-    """cos, sin (N_video + n_text, head_dim/2) float32 for the patchified grid (t, h, w).
+    """cos, sin (N_video + n_text, head_dim/2, 1) float32 for the patchified grid (t, h, w).
 
     Each axis gets its own slice of the head: angles = position * theta^(-2i/dim_axis), axes
     concatenated [t | h | w], positions in the token order (t, h, w). Computed in float32 as the
@@ -295,7 +313,7 @@ def _rope_table(grid, axes_dim, theta, n_text):
     angles = np.concatenate(angles, axis=1)
     cos = np.concatenate([np.cos(angles), np.ones((n_text, angles.shape[1]), np.float32)])
     sin = np.concatenate([np.sin(angles), np.zeros((n_text, angles.shape[1]), np.float32)])
-    return mx.array(cos), mx.array(sin)
+    return mx.array(cos)[..., None], mx.array(sin)[..., None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,27 +352,18 @@ class TimestepEmbedder(nn.Module):
 
 
 class MLPEmbedder(nn.Module):
-    """vector_in: the CLIP pooled vector -> Linear -> SiLU -> Linear."""
+    """Linear -> SiLU -> Linear of a pooled vector: vector_in (CLIP's, Tencent's names in_layer / out_layer) and
+    the token refiner's c_embedder (the mean text state, named linear_1 / linear_2)."""
 
-    def __init__(self, in_dim, dim):
+    def __init__(self, in_dim, dim, names=("in_layer", "out_layer")):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, dim)
-        self.out_layer = nn.Linear(dim, dim)
+        self.names = names
+        setattr(self, names[0], nn.Linear(in_dim, dim))
+        setattr(self, names[1], nn.Linear(dim, dim))
 
     def __call__(self, x):
-        return self.out_layer(nn.silu(self.in_layer(x)))
-
-
-class TextProjection(nn.Module):
-    """The token refiner's pooled-text embedder (same shape as MLPEmbedder, other names)."""
-
-    def __init__(self, in_dim, dim):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def __call__(self, x):
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        first, second = (getattr(self, n) for n in self.names)
+        return second(nn.silu(first(x)))
 
 
 class MLP(nn.Module):
@@ -399,7 +408,7 @@ class RefinerBlock(nn.Module):
 
     def __call__(self, x, c, mask):
         gate_msa, gate_mlp = mx.split(self.adaLN_modulation[1](nn.silu(c))[:, None], 2, axis=-1)
-        q, k, v = _heads(self.self_attn_qkv(self.norm1(x)), 3, self.heads)
+        q, k, v = _heads(self.self_attn_qkv(self.norm1(x)), 3, self.heads, x.shape[-1])
         x = _gated(x, gate_msa, self.self_attn_proj(_attention(q, k, v, mask)))
         return _gated(x, gate_mlp, self.mlp(self.norm2(x)))
 
@@ -409,7 +418,7 @@ class TokenRefiner(nn.Module):
         super().__init__()
         self.input_embedder = nn.Linear(text_dim, dim)
         self.t_embedder = TimestepEmbedder(dim)
-        self.c_embedder = TextProjection(text_dim, dim)
+        self.c_embedder = MLPEmbedder(text_dim, dim, names=("linear_1", "linear_2"))
         # a plain dict keeps Tencent's key path individual_token_refiner.blocks.N
         self.individual_token_refiner = {"blocks": [RefinerBlock(dim, heads, mlp_ratio) for _ in range(num_layers)]}
 
@@ -448,7 +457,7 @@ class DoubleBlock(nn.Module):
             setattr(self, f"{s}_mlp", MLP(dim, int(dim * mlp_ratio), nn.gelu_approx))
 
     def _qkv(self, s, x, shift, scale):
-        q, k, v = _heads(getattr(self, f"{s}_attn_qkv")(_modulate(x, shift, scale)), 3, self.heads)
+        q, k, v = _heads(getattr(self, f"{s}_attn_qkv")(_modulate(x, shift, scale)), 3, self.heads, x.shape[-1])
         return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
 
     def _rest(self, s, x, attn, mod):
@@ -486,7 +495,7 @@ class SingleBlock(nn.Module):
         """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows."""
         shift, scale, gate = self.modulation(vec)
         h = self.linear1(_modulate(x, shift, scale))  # (B, N, 3D + mlp)
-        q, k, v = _heads(h[..., : 3 * self.dim], 3, self.heads)
+        q, k, v = _heads(h, 3, self.heads, self.dim)  # views of h
         q, k = _rope(self.q_norm(q), *rope), _rope(self.k_norm(k), *rope)
         attn = _attention(q, k, v, mask)
         return _gated(x, gate, self.linear2(mx.concatenate([attn, nn.gelu_approx(h[..., 3 * self.dim:])], axis=-1)))
@@ -521,6 +530,7 @@ class HunyuanVideoTransformer(nn.Module):
             raise HunyuanVideoError(f"rope_axes_dim {tuple(rope_axes_dim)} must be even numbers adding up to "
                                     f"the head width {attention_head_dim}.")
         self.patch = (patch_size_t, patch_size, patch_size)
+        self.block_args = (dim, num_attention_heads, mlp_ratio)  # DoubleBlock's and SingleBlock's
         self.in_channels, self.out_channels = in_channels, out_channels
         self.rope_axes_dim = tuple(rope_axes_dim)
         self.rope_theta = float(rope_theta)
@@ -535,24 +545,24 @@ class HunyuanVideoTransformer(nn.Module):
         self.final_layer = FinalLayer(dim, out_channels * self.patch[0] * self.patch[1] * self.patch[2])
 
     # --low-memory: `stream` (set by load_transformer) gives a block's weights freshly read from disk; they are
-    # evaluated with the block and dropped after it. `eval_per_block` evaluates the activations block by block.
+    # used by the block and dropped after it.
     stream = None
-    eval_per_block = False
 
     @property
     def dtype(self):
         return self.img_in.proj.weight.dtype
 
     def _run(self, kind, i, block, *args):
-        """Call one block; with --low-memory, evaluate its output, and (streaming) read its weights just
-        before and drop them just after."""
+        """Call one block and evaluate its output. One block's intermediates are then all that is alive (the
+        memory plan counts them) and no GPU command buffer spans more than a block. Streaming (--low-memory)
+        reads the block's weights just before and drops them just after."""
         if self.stream:
-            block.update(self.stream(kind, i))
+            weights, empty = self.stream(kind, i)
+            block.update(weights)
         out = block(*args)
-        if self.stream or self.eval_per_block:
-            mx.eval(out)
+        mx.eval(out)
         if self.stream:
-            block.update(self.stream(kind, i))  # fresh and unevaluated: the weights just used are freed
+            block.update(empty)  # the weights just used are freed
         return out
 
     def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
@@ -584,6 +594,7 @@ class HunyuanVideoTransformer(nn.Module):
         vec = vec + self.vector_in(pooled.astype(dtype))  # (B, D), summed in the reference's order
         txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
         img = self.img_in(latents.astype(dtype))  # (B, Ni, D)
+        mx.eval(vec, txt, img)  # the embedders and the refiner on their own, before the blocks (see _run)
 
         ni = img.shape[1]
         cos, sin = _rope_table((T // pt, H // ph, W // pw), self.rope_axes_dim, self.rope_theta, keep)
@@ -931,20 +942,19 @@ QUANTIZATIONS = {"int8": dict(mode="affine", bits=8, group_size=64),
                  "fp8": dict(mode="mxfp8", bits=8, group_size=32)}
 
 
-def quantize(model, quantization, modulation=False, prefix=""):
-    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks, prefix
-    being its path) or a LlamaTextEncoder. Lazy, like everything in MLX: a weight is quantized when evaluated."""
+def quantize(model, quantization, modulation=False):
+    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks) or a
+    LlamaTextEncoder. Lazy, like everything in MLX: a weight is quantized when evaluated."""
     if quantization not in QUANTIZATIONS:
         raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
     spec = QUANTIZATIONS[quantization]
-    dit = isinstance(model, (HunyuanVideoTransformer, DoubleBlock, SingleBlock))
+    block = isinstance(model, (DoubleBlock, SingleBlock))
 
     def wanted(path, module):
-        path = prefix + path
         if not isinstance(module, nn.Linear) or module.weight.shape[1] % spec["group_size"]:
             return False
-        if dit:
-            return path.startswith(("double_blocks.", "single_blocks.")) and (
+        if isinstance(model, HunyuanVideoTransformer) or block:
+            return (block or path.startswith(("double_blocks.", "single_blocks."))) and (
                 modulation or not path.endswith(("_mod.linear", "modulation.linear")))
         return True
 
@@ -962,30 +972,97 @@ def _quantization_record(model):
 # ---------------------------------------------------------------------------------------------------
 # Loading: files
 # ---------------------------------------------------------------------------------------------------
+# Safetensors are read lazily by MLX (a tensor is read from disk when it is evaluated); PyTorch pickles are
+# opened weights-only and converted one tensor at a time. fp8 weights (E4M3 or E5M2) are dequantized as
+# their makers dequantize them, W = W_fp8.to(bf16) * scale.to(bf16) in bfloat16, with the scale of the layer
+# that Tencent's _map.pt or a ComfyUI scaled-fp8 file gives (1 where the file has none): Tencent's own
+# values, at bf16's size (quantize them again with quantization=..., at the cost the README states).
+
+_DTYPES = {"F64": mx.float64, "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "I64": mx.int64,
+           "I32": mx.int32, "I16": mx.int16, "I8": mx.int8, "U64": mx.uint64, "U32": mx.uint32, "U16": mx.uint16,
+           "U8": mx.uint8, "BOOL": mx.bool_, "F8_E4M3": mx.uint8, "F8_E5M2": mx.uint8}  # fp8: the raw bytes
+_FP8_SCALES = ("scale_weight", "weight_scale")  # a layer's weight scale: ComfyUI's scaled fp8; newer layouts
+_FP8_UNUSED = ("scale_input", "input_scale", "scaled_fp8")  # scales of activations (fp8 matmuls), a marker
+
+
+def _safetensors_header(f):
+    """{name: (shape, dtype, (start, end))} of a safetensors file and the offset of its data, read without the
+    data; HunyuanVideoError in one sentence if the file is cut short or is not safetensors."""
+    try:
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        tensors = {k: (tuple(v["shape"]), v["dtype"], tuple(v["data_offsets"])) for k, v in header.items()
+                   if k != "__metadata__"}
+        if any(8 + n + end > size for _, _, (_, end) in tensors.values()):
+            raise ValueError("tensors past the end of the file")
+        unknown = sorted({dtype for _, dtype, _ in tensors.values()} - set(_DTYPES))
+        if unknown:
+            raise ValueError(f"tensors of type {', '.join(unknown)}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HunyuanVideoError(f"{f} could not be read as safetensors ({str(e)[:120]}); it is probably truncated "
+                                f"or corrupt: download it again.") from None
+    return tensors, 8 + n
+
+
+def _read_tensors(f, tensors, start):
+    """The tensors of a safetensors file that `tensors` lists (entries of its header), read now rather than lazily:
+    for the types MLX does not read (fp8 E5M2), and for streamed blocks, whose file must not stay open."""
+    out = {}
+    with open(f, "rb") as fh:
+        for name, (shape, dtype, (a, b)) in tensors.items():
+            fh.seek(start + a)
+            raw = mx.array(np.frombuffer(fh.read(b - a), dtype=np.uint8))
+            out[name] = raw.view(_DTYPES[dtype]).reshape(shape)
+    return out
+
+
+def _fp8_dequantized(weights, dtypes):
+    """Replace each fp8 weight by bf16(W_fp8) * bf16(scale), dropping the scales; lazy. dtypes: safetensors names."""
+    for name in [k for k in weights if dtypes.get(k, "").startswith("F8_")]:
+        raw, layer = weights[name], name.rpartition(".")[0]
+        w = mx.from_fp8(raw, mx.bfloat16) if dtypes[name] == "F8_E4M3" else \
+            (raw.astype(mx.uint16) << 8).view(mx.float16).astype(mx.bfloat16)  # E5M2 is float16's upper byte
+        scale = next((weights.pop(f"{layer}.{s}") for s in _FP8_SCALES if f"{layer}.{s}" in weights), None)
+        if scale is not None and scale.size > 1:  # one scale per output row
+            scale = scale.reshape(-1, *[1] * (w.ndim - 1))
+        weights[name] = w if scale is None else w * scale.astype(mx.bfloat16)
+        for s in _FP8_UNUSED:
+            weights.pop(f"{layer}.{s}", None)
+    weights.pop("scaled_fp8", None)
+    return weights
+
 
 def _read_safetensors(f):
-    try:
-        return mx.load(str(f))
-    except Exception as e:  # MLX checks the header and that every tensor lies inside the file
-        raise HunyuanVideoError(f"{f} could not be read as safetensors ({e}); it is probably truncated or "
-                                f"corrupt: download it again.") from None
+    tensors, start = _safetensors_header(f)
+    dtypes = {k: dtype for k, (_, dtype, _) in tensors.items()}
+    if "F8_E5M2" in dtypes.values():  # MLX cannot read the file: read it ourselves, all at once
+        weights = _read_tensors(f, tensors, start)
+    else:
+        try:
+            weights = mx.load(str(f))
+        except Exception as e:  # MLX checks the header and that every tensor lies inside the file
+            raise HunyuanVideoError(f"{f} could not be read as safetensors ({e}); it is probably truncated or "
+                                    f"corrupt: download it again.") from None
+    return _fp8_dequantized(weights, dtypes)
 
 
-def _torch_to_mx(t):
-    import torch
-
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
-        return mx.array(t.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
-    return mx.array(t.contiguous().numpy())
-
-
-def _read_pt(f):
-    """A PyTorch pickle, opened only with weights_only=True (no code runs); state dict under 'module'."""
+def _torch():
     try:
         import torch
     except ImportError:
-        raise HunyuanVideoError(f"{f} is a PyTorch pickle: install torch (pip install torch) to read it safely, "
-                                f"or use a .safetensors checkpoint.") from None
+        raise HunyuanVideoError("PyTorch pickles (.pt) are read with torch: install it (pip install torch), or use "
+                                "a .safetensors checkpoint.") from None
+    return torch
+
+
+def _load_pt(f):
+    """A PyTorch pickle's state dict, opened only with weights_only=True (no code runs) and memory-mapped, so that
+    a tensor is read when it is used; the state dict under 'module' (Tencent) or 'state_dict' (training files)."""
+    torch = _torch()
     try:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -993,63 +1070,89 @@ def _read_pt(f):
             sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         raise HunyuanVideoError(f"{f} could not be read as a weights-only PyTorch checkpoint "
-                                f"({str(e).splitlines()[0]}); it may be truncated or corrupt: download it again.") from None
+                                f"({str(e).splitlines()[0][:160]}); it may be truncated or corrupt: download it "
+                                f"again.") from None
     for key in ("module", "state_dict"):  # Tencent's DiT nests under 'module'; training files under 'state_dict'
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
         raise HunyuanVideoError(f"{f} holds no state dict: pass a HunyuanVideo checkpoint.")
-    fp8 = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.dtype == torch.float8_e4m3fn]
-    if fp8:  # Tencent's fp8 DiT: W = W_fp8 * scale, one scale per layer in <name>_map.pt, as Tencent computes it
-        scales_file = f.with_name(f.stem + "_map.pt")
-        if not scales_file.exists():
-            raise HunyuanVideoError(f"{f} holds fp8 weights whose scales are in {scales_file.name}, which is not "
-                                    f"beside it: download it too.")
-        scales = torch.load(scales_file, map_location="cpu", weights_only=True)
-        for k in fp8:
-            scale = scales[k.removesuffix(".weight")].to(torch.bfloat16)
-            sd[k] = sd[k].to(torch.bfloat16) * scale
-    return {k: _torch_to_mx(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_weights(path, hint):
-    """All tensors of a checkpoint file or folder, and the folder's config.json (or {}). hint: what to pass."""
+def _read_pt(f):
+    """A PyTorch pickle's tensors in MLX, converted one at a time (the peak is the result plus one tensor). fp8
+    weights (Tencent's fp8 DiT) are dequantized with the scale of their layer from <name>_map.pt beside it."""
+    torch = _torch()
+    sd = _load_pt(f)
+    fp8 = {k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+    scales_file = f.with_name(f.stem + "_map.pt")
+    if fp8 and not scales_file.exists():
+        raise HunyuanVideoError(f"{f} holds fp8 weights whose scales are in {scales_file.name}, which is not beside "
+                                f"it: download it too.")
+    scales = _load_pt(scales_file) if fp8 else {}
+    out = {}
+    for k in list(sd):
+        v = sd.pop(k)  # torch keeps no reference: each converted tensor is freed once copied to MLX
+        if k in fp8:
+            layer = k.removesuffix(".weight")
+            if layer not in scales:
+                raise HunyuanVideoError(f"{scales_file.name} has no scale for {layer}, whose weights in {f.name} are "
+                                        f"fp8: the two files do not belong together; download both again.")
+            v = v.to(torch.bfloat16) * scales[layer].to(torch.bfloat16)  # Tencent's own dequantization
+        if v.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
+            out[k] = mx.array(v.contiguous().view(torch.int16).numpy()).view(mx.bfloat16)
+        elif v.dtype in (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8,
+                         torch.int8, torch.bool):
+            out[k] = mx.array(v.contiguous().numpy())
+        else:
+            raise HunyuanVideoError(f"{f} holds {k} as {str(v.dtype).removeprefix('torch.')}, which no HunyuanVideo "
+                                    f"checkpoint uses: pass a bf16, fp16, fp32 or Tencent fp8 checkpoint.")
+    return out
+
+
+def _component_files(path, hint):
+    """The weight files of a checkpoint file or folder, and the folder's config.json (or {}). hint: what to pass."""
     path = Path(path).expanduser()
     if not path.exists():
         raise HunyuanVideoError(f"{path} does not exist: {hint}.")
+    if not path.is_dir():
+        if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+            raise HunyuanVideoError(f"{path} is neither .safetensors nor .pt: {hint}.")
+        return [path], {}
     config = {}
-    if path.is_dir():
-        if (path / "config.json").exists():
-            try:
-                config = json.loads((path / "config.json").read_text())
-            except ValueError as e:
-                raise HunyuanVideoError(f"{path / 'config.json'} is not valid JSON ({e}): download it again.") from None
-        index = sorted(path.glob("*.safetensors.index.json"))
-        if index:
+    if (path / "config.json").exists():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            raise HunyuanVideoError(f"{path / 'config.json'} is not valid JSON ({e}): download it again.") from None
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        try:
             shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (path / s).exists()]
-            if missing:
-                raise HunyuanVideoError(f"{path} lacks {len(missing)} of the {len(shards)} shards its index lists "
-                                        f"({', '.join(missing[:3])}): the download is incomplete; download it again.")
-            files = [path / s for s in shards]
-        else:
-            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("mp_rank_00_model_states.pt")) \
-                or sorted(path.glob("*.pt"))
-        if not files:
-            raise HunyuanVideoError(f"{path} holds no .safetensors or .pt weights: {hint}.")
-        if len(files) > 1 and files[0].suffix == ".pt":
-            raise HunyuanVideoError(f"{path} holds several .pt files ({', '.join(f.name for f in files[:3])}): "
-                                    f"pass the one to load.")
-    else:
-        files = [path]
+        except (ValueError, KeyError, AttributeError) as e:
+            raise HunyuanVideoError(f"{index[0]} is not a valid safetensors index ({e}): download it again.") from None
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise HunyuanVideoError(f"{path} lacks {len(missing)} of the {len(shards)} shards its index lists "
+                                    f"({', '.join(missing[:3])}): the download is incomplete; download it again.")
+        return [path / s for s in shards], config
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("mp_rank_00_model_states.pt")) or \
+        [f for f in sorted(path.glob("*.pt")) if not f.name.endswith("_map.pt")]  # an fp8 file's scales go with it
+    if not files:
+        raise HunyuanVideoError(f"{path} holds no .safetensors or .pt weights: {hint}.")
+    if len(files) > 1 and files[0].suffix == ".pt":
+        raise HunyuanVideoError(f"{path} holds several .pt files ({', '.join(f.name for f in files[:3])}): "
+                                f"pass the one to load.")
+    return files, config
+
+
+def _read_weights(path, hint):
+    """All tensors of a checkpoint file or folder (lazy for safetensors), and the folder's config.json (or {})."""
+    files, config = _component_files(path, hint)
     weights = {}
     for f in files:
-        if f.suffix == ".safetensors":
-            weights.update(_read_safetensors(f))
-        elif f.suffix in (".pt", ".pth", ".bin"):
-            weights.update(_read_pt(f))
-        else:
-            raise HunyuanVideoError(f"{f} is neither .safetensors nor .pt: {hint}.")
+        weights.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_pt(f))
     return weights, config
 
 
@@ -1224,8 +1327,13 @@ def _check_class(config, expected, source, folder):
                                 f"the checkpoint's {folder}/ folder.")
 
 
+def _same_kind(a, b):
+    """Floating point where floating point is expected; quantized data (integers) of exactly the expected type."""
+    return mx.issubdtype(a, mx.floating) and mx.issubdtype(b, mx.floating) or a == b
+
+
 def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
-    """Put weights into model, refusing any missing, unexpected or mis-shaped key in one sentence. Then
+    """Put weights into model, refusing any missing, unexpected, mis-shaped or mis-typed key in one sentence. Then
     prepare(model) (quantization, say) and evaluate one tensor at a time: the model holds the only
     references to the lazily read sources, so each is freed once used and the peak stays near the result."""
     expected = dict(tree_flatten(model.parameters()))
@@ -1233,12 +1341,16 @@ def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
     unexpected = sorted(set(weights) - set(expected))
     misshaped = [f"{k} {tuple(weights[k].shape)} instead of {tuple(expected[k].shape)}"
                  for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    mistyped = [f"{k} {str(weights[k].dtype).removeprefix('mlx.core.')} where "
+                f"{'floating point' if mx.issubdtype(p.dtype, mx.floating) else str(p.dtype).removeprefix('mlx.core.')}"
+                f" is expected" for k, p in expected.items() if k in weights and not _same_kind(weights[k].dtype, p.dtype)]
     problems = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
                 for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("mis-shaped tensors", misshaped)) if names]
+                                    ("mis-shaped tensors", misshaped), ("tensors of the wrong type", mistyped)) if names]
     if problems:
         raise HunyuanVideoError(f"{source} does not fit the model: {'; '.join(problems)}; check that it is a "
-                                f"complete checkpoint of the right model.")
+                                f"complete checkpoint of the right model, in bf16, fp16, fp32 or fp8, or one written "
+                                f"by convert_weights.py.")
     model.update(tree_unflatten(list(_cast(weights, dtype).items())))
     weights.clear()
     if prepare is not None:
@@ -1271,6 +1383,12 @@ def _quantized_loading(config, quantization, modulation, source):
 # ---------------------------------------------------------------------------------------------------
 # Loading: entry points
 # ---------------------------------------------------------------------------------------------------
+# Each component loads in its own precision by default, the reference's (Tencent's defaults, diffusers'
+# documented use): the DiT in bf16, the VAE and the text encoders in fp16. On the tests' tiny VAE, fp16
+# decodes within 2 levels of 255 of float32 where bf16 is 10 to 14 levels away.
+
+DEFAULT_DTYPES = {"transformer": mx.bfloat16, "vae": mx.float16, "text_encoders": mx.float16}
+
 
 def _transformer_weights(source):
     """A transformer checkpoint's tensors under Tencent's names (lazy for safetensors), and its config."""
@@ -1280,13 +1398,19 @@ def _transformer_weights(source):
     if config.get("image_condition_type"):
         raise HunyuanVideoError(f"{source} is an image-to-video variant ({config['image_condition_type']}), which "
                                 f"this port does not support yet: use the text-to-video checkpoint.")
+    return _tencent_names(weights), config
+
+
+def _tencent_names(weights):
+    """A DiT's tensors under Tencent's names, whatever the file's layout (or a part of the file: one block)."""
     weights = _strip_prefix(weights)
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in weights):
         weights = _from_diffusers(weights)
-    return weights, config
+    return weights
 
 
-def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modulation=False, stream=False, **sizes):
+def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=None, quantize_modulation=False,
+                     stream=False, **sizes):
     """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
     Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
     folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
@@ -1309,31 +1433,51 @@ def load_transformer(path, dtype=mx.bfloat16, quantization=None, quantize_modula
     conv = weights.get("img_in.proj.weight")
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
         weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
-    skip = ()
-    if stream:
-        if source.suffix == ".pt" or not (source.is_dir() and any(source.glob("*.safetensors")) or
-                                          source.suffix == ".safetensors"):
-            raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
-                                    f"convert_weights.py.")
-        model.stream = _block_streamer(source, model, dtype)
-        skip = ("double_blocks.", "single_blocks.")
-    return _load_strict(model, weights, dtype, source, prepare, skip)
+    if not stream:
+        return _load_strict(model, weights, dtype, source, prepare)
+    files, _ = _component_files(source, "")
+    if any(f.suffix != ".safetensors" for f in files):
+        raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
+                                f"convert_weights.py.")
+    blocks = ("double_blocks.", "single_blocks.")
+    _load_strict(model, weights, dtype, source, prepare, skip=blocks)  # checks every key; the blocks stay unread
+    empty = {k: mx.zeros(v.shape, v.dtype) for k, v in tree_flatten(model.parameters()) if k.startswith(blocks)}
+    model.update(tree_unflatten(list(empty.items())))  # placeholders (never evaluated): nothing stays open
+    model.stream = _block_streamer(files, model, dtype, structure, prepare, empty)
+    return model
 
 
-def _block_streamer(source, model, dtype):
-    """stream(kind, i): block i's weights, freshly (and lazily) read from disk, cast and quantized exactly as
-    load_transformer does: nothing is read until they are evaluated, and nothing stays once dropped."""
+_BLOCK_KEY = re.compile(r"(?:.+\.)?(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+_BLOCK_KINDS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
+
+
+def _block_streamer(files, model, dtype, structure, prepare, empty):
+    """stream(kind, i) -> (block i's weights read from disk now, its placeholders). The files are indexed once:
+    a call reads only that block's tensors, each file opened and closed, then names, casts and quantizes them
+    as load_transformer does, through the same functions."""
+    index = {}  # (kind, i) -> {file: ({name: header entry}, data offset)}
+    for f in files:
+        tensors, start = _safetensors_header(f)
+        for name, entry in tensors.items():
+            if m := _BLOCK_KEY.match(name):
+                entries = index.setdefault((_BLOCK_KINDS.get(m[1], m[1]), int(m[2])), {})
+                entries.setdefault(f, ({}, start))[0][name] = entry
+    args = model.block_args
+
     def stream(kind, i):
+        weights = {}
+        for f, (tensors, start) in index[(kind, i)].items():
+            weights.update(_fp8_dequantized(_read_tensors(f, tensors, start), {k: t[1] for k, t in tensors.items()}))
         prefix = f"{kind}.{i}."
-        weights, _ = _transformer_weights(source)
-        w = _cast({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, dtype)
-        for name, m in getattr(model, kind)[i].named_modules():
-            if isinstance(m, nn.QuantizedLinear) and f"{name}.scales" not in w:  # quantize on load, as quantize()
-                q = mx.quantize(w[f"{name}.weight"], group_size=m.group_size, bits=m.bits, mode=m.mode)
-                w[f"{name}.weight"], w[f"{name}.scales"] = q[0], q[1]
-                if m.mode == "affine":
-                    w[f"{name}.biases"] = q[2]
-        return tree_unflatten(list(w.items()))
+        weights = {k[len(prefix):]: v for k, v in _tencent_names(weights).items() if k.startswith(prefix)}
+        block = (DoubleBlock if kind == "double_blocks" else SingleBlock)(*args)
+        if structure:
+            structure(block)
+        block.update(tree_unflatten(list(_cast(weights, dtype).items())))
+        if prepare:
+            prepare(block)
+        return block.parameters(), tree_unflatten([(k[len(prefix):], v) for k, v in empty.items()
+                                                   if k.startswith(prefix)])
     return stream
 
 
@@ -1371,7 +1515,7 @@ def save_text_encoder(model, folder, config):
     _save_component(folder, dict(tree_flatten(model.parameters())), {**config, **_quantization_record(model)})
 
 
-def load_vae(path, dtype=mx.bfloat16, **sizes):
+def load_vae(path, dtype=DEFAULT_DTYPES["vae"], **sizes):
     """The HunyuanVideo VAE from a diffusers vae/ folder, Tencent's vae/pytorch_model.pt or ComfyUI's
     hunyuan_video_vae_bf16.safetensors (all three use diffusers' key names). Keywords override sizes."""
     source = Path(path).expanduser()
@@ -1393,7 +1537,7 @@ def _hf_sizes(cls, config):
     return {k: config[k] for k in inspect.signature(cls).parameters if k in config and config[k] is not None}
 
 
-def load_text_encoder(path, dtype=mx.bfloat16, quantization=None):
+def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=None):
     """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel),
     or one written by convert_weights.py. The last two layers and the final norm do not reach
     hidden_states[-3]: they are left on disk. quantization: None, "int8", "int4" or "fp8"."""
@@ -1409,14 +1553,20 @@ def load_text_encoder(path, dtype=mx.bfloat16, quantization=None):
     structure, prepare = _quantized_loading(config, quantization, False, source)
     if structure:
         structure(model)
-    weights = _strip_prefix(weights)
-    used = len(model.layers)
-    weights = {k: v for k, v in weights.items() if k not in ("norm.weight", "lm_head.weight")
-               and not (k.startswith("layers.") and int(k.split(".")[1]) >= used)}
+    weights = {k: v for k, v in _strip_prefix(weights).items() if _llm_keeps(k, len(model.layers))}
     return _load_strict(model, weights, dtype, source, prepare)
 
 
-def load_clip_text_encoder(path, dtype=mx.bfloat16):
+def _llm_keeps(name, used):
+    """Whether the LLM's tensor `name` reaches hidden_states[-3]: not the layers from `used` on, the final norm
+    or the head."""
+    name = name.removeprefix("model.")
+    if name in ("norm.weight", "lm_head.weight"):
+        return False
+    return not (name.startswith("layers.") and int(name.split(".")[1]) >= used)
+
+
+def load_clip_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"]):
     """CLIP-L's text model from a diffusers text_encoder_2/ folder (transformers' CLIPTextModel)."""
     source = Path(path).expanduser()
     weights, config = _read_weights(source, "pass the text_encoder_2/ folder of a diffusers HunyuanVideo checkpoint")
@@ -1500,13 +1650,16 @@ def check_request(height, width, num_frames, num_inference_steps=1, prompt="x"):
 
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the names the CLI takes
 
 
-def _download(repo_id):
-    """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress)."""
+def _download(repo_id, weights=True):
+    """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress); without
+    the weights, only what the memory plan reads (configs, indexes, tokenizers): a few MB."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "scheduler/*"] + [f"{c}/*" for c in COMPONENTS]
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
+    patterns += [f"{c}/*" if weights else f"{c}/*.json" for c in COMPONENTS[:4]]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
@@ -1514,105 +1667,151 @@ def _download(repo_id):
                                 f"check the network and the hub id, or pass a local folder.") from None
 
 
+def _hub_tensor_info(repo_id, folder, component):
+    """{name: (shape, dtype)} of a hub component's safetensors, from their headers on the hub (no download)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        index = sorted((folder / component).glob("*.safetensors.index.json"))
+        files = sorted(set(json.loads(index[0].read_text())["weight_map"].values())) if index else \
+            [f.split("/", 1)[1] for f in api.list_repo_files(repo_id) if f.startswith(f"{component}/")
+             and f.endswith(".safetensors")]
+        info = {}
+        for f in files:
+            meta = api.parse_safetensors_file_metadata(repo_id, f"{component}/{f}")
+            info.update({k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()})
+    except Exception as e:
+        raise HunyuanVideoError(f"could not read the sizes of {repo_id}'s {component} from the hub ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160]}): check the network, or pass a local folder.") from None
+    return info
+
+
+def _dtypes(dtype=None, dtypes=None):
+    """Each component's dtype: the defaults, then dtype for all of them, then dtypes={component: dtype}."""
+    dtypes = dict(dtypes or {})
+    unknown = set(dtypes) - set(DEFAULT_DTYPES)
+    if unknown:
+        raise HunyuanVideoError(f"dtypes for {', '.join(sorted(unknown))}: the components are "
+                                f"{', '.join(DEFAULT_DTYPES)}.")
+    out = {**DEFAULT_DTYPES, **({c: dtype for c in DEFAULT_DTYPES} if dtype is not None else {}), **dtypes}
+    if any(d not in DTYPES.values() for d in out.values()):
+        raise HunyuanVideoError("a component's dtype must be mx.bfloat16, mx.float16 or mx.float32.")
+    return out
+
+
 class HunyuanVideoPipeline:
     """Prompt in, frames out, in phases that each load what they need and free it before the next: the text
-    encoders (the 16 GB LLM, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
-    self.stats holds each phase's seconds and peak memory (GB) of the last run."""
+    encoders (the LLM, 14 GB in fp16, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
+    self.stats holds each phase's seconds and peak memory (GiB) of the last run."""
 
-    def __init__(self, folder, dtype=mx.bfloat16, quantization=None, quantize_modulation=False, low_memory=False):
-        self.folder, self.dtype = Path(folder), dtype
+    def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None):
+        self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.stats = {}
-        if low_memory:
-            mx.set_cache_limit(0)  # give freed buffers back at once rather than keeping them for reuse
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=mx.bfloat16, quantization=None,
+    def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
                         quantize_modulation=False, low_memory=False):
-        """A local folder in the diffusers layout, or a hub id, downloaded on first use. quantization: None
-        (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory: no
-        buffer cache, activations evaluated block by block, the DiT's blocks streamed from disk (slower)."""
-        folder = Path(path_or_hub_id).expanduser()
+        """A local folder in the diffusers layout, or a hub id: its configs are fetched now, its weights (about
+        40 GB) when a phase first needs them, after the memory plan. dtype: one dtype for every component;
+        dtypes: {"transformer" | "vae" | "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization:
+        None (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory:
+        no buffer cache, the DiT's blocks streamed from disk (slower)."""
+        folder, hub = Path(path_or_hub_id).expanduser(), None
         if not folder.exists():
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
                 raise HunyuanVideoError(f"{folder} does not exist: pass a HunyuanVideo folder in the diffusers layout "
                                         f"or a hub id such as {DEFAULT_MODEL}.")
-            folder = _download(path_or_hub_id)
+            folder, hub = _download(path_or_hub_id, weights=False), path_or_hub_id
         missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
         if missing:
             raise HunyuanVideoError(f"{folder} lacks {', '.join(missing)}: pass a complete HunyuanVideo checkpoint "
                                     f"in the diffusers layout (or download it again).")
         if quantization not in (None, *QUANTIZATIONS):
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
-        return cls(folder, dtype, quantization, quantize_modulation, low_memory)
+        return cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub)
 
     def check_memory(self, height, width, num_frames):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit."""
         return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                            self.low_memory)
+                            self.low_memory, dtypes=self.dtypes, hub=self.hub)
 
-    @contextmanager
-    def _phase(self, name):
+    def download(self):
+        """Fetch a hub checkpoint's weights (once; the phases call this)."""
+        if self.hub:
+            self.folder, self.hub = _download(self.hub), None
+
+    def _phase(self, name, work):
+        """work() as one phase: timed, its peak recorded, and its memory given back before the next phase. The
+        phase's models are work()'s locals, gone once it returns, so the cache is cleared after that."""
+        self.download()
         mx.reset_peak_memory()
+        limit = mx.set_cache_limit(0) if self.low_memory else None  # give freed buffers back at once
         start = time.perf_counter()
         try:
-            yield
+            return work()
         finally:
-            gc.collect()  # what the phase loaded is garbage now: give its memory back before the next one
-            self.stats[name] = (time.perf_counter() - start, mx.get_peak_memory() / 2**30)
+            gc.collect()
+            self.stats[name] = (time.perf_counter() - start, mx.get_peak_memory() / GB)
+            if limit is not None:
+                mx.set_cache_limit(limit)
             mx.clear_cache()
 
     def encode_prompt(self, prompt):
         """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt."""
-        with self._phase("text encoders"):
+        def work():
             tokenizer = load_tokenizer(self.folder / "tokenizer")
             crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
-            llm = load_text_encoder(self.folder / "text_encoder", self.dtype, self.quantization)
+            llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization)
             states, mask = encode_llama(prompt, tokenizer, llm, crop_start=crop_start)
             mx.eval(states, mask)
-            del llm
+            del llm  # the LLM is gone before CLIP loads
             gc.collect()
-            clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtype)
+            mx.clear_cache()
+            clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
             pooled = encode_clip(prompt, load_tokenizer(self.folder / "tokenizer_2"), clip)
             mx.eval(pooled)
-        return states, mask, pooled
+            return states, mask, pooled
+        return self._phase("text encoders", work)
 
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels."""
-        with self._phase("denoise"):
-            model = load_transformer(self.folder / "transformer", self.dtype, self.quantization,
+        def work():
+            model = load_transformer(self.folder / "transformer", self.dtypes["transformer"], self.quantization,
                                      self.quantize_modulation, stream=self.low_memory)
-            model.eval_per_block = self.low_memory
             B = text_states.shape[0]
             shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
             if latents is None:
-                key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**32))
-                latents = mx.random.normal(shape, key=key)
+                x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
             elif tuple(latents.shape) != shape:
                 raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit {num_frames} frames of "
                                         f"{height} x {width}: pass latents of shape {shape}.")
-            x = latents.astype(mx.float32)
+            else:
+                x = latents.astype(mx.float32)
+            # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
             guidance = mx.full((B,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
-            text_states, pooled = text_states.astype(model.dtype), pooled.astype(model.dtype)
+            states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
             for i in range(num_inference_steps):
-                v = model(x.astype(model.dtype), timestep(sigmas[i], B), text_states, text_mask, pooled, guidance)
+                v = model(x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
                 if callback is not None and callback(i + 1, num_inference_steps, x) is False:
                     raise HunyuanVideoError(f"cancelled after step {i + 1} of {num_inference_steps}.")
-        return x
+            return x
+        return self._phase("denoise", work)
 
     def decode(self, latents, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
         """Latents (B, t, h, w, 16) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
         default (the reference's tiles); tile=None decodes in one piece."""
-        with self._phase("decode"):
-            vae = load_vae(self.folder / "vae", self.dtype)
+        def work():
+            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
             video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile=tile, stride=stride)
-            frames = (mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8)
-            frames = np.array(frames)
+            return np.array((mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8))
+        frames = self._phase("decode", work)
         return frames[0] if frames.shape[0] == 1 else frames
 
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
@@ -1716,38 +1915,44 @@ def build_tiny_checkpoint(folder, seed=0):
 # ---------------------------------------------------------------------------------------------------
 # Memory plan: know before loading anything whether the request fits
 # ---------------------------------------------------------------------------------------------------
-# Peak of a phase = its weights (counted exactly from the safetensors headers, at the precision asked) +
-# its activations (per token or per voxel, times a coefficient). The coefficients differ by backend. CPU:
-# measured with mx.get_peak_memory on this project's Linux machine (its GEMMs and convolutions keep float32
-# copies, and its attention keeps the scores). GPU (Metal, CUDA): counted from the tensors alive at once in a
-# single-stream block and in a VAE resnet at full resolution; they match diffusers' peaks on an H100 (13 GB
-# of DiT activations at 720x1280x129, 3.3 GB for a 16x256x256 VAE tile) and are to be confirmed there.
+# Peak of a phase = its weights (counted from the files' headers, at the precision and quantization asked)
+# + its activations, derived from the tensors this module's code has alive at once. MLX keeps an array
+# until the command buffer (GPU) or task (CPU) that uses it has run, so the code evaluates the DiT block by
+# block, the LLM layer by layer and the VAE tile by tile, and the count is everything one of those
+# allocates, per token (DiT, LLM) or per voxel of a tile (VAE), with the model's own widths. On the CPU
+# backend, MLX runs attention, the norms and the 3D convolutions as general kernels, which add attention
+# scores and float32 temporaries (sized below from their code and measured per op); the tests check the
+# whole estimate against measured peaks on tiny models of several widths. On a GPU (Metal, CUDA) the fused
+# kernels add nothing: those figures are derived, not yet measured on one.
 
-ACTIVATIONS = {"cpu": dict(per_token=60, scores=True, per_voxel=lambda c0: 18.5 * c0 * c0),
-               "gpu": dict(per_token=18, scores=False, per_voxel=lambda c0: 12 * c0)}
 GB = 2 ** 30
 
 
-def _tensor_shapes(folder):
-    """{name: (shape, safetensors dtype)} from the headers of a component folder, read without loading."""
-    shapes = {}
-    for f in Path(folder).glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        shapes.update({k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"})
-    return shapes
+def _tensor_info(files):
+    """{name: (shape, safetensors dtype)} of weight files, read without their data (headers; a .pt is mapped)."""
+    info = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            info.update({k: (shape, dtype) for k, (shape, dtype, _) in _safetensors_header(f)[0].items()})
+        else:
+            torch = _torch()
+            names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+                     torch.float8_e5m2: "F8_E5M2"}
+            info.update({k: (tuple(v.shape), names.get(v.dtype, "F32")) for k, v in _load_pt(f).items()})
+    return info
 
 
-def _weights_bytes(folder, quantization=None, modulation=False, dit=True, keep=lambda name: True):
-    """Bytes of a component's weights once loaded: bf16 floats, quantized layers as MLX stores them."""
+def _weights_bytes(info, quantization=None, modulation=False, dit=True, itemsize=2, keep=lambda name: True):
+    """Bytes of a component's weights once loaded: floats (fp8 dequantized too) at itemsize, the layers that
+    quantization affects as MLX stores them, a converted checkpoint's quantized data as stored."""
     spec = QUANTIZATIONS.get(quantization)
     modulation_names = ("norm1.linear", "norm1_context.linear", "norm.linear", "_mod.linear", "modulation.linear")
     total = 0
-    for name, (shape, dtype) in _tensor_shapes(folder).items():
-        if not keep(name):
+    for name, (shape, dtype) in info.items():
+        if not keep(name) or name.endswith(_FP8_SCALES + _FP8_UNUSED):
             continue
         n = math.prod(shape)
-        if dtype not in ("BF16", "F16", "F32"):  # already quantized (a converted checkpoint): as stored
+        if dtype not in ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"):  # quantized data: as stored
             total += n * {"U32": 4, "I32": 4, "U16": 2}.get(dtype, 1)
             continue
         in_block = not dit or name.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.",
@@ -1756,10 +1961,104 @@ def _weights_bytes(folder, quantization=None, modulation=False, dit=True, keep=l
                 and in_block and "embed" not in name and (modulation or not name.removesuffix(".weight")
                                                           .endswith(modulation_names))):
             groups = n // spec["group_size"]
-            total += n * spec["bits"] // 8 + (groups * 4 if spec["mode"] == "affine" else groups)
+            total += n * spec["bits"] // 8 + groups * (2 * itemsize if spec["mode"] == "affine" else 1)
         else:
-            total += n * 2  # floats load as bf16
+            total += n * itemsize
     return total
+
+
+def _cpu_norm_temporaries(elements, itemsize, rms=False):
+    """Bytes MLX's CPU layer_norm (or rms_norm) allocates besides its output: float32 copies of the input, 2
+    for layer_norm (1 for rms_norm), 2 more when the input must be converted to float32 first."""
+    return elements * 4 * ((1 if rms else 2) + (0 if itemsize == 4 else 2))
+
+
+def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
+    """What attention allocates besides its output: on the CPU, the scores (heads x queries x keys) and one more
+    (queries, width); nothing on a GPU, whose fused kernel keeps them on chip."""
+    return (heads * queries * keys + queries * width) * itemsize if cpu else 0
+
+
+def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu):
+    """Peak activation bytes of one DiT forward. Per token, in elements:
+      single block: its input and the [video ; text] concatenation it starts from (2D), the modulated input
+        (D), linear1's [q|k|v|mlp] (3D + M), q and k after RMSNorm (2D) and after RoPE (2D), the attention
+        output and its (N, D) copy (2D), GELU of the MLP (M), [attention | MLP] (D + M), linear2 and the
+        gated residual (2D): 15D + 3M;
+      double block, per video token: its input (D), modulated (D), q|k|v (3D), q and k normed (2D) and
+        rotated (2D), the joint [video ; text] q, k, v (3D), the attention output and its copy (2D), output
+        projection, residual, modulated (3D), fc1 and GELU (2M), fc2 and residual (2D): 19D + 2M;
+      token refiner, per text token: its input (text_dim), projected (D), normed (D), q|k|v (3D), attention
+        output and copy (2D), projection and residual (2D), normed (D), fc1 and SiLU (2M), fc2 and residual
+        (2D): 12D + 2M + text_dim.
+    CPU: attention scores, and the norms' float32 temporaries (2 norms of (N, D) in a block at once)."""
+    b = itemsize
+    single = tokens * (15 * D + 3 * mlp) * b + _attention_bytes(heads, tokens, tokens, D, b, cpu)
+    double = tokens * (19 * D + 2 * mlp) * b + _attention_bytes(heads, tokens, tokens, D, b, cpu)
+    refiner = text * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, text, text, D, b, cpu)
+    if cpu:
+        single += _cpu_norm_temporaries(tokens * D, b) + 2 * _cpu_norm_temporaries(tokens * D, b, rms=True)
+        double += _cpu_norm_temporaries(tokens * D, b) + 2 * _cpu_norm_temporaries(tokens * D, b, rms=True)
+        refiner += _cpu_norm_temporaries(text * D, b)
+    # held throughout: the RoPE table, the text states (as encoded and cast), the latents and velocity
+    held = tokens * (D // heads) * 4 + text * text_dim * 2 * b + video_tokens * 64 * (8 + b)
+    return max(single, double, refiner) + held
+
+
+def _llm_activations(tokens, W, I, heads, kv_heads, itemsize, cpu):
+    """Peak activation bytes of the LLM (width W, MLP width I) over `tokens` tokens, one layer at a time. Per
+    token, in elements: the layer's input, normed, q, its RoPE, attention output and copy, o_proj, residual,
+    normed, down_proj and residual (11W), k, v and k's RoPE (3 x kv width), gate, up, SiLU and product (4I).
+    CPU: the attention scores (with k and v repeated to all heads) and two rms_norm temporaries. CLIP, counted
+    the same way, is far below this bound."""
+    kv = W // heads * kv_heads
+    b = itemsize
+    act = tokens * (11 * W + 3 * kv + 4 * I) * b + _attention_bytes(heads, tokens, tokens, W, b, cpu)
+    if cpu:
+        act += tokens * 2 * W * b * (heads // kv_heads > 1) + 2 * _cpu_norm_temporaries(tokens * W, b, rms=True)
+    return act
+
+
+def _vae_activations(frames, height, width, tile, cfg, itemsize, cpu):
+    """Peak activation bytes of a tiled decode. The largest tensors live at full resolution, in the upsampler
+    into it (c1 = block_out[1] channels) and the first resnet of the last level (c0 = block_out[0]). Per voxel
+    of a tile, in elements: nearest upsampling, its padded copy, the convolution (3 c1); norm, SiLU, padded
+    copy (3 c1); conv1, norm, SiLU, padded copy, conv2, shortcut, sum (7 c0). CPU: each 3x3x3 convolution
+    unfolds its input into 27 columns per channel and output voxel, in float32, beside float32 copies of its
+    padded input (6 at most, measured per op), and two such convolutions are alive at once; the norms keep
+    float32 temporaries. Then the decoded video: the tiles, the blended rows and the whole clip in the VAE's
+    dtype, its float32 and uint8 conversions."""
+    chans = list(cfg.get("block_out_channels", (128, 256, 512, 512)))
+    c0, c1 = chans[0], chans[1] if len(chans) > 1 else chans[0]
+    ft, fh, fw = tile or (frames - 1, height, width)
+    t, h, w = min(ft, frames - 1) + 1, min(fh, height), min(fw, width)  # one tile's output
+    voxels, padded = t * h * w, (t + 2) * (h + 2) * (w + 2)
+    b = itemsize
+    act = (3 * c1 + 3 * c1 + 7 * c0) * voxels * b + (2 * c1 + 2 * c0) * (padded - voxels) * b
+    if cpu:
+        act += 2 * c1 * (27 * voxels + 6 * padded) * 4 + 2 * _cpu_norm_temporaries(voxels * c1, b)
+    video = frames * height * width * 3
+    return act + video * (3 * b + 4 + 1)
+
+
+def _components(folder, hub=None):
+    """{component: (tensor info, config)} of a checkpoint in the diffusers layout, from its files' headers, or
+    for a hub checkpoint whose weights are not downloaded yet, from the hub's safetensors metadata."""
+    out = {}
+    for c in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        try:
+            files, config = _component_files(folder / c, "download the checkpoint again")
+            out[c] = (_tensor_info(files), config)
+        except HunyuanVideoError:
+            if hub is None:
+                raise
+            out[c] = (_hub_tensor_info(hub, folder, c), json.loads((folder / c / "config.json").read_text()))
+    return out
+
+
+def _sizes_of(cls, config):
+    """A model's constructor keywords as its config.json gives them, its defaults (the real model's) otherwise."""
+    return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **_hf_sizes(cls, config)}
 
 
 def _backend():
@@ -1767,40 +2066,42 @@ def _backend():
 
 
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
-                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None):
+                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None):
     """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
-    low_memory: the DiT's blocks are streamed from disk, so about two of them are in memory at once."""
-    folder, act = Path(folder), ACTIVATIONS[backend or _backend()]
-    dit_cfg = json.loads((folder / "transformer" / "config.json").read_text())
-    llm_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    used = llm_cfg["num_hidden_layers"] - 2
-    llm = _weights_bytes(folder / "text_encoder", quantization, dit=False,
-                         keep=lambda k: not (k.startswith("layers.") and int(k.split(".")[1]) >= used))
-    clip = _weights_bytes(folder / "text_encoder_2")
-    width_llm, heads_llm = llm_cfg["hidden_size"], llm_cfg["num_attention_heads"]
-    L = TEXT_LENGTH + CROP_START
-    text = max(llm + act["per_token"] * L * width_llm * 2 + act["scores"] * heads_llm * L * L * 2, clip)
+    dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
+    two of them are in memory at once. hub: the hub id, to read the headers there before a download."""
+    folder, cpu = Path(folder), (backend or _backend()) == "cpu"
+    size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
+    parts = _components(folder, hub)
 
-    heads = dit_cfg.get("num_attention_heads", 24)
-    D = heads * dit_cfg.get("attention_head_dim", 128)
-    t = (num_frames - 1) // 4 + 1
-    N = t * (height // 16) * (width // 16) + TEXT_LENGTH
-    blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
-    first = ("double_blocks.0.", "transformer_blocks.0.")
-    dit = _weights_bytes(folder / "transformer", quantization, modulation)
-    if low_memory:  # the blocks stay on disk but for the one running and the one just dropped
-        dit = min(dit, _weights_bytes(folder / "transformer", quantization, modulation,
-                                      keep=lambda k: not k.startswith(blocks))
-                  + 2 * _weights_bytes(folder / "transformer", quantization, modulation,
-                                       keep=lambda k: k.startswith(first)))
-    denoise = dit + act["per_token"] * N * D * 2 + act["scores"] * heads * N * N * 2
+    llm_info, llm_cfg = parts["text_encoder"]
+    llm = _sizes_of(LlamaTextEncoder, llm_cfg)
+    weights = _weights_bytes(llm_info, quantization, dit=False, itemsize=size["text_encoders"],
+                             keep=lambda k: _llm_keeps(k, llm["num_hidden_layers"] - llm["skip_layers"]))
+    text = weights + _llm_activations(TEXT_LENGTH + CROP_START, llm["hidden_size"], llm["intermediate_size"],
+                                      llm["num_attention_heads"], llm["num_key_value_heads"], size["text_encoders"], cpu)
+    clip_info, clip_cfg = parts["text_encoder_2"]
+    clip = _sizes_of(CLIPTextEncoder, clip_cfg.get("text_config", clip_cfg))
+    text = max(text, _weights_bytes(clip_info, dit=False, itemsize=size["text_encoders"]) + _llm_activations(
+        CLIP_LENGTH, clip["hidden_size"], clip["intermediate_size"], clip["num_attention_heads"],
+        clip["num_attention_heads"], size["text_encoders"], cpu))
 
-    c0 = vae_cfg.get("block_out_channels", [128])[0]
-    ft, fh, fw = tile or (num_frames - 1, height, width)
-    voxels = (min(ft, num_frames - 1) + 1) * min(fh, height) * min(fw, width)
-    video = num_frames * height * width * 3
-    decode = _weights_bytes(folder / "vae") + act["per_voxel"](c0) * voxels * 2 + video * 7  # bf16, f32, uint8
+    dit_info, dit_cfg = parts["transformer"]
+    sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg)
+    heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
+    video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    weigh = lambda **kw: _weights_bytes(dit_info, quantization, modulation, itemsize=size["transformer"], **kw)  # noqa: E731
+    dit = weigh()
+    if low_memory:  # the blocks stay on disk but for the one running (and its float copy while quantizing)
+        blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+        first = ("double_blocks.0.", "transformer_blocks.0.")
+        dit = min(dit, weigh(keep=lambda k: not k.startswith(blocks)) + 2 * weigh(keep=lambda k: k.startswith(first)))
+    denoise = dit + _dit_activations(video + TEXT_LENGTH, TEXT_LENGTH, video, D, heads, int(D * sizes["mlp_ratio"]),
+                                     sizes["text_embed_dim"], size["transformer"], cpu)
+
+    vae_info, vae_cfg = parts["vae"]
+    decode = _weights_bytes(vae_info, itemsize=size["vae"], dit=False) + _vae_activations(
+        num_frames, height, width, tile, vae_cfg, size["vae"], cpu)
     return {"text encoders": text, "denoise": denoise, "decode": decode}
 
 
@@ -1809,7 +2110,15 @@ def available_memory():
     other work), else on a Mac the GPU's recommended working set, on an NVIDIA GPU its memory, elsewhere the
     memory the OS reports available."""
     if os.environ.get("HUNYUAN_APPLE_MEMORY_GB"):
-        return int(float(os.environ["HUNYUAN_APPLE_MEMORY_GB"]) * GB)
+        value = os.environ["HUNYUAN_APPLE_MEMORY_GB"]
+        try:
+            gb = float(value)
+        except ValueError:
+            gb = -1
+        if not 0 < gb < math.inf:
+            raise HunyuanVideoError(f"HUNYUAN_APPLE_MEMORY_GB={value!r}: set it to the GiB a generation may use, "
+                                    f"such as 24, or unset it.")
+        return int(gb * GB)
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if info.get(key):
@@ -1821,34 +2130,43 @@ def available_memory():
 
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
-                 budget=None):
+                 budget=None, dtypes=None, hub=None):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
-    would fit; return the estimate otherwise. Nothing is loaded."""
+    would fit: the fewest changes that do (a quantization, --low-memory, a smaller size, fewer frames), together
+    where no single one is enough; return the estimate otherwise. Nothing is loaded."""
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
-                   modulation=modulation, low_memory=low_memory)
+                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub)
     est = estimate_memory(folder, **request)
     phase = max(est, key=est.get)
     if est[phase] <= 0.9 * budget:
         return est
 
-    def fits(**change):
+    def fits(change):
         return max(estimate_memory(folder, **{**request, **change}).values()) <= 0.9 * budget
 
+    bits = QUANTIZATIONS.get(quantization, {"bits": 16})["bits"]
+    levers = [(f"--quantization {q}", dict(quantization=q)) for q in ("int8", "int4") if QUANTIZATIONS[q]["bits"] < bits]
+    if not low_memory:
+        levers.append(("--low-memory", dict(low_memory=True)))
+    if height * width > 544 * 960:
+        levers.append(("--resolution 544 960", dict(height=544, width=960)))
     options = []
-    for q in ("int8", "int4"):
-        if q != quantization and QUANTIZATIONS[q]["bits"] < QUANTIZATIONS.get(quantization, {"bits": 16})["bits"] \
-                and fits(quantization=q):
-            options.append(f"--quantization {q}")
+    for n in range(len(levers) + 1):
+        for combo in itertools.combinations(levers, n):
+            flags = [flag for flag, _ in combo]
+            if sum(f.startswith("--quantization") for f in flags) > 1:
+                continue
+            change = {k: v for _, c in combo for k, v in c.items()}
+            if n and fits(change):
+                options.append(" ".join(flags))
+            else:
+                frames = next((f for f in range(num_frames - 4, 0, -4) if fits({**change, "num_frames": f})), None)
+                if frames:
+                    options.append(" ".join(flags + [f"--frames {frames}"]))
+        if options:
             break
-    frames = next((f for f in range(num_frames - 4, 0, -4) if fits(num_frames=f)), None)
-    if frames:
-        options.append(f"--frames {frames}")
-    if (height, width) != (544, 960) and height * width > 544 * 960 and fits(height=544, width=960):
-        options.append("--resolution 544 960")
-    if not low_memory and fits(low_memory=True):
-        options.append("--low-memory")
     raise HunyuanVideoError(
-        f"this request needs about {est[phase] / GB:.1f} GB at its peak ({phase}) and this machine can give "
-        f"{budget / GB:.1f} GB: try {' or '.join(options) if options else 'a smaller request'}, or --force to run "
-        f"it anyway.")
+        f"this request needs about {est[phase] / GB:.1f} GiB at its peak ({phase}) and this machine can give "
+        f"{budget / GB:.1f} GiB: try {' or '.join(options[:3]) if options else 'a smaller request'}, or --force to "
+        f"run it anyway.")

@@ -115,7 +115,7 @@ def bench_reference(cfg, sizes, repeat):
 
 
 def timed(fn):
-    """(result, seconds, peak GB) of fn(), evaluated, from a clean cache."""
+    """(result, seconds, peak GiB) of fn(), evaluated, from a clean cache."""
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -125,10 +125,10 @@ def timed(fn):
     return out, time.perf_counter() - t0, mx.get_peak_memory() / 2**30
 
 
-def random_model(cls, quantization=None, **kw):
-    """A model with random bf16 weights, materialized layer by layer (so never in float32 at once)."""
+def random_model(cls, quantization=None, dtype=mx.bfloat16, **kw):
+    """A model with random weights in dtype, materialized layer by layer (so never in float32 at once)."""
     model = cls(**kw)
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(dtype)
     if quantization:
         H.quantize(model, quantization)
     for _, p in tree_flatten(model.parameters()):
@@ -142,7 +142,7 @@ def bench_phases(args, sizes):
     llm_kw = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2) if args.tiny else {}
     vae_kw = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
-    print(f"{'precision':>9} {'size':>14} {'phase':>14} {'seconds':>9} {'peak GB':>8}")
+    print(f"{'precision':>9} {'size':>14} {'phase':>14} {'seconds':>9} {'peak GiB':>8}")
     for q in args.quantizations:
         quant = None if q == "bf16" else q
         for s in sizes:
@@ -154,7 +154,8 @@ def bench_phases(args, sizes):
                 rows = [(name, sec / (args.steps if name == "denoise" else 1), peak)
                         for name, (sec, peak) in pipe.stats.items()]
             else:
-                llm, sec, peak = timed(lambda: random_model(H.LlamaTextEncoder, quant, **llm_kw))
+                llm, sec, peak = timed(lambda: random_model(H.LlamaTextEncoder, quant,
+                                                            H.DEFAULT_DTYPES["text_encoders"], **llm_kw))
                 ids = mx.random.randint(0, llm.embed_tokens.weight.shape[0], (1, H.TEXT_LENGTH + H.CROP_START))
                 _, sec2, peak2 = timed(lambda: llm(ids))
                 rows.append(("text encoder", sec2, max(peak, peak2)))
@@ -165,8 +166,8 @@ def bench_phases(args, sizes):
                 _, sec, peak2 = timed(lambda: dit(*a))
                 rows.append(("denoise step", sec, max(peak, peak2)))
                 del dit
-                vae = random_model(H.HunyuanVideoVAE, **vae_kw)
-                z = mx.random.normal(a[0].shape).astype(mx.bfloat16)
+                vae = random_model(H.HunyuanVideoVAE, dtype=H.DEFAULT_DTYPES["vae"], **vae_kw)
+                z = mx.random.normal(a[0].shape).astype(vae.dtype)
                 _, sec, peak = timed(lambda: vae.decode(z, H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))
                 rows.append(("decode", sec, peak))
                 del vae
@@ -186,7 +187,8 @@ def header_only_checkpoint(folder):
         (d / "config.json").write_text(json.dumps(config))
     llm = dict(tree_flatten(H.LlamaTextEncoder(skip_layers=0).parameters()))
     write("text_encoder", {**llm, "norm.weight": mx.zeros((4096,))},
-          dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32))
+          dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+               num_attention_heads=32, num_key_value_heads=8))
     write("text_encoder_2", dict(tree_flatten(H.CLIPTextEncoder().parameters())), {})
     write("transformer", dict(tree_flatten(H.HunyuanVideoTransformer().parameters())), {})
     write("vae", dict(tree_flatten(H.HunyuanVideoVAE().parameters())), {"block_out_channels": [128, 256, 512, 512]})
@@ -259,7 +261,7 @@ def bench_vae(args, sizes):
     ref = AutoencoderKLHunyuanVideo(**cfg).to(dev, torch.float16).eval()
     ref.enable_tiling()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    print(f"{'size':>14} {'ours s':>8} {'peak GB':>8} {'diffusers s':>12} {'peak GB':>8}   (diffusers fp16 on {dev})")
+    print(f"{'size':>14} {'ours s':>8} {'peak GiB':>8} {'diffusers s':>12} {'peak GiB':>8}   (diffusers fp16 on {dev})")
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         ours = H.load_vae(tmp)
@@ -321,9 +323,9 @@ def main(argv=None):
     print(f"{'tiny' if args.tiny else 'full-size'} DiT, bf16, random weights, mean of {args.repeat}")
     ours = bench_ours(cfg, sizes, args.repeat)
     ref, dev = bench_reference(cfg, sizes, args.repeat) if args.reference else ({}, None)
-    head = f"{'size':>14} {'tokens':>8} {'PFLOP':>7} {'ours s':>8} {'TFLOP/s':>8} {'peak GB':>8}"
+    head = f"{'size':>14} {'tokens':>8} {'PFLOP':>7} {'ours s':>8} {'TFLOP/s':>8} {'peak GiB':>8}"
     if ref:
-        head += f" {'diffusers s':>12} {'TFLOP/s':>8} {'peak GB':>8} {'ratio':>6}   (diffusers on {dev})"
+        head += f" {'diffusers s':>12} {'TFLOP/s':>8} {'peak GiB':>8} {'ratio':>6}   (diffusers on {dev})"
     print(head)
     for s in sizes:
         n = tokens(*parse_size(s))

@@ -30,7 +30,8 @@ COPIED = ("text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler", "mod
 
 
 def convert_transformer(src, out, args):
-    model = H.load_transformer(src, DTYPES[args.dtype], args.quantization, args.quantize_modulation)
+    model = H.load_transformer(src, DTYPES.get(args.dtype, H.DEFAULT_DTYPES["transformer"]), args.quantization,
+                               args.quantize_modulation)
     H.save_transformer(model, out)
 
 
@@ -40,11 +41,12 @@ def convert(args, out):
                                                             and any(src.glob("*.pt"))):
         return convert_transformer(src, out, args)  # a transformer alone
     folder = H.HunyuanVideoPipeline.from_pretrained(args.model).folder  # checks, or downloads, the whole
-    print(f"transformer ({args.quantization or args.dtype})", file=sys.stderr)
+    print(f"transformer ({args.quantization or args.dtype or 'bf16'})", file=sys.stderr)
     convert_transformer(Path(args.transformer).expanduser() if args.transformer else folder / "transformer",
                         out / "transformer", args)
-    print(f"text_encoder ({args.quantization or args.dtype})", file=sys.stderr)
-    llm = H.load_text_encoder(folder / "text_encoder", DTYPES[args.dtype], args.quantization)
+    print(f"text_encoder ({args.quantization or args.dtype or 'fp16'})", file=sys.stderr)
+    llm = H.load_text_encoder(folder / "text_encoder", DTYPES.get(args.dtype, H.DEFAULT_DTYPES["text_encoders"]),
+                              args.quantization)
     config = json.loads((folder / "text_encoder" / "config.json").read_text())
     H.save_text_encoder(llm, out / "text_encoder", config)
     del llm
@@ -62,7 +64,8 @@ def main(argv=None):
     ap.add_argument("--output", required=True, help="the folder to create")
     ap.add_argument("--quantization", choices=list(H.QUANTIZATIONS), help="quantize the DiT's blocks and the LLM")
     ap.add_argument("--quantize-modulation", action="store_true", help="also quantize the DiT's adaLN modulation")
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="for what is not quantized")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="for what is not quantized (default: each part's own, "
+                    "the DiT bfloat16, the text encoder float16, as the pipeline runs them)")
     args = ap.parse_args(argv)
     out = Path(args.output).expanduser()
     tmp = out.with_name(out.name + ".partial")
@@ -77,7 +80,8 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({args.quantization or args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out} ({args.quantization or args.dtype or 'each part in its own dtype'}) in "
+          f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -30,7 +30,9 @@ QUANTIZE_BITS = {8: "int8", 4: "int4"}
 # --model tiny runs in seconds at this size unless the flags say otherwise (its videos are noise anyway)
 TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
 SETTINGS = ("prompt", "seed", "steps", "guidance", "shift", "height", "width", "frames", "model", "quantization",
-            "quantize_modulation", "fps")
+            "quantize_modulation", "dit_dtype", "vae_dtype", "text_dtype", "fps")
+COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
+DEFAULT_DTYPES = {k: {v: n for n, v in H.DTYPES.items()}[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}
 
 
 def cache_dir():
@@ -59,6 +61,9 @@ def parse_args(argv):
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
     ap.add_argument("--quantize-modulation", action="store_true",
                     help="also quantize the DiT's adaLN modulation (3.4B parameters; saves memory, may cost quality)")
+    for flag, what in (("dit", "the DiT"), ("vae", "the VAE"), ("text", "the text encoders")):
+        default = DEFAULT_DTYPES[f"{flag}_dtype"]
+        ap.add_argument(f"--{flag}-dtype", choices=list(H.DTYPES), help=f"precision of {what} (default {default})")
     ap.add_argument("--low-memory", action="store_true",
                     help="trade speed for memory: no buffer cache, the DiT's blocks read from disk as they run")
     ap.add_argument("--force", action="store_true", help="run even if the memory plan says it will not fit")
@@ -112,7 +117,7 @@ def resolve(ap, args):
     for key, value in (("prompt", args.prompt), ("seed", args.seed), ("steps", args.steps), ("guidance", args.guidance),
                        ("shift", args.shift), ("frames", args.frames), ("model", args.model),
                        ("quantization", quantization), ("quantize_modulation", args.quantize_modulation),
-                       ("fps", args.fps)):
+                       ("fps", args.fps), *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
         flag = {"quantization": "quantize"}.get(key, key)
         if key not in s or key in given or flag in given:
             s[key] = value
@@ -172,7 +177,9 @@ def write_extras(frames, path, args, settings):
         folder = Path(args.frames_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(folder / f"frame_{i:04d}.png")
+            tmp = folder / f".frame_{i:04d}.partial.png"
+            Image.fromarray(frame).save(tmp)
+            tmp.replace(folder / f"frame_{i:04d}.png")
         written.append(folder)
     if args.gif:
         gif = path.with_suffix(".gif")
@@ -197,7 +204,7 @@ def progress(t0):
 def report(pipe, files, seconds):
     print("done in {:.1f} s".format(seconds))
     for name, (sec, peak) in pipe.stats.items():
-        print(f"  {name:<14} {sec:8.1f} s   peak {peak:6.2f} GB")
+        print(f"  {name:<14} {sec:8.1f} s   peak {peak:6.2f} GiB")
     for f in files:
         print(f"  wrote {f}")
 
@@ -210,7 +217,8 @@ def load_pipeline(settings, low_memory=False):
             print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
             H.build_tiny_checkpoint(folder)
         model = folder
-    return H.HunyuanVideoPipeline.from_pretrained(model, quantization=settings.get("quantization"),
+    dtypes = {c: H.DTYPES[settings.get(k) or DEFAULT_DTYPES[k]] for k, c in COMPONENT.items()}
+    return H.HunyuanVideoPipeline.from_pretrained(model, dtypes=dtypes, quantization=settings.get("quantization"),
                                                   quantize_modulation=settings.get("quantize_modulation", False),
                                                   low_memory=low_memory)
 
@@ -226,6 +234,8 @@ def decode_saved(args):
                                   f"file a run left behind.") from None
     out = Path(args.output or path.with_name(path.name.replace(".latents.safetensors", ".mp4")))
     check_writable(out, args.overwrite)
+    if args.vae_dtype:  # the one setting of the run that decoding uses and the user may change
+        settings["vae_dtype"] = args.vae_dtype
     pipe = load_pipeline(settings, args.low_memory)
     return pipe, out, settings, latents
 
@@ -234,7 +244,7 @@ def main(argv=None):
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     ap, args = parse_args(argv)
     t0 = time.perf_counter()
-    latents_file = None
+    latents_file, phase = None, "loading"
     try:
         if args.decode_latents:
             pipe, out, settings, latents = decode_saved(args)
@@ -251,15 +261,20 @@ def main(argv=None):
             pipe = load_pipeline(settings, args.low_memory)
             if not args.force:  # before any weights load
                 est = pipe.check_memory(settings["height"], settings["width"], settings["frames"])
-                print("memory plan: " + ", ".join(f"{k} {v / H.GB:.1f} GB" for k, v in est.items()), file=sys.stderr)
+                print("memory plan: " + ", ".join(f"{k} {v / H.GB:.1f} GiB" for k, v in est.items()), file=sys.stderr)
+            phase = "encoding the prompt"
             states, mask, pooled = pipe.encode_prompt(settings["prompt"])
             start = [time.perf_counter()]
+            phase = "denoising"
             latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],
                                    settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
                                    callback=progress(start))
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = out.with_name(out.stem + ".latents.safetensors")
-            mx.save_safetensors(str(latents_file), {"latents": latents}, metadata={"settings": json.dumps(settings)})
+            tmp = out.with_name(f".{out.stem}.latents.partial.safetensors")
+            mx.save_safetensors(str(tmp), {"latents": latents}, metadata={"settings": json.dumps(settings)})
+            tmp.replace(latents_file)
+        phase = "decoding"
         frames = pipe.decode(latents)
         write_video(frames, out, settings, settings["fps"])
         files = [out] + write_extras(frames, out, args, settings)
@@ -269,8 +284,15 @@ def main(argv=None):
         return fail(f"error: {e}", latents_file)
     except KeyboardInterrupt:
         return fail("interrupted.", latents_file, 130)
-    except MemoryError:
-        return fail("error: not enough memory: try fewer --frames or a smaller --resolution.", latents_file)
+    except (MemoryError, RuntimeError) as e:  # MLX reports an allocation that failed as a RuntimeError
+        if not isinstance(e, MemoryError) and not re.search(r"alloc|memory", str(e), re.I):
+            if latents_file is None:
+                raise
+            return fail(f"error: {type(e).__name__}: {e}", latents_file)
+        return fail(f"error: ran out of memory while {phase} ({str(e).splitlines()[0][:120] or 'MemoryError'}): "
+                    f"try --low-memory, --quantization int8, fewer --frames or a smaller --resolution; close other "
+                    f"programs, or set HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the "
+                    f"memory plan refuses what will not fit.", latents_file)
     except Exception as e:  # after denoising, never lose the latents to an unexpected failure
         if latents_file is None:
             raise

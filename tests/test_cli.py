@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import imageio.v2 as iio
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -46,8 +47,8 @@ def test_generate_writes_what_it_says(env, tmp_path):
     settings = json.loads((tmp_path / "v/cat.json").read_text())
     assert settings | {"version": None} == {"prompt": "a cat walks on the grass", "seed": 3, "steps": 2, "guidance": 6.0,
                                             "shift": 7.0, "height": 48, "width": 64, "frames": 9, "model": "tiny",
-                                            "quantization": None, "quantize_modulation": False, "fps": 24,
-                                            "version": None}
+                                            "quantization": None, "quantize_modulation": False, "dit_dtype": "bf16",
+                                            "vae_dtype": "fp16", "text_dtype": "fp16", "fps": 24, "version": None}
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
     for phase in ("text encoders", "denoise", "decode"):
         assert phase in r.stdout
@@ -118,3 +119,59 @@ def test_tiny_demo_is_small_unless_told():
     ap, a = cli.parse_args(["--prompt", "x", "--model", "tiny", "--frames", "5", "--aspect-ratio", "1:1"])
     s = cli.resolve(ap, a)
     assert (s["height"], s["width"], s["frames"], s["steps"]) == (720, 720, 5, 8)
+
+
+@pytest.mark.parametrize("where, doing", [("denoise", "denoising"), ("decode", "decoding")])
+def test_out_of_memory_is_one_sentence_and_keeps_the_latents(env, tmp_path, monkeypatch, capsys, where, doing):
+    """MLX reports a failed allocation as a RuntimeError: the CLI says what ran out and what to try, exits 2,
+    and keeps the denoised latents when it happens while decoding."""
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    monkeypatch.chdir(tmp_path)
+
+    def oom(*a, **k):
+        raise RuntimeError("[metal::malloc] Attempting to allocate 68719476736 bytes which is greater than the "
+                           "maximum allowed buffer size of 28991029248 bytes.")
+    monkeypatch.setattr(H.HunyuanVideoPipeline, where, oom)
+    assert cli.main(["--prompt", "a fox", *SMALL, "--output", "fox.mp4"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: ran out of memory while {doing} ([metal::malloc] Attempting to allocate" in err
+    assert "--low-memory" in err and "Traceback" not in err
+    assert (tmp_path / "fox.latents.safetensors").exists() == (where == "decode")
+    assert not (tmp_path / "fox.mp4").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_latents_and_frames_are_written_under_temporary_names(env, tmp_path, monkeypatch):
+    """The latents file and every PNG frame appear under their names only once complete."""
+    import PIL.Image
+
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    monkeypatch.chdir(tmp_path)
+    written = []
+    save_latents, save_png = mx.save_safetensors, PIL.Image.Image.save
+    monkeypatch.setattr(mx, "save_safetensors", lambda f, *a, **k: written.append(Path(f)) or save_latents(f, *a, **k))
+    monkeypatch.setattr(PIL.Image.Image, "save", lambda self, f, *a, **k: written.append(Path(f)) or
+                        save_png(self, f, *a, **k))
+    assert cli.main(["--prompt", "a fox", *SMALL, "--output", "fox.mp4", "--frames-dir", "png"]) == 0
+    assert written and all(f.name.startswith(".") and ".partial" in f.name for f in written), written
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"frame_{i:04d}.png" for i in range(9)]
+
+
+def test_precision_flags_are_used_and_saved(env, tmp_path, monkeypatch):
+    """--dit-dtype, --vae-dtype and --text-dtype reach the pipeline and the settings (so --from-metadata repeats
+    them); --decode-latents takes a new --vae-dtype."""
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real = H.HunyuanVideoPipeline.from_pretrained
+    monkeypatch.setattr(H.HunyuanVideoPipeline, "from_pretrained",
+                        lambda *a, **k: seen.append(k["dtypes"]) or real(*a, **k))
+    real_decode = H.HunyuanVideoPipeline.decode
+    monkeypatch.setattr(H.HunyuanVideoPipeline, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert cli.main(["--prompt", "a fox", *SMALL, "--output", "fox.mp4", "--dit-dtype", "fp32", "--text-dtype",
+                     "bf16"]) == 2
+    assert seen[-1] == {"transformer": mx.float32, "vae": mx.float16, "text_encoders": mx.bfloat16}
+    monkeypatch.setattr(H.HunyuanVideoPipeline, "decode", real_decode)
+    assert cli.main(["--decode-latents", "fox.latents.safetensors", "--vae-dtype", "fp32"]) == 0
+    assert seen[-1] == {"transformer": mx.float32, "vae": mx.float32, "text_encoders": mx.bfloat16}
+    settings = json.loads((tmp_path / "fox.json").read_text())
+    assert (settings["dit_dtype"], settings["vae_dtype"], settings["text_dtype"]) == ("fp32", "fp32", "bf16")

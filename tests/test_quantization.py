@@ -6,6 +6,10 @@ Bounds (relative error = max |ours - ref| / max |ref|, float32 compute, tiny DiT
   Tencent's fp8 file against diffusers on the weights Tencent's own formula dequantizes: 1e-4.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -14,6 +18,7 @@ import torch
 from conftest import rel_err
 from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.loaders import single_file_utils
+from safetensors.torch import save_file
 from test_transformer import diffusers_converter, make_inputs, make_reference, run_ours, run_reference, tencent_state_dict
 
 import HunyuanVideo_Apple as H
@@ -99,30 +104,122 @@ def test_pipeline_leaves_clip_and_vae_alone(tmp_path, monkeypatch):
     assert not quantized_layers(loaded["load_vae"]) and not quantized_layers(loaded["load_clip_text_encoder"])
 
 
-def test_tencent_fp8_checkpoint(tmp_path):
-    """mp_rank_00_model_states_fp8.pt (float8_e4m3fn block weights) + _map.pt (a scale per layer): loaded as
-    Tencent dequantizes it, W = W_fp8.to(bf16) * scale.to(bf16)."""
-    m = dict(CFG["model"])
-    sd = tencent_state_dict(m)
-    scales, dequantized = {}, dict(sd)
-    for k, w in sd.items():
+FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}  # format, largest value
+
+
+def fp8_state_dict(kind, scaled, m=CFG["model"]):
+    """The tiny Tencent-layout DiT with its blocks' Linear weights in fp8 (scaled per layer to the format's range,
+    or cast as they are), the scales, and the weights as the makers dequantize them: bf16(W_fp8) * bf16(scale)."""
+    fmt, largest = FP8[kind]
+    stored, scales, dequantized = {}, {}, {}
+    for k, w in tencent_state_dict(m).items():
         if k.startswith(("double_blocks", "single_blocks")) and k.endswith(".weight") and w.ndim == 2:
-            scale = w.abs().max() / 448.0  # E4M3's largest value
-            sd[k] = (w / scale).to(torch.float8_e4m3fn)
+            scale = w.abs().max() / largest if scaled else torch.tensor(1.0)
+            stored[k] = (w / scale).to(fmt)
             scales[k.removesuffix(".weight")] = scale
-            dequantized[k] = (sd[k].to(torch.bfloat16) * scale.to(torch.bfloat16)).float()
+            dequantized[k] = (stored[k].to(torch.bfloat16) * scale.to(torch.bfloat16)).float()
+        else:
+            stored[k] = dequantized[k] = w
+    return stored, scales, dequantized
+
+
+def fp8_error(path, dequantized):
+    """Our DiT loaded from path against diffusers on the dequantized weights (diffusers' own converter)."""
+    ref = HunyuanVideoTransformer3DModel(**CFG["model"]).eval()
+    ref.load_state_dict(diffusers_converter(64)(dequantized), strict=True)
+    ours = H.load_transformer(path, dtype=mx.float32, rope_axes_dim=CFG["model"]["rope_axes_dim"])
+    inputs = make_inputs(CFG)
+    return rel_err(run_ours(ours, inputs), run_reference(ref, inputs))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("kind", FP8)
+def test_fp8_safetensors(kind, scaled, tmp_path):
+    """ComfyUI-style single files with fp8 block weights: plain casts (*_fp8_e4m3fn.safetensors) and scaled fp8
+    (a scale_weight per layer and the scaled_fp8 marker), E4M3 and E5M2. They load as their makers dequantize
+    them: 1e-4 against diffusers on those weights (they used to load as raw bytes, 1.1 away)."""
+    stored, scales, dequantized = fp8_state_dict(kind, scaled)
+    tensors = dict(stored)
+    if scaled:
+        tensors.update({f"{layer}.scale_weight": s.reshape(1) for layer, s in scales.items()})
+        tensors["scaled_fp8"] = torch.zeros(0, dtype=FP8[kind][0])
+    path = tmp_path / f"hunyuan_video_720_fp8_{kind}.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in tensors.items()}, path)
+    err = fp8_error(path, dequantized)
+    assert err <= 1e-4, f"fp8 {kind} ({'scaled' if scaled else 'plain'}): relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", FP8)
+def test_tencent_fp8_checkpoint(kind, tmp_path):
+    """mp_rank_00_model_states_fp8.pt (fp8 block weights) + _map.pt (a scale per layer): loaded as Tencent
+    dequantizes it, W = W_fp8.to(bf16) * scale.to(bf16); 1e-4. A missing map, or a layer missing from it,
+    is one sentence."""
+    stored, scales, dequantized = fp8_state_dict(kind, scaled=True)
     path = tmp_path / "mp_rank_00_model_states_fp8.pt"
-    torch.save({"module": sd}, path)
+    torch.save({"module": stored}, path)
     with pytest.raises(H.HunyuanVideoError, match="_map.pt, which is not beside it"):
         H.load_transformer(path)
-    torch.save(scales, tmp_path / "mp_rank_00_model_states_fp8_map.pt")
-    ref = HunyuanVideoTransformer3DModel(**m).eval()
-    ref.load_state_dict(diffusers_converter(64)(dequantized), strict=True)
-    ours = H.load_transformer(path, dtype=mx.float32, rope_axes_dim=m["rope_axes_dim"])
-    inputs = make_inputs(CFG)
-    err = rel_err(run_ours(ours, inputs), run_reference(ref, inputs))
-    assert err <= 1e-4, f"Tencent fp8: relative error {err:.2e}"
+    torch.save({k: v for k, v in scales.items() if k != "single_blocks.1.linear2"}, tmp_path / f"{path.stem}_map.pt")
+    with pytest.raises(H.HunyuanVideoError, match="has no scale for single_blocks.1.linear2"):
+        H.load_transformer(path, rope_axes_dim=CFG["model"]["rope_axes_dim"])
+    torch.save(scales, tmp_path / f"{path.stem}_map.pt")
+    err = fp8_error(path, dequantized)
+    assert err <= 1e-4, f"Tencent fp8 ({kind}): relative error {err:.2e}"
     assert single_file_utils  # the converter used above is diffusers' own
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from Linux's /proc")
+def test_tencent_fp8_loads_tensor_by_tensor(tmp_path):
+    """The fp8 .pt is converted one tensor at a time: the resident memory a load adds at its peak stays within
+    the result (bf16), the file (memory-mapped) and half the result for MLX's own start and one tensor, where
+    holding the whole dequantized state dict beside the result adds the result's size again."""
+    m = dict(CFG["model"], num_attention_heads=4, attention_head_dim=128, rope_axes_dim=(32, 48, 48), num_layers=3,
+             num_single_layers=3)
+    stored, scales, _ = fp8_state_dict("e4m3", scaled=True, m=m)
+    path = tmp_path / "mp_rank_00_model_states_fp8.pt"
+    torch.save({"module": stored}, path)
+    torch.save(scales, tmp_path / f"{path.stem}_map.pt")
+    result = sum(v.numel() * 2 for v in stored.values())  # everything in bf16
+    r = subprocess.run([sys.executable, "-c", RSS_WHILE_LOADING, str(Path(H.__file__).parent), str(path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    grown = int(r.stdout.split()[-1])
+    print(f"peak grew by {grown / 2**20:.0f} MB; result {result / 2**20:.0f} MB, file {path.stat().st_size / 2**20:.0f} MB")
+    assert grown <= result + path.stat().st_size + result / 2  # measured: 173 MB here; 243 MB before the fix
+
+
+# the resident memory a load adds at its peak, sampled every half millisecond (Linux's /proc)
+RSS_WHILE_LOADING = """
+import os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import torch  # imported before measuring: its own libraries are not the load's
+import HunyuanVideo_Apple as H
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+peak, done = [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+before = rss()
+watcher = threading.Thread(target=watch)
+watcher.start()
+model = H.load_transformer(sys.argv[2], rope_axes_dim=(32, 48, 48))
+done.set()
+watcher.join()
+print(max(peak[0], rss()) - before)
+"""
+
+
+def test_a_tensor_of_the_wrong_type_is_refused(tmp_path):
+    """Integers where a layer expects floating point (here a block weight stored as uint8 without an fp8 type)
+    are refused in one sentence that names them, never loaded as numbers."""
+    sd = tencent_state_dict(CFG["model"])
+    sd["double_blocks.0.img_attn_qkv.weight"] = sd["double_blocks.0.img_attn_qkv.weight"].to(torch.uint8)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "dit.safetensors")
+    with pytest.raises(H.HunyuanVideoError) as e:
+        H.load_transformer(tmp_path / "dit.safetensors", rope_axes_dim=CFG["model"]["rope_axes_dim"])
+    assert "1 tensors of the wrong type (double_blocks.0.img_attn_qkv.weight uint8 where floating point is " \
+           "expected)" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_stored_quantization_is_kept(dit, tmp_path):

@@ -88,16 +88,18 @@ def test_bench_phases_and_plan_run():
 def test_plan_counts_the_real_model_exactly(tmp_path):
     """The plan's weights, from header-only files of the real shapes: bf16 is 2 bytes x 12,821,012,544
     parameters; int8 saves 1 - 1/16 byte on each of the 9.06B token-wise block weights (2 bytes -> 1 + a bf16
-    scale and bias per 64)."""
+    scale and bias per 64). The denoise estimate is those weights plus the activations, exactly."""
     import bench_hunyuan_apple as B
     folder = B.header_only_checkpoint(tmp_path)
-    D, N = 3072, B.tokens(544, 960, 13)
-    activations = 18 * N * D * 2  # the GPU coefficient
-    bf16 = H.estimate_memory(folder, 544, 960, 13, backend="gpu")["denoise"] - activations
+    info = H._tensor_info(H._component_files(folder / "transformer", "")[0])
+    bf16, int8 = H._weights_bytes(info), H._weights_bytes(info, "int8")
     assert bf16 == 2 * 12_821_012_544
-    int8 = H.estimate_memory(folder, 544, 960, 13, "int8", backend="gpu")["denoise"] - activations
+    D = 3072
     token_wise = 960 * D * D  # 20 double blocks x 2 streams x 12 D^2 + 40 single blocks x 12 D^2
     assert bf16 - int8 == token_wise * (2 - 1 - 4 / 64)
+    N = B.tokens(544, 960, 13)
+    activations = H._dit_activations(N, 256, N - 256, D, 24, 4 * D, 4096, 2, cpu=False)
+    assert H.estimate_memory(folder, 544, 960, 13, "int8", backend="gpu")["denoise"] == int8 + activations
 
 
 def test_bench_parity_and_vae_run():
