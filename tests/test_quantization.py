@@ -1,9 +1,10 @@
 """Quantization: each mode against float (diffusers, float32, the same random weights), what stays
-unquantized, Tencent's fp8 checkpoint, and converted checkpoints that reload exactly.
+unquantized, fp8 checkpoints (Tencent's .pt, ComfyUI's plain and scaled safetensors, E4M3 and E5M2), the type
+check of every tensor, and converted checkpoints that reload exactly.
 
 Bounds (relative error = max |ours - ref| / max |ref|, float32 compute, tiny DiT of 64-wide layers):
   int8 <= 2e-2, fp8 <= 1.2e-1, int4 <= 4e-1, and int8 < fp8 < int4. The LLM's states in int8: <= 2e-2.
-  Tencent's fp8 file against diffusers on the weights Tencent's own formula dequantizes: 1e-4.
+  fp8 files against diffusers on the weights as their makers dequantize them: 1e-4.
 """
 
 import subprocess
