@@ -1341,12 +1341,14 @@ def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
     unexpected = sorted(set(weights) - set(expected))
     misshaped = [f"{k} {tuple(weights[k].shape)} instead of {tuple(expected[k].shape)}"
                  for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    mistyped = [f"{k} {str(weights[k].dtype).removeprefix('mlx.core.')} where "
-                f"{'floating point' if mx.issubdtype(p.dtype, mx.floating) else str(p.dtype).removeprefix('mlx.core.')}"
-                f" is expected" for k, p in expected.items() if k in weights and not _same_kind(weights[k].dtype, p.dtype)]
+    def name(dtype):
+        return "floating point" if mx.issubdtype(dtype, mx.floating) else str(dtype).removeprefix("mlx.core.")
+    mistyped = [f"{k} {str(weights[k].dtype).removeprefix('mlx.core.')} where {name(p.dtype)} is expected"
+                for k, p in expected.items() if k in weights and not _same_kind(weights[k].dtype, p.dtype)]
     problems = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
                 for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("mis-shaped tensors", misshaped), ("tensors of the wrong type", mistyped)) if names]
+                                    ("mis-shaped tensors", misshaped), ("tensors of the wrong type", mistyped))
+                if names]
     if problems:
         raise HunyuanVideoError(f"{source} does not fit the model: {'; '.join(problems)}; check that it is a "
                                 f"complete checkpoint of the right model, in bf16, fp16, fp32 or fp8, or one written "
@@ -1667,6 +1669,7 @@ def _download(repo_id, weights=True):
                                 f"check the network and the hub id, or pass a local folder.") from None
 
 
+@lru_cache(maxsize=8)  # the plan asks again for each change it tries; the hub is asked once
 def _hub_tensor_info(repo_id, folder, component):
     """{name: (shape, dtype)} of a hub component's safetensors, from their headers on the hub (no download)."""
     from huggingface_hub import HfApi
@@ -1682,8 +1685,9 @@ def _hub_tensor_info(repo_id, folder, component):
             meta = api.parse_safetensors_file_metadata(repo_id, f"{component}/{f}")
             info.update({k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()})
     except Exception as e:
-        raise HunyuanVideoError(f"could not read the sizes of {repo_id}'s {component} from the hub ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160]}): check the network, or pass a local folder.") from None
+        raise HunyuanVideoError(f"could not read the sizes of {repo_id}'s {component} from the hub "
+                                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}): check the network, "
+                                f"or pass a local folder.") from None
     return info
 
 
@@ -2079,7 +2083,8 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     weights = _weights_bytes(llm_info, quantization, dit=False, itemsize=size["text_encoders"],
                              keep=lambda k: _llm_keeps(k, llm["num_hidden_layers"] - llm["skip_layers"]))
     text = weights + _llm_activations(TEXT_LENGTH + CROP_START, llm["hidden_size"], llm["intermediate_size"],
-                                      llm["num_attention_heads"], llm["num_key_value_heads"], size["text_encoders"], cpu)
+                                      llm["num_attention_heads"], llm["num_key_value_heads"], size["text_encoders"],
+                                      cpu)
     clip_info, clip_cfg = parts["text_encoder_2"]
     clip = _sizes_of(CLIPTextEncoder, clip_cfg.get("text_config", clip_cfg))
     text = max(text, _weights_bytes(clip_info, dit=False, itemsize=size["text_encoders"]) + _llm_activations(
@@ -2090,7 +2095,8 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg)
     heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
     video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
-    weigh = lambda **kw: _weights_bytes(dit_info, quantization, modulation, itemsize=size["transformer"], **kw)  # noqa: E731
+    def weigh(**keep):
+        return _weights_bytes(dit_info, quantization, modulation, itemsize=size["transformer"], **keep)
     dit = weigh()
     if low_memory:  # the blocks stay on disk but for the one running (and its float copy while quantizing)
         blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
@@ -2146,7 +2152,8 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
         return max(estimate_memory(folder, **{**request, **change}).values()) <= 0.9 * budget
 
     bits = QUANTIZATIONS.get(quantization, {"bits": 16})["bits"]
-    levers = [(f"--quantization {q}", dict(quantization=q)) for q in ("int8", "int4") if QUANTIZATIONS[q]["bits"] < bits]
+    levers = [(f"--quantization {q}", dict(quantization=q)) for q in ("int8", "int4")
+              if QUANTIZATIONS[q]["bits"] < bits]
     if not low_memory:
         levers.append(("--low-memory", dict(low_memory=True)))
     if height * width > 544 * 960:

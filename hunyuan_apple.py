@@ -32,7 +32,8 @@ TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
 SETTINGS = ("prompt", "seed", "steps", "guidance", "shift", "height", "width", "frames", "model", "quantization",
             "quantize_modulation", "dit_dtype", "vae_dtype", "text_dtype", "fps")
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
-DEFAULT_DTYPES = {k: {v: n for n, v in H.DTYPES.items()}[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
+DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
 
 
 def cache_dir():
@@ -284,17 +285,15 @@ def main(argv=None):
         return fail(f"error: {e}", latents_file)
     except KeyboardInterrupt:
         return fail("interrupted.", latents_file, 130)
-    except (MemoryError, RuntimeError) as e:  # MLX reports an allocation that failed as a RuntimeError
-        if not isinstance(e, MemoryError) and not re.search(r"alloc|memory", str(e), re.I):
-            if latents_file is None:
-                raise
-            return fail(f"error: {type(e).__name__}: {e}", latents_file)
-        return fail(f"error: ran out of memory while {phase} ({str(e).splitlines()[0][:120] or 'MemoryError'}): "
-                    f"try --low-memory, --quantization int8, fewer --frames or a smaller --resolution; close other "
-                    f"programs, or set HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the "
-                    f"memory plan refuses what will not fit.", latents_file)
-    except Exception as e:  # after denoising, never lose the latents to an unexpected failure
-        if latents_file is None:
+    except Exception as e:
+        # MLX reports an allocation that failed as a RuntimeError
+        if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and re.search(r"alloc|memory", str(e), re.I):
+            what = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            return fail(f"error: ran out of memory while {phase} ({what}): try --low-memory, --quantization int8, "
+                        f"fewer --frames or a smaller --resolution; close other programs, or set "
+                        f"HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the memory plan "
+                        f"refuses what will not fit.", latents_file)
+        if latents_file is None:  # after denoising, never lose the latents to an unexpected failure
             raise
         return fail(f"error: {type(e).__name__}: {e}", latents_file)
     report(pipe, files, time.perf_counter() - t0)

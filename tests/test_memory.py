@@ -193,7 +193,7 @@ def test_hub_checkpoint_is_planned_before_its_weights_download(tiny, tmp_path, m
     checkpoint: this machine has no network.)"""
     import huggingface_hub
 
-    fetched = []
+    fetched, asked = [], []
 
     def snapshot_download(repo_id, allow_patterns):
         fetched.append(allow_patterns)
@@ -205,6 +205,7 @@ def test_hub_checkpoint_is_planned_before_its_weights_download(tiny, tmp_path, m
 
     class Api:
         def parse_safetensors_file_metadata(self, repo_id, filename):
+            asked.append(filename)
             tensors, _ = H._safetensors_header(tiny / filename)
             info = huggingface_hub.utils.TensorInfo
             return type("Meta", (), {"tensors": {k: info(dtype=d, shape=list(s), data_offsets=o)
@@ -222,6 +223,7 @@ def test_hub_checkpoint_is_planned_before_its_weights_download(tiny, tmp_path, m
     with pytest.raises(H.HunyuanVideoError, match="needs about"):
         pipe("a cat", 192, 320, 17, 1)
     assert len(fetched) == 1  # refused: no weights were fetched
+    assert sorted(asked) == sorted(str(p.relative_to(tiny)) for p in tiny.rglob("*.safetensors"))  # each header once
     monkeypatch.delenv("HUNYUAN_APPLE_MEMORY_GB")
     frames = pipe("a cat", 32, 32, 5, 1, seed=0)
     assert len(fetched) == 2 and frames.shape == (5, 32, 32, 3)
