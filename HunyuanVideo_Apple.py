@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from functools import lru_cache
@@ -42,6 +43,18 @@ __version__ = "0.2.0"
 
 class HunyuanVideoError(Exception):
     """A problem the user can fix: the message is one sentence that says how."""
+
+
+def _counted(items, progress):
+    """Iterate over items, calling progress(0, n) first and progress(i + 1, n) once item i's work is done:
+    the progress reports of every long loop (layers, tensors read, steps). progress may be None."""
+    items = list(items)
+    if progress:
+        progress(0, len(items))
+    for i, item in enumerate(items):
+        yield item
+        if progress:
+            progress(i + 1, len(items))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,12 +138,12 @@ class LlamaTextEncoder(nn.Module):
     def dtype(self):
         return self.embed_tokens.weight.dtype
 
-    def __call__(self, ids):
+    def __call__(self, ids, progress=None):
         """ids (B, L) -> states (B, L, hidden). Causal: a position never sees the ones after it, so right
         padding leaves the valid positions as they are. Each layer is evaluated on its own: one layer's
-        intermediates are alive at a time (what the memory plan counts)."""
+        intermediates are alive at a time (what the memory plan counts). progress(done, total) after each."""
         x = self.embed_tokens(ids)
-        for layer in self.layers:
+        for layer in _counted(self.layers, progress):
             x = layer(x)
             mx.eval(x)
         return x
@@ -206,14 +219,16 @@ def _tokenize(tokenizer, texts, length, what, template_tokens=0):
     return enc.input_ids, enc.attention_mask
 
 
-def encode_llama(prompts, tokenizer, model, max_length=TEXT_LENGTH, template=PROMPT_TEMPLATE, crop_start=CROP_START):
+def encode_llama(prompts, tokenizer, model, max_length=TEXT_LENGTH, template=PROMPT_TEMPLATE, crop_start=CROP_START,
+                 progress=None):
     """Prompts -> (states (B, max_length, hidden) in the model's dtype, zero where padded; mask (B, max_length)).
-    Only the longest prompt's tokens are run: the causal model gives valid positions the same states either way."""
+    Only the longest prompt's tokens are run: the causal model gives valid positions the same states either way.
+    progress(done, total): after each layer."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, mask = _tokenize(tokenizer, [template.format(p) for p in prompts], max_length + crop_start,
                           "the LLaVA-Llama-3 text encoder", crop_start)
     n = int(mask.sum(axis=1).max())
-    states = model(mx.array(ids[:, :n]))[:, crop_start:]  # (B, n - crop_start, hidden)
+    states = model(mx.array(ids[:, :n]), progress)[:, crop_start:]  # (B, n - crop_start, hidden)
     mask = mx.array(mask[:, crop_start:].astype(np.int32))  # (B, max_length)
     states = mx.pad(states, [(0, 0), (0, max_length - states.shape[1]), (0, 0)])
     return states * mask[..., None].astype(states.dtype), mask
@@ -878,25 +893,39 @@ class HunyuanVideoVAE(nn.Module):
     def _encode(self, x):
         return self.quant_conv(self.encoder(x))
 
-    def decode(self, z, tile=None, stride=None):
+    def decode(self, z, tile=None, stride=None, progress=None):
         """z (B, t, h, w, latent), already divided by scaling_factor -> video (B, 4(t-1)+1, 8h, 8w, 3) in
         about [-1, 1], model dtype. tile and stride, (frames, height, width) in pixels, tile it as the
         reference does with the same settings (stride defaults to 3/4 of the tile); tile=None decodes in one
-        piece, with no splitting in time either."""
+        piece, with no splitting in time either. progress(done, total): after each tile."""
         z = z.astype(self.dtype)
         if tile is None:
             return self._decode(z)
         (ft, fh, fw), (st, sh, sw) = _tile_settings(tile, stride)
         rt, rs = self.ratio
-        t = z.shape[1]
+        t, h, w = z.shape[1:4]
+        in_space = h > fh // rs or w > fw // rs
+        total = (len(range(0, t, st // rt)) if t > ft // rt else 1) * (
+            len(range(0, h, sh // rs)) * len(range(0, w, sw // rs)) if in_space else 1)
+        done = [0]
+
+        def decode_tile(z):
+            out = self._decode(z)
+            if progress:
+                mx.eval(out)
+                done[0] += 1
+                progress(done[0], total)
+            return out
 
         def space(z):
-            if z.shape[2] > fh // rs or z.shape[3] > fw // rs:
+            if in_space:
                 out_hw = (z.shape[2] * rs, z.shape[3] * rs)
-                return _tiled_space(self._decode, z, (fh // rs, fw // rs), (sh // rs, sw // rs), (fh - sh, fw - sw),
+                return _tiled_space(decode_tile, z, (fh // rs, fw // rs), (sh // rs, sw // rs), (fh - sh, fw - sw),
                                     (sh, sw), out_hw)
-            return self._decode(z)
+            return decode_tile(z)
 
+        if progress:
+            progress(0, total)
         if t > ft // rt:
             return _tiled_time(space, z, ft // rt, st // rt, ft - st, st, (t - 1) * rt + 1)
         return space(z)
@@ -1332,7 +1361,7 @@ def _same_kind(a, b):
     return mx.issubdtype(a, mx.floating) and mx.issubdtype(b, mx.floating) or a == b
 
 
-def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
+def _load_strict(model, weights, dtype, source, prepare=None, skip=(), progress=None):
     """Put weights into model, refusing any missing, unexpected, mis-shaped or mis-typed key in one sentence. Then
     prepare(model) (quantization, say) and evaluate one tensor at a time: the model holds the only
     references to the lazily read sources, so each is freed once used and the peak stays near the result."""
@@ -1357,9 +1386,9 @@ def _load_strict(model, weights, dtype, source, prepare=None, skip=()):
     weights.clear()
     if prepare is not None:
         prepare(model)
-    for k, p in tree_flatten(model.parameters()):
-        if not k.startswith(skip):  # skipped: streamed blocks, read only when they run
-            mx.eval(p)
+    read = [p for k, p in tree_flatten(model.parameters()) if not k.startswith(skip)]  # skipped: streamed blocks
+    for p in _counted(read, progress):  # read from disk (and quantized) now, one tensor at a time
+        mx.eval(p)
     return model
 
 
@@ -1412,13 +1441,14 @@ def _tencent_names(weights):
 
 
 def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=None, quantize_modulation=False,
-                     stream=False, **sizes):
+                     stream=False, progress=None, **sizes):
     """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
     Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
     folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
 
     quantization: None, "int8", "int4" or "fp8" (see quantize); a converted folder loads as it was stored.
     stream: leave the 60 blocks on disk and read each one when it runs (--low-memory; safetensors only).
+    progress(done, total): after each tensor read (safetensors are read lazily: loading happens here).
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
     (Tencent files carry no RoPE settings, for instance)."""
     source = Path(path).expanduser()
@@ -1436,13 +1466,13 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
         weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
     if not stream:
-        return _load_strict(model, weights, dtype, source, prepare)
+        return _load_strict(model, weights, dtype, source, prepare, progress=progress)
     files, _ = _component_files(source, "")
     if any(f.suffix != ".safetensors" for f in files):
         raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
                                 f"convert_weights.py.")
     blocks = ("double_blocks.", "single_blocks.")
-    _load_strict(model, weights, dtype, source, prepare, skip=blocks)  # checks every key; the blocks stay unread
+    _load_strict(model, weights, dtype, source, prepare, blocks, progress)  # checks every key; the blocks stay unread
     empty = {k: mx.zeros(v.shape, v.dtype) for k, v in tree_flatten(model.parameters()) if k.startswith(blocks)}
     model.update(tree_unflatten(list(empty.items())))  # placeholders (never evaluated): nothing stays open
     model.stream = _block_streamer(files, model, dtype, structure, prepare, empty)
@@ -1506,10 +1536,12 @@ def _checkpoint_weights(model):
 
 def save_transformer(model, folder):
     """The DiT as one safetensors file under Tencent's names (quantized layers as MLX stores them) and a
-    config.json with what the tensors cannot say (RoPE, quantization): load_transformer reads it directly."""
-    _save_component(folder, _checkpoint_weights(model), {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
-                                      "rope_axes_dim": list(model.rope_axes_dim), "rope_theta": model.rope_theta,
-                                      "hunyuan_apple_version": __version__, **_quantization_record(model)})
+    complete config.json (its sizes, RoPE, quantization): load_transformer reads it directly."""
+    weights = _checkpoint_weights(model)
+    _save_component(folder, weights, {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
+                                      **_transformer_shapes(weights), "rope_axes_dim": list(model.rope_axes_dim),
+                                      "rope_theta": model.rope_theta, "hunyuan_apple_version": __version__,
+                                      **_quantization_record(model)})
 
 
 def save_text_encoder(model, folder, config):
@@ -1539,10 +1571,11 @@ def _hf_sizes(cls, config):
     return {k: config[k] for k in inspect.signature(cls).parameters if k in config and config[k] is not None}
 
 
-def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=None):
+def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=None, progress=None):
     """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel),
     or one written by convert_weights.py. The last two layers and the final norm do not reach
-    hidden_states[-3]: they are left on disk. quantization: None, "int8", "int4" or "fp8"."""
+    hidden_states[-3]: they are left on disk. quantization: None, "int8", "int4" or "fp8". progress(done,
+    total): after each tensor read."""
     source = Path(path).expanduser()
     weights, config = _read_weights(source, "pass the text_encoder/ folder of a diffusers HunyuanVideo checkpoint")
     if config.get("model_type") != "llama":
@@ -1556,7 +1589,7 @@ def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=
     if structure:
         structure(model)
     weights = {k: v for k, v in _strip_prefix(weights).items() if _llm_keeps(k, len(model.layers))}
-    return _load_strict(model, weights, dtype, source, prepare)
+    return _load_strict(model, weights, dtype, source, prepare, progress=progress)
 
 
 def _llm_keeps(name, used):
@@ -1632,17 +1665,29 @@ def euler_step(latents, velocity, sigma, sigma_next):
     return latents + float(np.float32(sigma_next) - np.float32(sigma)) * velocity.astype(mx.float32)
 
 
-def check_request(height, width, num_frames, num_inference_steps=1, prompt="x"):
-    """None, or one sentence naming what is wrong with a generation request and how to fix it."""
+MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop back to their start
+SEEDS = 2 ** 64  # a seed is a 64-bit key: 0 <= seed < 2**64
+
+
+def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", seed=None, guidance_scale=6.0):
+    """None, or one sentence naming what is wrong with a generation request and how to fix it. Warns when
+    the clip is longer than the model's longest."""
     if height <= 0 or width <= 0 or height % 16 or width % 16:
         return f"height {height} and width {width} must be positive multiples of 16 (544 x 960 is HunyuanVideo's 540p)."
     if num_frames < 1 or (num_frames - 1) % 4:
-        n = max(1, round((num_frames - 1) / 4)) * 4 + 1
-        return f"{num_frames} frames: the frame count must be 4n+1 (1, 5, 9, ... 129); try {n}."
+        n = min(max(1, round((num_frames - 1) / 4)) * 4 + 1, MAX_FRAMES)
+        return f"{num_frames} frames: the frame count must be 4n+1 (1, 5, 9, ... {MAX_FRAMES}); try {n}."
     if num_inference_steps < 1:
         return f"{num_inference_steps} steps: use at least 1 (50 is the default)."
+    if seed is not None and not 0 <= seed < SEEDS:
+        return f"seed {seed}: use a whole number from 0 to 2**64 - 1 ({SEEDS - 1}), or leave it out for a random one."
+    if guidance_scale < 0:
+        return f"guidance {guidance_scale}: the embedded guidance scale cannot be negative (6.0 is the default)."
     if not any(p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
         return "the prompt is empty: describe the video to generate."
+    if num_frames > MAX_FRAMES:
+        warnings.warn(f"{num_frames} frames is more than HunyuanVideo's longest clip ({MAX_FRAMES}): past it the "
+                      f"video tends to loop back to its start.")
     return None
 
 
@@ -1707,23 +1752,32 @@ def _dtypes(dtype=None, dtypes=None):
 class HunyuanVideoPipeline:
     """Prompt in, frames out, in phases that each load what they need and free it before the next: the text
     encoders (the LLM, 14 GB in fp16, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
-    self.stats holds each phase's seconds and peak memory (GiB) of the last run."""
+    self.stats holds each phase's seconds and peak memory (GiB) of the last run; set self.progress to a
+    function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
 
     def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None):
         self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.stats = {}
+        self.progress = None  # progress(what, done, total): each activity opens with done = 0
+
+    def _report(self, what):
+        """progress(done, total) for one activity ("loading the DiT", "denoising", ...), or None."""
+        return None if self.progress is None else lambda done, total: self.progress(what, done, total)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
                         quantize_modulation=False, low_memory=False):
-        """A local folder in the diffusers layout, or a hub id: its configs are fetched now, its weights (about
-        40 GB) when a phase first needs them, after the memory plan. dtype: one dtype for every component;
+        """A local folder in the diffusers layout, a hub id, or "tiny" (the offline demo, see tiny_checkpoint). A
+        hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first needs them, after
+        the memory plan. dtype: one dtype for every component;
         dtypes: {"transformer" | "vae" | "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization:
         None (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory:
         no buffer cache, the DiT's blocks streamed from disk (slower)."""
         folder, hub = Path(path_or_hub_id).expanduser(), None
-        if not folder.exists():
+        if str(path_or_hub_id) == "tiny":  # the offline demo (a folder of that name: ./tiny)
+            folder = tiny_checkpoint()
+        elif not folder.exists():
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
                 raise HunyuanVideoError(f"{folder} does not exist: pass a HunyuanVideo folder in the diffusers layout "
                                         f"or a hub id such as {DEFAULT_MODEL}.")
@@ -1767,8 +1821,10 @@ class HunyuanVideoPipeline:
         def work():
             tokenizer = load_tokenizer(self.folder / "tokenizer")
             crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
-            llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization)
-            states, mask = encode_llama(prompt, tokenizer, llm, crop_start=crop_start)
+            llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
+                                    self._report("loading the LLM"))
+            states, mask = encode_llama(prompt, tokenizer, llm, crop_start=crop_start,
+                                        progress=self._report("encoding the prompt"))
             mx.eval(states, mask)
             del llm  # the LLM is gone before CLIP loads
             gc.collect()
@@ -1785,7 +1841,7 @@ class HunyuanVideoPipeline:
         step (progress, previews); returning False cancels."""
         def work():
             model = load_transformer(self.folder / "transformer", self.dtypes["transformer"], self.quantization,
-                                     self.quantize_modulation, stream=self.low_memory)
+                                     self.quantize_modulation, self.low_memory, self._report("loading the DiT"))
             B = text_states.shape[0]
             shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
             if latents is None:
@@ -1799,7 +1855,7 @@ class HunyuanVideoPipeline:
             guidance = mx.full((B,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
             states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
-            for i in range(num_inference_steps):
+            for i in _counted(range(num_inference_steps), self._report("denoising")):
                 v = model(x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
@@ -1813,7 +1869,7 @@ class HunyuanVideoPipeline:
         default (the reference's tiles); tile=None decodes in one piece."""
         def work():
             vae = load_vae(self.folder / "vae", self.dtypes["vae"])
-            video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile=tile, stride=stride)
+            video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride, self._report("decoding"))
             return np.array((mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8))
         frames = self._phase("decode", work)
         return frames[0] if frames.shape[0] == 1 else frames
@@ -1822,7 +1878,7 @@ class HunyuanVideoPipeline:
                  flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
         A request that the memory plan says would not fit is refused before anything loads, unless force."""
-        problem = check_request(height, width, num_frames, num_inference_steps, prompt)
+        problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale)
         if problem:
             raise HunyuanVideoError(problem)
         if output_type not in ("np", "latent"):
@@ -1868,6 +1924,21 @@ def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
     return len(vocab)
 
 
+def cache_dir():
+    """Where this port keeps what it builds (the tiny checkpoint): $HUNYUAN_APPLE_CACHE, else
+    ~/.cache/hunyuan_apple. Hub downloads stay in the Hugging Face cache (~/.cache/huggingface, $HF_HOME)."""
+    return Path(os.environ.get("HUNYUAN_APPLE_CACHE") or Path.home() / ".cache" / "hunyuan_apple").expanduser()
+
+
+def tiny_checkpoint():
+    """The tiny demo checkpoint of this version, built in cache_dir() on first use (a few MB, seconds)."""
+    folder = cache_dir() / f"tiny-{__version__}"
+    if not (folder / "model_index.json").exists():
+        print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
+        build_tiny_checkpoint(folder)
+    return folder
+
+
 def build_tiny_checkpoint(folder, seed=0):
     """A tiny random-weight HunyuanVideo in the diffusers layout, tokenizers included, built without torch or
     network: every file the real checkpoint has, in the same format, so the whole path runs in seconds. Its
@@ -1898,8 +1969,8 @@ def build_tiny_checkpoint(folder, seed=0):
     dit_cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
                    num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12])
     dit = HunyuanVideoTransformer(**dit_cfg)
-    _save_component(tmp / "transformer", _to_diffusers(_checkpoint_weights(dit)), {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg},
-                    "diffusion_pytorch_model.safetensors")
+    _save_component(tmp / "transformer", _to_diffusers(_checkpoint_weights(dit)),
+                    {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg}, "diffusion_pytorch_model.safetensors")
     vae_cfg = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
     vae = HunyuanVideoVAE(**vae_cfg)
     _save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout
@@ -1910,7 +1981,8 @@ def build_tiny_checkpoint(folder, seed=0):
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0}))
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline", "tiny_demo": True, "hunyuan_apple_version": __version__}))
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline", "tiny_demo": True,
+                                                      "hunyuan_apple_version": __version__}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return folder
@@ -1930,6 +2002,11 @@ def build_tiny_checkpoint(folder, seed=0):
 # kernels add nothing: those figures are derived, not yet measured on one.
 
 GB = 2 ** 30
+
+
+def gib(nbytes):
+    """Bytes as GiB, labelled, with three significant digits (so a tiny model's megabytes are not 0.0)."""
+    return f"{nbytes / GB:.3g} GiB"
 
 
 def _tensor_info(files):
@@ -2023,7 +2100,7 @@ def _llm_activations(tokens, W, I, heads, kv_heads, itemsize, cpu):
     return act
 
 
-def _vae_activations(frames, height, width, tile, cfg, itemsize, cpu):
+def _vae_activations(frames, height, width, tile, chans, itemsize, cpu):
     """Peak activation bytes of a tiled decode. The largest tensors live at full resolution, in the upsampler
     into it (c1 = block_out[1] channels) and the first resnet of the last level (c0 = block_out[0]). Per voxel
     of a tile, in elements: nearest upsampling, its padded copy, the convolution (3 c1); norm, SiLU, padded
@@ -2032,7 +2109,6 @@ def _vae_activations(frames, height, width, tile, cfg, itemsize, cpu):
     padded input (6 at most, measured per op), and two such convolutions are alive at once; the norms keep
     float32 temporaries. Then the decoded video: the tiles, the blended rows and the whole clip in the VAE's
     dtype, its float32 and uint8 conversions."""
-    chans = list(cfg.get("block_out_channels", (128, 256, 512, 512)))
     c0, c1 = chans[0], chans[1] if len(chans) > 1 else chans[0]
     ft, fh, fw = tile or (frames - 1, height, width)
     t, h, w = min(ft, frames - 1) + 1, min(fh, height), min(fw, width)  # one tile's output
@@ -2060,9 +2136,16 @@ def _components(folder, hub=None):
     return out
 
 
-def _sizes_of(cls, config):
-    """A model's constructor keywords as its config.json gives them, its defaults (the real model's) otherwise."""
-    return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **_hf_sizes(cls, config)}
+def _sizes_of(cls, config, info=None, read=None, source=None, what=None):
+    """A model's constructor keywords as the loader finds them: from its tensors' shapes (info, by read) and
+    its config.json, its defaults (the real model's) for the rest. The shapes are lazy zeros, never made."""
+    if read is None:
+        found = _hf_sizes(cls, config)
+    else:
+        shapes = {k: mx.zeros(shape, mx.bfloat16) for k, (shape, _) in info.items()}
+        found = _sizes(cls, read, _tencent_names(shapes) if cls is HunyuanVideoTransformer else _strip_prefix(shapes),
+                       config, source, what)
+    return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **found}
 
 
 def _backend():
@@ -2092,7 +2175,8 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
         clip["num_attention_heads"], size["text_encoders"], cpu))
 
     dit_info, dit_cfg = parts["transformer"]
-    sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg)
+    sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg, dit_info, _transformer_shapes, folder / "transformer",
+                      "transformer")
     heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
     video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     def weigh(**keep):
@@ -2106,8 +2190,9 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
                                      sizes["text_embed_dim"], size["transformer"], cpu)
 
     vae_info, vae_cfg = parts["vae"]
+    vae = _sizes_of(HunyuanVideoVAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
     decode = _weights_bytes(vae_info, itemsize=size["vae"], dit=False) + _vae_activations(
-        num_frames, height, width, tile, vae_cfg, size["vae"], cpu)
+        num_frames, height, width, tile, vae["block_out_channels"], size["vae"], cpu)
     return {"text encoders": text, "denoise": denoise, "decode": decode}
 
 
@@ -2174,6 +2259,6 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
         if options:
             break
     raise HunyuanVideoError(
-        f"this request needs about {est[phase] / GB:.1f} GiB at its peak ({phase}) and this machine can give "
-        f"{budget / GB:.1f} GiB: try {' or '.join(options[:3]) if options else 'a smaller request'}, or --force to "
+        f"this request needs about {gib(est[phase])} at its peak ({phase}) and this machine can give "
+        f"{gib(budget)}: try {' or '.join(options[:3]) if options else 'a smaller request'}, or --force to "
         f"run it anyway.")

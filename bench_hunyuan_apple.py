@@ -8,6 +8,7 @@
     python bench_hunyuan_apple.py --parity               # one double + one single block at real width vs diffusers, bf16
     python bench_hunyuan_apple.py --vae --sizes 544x960x129   # our tiled decode vs diffusers' on the same device
     python bench_hunyuan_apple.py --tiny [--phases]      # tiny random models at small sizes: a smoke run anywhere
+    python bench_hunyuan_apple.py --phases --model tiny  # the whole pipeline on the tiny demo checkpoint
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
 linear layers and attention of the 60 blocks (the embedders and the refiner are negligible). Each figure is
@@ -16,8 +17,10 @@ the mean of --repeat timed forwards after one warm-up forward. Random weights, s
 
 import argparse
 import gc
+import importlib
 import json
 import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -172,7 +175,7 @@ def bench_phases(args, sizes):
                 rows.append(("decode", sec, peak))
                 del vae
             for name, sec, peak in rows:
-                print(f"{q:>9} {s:>14} {name:>14} {sec:>9.3f} {peak:>8.2f}")
+                print(f"{q:>9} {s:>14} {name:>14} {sec:>9.3f} {peak:>8.3g}")
 
 
 def header_only_checkpoint(folder):
@@ -185,13 +188,15 @@ def header_only_checkpoint(folder):
         raw = json.dumps(header).encode()
         (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
         (d / "config.json").write_text(json.dumps(config))
+    vae = {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout, as the files have it
+           for k, v in tree_flatten(H.HunyuanVideoVAE().parameters())}
     llm = dict(tree_flatten(H.LlamaTextEncoder(skip_layers=0).parameters()))
     write("text_encoder", {**llm, "norm.weight": mx.zeros((4096,))},
           dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
                num_attention_heads=32, num_key_value_heads=8))
     write("text_encoder_2", dict(tree_flatten(H.CLIPTextEncoder().parameters())), {})
-    write("transformer", dict(tree_flatten(H.HunyuanVideoTransformer().parameters())), {})
-    write("vae", dict(tree_flatten(H.HunyuanVideoVAE().parameters())), {"block_out_channels": [128, 256, 512, 512]})
+    write("transformer", H._checkpoint_weights(H.HunyuanVideoTransformer()), {})
+    write("vae", vae, {})
     return folder
 
 
@@ -282,7 +287,7 @@ def bench_vae(args, sizes):
                 sync()
             rsec = time.perf_counter() - t0
             rpeak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-            print(f"{s:>14} {sec:>8.2f} {peak:>8.2f} {rsec:>12.2f} {rpeak:>8.2f}")
+            print(f"{s:>14} {sec:>8.2f} {peak:>8.3g} {rsec:>12.2f} {rpeak:>8.3g}")
 
 
 PLAN = [("544x960x129", None, False, False), ("720x1280x129", None, False, False),
@@ -297,14 +302,36 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny random models instead of the full-size ones")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--phases", action="store_true", help="time and peak memory of each phase, per precision")
-    ap.add_argument("--quantizations", nargs="+", default=["bf16", "fp8", "int8", "int4"],
+    ap.add_argument("--quantizations", nargs="+", help="with --phases (default: all four)",
                     choices=["bf16", "fp8", "int8", "int4"])
     ap.add_argument("--model", help="with --phases: a checkpoint folder (real weights) instead of random ones")
-    ap.add_argument("--steps", type=int, default=2, help="with --phases --model: denoising steps to average")
+    ap.add_argument("--steps", type=int, help="with --phases --model: denoising steps to average (default 2)")
     ap.add_argument("--plan", action="store_true", help="print the memory plan's estimates at full size")
     ap.add_argument("--parity", action="store_true", help="one double and one single block vs diffusers, bf16")
     ap.add_argument("--vae", action="store_true", help="our tiled VAE decode vs diffusers' on the same device")
     args = ap.parse_args(argv)
+    try:
+        return run(ap, args)
+    except H.HunyuanVideoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(ap, args):
+    if (args.model or args.quantizations) and not args.phases or args.steps is not None and not args.model:
+        ap.error("--model and --quantizations go with --phases, --steps with --phases --model (the other "
+                 "benchmarks use random weights)")
+    args.quantizations = args.quantizations or ["bf16", "fp8", "int8", "int4"]
+    args.steps = 2 if args.steps is None else args.steps
+    needs = [f for f in ("reference", "parity", "vae") if getattr(args, f)]
+    if needs:
+        try:
+            for name in ("torch", "diffusers"):
+                importlib.import_module(name)
+        except ImportError:
+            print(f"error: --{needs[0]} runs diffusers, which needs torch and diffusers: pip install -r "
+                  f"requirements-dev.txt (it names the versions the tests use).", file=sys.stderr)
+            return 2
     cfg = TINY if args.tiny else {}
     sizes = args.sizes or (TINY_SIZES if args.tiny else (["544x960x13"] if args.phases else FULL_SIZES))
     for s in sizes:
@@ -331,12 +358,12 @@ def main(argv=None):
         n = tokens(*parse_size(s))
         fl = forward_flops(cfg, n)
         t, peak = ours[s]
-        line = f"{s:>14} {n:>8} {fl / 1e15:>7.3f} {t:>8.3f} {fl / t / 1e12:>8.1f} {peak:>8.1f}"
+        line = f"{s:>14} {n:>8} {fl / 1e15:>7.3f} {t:>8.3f} {fl / t / 1e12:>8.1f} {peak:>8.3g}"
         if ref:
             tr, pr = ref[s]
-            line += f" {tr:>12.3f} {fl / tr / 1e12:>8.1f} {pr:>8.1f} {t / tr:>6.2f}"
+            line += f" {tr:>12.3f} {fl / tr / 1e12:>8.1f} {pr:>8.3g} {t / tr:>6.2f}"
         print(line)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

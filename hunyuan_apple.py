@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 import HunyuanVideo_Apple as H
 
@@ -29,36 +28,50 @@ BUCKETS = {
 QUANTIZE_BITS = {8: "int8", 4: "int4"}
 # --model tiny runs in seconds at this size unless the flags say otherwise (its videos are noise anyway)
 TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
-SETTINGS = ("prompt", "seed", "steps", "guidance", "shift", "height", "width", "frames", "model", "quantization",
-            "quantize_modulation", "dit_dtype", "vae_dtype", "text_dtype", "fps")
+# what the settings (JSON sidecar, mp4 metadata) hold, with the type each must have
+SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift": float, "height": int, "width": int,
+            "frames": int, "model": str, "quantization": str, "quantize_modulation": bool, "dit_dtype": str,
+            "vae_dtype": str, "text_dtype": str, "fps": int}
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
+DEFAULTS = dict(aspect_ratio="16:9", quality="540p", frames=13, steps=50, guidance=6.0, shift=7.0,
+                model=H.DEFAULT_MODEL, fps=24)
+MAX_FPS = 120
+# what --decode-latents uses; any other flag is refused with it (the latents are already made)
+DECODE_FLAGS = {"decode_latents", "model", "vae_dtype", "output", "overwrite", "frames_dir", "gif", "fps", "low_memory"}
 
 
-def cache_dir():
-    return Path(os.environ.get("HUNYUAN_APPLE_CACHE", Path.home() / ".cache" / "hunyuan_apple"))
+def sizes_table():
+    rows = [f"  {q:<5} " + "  ".join(f"{ar} {h}x{w}" for ar, (h, w) in b.items()) for q, b in BUCKETS.items()]
+    return "\n".join(rows)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="HunyuanVideo text-to-video on MLX.",
-                                 epilog="Sizes: --quality and --aspect-ratio pick one of HunyuanVideo's trained sizes; "
-                                        "--resolution overrides them. Aspect ratios are width:height.")
+    """The flags, with the defaults filled in and args.given: the flags the user typed (even if equal to a
+    default, a typed flag is honoured)."""
+    ap = argparse.ArgumentParser(
+        prog="hunyuan-apple", description="HunyuanVideo text-to-video on MLX.", argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"sizes (height x width) that --quality and --aspect-ratio choose (aspect ratios are width:height):\n"
+               f"{sizes_table()}\n--resolution overrides them. With --model tiny the demo renders 96x160, 9 frames, "
+               f"8 steps\nunless --resolution, --quality, --aspect-ratio, --frames or --steps say otherwise.")
+    ap.add_argument("--version", action="version", version=f"hunyuan-apple {H.__version__} (MLX {mx.__version__})")
     ap.add_argument("--prompt", help="what the video shows")
     ap.add_argument("--resolution", type=int, nargs="+", metavar="N",
                     help="HEIGHT WIDTH, or one number (the height; the width follows --aspect-ratio)")
-    ap.add_argument("--aspect-ratio", choices=list(BUCKETS["540p"]), default="16:9",
+    ap.add_argument("--aspect-ratio", choices=list(BUCKETS["540p"]),
                     help="width:height; 16:9 is landscape, 9:16 portrait (default 16:9)")
-    ap.add_argument("--quality", choices=list(BUCKETS), default="540p", help="540p (default) or 720p")
-    ap.add_argument("--frames", type=int, default=13, help="4n+1 frames (default 13; 129 is the model's longest)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=6.0, help="embedded guidance scale (default 6.0)")
-    ap.add_argument("--shift", type=float, default=7.0, help="flow shift (default 7.0)")
-    ap.add_argument("--seed", type=int, help="random if left out; it is printed and saved with the video")
-    ap.add_argument("--model", default=H.DEFAULT_MODEL,
-                    help=f"a local folder in the diffusers layout, a hub id (default {H.DEFAULT_MODEL}), or 'tiny' "
-                         f"for the offline demo")
-    ap.add_argument("--quantization", choices=["fp8", "int8", "int4"])
+    ap.add_argument("--quality", choices=list(BUCKETS), help="540p (default) or 720p")
+    ap.add_argument("--frames", type=int, help=f"4n+1 frames (default 13; {H.MAX_FRAMES} is the model's longest)")
+    ap.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    ap.add_argument("--guidance", type=float, help="embedded guidance scale, 0 or more (default 6.0)")
+    ap.add_argument("--shift", type=float, help="flow shift (default 7.0)")
+    ap.add_argument("--seed", type=int, help="0 to 2**64 - 1; random if left out (it is printed and saved with the "
+                                              "video)")
+    ap.add_argument("--model", help=f"a local folder in the diffusers layout, a hub id (default {H.DEFAULT_MODEL}), "
+                                    f"or 'tiny' for the offline demo")
+    ap.add_argument("--quantization", choices=list(H.QUANTIZATIONS), help="quantize the DiT's blocks and the LLM")
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
     ap.add_argument("--quantize-modulation", action="store_true",
                     help="also quantize the DiT's adaLN modulation (3.4B parameters; saves memory, may cost quality)")
@@ -71,17 +84,25 @@ def parse_args(argv):
     ap.add_argument("--output", help="the mp4 to write (default outputs/<time>_<seed>.mp4)")
     ap.add_argument("--frames-dir", nargs="?", const="/tmp/hunyuan_frames", help="also write PNG frames here "
                     "(default folder /tmp/hunyuan_frames)")
-    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--fps", type=int, help=f"frame rate of the video, 1 to {MAX_FPS} (default 24)")
     ap.add_argument("--gif", action="store_true", help="also write a GIF beside the mp4")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    ap.add_argument("--from-metadata", metavar="FILE", help="repeat a generation from its .json or .mp4")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ap.add_argument("--from-metadata", metavar="FILE", help="repeat a generation from its .json or .mp4 (flags given "
+                                                            "too override its settings)")
     ap.add_argument("--decode-latents", metavar="FILE", help="decode latents saved by an earlier run")
-    return ap, ap.parse_args(argv)
+    typed = ap.parse_args(argv)
+    args = argparse.Namespace(**{a.dest: DEFAULTS.get(a.dest, False if a.nargs == 0 else None)
+                                 for a in ap._actions if a.dest not in ("help", "version")})
+    args.__dict__.update(vars(typed))
+    args.given = set(vars(typed))
+    return args
 
 
 def read_metadata(path):
-    """The settings of an earlier generation, from its JSON sidecar or its mp4's comment tag."""
+    """The settings of an earlier generation, from its JSON sidecar or its mp4's comment tag, type-checked."""
     path = Path(path)
+    if not path.is_file():
+        raise H.HunyuanVideoError(f"--from-metadata {path}: the file does not exist.")
     try:
         if path.suffix == ".mp4":
             import subprocess
@@ -89,22 +110,40 @@ def read_metadata(path):
             import imageio_ffmpeg
 
             out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
-                                  "-"], capture_output=True, text=True, check=True).stdout
+                                  "-"], capture_output=True, text=True).stdout
             m = re.search(r"^comment=(.*?)(?<!\\)$", out, re.M | re.S)
-            return json.loads(re.sub(r"\\(.)", r"\1", m.group(1)))
-        return json.loads(path.read_text())
-    except Exception as e:
-        raise H.HunyuanVideoError(f"{path} holds no readable generation settings ({type(e).__name__}): pass the .json "
-                                  f"written beside the video, or the video itself.") from None
+            text = re.sub(r"\\(.)", r"\1", m.group(1)) if m else "{}"
+        else:
+            text = path.read_text()
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise H.HunyuanVideoError(f"{path} is not readable as generation settings ({str(e)[:80]}): pass the .json "
+                                  f"written beside a video, or the video itself.") from None
+    if not isinstance(data, dict) or "prompt" not in data:
+        raise H.HunyuanVideoError(f"{path} holds no generation settings of hunyuan_apple (no prompt in it): pass "
+                                  f"the .json written beside a video this tool made, or that video.")
+    settings = {}
+    for key, kind in SETTINGS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        number = (int, float) if kind is float else kind  # a whole number is a number; true is not one
+        if not isinstance(value, number) or isinstance(value, bool) and kind is not bool:
+            what = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}[kind]
+            flag = "--resolution" if key in ("height", "width") else "--" + key.replace("_", "-")
+            raise H.HunyuanVideoError(f"{path}: \"{key}\" is {json.dumps(value)}, where {what} is expected: correct "
+                                      f"the file, or give {flag} to override it.")
+        settings[key] = value
+    return settings
 
 
-def resolve(ap, args):
+def resolve(args):
     """Settings from the flags (and --from-metadata), checked: a dict, or HunyuanVideoError in one sentence."""
-    s = {}
-    if args.from_metadata:
-        s = {k: v for k, v in read_metadata(args.from_metadata).items() if k in SETTINGS}
-    flags = {a.dest for a in ap._actions if a.dest != "help"}
-    given = {k for k in flags if getattr(args, k) != ap.get_default(k)}
+    given = args.given
+    s = read_metadata(args.from_metadata) if args.from_metadata else {}
+    if {"quantize", "quantization"} <= given and QUANTIZE_BITS[args.quantize] != args.quantization:
+        raise H.HunyuanVideoError(f"--quantize {args.quantize} and --quantization {args.quantization} disagree: "
+                                  f"give one of them.")
     if args.resolution:
         if len(args.resolution) > 2:
             raise H.HunyuanVideoError("--resolution takes HEIGHT WIDTH, or one number (the height).")
@@ -119,8 +158,7 @@ def resolve(ap, args):
                        ("shift", args.shift), ("frames", args.frames), ("model", args.model),
                        ("quantization", quantization), ("quantize_modulation", args.quantize_modulation),
                        ("fps", args.fps), *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
-        flag = {"quantization": "quantize"}.get(key, key)
-        if key not in s or key in given or flag in given:
+        if key not in s or key in given or (key == "quantization" and "quantize" in given):
             s[key] = value
     if s["model"] == "tiny" and not args.from_metadata:
         if not ({"resolution", "quality", "aspect_ratio"} & given):
@@ -130,11 +168,17 @@ def resolve(ap, args):
         raise H.HunyuanVideoError("--prompt is missing: describe the video to generate.")
     if s["seed"] is None:
         s["seed"] = int.from_bytes(os.urandom(4), "little") >> 1
-    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"])
+    for key, choices in (("quantization", H.QUANTIZATIONS), *((k, H.DTYPES) for k in DEFAULT_DTYPES)):
+        if s[key] is not None and s[key] not in choices:
+            raise H.HunyuanVideoError(f"{key} {s[key]!r}: use one of {', '.join(choices)}.")
+    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"], s["seed"], s["guidance"])
     if problem:
         raise H.HunyuanVideoError(problem)
-    if s["fps"] < 1:
-        raise H.HunyuanVideoError(f"--fps {s['fps']}: use a positive frame rate (24 is the default).")
+    if not 1 <= s["fps"] <= MAX_FPS:
+        raise H.HunyuanVideoError(f"--fps {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
+    if s["guidance"] > 20:
+        warnings.warn(f"guidance {s['guidance']} is far above what HunyuanVideo is run with (6.0 by default; its "
+                      f"fine-tunes use 1 to 10).")
     return s
 
 
@@ -149,6 +193,30 @@ def check_writable(path, overwrite):
         probe.unlink()
     except OSError as e:
         raise H.HunyuanVideoError(f"cannot write to {path.parent} ({e.strerror}): choose another --output.") from None
+
+
+def check_outputs(out, args, latents=True):
+    """Every file this run will write, checked before any work: none may be an input (whatever the flags),
+    none may exist without --overwrite. Returns the latents file (None when decoding saved ones)."""
+    inputs = {Path(f).resolve(): flag for flag, f in (("--from-metadata", args.from_metadata),
+                                                      ("--decode-latents", args.decode_latents)) if f}
+    latents_file = out.with_name(out.stem + ".latents.safetensors") if latents else None
+    files = [out, out.with_suffix(".json")] + ([out.with_suffix(".gif")] if args.gif else []) + \
+        ([latents_file] if latents else [])
+    for f in files:
+        if f.resolve() in inputs:
+            raise H.HunyuanVideoError(f"{f} is the {inputs[f.resolve()]} input and this run would write over it: "
+                                      f"choose another --output.")
+        check_writable(f, args.overwrite)
+    if args.frames_dir:
+        folder = Path(args.frames_dir)
+        if folder.exists() and not folder.is_dir():
+            raise H.HunyuanVideoError(f"--frames-dir {folder} is a file: choose a folder.")
+        if any(folder.glob("frame_*.png")) and not args.overwrite:
+            raise H.HunyuanVideoError(f"{folder} already holds frames of an earlier run: pass --overwrite to replace "
+                                      f"them, or choose another --frames-dir.")
+        check_writable(folder / "frame_0000.png", True)
+    return latents_file
 
 
 def write_video(frames, path, settings, fps):
@@ -177,10 +245,13 @@ def write_extras(frames, path, args, settings):
     if args.frames_dir:
         folder = Path(args.frames_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        for i, frame in enumerate(frames):
-            tmp = folder / f".frame_{i:04d}.partial.png"
+        names = [f"frame_{i:04d}.png" for i in range(len(frames))]
+        for name, frame in zip(names, frames):
+            tmp = folder / f".{Path(name).stem}.partial.png"
             Image.fromarray(frame).save(tmp)
-            tmp.replace(folder / f"frame_{i:04d}.png")
+            tmp.replace(folder / name)
+        for old in set(p.name for p in folder.glob("frame_*.png")) - set(names):  # an earlier, longer run's
+            (folder / old).unlink()
         written.append(folder)
     if args.gif:
         gif = path.with_suffix(".gif")
@@ -191,87 +262,116 @@ def write_extras(frames, path, args, settings):
     return written
 
 
-def progress(t0):
-    """A one-line progress bar over the denoising steps: seconds per step and time left."""
-    def show(step, steps, latents):
-        per = (time.perf_counter() - t0[0]) / step
-        bar = "#" * (24 * step // steps) + "-" * (24 - 24 * step // steps)
-        end = "\n" if step == steps else ""
-        print(f"\r  denoising [{bar}] {step}/{steps}  {per:.2f} s/step  ETA {per * (steps - step):.0f} s", end=end,
-              file=sys.stderr, flush=True)
-    return show
+class Progress:
+    """One line per activity on stderr (loading, encoding, denoising, decoding): a bar, the count, seconds
+    per step where a step means something, and the time left. Redrawn at most 10 times a second."""
+    UNITS = {"denoising": "step", "decoding": "tile", "encoding the prompt": "layer"}
+
+    def __init__(self):
+        self.what, self.start, self.shown, self.open = None, 0.0, 0.0, False
+
+    def __call__(self, what, done, total):
+        now = time.perf_counter()
+        if done == 0 or what != self.what:
+            self.close()
+            self.what, self.start = what, now
+        if 0 < done < total and now - self.shown < 0.1:
+            return
+        self.shown = now
+        per = (now - self.start) / done if done else 0.0
+        bar = "#" * (24 * done // total) + "-" * (24 - 24 * done // total)
+        unit = self.UNITS.get(what)
+        rate = f"  {per:.2f} s/{unit}" if unit and done else ""
+        print(f"\r  {what} [{bar}] {done}/{total}{rate}  ETA {per * (total - done):.0f} s", end="", file=sys.stderr,
+              flush=True)
+        self.open = True
+        if done == total:
+            self.close()
+
+    def close(self):
+        """End the current line, so that what is printed next starts on a fresh one."""
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
 
 
 def report(pipe, files, seconds):
     print("done in {:.1f} s".format(seconds))
     for name, (sec, peak) in pipe.stats.items():
-        print(f"  {name:<14} {sec:8.1f} s   peak {peak:6.2f} GiB")
+        print(f"  {name:<14} {sec:8.1f} s   peak {H.gib(peak * H.GB)}")
     for f in files:
         print(f"  wrote {f}")
 
 
 def load_pipeline(settings, low_memory=False):
-    model = settings["model"]
-    if model == "tiny":
-        folder = cache_dir() / f"tiny-{H.__version__}"
-        if not (folder / "model_index.json").exists():
-            print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
-            H.build_tiny_checkpoint(folder)
-        model = folder
     dtypes = {c: H.DTYPES[settings.get(k) or DEFAULT_DTYPES[k]] for k, c in COMPONENT.items()}
-    return H.HunyuanVideoPipeline.from_pretrained(model, dtypes=dtypes, quantization=settings.get("quantization"),
+    return H.HunyuanVideoPipeline.from_pretrained(settings["model"], dtypes=dtypes,
+                                                  quantization=settings.get("quantization"),
                                                   quantize_modulation=settings.get("quantize_modulation", False),
                                                   low_memory=low_memory)
 
 
 def decode_saved(args):
-    """--decode-latents: the VAE phase alone, from latents an earlier run saved."""
+    """--decode-latents: the VAE phase alone, from latents an earlier run saved. --model, --vae-dtype and
+    --fps given now replace the recorded ones; flags that only a generation uses are refused."""
+    unused = sorted(args.given - DECODE_FLAGS)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise H.HunyuanVideoError(f"{flags}: --decode-latents only decodes latents already made, with --model, "
+                                  f"--vae-dtype, --output, --fps, --frames-dir, --gif, --low-memory; leave the rest "
+                                  f"out.")
     path = Path(args.decode_latents)
+    if not path.is_file():
+        raise H.HunyuanVideoError(f"--decode-latents {path}: the file does not exist.")
     try:
         saved = mx.load(str(path), return_metadata=True)
         latents, settings = saved[0]["latents"], json.loads(saved[1]["settings"])
     except Exception:
-        raise H.HunyuanVideoError(f"{path} holds no latents saved by hunyuan_apple.py: pass the .latents.safetensors "
+        raise H.HunyuanVideoError(f"{path} holds no latents saved by hunyuan_apple: pass the .latents.safetensors "
                                   f"file a run left behind.") from None
-    out = Path(args.output or path.with_name(path.name.replace(".latents.safetensors", ".mp4")))
-    check_writable(out, args.overwrite)
-    if args.vae_dtype:  # the one setting of the run that decoding uses and the user may change
-        settings["vae_dtype"] = args.vae_dtype
-    pipe = load_pipeline(settings, args.low_memory)
-    return pipe, out, settings, latents
+    name = path.name.removesuffix(".latents.safetensors")
+    out = Path(args.output or path.with_name(name if name != path.name else path.stem).with_suffix(".mp4"))
+    settings.update({k: getattr(args, k) for k in ("model", "vae_dtype", "fps") if k in args.given})
+    return out, settings, latents
 
 
 def main(argv=None):
-    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-    ap, args = parse_args(argv)
+    bar = Progress()
+    warnings.showwarning = lambda message, *_, **__: bar.close() or print(f"warning: {message}", file=sys.stderr)
+    args = parse_args(argv)
     t0 = time.perf_counter()
     latents_file, phase = None, "loading"
     try:
         if args.decode_latents:
-            pipe, out, settings, latents = decode_saved(args)
+            if args.from_metadata:
+                raise H.HunyuanVideoError("--decode-latents and --from-metadata: give one of them.")
+            out, settings, latents = decode_saved(args)
         else:
-            settings = resolve(ap, args)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            out = Path(args.output or f"outputs/{stamp}_{settings['seed']}.mp4")
-            if out.suffix != ".mp4":
-                raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
-            check_writable(out, args.overwrite)
+            settings = resolve(args)
+            out = Path(args.output or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}_{settings['seed']}.mp4")
+        if out.suffix != ".mp4":
+            raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
+        new_latents = check_outputs(out, args, latents=not args.decode_latents)
+        pipe = load_pipeline(settings, args.low_memory)
+        pipe.progress = bar
+        if not args.decode_latents:
             settings["version"] = H.__version__
             print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
                   f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}", file=sys.stderr)
-            pipe = load_pipeline(settings, args.low_memory)
-            if not args.force:  # before any weights load
+            try:  # before any weights load
                 est = pipe.check_memory(settings["height"], settings["width"], settings["frames"])
-                print("memory plan: " + ", ".join(f"{k} {v / H.GB:.1f} GiB" for k, v in est.items()), file=sys.stderr)
+                print("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in est.items()), file=sys.stderr)
+            except H.HunyuanVideoError as e:
+                if not args.force:
+                    raise
+                warnings.warn(f"{e} (--force: running anyway)")
             phase = "encoding the prompt"
             states, mask, pooled = pipe.encode_prompt(settings["prompt"])
-            start = [time.perf_counter()]
             phase = "denoising"
             latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],
-                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
-                                   callback=progress(start))
+                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"])
             # the denoised latents are the expensive part: keep them until the video is safely written
-            latents_file = out.with_name(out.stem + ".latents.safetensors")
+            latents_file = new_latents
             tmp = out.with_name(f".{out.stem}.latents.partial.safetensors")
             mx.save_safetensors(str(tmp), {"latents": latents}, metadata={"settings": json.dumps(settings)})
             tmp.replace(latents_file)
@@ -282,29 +382,36 @@ def main(argv=None):
         if latents_file is not None:
             latents_file.unlink()
     except H.HunyuanVideoError as e:
-        return fail(f"error: {e}", latents_file)
+        return fail(bar, f"error: {e}", latents_file)
     except KeyboardInterrupt:
-        return fail("interrupted.", latents_file, 130)
+        return fail(bar, "interrupted.", latents_file, 130)
     except Exception as e:
         # MLX reports an allocation that failed as a RuntimeError
         if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and re.search(r"alloc|memory", str(e), re.I):
             what = (str(e).splitlines() or [type(e).__name__])[0][:120]
-            return fail(f"error: ran out of memory while {phase} ({what}): try --low-memory, --quantization int8, "
-                        f"fewer --frames or a smaller --resolution; close other programs, or set "
-                        f"HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the memory plan "
-                        f"refuses what will not fit.", latents_file)
+            return fail(bar, f"error: ran out of memory while {phase} ({what}): try --low-memory, --quantization "
+                             f"int8, fewer --frames or a smaller --resolution; close other programs, or set "
+                             f"HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the memory plan "
+                             f"refuses what will not fit.", latents_file)
         if latents_file is None:  # after denoising, never lose the latents to an unexpected failure
+            bar.close()
             raise
-        return fail(f"error: {type(e).__name__}: {e}", latents_file)
+        return fail(bar, f"error: {type(e).__name__}: {e}", latents_file)
     report(pipe, files, time.perf_counter() - t0)
     return 0
 
 
-def fail(message, latents_file, code=2):
+def command():
+    """How the user ran this: the installed command, or the script."""
+    return f"python {sys.argv[0]}" if sys.argv[0].endswith("hunyuan_apple.py") else "hunyuan-apple"
+
+
+def fail(bar, message, latents_file, code=2):
+    bar.close()
     print(message, file=sys.stderr)
     if latents_file is not None and latents_file.exists():
         print(f"the denoised latents are saved in {latents_file}: decode them with\n"
-              f"  python hunyuan_apple.py --decode-latents {latents_file}", file=sys.stderr)
+              f"  {command()} --decode-latents {latents_file}", file=sys.stderr)
     return code
 
 

@@ -3,8 +3,10 @@ back; the settings round trip; recovery from a failed decode; and one clear sent
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imageio.v2 as iio
@@ -52,7 +54,13 @@ def test_generate_writes_what_it_says(env, tmp_path):
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
     for phase in ("text encoders", "denoise", "decode"):
         assert phase in r.stdout
-    assert "denoising [" in r.stderr and "s/step" in r.stderr and "ETA" in r.stderr
+    # every long activity shows progress; memory in GiB with digits enough for the tiny model's megabytes
+    for activity in ("loading the LLM", "encoding the prompt", "loading the DiT", "denoising", "decoding"):
+        assert f"  {activity} [" in r.stderr, activity
+    assert "s/step" in r.stderr and "ETA" in r.stderr
+    plan = re.search(r"memory plan: (.*)", r.stderr).group(1)
+    assert all(float(v) > 0 for v in re.findall(r"([\d.e-]+) GiB", plan)) and plan.count("GiB") == 3, plan
+    assert all(float(v) > 0 for v in re.findall(r"peak ([\d.e-]+) GiB", r.stdout)), r.stdout
     # the mp4 carries its settings: --from-metadata on the video repeats the generation exactly
     r = run(env, tmp_path, "--from-metadata", "v/cat.mp4", "--output", "again.mp4")
     assert r.returncode == 0, r.stderr
@@ -61,7 +69,19 @@ def test_generate_writes_what_it_says(env, tmp_path):
     # an existing file is not replaced without --overwrite
     r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "again.mp4")
     assert r.returncode == 2 and "already exists: pass --overwrite" in r.stderr
-    assert run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "again.mp4", "--overwrite").returncode == 0
+    # an input is never written over, whatever the flags: the video read, or its sidecar as the new sidecar
+    for source in ("v/cat.mp4", "v/cat.json"):
+        r = run(env, tmp_path, "--from-metadata", source, "--output", "v/cat.mp4", "--overwrite")
+        assert r.returncode == 2 and f"{source} is the --from-metadata input" in r.stderr, r.stderr
+    assert np.array_equal(read_frames(tmp_path / "v/cat.mp4"), frames)
+    # PNG frames: not mixed with an earlier run's; --overwrite replaces them, the extra ones removed
+    r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "short.mp4", "--frames", "5", "--frames-dir",
+            "frames")
+    assert r.returncode == 2 and "frames already holds frames of an earlier run" in r.stderr, r.stderr
+    r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "short.mp4", "--frames", "5", "--frames-dir",
+            "frames", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_{i:04d}.png" for i in range(5)]
 
 
 def test_failed_decode_keeps_the_latents(env, tmp_path, monkeypatch, capsys):
@@ -77,6 +97,34 @@ def test_failed_decode_keeps_the_latents(env, tmp_path, monkeypatch, capsys):
     assert cli.main(["--decode-latents", "fox.latents.safetensors"]) == 0
     assert read_frames(tmp_path / "fox.mp4").shape == (9, 48, 64, 3)
     assert json.loads((tmp_path / "fox.json").read_text())["seed"] == 4
+    # renamed latents, --overwrite: the video is renamed.mp4, the latents themselves are kept
+    (tmp_path / "fox.latents.safetensors").rename(tmp_path / "renamed.safetensors")
+    kept = (tmp_path / "renamed.safetensors").read_bytes()
+    r = run(env, tmp_path, "--decode-latents", "renamed.safetensors", "--overwrite")
+    assert r.returncode == 0 and (tmp_path / "renamed.safetensors").read_bytes() == kept, r.stderr
+    assert read_frames(tmp_path / "renamed.mp4").shape == (9, 48, 64, 3)
+    # --model given now is used (a moved copy of the checkpoint), and recorded
+    moved = H.build_tiny_checkpoint(tmp_path / "moved")
+    r = run(env, tmp_path, "--decode-latents", "renamed.safetensors", "--model", moved, "--output", "moved.mp4")
+    assert r.returncode == 0 and json.loads((tmp_path / "moved.json").read_text())["model"] == str(moved), r.stderr
+    r = run(env, tmp_path, "--decode-latents", "renamed.safetensors", "--model", tmp_path / "gone", "--output", "x.mp4")
+    assert r.returncode == 2 and "gone does not exist" in r.stderr, r.stderr
+
+
+def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(self, *a, **k):
+        self.progress("denoising", 0, 4)
+        time.sleep(0.2)  # the bar is redrawn at most 10 times a second
+        self.progress("denoising", 1, 4)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(H.HunyuanVideoPipeline, "denoise", interrupted)
+    assert cli.main(["--prompt", "a fox", *SMALL, "--output", "fox.mp4"]) == 130
+    err = capsys.readouterr().err
+    assert "  denoising [######------------------] 1/4" in err and "ETA" in err
+    assert re.search(r"ETA \d+ s\ninterrupted\.\n", err), err
 
 
 @pytest.mark.parametrize("args, words", [
@@ -91,13 +139,79 @@ def test_failed_decode_keeps_the_latents(env, tmp_path, monkeypatch, capsys):
     (["--model", "."], "lacks transformer"),  # a folder, but not a checkpoint
     (["--output", "notes.txt/video.mp4"], "cannot write to notes.txt"),
     (["--output", "video.avi"], "end the name with .mp4"),
+    (["--seed", "-1"], "seed -1: use a whole number from 0 to 2**64 - 1"),
+    (["--seed", "99999999999999999999"], "seed 99999999999999999999: use a whole number from 0 to 2**64 - 1"),
+    (["--frames", "200"], "4n+1 (1, 5, 9, ... 129); try 129"),
+    (["--quantize", "8", "--quantization", "int4"], "--quantize 8 and --quantization int4 disagree"),
+    (["--guidance", "-5"], "guidance -5.0: the embedded guidance scale cannot be negative"),
+    (["--fps", "1000"], "--fps 1000: use a frame rate from 1 to 120"),
+    (["--fps", "0"], "--fps 0: use a frame rate from 1 to 120"),
+    (["--output", "mine.mp4"], "mine.json already exists"),  # the sidecar is not overwritten either
+    (["--output", "mine.mp4", "--gif"], "mine.json already exists"),
+    (["--output", "old.mp4"], "old.latents.safetensors already exists"),  # an earlier run's latents are kept
+    (["--frames-dir", "notes.txt"], "--frames-dir notes.txt is a file"),
 ])
 def test_bad_input_one_sentence(env, tmp_path, args, words):
+    """Refused in one sentence before any work (no memory plan printed, no weights loaded)."""
     (tmp_path / "notes.txt").write_text("a file, not a folder")
-    base = ["--prompt", "a cat", *SMALL]
-    r = run(env, tmp_path, *base, *args)
+    (tmp_path / "mine.json").write_text("{}")
+    (tmp_path / "old.latents.safetensors").write_text("an earlier run's latents")
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, *args)
     assert r.returncode == 2, r
-    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert words in r.stderr and "Traceback" not in r.stderr and "memory plan" not in r.stderr, r.stderr
+    assert (tmp_path / "mine.json").read_text() == "{}" and not (tmp_path / "mine.mp4").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--from-metadata", "frames.json"], '"frames" is "nine", where a whole number is expected'),
+    (["--from-metadata", "seed.json"], '"seed" is 1.5, where a whole number is expected'),
+    (["--from-metadata", "prompt.json"], '"prompt" is 3, where text is expected'),
+    (["--from-metadata", "list.json"], "holds no generation settings"),
+    (["--from-metadata", "foreign.mp4"], "foreign.mp4 holds no generation settings"),
+    (["--from-metadata", "notes.txt"], "is not readable as generation settings"),
+    (["--from-metadata", "absent.json"], "absent.json: the file does not exist"),
+    (["--decode-latents", "absent.safetensors"], "absent.safetensors: the file does not exist"),
+    (["--decode-latents", "notes.txt"], "holds no latents saved by hunyuan_apple"),
+    (["--decode-latents", "notes.txt", "--steps", "3", "--prompt", "x"], "--prompt, --steps: --decode-latents only"),
+    (["--decode-latents", "notes.txt", "--from-metadata", "frames.json"], "give one of them"),
+])
+def test_bad_files_one_sentence(env, tmp_path, args, words):
+    """Settings files of the wrong kind or with values of the wrong type, latents that are not: one sentence."""
+    (tmp_path / "notes.txt").write_text("a file, not settings")
+    for name, settings in (("frames", {"prompt": "x", "frames": "nine"}), ("seed", {"prompt": "x", "seed": 1.5}),
+                           ("prompt", {"prompt": 3}), ("list", ["prompt"])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(settings))
+    iio.mimsave(tmp_path / "foreign.mp4", [np.zeros((32, 32, 3), np.uint8)] * 3, fps=8)  # an mp4 made elsewhere
+    r = run(env, tmp_path, *args)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_truncated_weights_are_named_by_the_plan(env, tmp_path):
+    """A weights file cut inside its header (0 or 100 bytes): the memory plan, which reads the headers first,
+    says what the loader would say."""
+    tiny = H.build_tiny_checkpoint(tmp_path / "tiny")
+    for part, size in (("transformer", 0), ("vae", 100)):
+        f = tiny / part / "diffusion_pytorch_model.safetensors"
+        data = f.read_bytes()
+        f.write_bytes(data[:size])
+        r = run(env, tmp_path, "--model", tiny, "--prompt", "a cat", "--resolution", "48", "64", "--frames", "5")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"{f} could not be read as safetensors" in r.stderr and "probably truncated" in r.stderr, r.stderr
+        f.write_bytes(data)
+
+
+def test_warnings_and_help(env, tmp_path):
+    """Past 129 frames and far above the usual guidance, a warning (the request stands); --version; the sizes
+    and the defaults in --help."""
+    r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": "1e-6"}, tmp_path, "--prompt", "a cat", *SMALL, "--frames", "133",
+            "--guidance", "30")
+    assert "warning: 133 frames is more than HunyuanVideo's longest clip (129)" in r.stderr, r.stderr
+    assert "warning: guidance 30.0 is far above" in r.stderr and "133 frames, 2 steps" in r.stderr
+    r = run(env, tmp_path, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"hunyuan-apple {H.__version__} (MLX {mx.__version__})"
+    r = run(env, tmp_path, "--help")
+    assert r.returncode == 0 and "16:9 544x960" in r.stdout and "4:3 832x1104" in r.stdout
+    assert "denoising steps (default 50)" in r.stdout and "(default 24)" in r.stdout
 
 
 @pytest.mark.parametrize("args, size", [
@@ -107,18 +221,21 @@ def test_bad_input_one_sentence(env, tmp_path, args, words):
     (["--resolution", "320", "512"], (320, 512)),
 ])
 def test_sizes(args, size):
-    ap, a = cli.parse_args(["--prompt", "x", *args])
-    s = cli.resolve(ap, a)
+    s = cli.resolve(cli.parse_args(["--prompt", "x", *args]))
     assert (s["height"], s["width"]) == size
 
 
-def test_tiny_demo_is_small_unless_told():
-    ap, a = cli.parse_args(["--prompt", "x", "--model", "tiny"])
-    s = cli.resolve(ap, a)
+def test_tiny_demo_is_small_unless_told(env, tmp_path):
+    """The tiny demo's own sizes apply only to what the user left out: a flag typed with the default's value
+    (--frames 13, --steps 50, --quality 540p) is honoured too. The plan refuses (a tiny budget) before any
+    work, after the line that says what will run."""
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--model", "tiny"]))
     assert (s["height"], s["width"], s["frames"], s["steps"]) == (96, 160, 9, 8)
-    ap, a = cli.parse_args(["--prompt", "x", "--model", "tiny", "--frames", "5", "--aspect-ratio", "1:1"])
-    s = cli.resolve(ap, a)
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--model", "tiny", "--frames", "5", "--aspect-ratio", "1:1"]))
     assert (s["height"], s["width"], s["frames"], s["steps"]) == (720, 720, 5, 8)
+    r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": "1e-6"}, tmp_path, "--model", "tiny", "--prompt", "a cat", "--frames",
+            "13", "--steps", "50", "--quality", "540p")
+    assert r.returncode == 2 and "height 544, width 960, 13 frames, 50 steps" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("where, doing", [("denoise", "denoising"), ("decode", "decoding")])
@@ -175,3 +292,10 @@ def test_precision_flags_are_used_and_saved(env, tmp_path, monkeypatch):
     assert seen[-1] == {"transformer": mx.float32, "vae": mx.float32, "text_encoders": mx.bfloat16}
     settings = json.loads((tmp_path / "fox.json").read_text())
     assert (settings["dit_dtype"], settings["vae_dtype"], settings["text_dtype"]) == ("fp32", "fp32", "bf16")
+
+
+@pytest.mark.parametrize("value", ["abc", "-1"])
+def test_bad_memory_variable_is_named_on_the_command_line(env, tmp_path, value):
+    r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": value}, tmp_path, "--prompt", "a cat", *SMALL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: HUNYUAN_APPLE_MEMORY_GB='{value}': set it to the GiB a generation may use" in r.stderr

@@ -91,8 +91,8 @@ def test_over_budget_is_refused_before_loading(tiny, monkeypatch):
         pipe("a cat", 192, 320, 17, 1)
     msg = str(e.value)
     est = H.estimate_memory(tiny, 192, 320, 17)
-    assert f"needs about {max(est.values()) / H.GB:.1f} GiB at its peak (decode)" in msg
-    assert "can give 0.2 GiB" in msg and "--force" in msg
+    assert f"needs about {H.gib(max(est.values()))} at its peak (decode)" in msg
+    assert "can give 0.25 GiB" in msg and "--force" in msg
     frames = int(re.search(r"--frames (\d+)", msg).group(1))  # the longest clip that fits
     fits = lambda f: max(H.estimate_memory(tiny, 192, 320, f).values()) <= 0.9 * 0.25 * H.GB  # noqa: E731
     assert fits(frames) and not fits(frames + 4)
@@ -185,6 +185,7 @@ def test_cli_refuses_then_force_runs(tiny, tmp_path):
     assert not (tmp_path / "v.mp4").exists()
     r = subprocess.run(cmd + ["--force"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "warning: this request needs about" in r.stderr and "(--force: running anyway)" in r.stderr, r.stderr
 
 
 def test_hub_checkpoint_is_planned_before_its_weights_download(tiny, tmp_path, monkeypatch):

@@ -1,5 +1,8 @@
 """convert_weights.py and bench_hunyuan_apple.py as a user runs them (hunyuan_apple.py: test_cli.py)."""
 
+import inspect
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +18,9 @@ import HunyuanVideo_Apple as H
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,14 @@ def test_convert_whole_checkpoint_int8_equals_quantize_on_load(tmp_path):
         on_load = dict(tree_flatten(load(tiny / part, quantization="int8").parameters()))
         assert stored.keys() == on_load.keys() and any(k.endswith(".scales") for k in stored)
         assert all(mx.array_equal(stored[k], on_load[k]).item() for k in stored), part
+    # its config is complete, and the memory plan reads the sizes off the shapes where a config lacks them
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]) == (2, 32, 1)
+    plan = H.estimate_memory(out, 48, 64, 5)
+    assert plan == H.estimate_memory(tiny, 48, 64, 5, "int8")
+    sizes = set(inspect.signature(H.HunyuanVideoTransformer).parameters) - {"rope_axes_dim", "rope_theta"}
+    (out / "transformer" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in sizes}))
+    assert H.estimate_memory(out, 48, 64, 5) == plan
     kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=3, output_type="latent")
     a = H.HunyuanVideoPipeline.from_pretrained(out)("a cat", **kw)
     b = H.HunyuanVideoPipeline.from_pretrained(tiny, quantization="int8")("a cat", **kw)
@@ -108,3 +119,36 @@ def test_bench_parity_and_vae_run():
     assert float(r.stdout.strip().splitlines()[-1].split()[-1]) <= 3e-2  # bf16, as the parity tests bound it
     r = run("bench_hunyuan_apple.py", "--tiny", "--vae", "--sizes", "32x48x5")
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].split()[0] == "32x48x5", r.stderr
+
+
+def test_tiny_is_a_model_wherever_one_is_taken(tmp_path, monkeypatch):
+    """'tiny' names the offline demo checkpoint in the Python API, convert_weights.py and the benchmark; it is
+    built once in HUNYUAN_APPLE_CACHE."""
+    env = {**os.environ, "HUNYUAN_APPLE_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    pipe = H.HunyuanVideoPipeline.from_pretrained("tiny")
+    assert pipe.folder == tmp_path / "cache" / f"tiny-{H.__version__}" and (pipe.folder / "model_index.json").exists()
+    r = run("convert_weights.py", "--model", "tiny", "--output", tmp_path / "converted", env=env)
+    assert r.returncode == 0, r.stderr
+    assert H.HunyuanVideoPipeline.from_pretrained(tmp_path / "converted").folder == tmp_path / "converted"
+    r = run("bench_hunyuan_apple.py", "--phases", "--model", "tiny", "--sizes", "32x48x5", "--quantizations", "bf16",
+            env=env)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [row[2] for row in rows] == ["text", "denoise", "decode"] and all(float(row[-1]) > 0 for row in rows), rows
+
+
+@pytest.mark.parametrize("flag", ["--reference", "--parity", "--vae"])
+def test_bench_without_torch_says_what_to_install(flag):
+    """Without torch (hidden from the import system), the benchmarks that run diffusers say so in one sentence."""
+    code = (f"import sys, runpy; sys.path.insert(0, {str(ROOT)!r}); sys.modules['torch'] = None; "
+            f"sys.argv = ['bench_hunyuan_apple.py', {flag!r}, '--tiny']; "
+            f"sys.exit(runpy.run_path({str(ROOT / 'bench_hunyuan_apple.py')!r}, run_name='__main__'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: {flag} runs diffusers, which needs torch and diffusers" in r.stderr
+
+
+def test_bench_refuses_flags_it_would_ignore():
+    r = run("bench_hunyuan_apple.py", "--tiny", "--model", "tiny")
+    assert r.returncode == 2 and "--model and --quantizations go with --phases" in r.stderr, r.stderr
