@@ -9,7 +9,8 @@ One module, in the order data flows through the model:
   5. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as
      their makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own
      precision (DiT bf16, VAE and text encoders fp16);
-  6. the flow-matching Euler sampler, and the pipeline that runs it all in phases;
+  6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache:
+     fewer DiT forwards), and the pipeline that runs it all in phases, with presets such as FastHunyuan;
   7. the offline demo: a tiny random checkpoint in the real layout;
   8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
 
@@ -30,6 +31,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import namedtuple
 from functools import lru_cache
 from pathlib import Path
 
@@ -567,14 +569,21 @@ class HunyuanVideoTransformer(nn.Module):
     def dtype(self):
         return self.img_in.proj.weight.dtype
 
-    def _run(self, kind, i, block, *args):
-        """Call one block and evaluate its output. One block's intermediates are then all that is alive (the
-        memory plan counts them) and no GPU command buffer spans more than a block. Streaming (--low-memory)
-        reads the block's weights just before and drops them just after."""
+    @property
+    def depth(self):
+        """(double blocks, single blocks): what a full forward runs."""
+        return len(self.double_blocks), len(self.single_blocks)
+
+    def _run(self, kind, i, *args, fn=None):
+        """Call block i of `kind` (or fn(block, *args), for a part of it) and evaluate its output. One block's
+        intermediates are then all that is alive (the memory plan counts them) and no GPU command buffer spans
+        more than a block. Streaming (--low-memory) reads the block's weights just before and drops them just
+        after."""
+        block = getattr(self, kind)[i]
         if self.stream:
             weights, empty = self.stream(kind, i)
             block.update(weights)
-        out = block(*args)
+        out = fn(block, *args) if fn else block(*args)
         mx.eval(out)
         if self.stream:
             block.update(empty)  # the weights just used are freed
@@ -583,7 +592,14 @@ class HunyuanVideoTransformer(nn.Module):
     def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
         """latents (B, T, H, W, C); timestep (B,) in 0..1000; text_states (B, L, text_dim);
         text_mask (B, L), 1 = valid; pooled (B, pooled_dim); guidance (B,) already x1000, or None for
-        a checkpoint without a guidance embedding. Returns the velocity (B, T, H, W, C), model dtype."""
+        a checkpoint without a guidance embedding. Returns the velocity (B, T, H, W, C), model dtype.
+        In three parts, which the step caches call one by one: embed, blocks, final."""
+        tokens = self.embed(latents, timestep, text_states, text_mask, pooled, guidance)
+        return self.final(self.blocks(tokens)[0], tokens)
+
+    def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
+        """The embedders and the token refiner: Tokens(img (B, Ni, D), txt (B, Nt, D), vec (B, D), the RoPE
+        tables, the attention mask or None, the latents' shape)."""
         B, T, H, W, C = latents.shape
         pt, ph, pw = self.patch
         if T % pt or H % ph or W % pw:
@@ -612,21 +628,53 @@ class HunyuanVideoTransformer(nn.Module):
         mx.eval(vec, txt, img)  # the embedders and the refiner on their own, before the blocks (see _run)
 
         ni = img.shape[1]
-        cos, sin = _rope_table((T // pt, H // ph, W // pw), self.rope_axes_dim, self.rope_theta, keep)
+        rope = _rope_table((T // pt, H // ph, W // pw), self.rope_axes_dim, self.rope_theta, keep)
         attn_mask = None
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
+        return Tokens(img, txt, vec, rope, attn_mask, latents.shape)
 
-        for i, block in enumerate(self.double_blocks):
-            img, txt = self._run("double_blocks", i, block, img, txt, vec, (cos[:ni], sin[:ni]), attn_mask)
-        x = mx.concatenate([img, txt], axis=1)  # (B, Ni + keep, D)
-        for i, block in enumerate(self.single_blocks):
-            x = self._run("single_blocks", i, block, x, vec, (cos, sin), attn_mask)
-        x = self.final_layer(x[:, :ni], vec)  # (B, Ni, C*pt*ph*pw), channel-major
+    def blocks(self, tokens, img=None, txt=None, first=0, last=None):
+        """The double blocks from `first` (img and txt as they enter it) up to `last`, or else all of them and
+        then the single blocks. Returns (img, txt) as they leave the last block run."""
+        img = tokens.img if img is None else img
+        txt = tokens.txt if txt is None else txt
+        cos, sin = tokens.rope
+        ni = img.shape[1]
+        for i in range(first, len(self.double_blocks) if last is None else last):
+            img, txt = self._run("double_blocks", i, img, txt, tokens.vec, (cos[:ni], sin[:ni]), tokens.mask)
+        if last is not None:
+            return img, txt
+        x = mx.concatenate([img, txt], axis=1)  # (B, Ni + Nt, D)
+        for i in range(len(self.single_blocks)):
+            x = self._run("single_blocks", i, x, tokens.vec, (cos, sin), tokens.mask)
+        return x[:, :ni], x[:, ni:]
 
+    def final(self, img, tokens):
+        """The final layer on the video tokens (B, Ni, D) -> the velocity (B, T, H, W, C)."""
+        B, T, H, W, _ = tokens.shape
+        pt, ph, pw = self.patch
+        x = self.final_layer(img, tokens.vec)  # (B, Ni, C*pt*ph*pw), channel-major
         x = x.reshape(B, T // pt, H // ph, W // pw, self.out_channels, pt, ph, pw)
         x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # (B, T', pt, H', ph, W', pw, C)
         return x.reshape(B, T, H, W, self.out_channels)
+
+    def flops(self, tokens, double=None, single=None):
+        """FLOP of a forward over `tokens` that runs `double` and `single` blocks (all by default): dit_flops."""
+        d, _, mlp_ratio = self.block_args
+        return dit_flops(tokens, d, int(d * mlp_ratio), len(self.double_blocks) if double is None else double,
+                         len(self.single_blocks) if single is None else single)
+
+
+def dit_flops(tokens, dim=3072, mlp=12288, double=20, single=40):
+    """FLOP of the DiT's blocks over `tokens` (video + valid text): their token-wise linear layers (2 per
+    multiply-add) and attention (Q K^T and A V). The embedders, the refiner and the final layer are under 0.1%
+    at real sizes and not counted. 544x960x129 (N = 67,576 with 256 text tokens): 4.3 PFLOP a forward."""
+    linear = double * (4 * dim * dim + 2 * dim * mlp) + single * (dim * (3 * dim + mlp) + (dim + mlp) * dim)
+    return 2 * tokens * linear + 4 * tokens * tokens * dim * (double + single)
+
+
+Tokens = namedtuple("Tokens", "img txt vec rope mask shape")  # what DiT.embed gives its blocks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1665,6 +1713,191 @@ def euler_step(latents, velocity, sigma, sigma_next):
     return latents + float(np.float32(sigma_next) - np.float32(sigma)) * velocity.astype(mx.float32)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Sampler: step caches (fewer DiT forwards)
+# ---------------------------------------------------------------------------------------------------
+# Neighbouring steps of a real model's trajectory change little, so a cache reuses what an earlier step
+# computed instead of running the 60 blocks, whenever its rule predicts the change to be small. Each cache
+# is one object per generation (its state is gone with it) called in place of the DiT at every step; it
+# returns the velocity and how many double and single blocks it ran. Each follows its reference exactly:
+# First-Block Cache and MagCache as diffusers' hooks (FirstBlockCacheConfig, MagCacheConfig), TeaCache and
+# EasyCache as their authors' HunyuanVideo scripts. At threshold 0 no rule skips a step, and what is
+# computed is what the uncached sampler computes, to the bit.
+
+# MagCache's magnitude ratios for HunyuanVideo's 50 steps, calibrated by its authors at 544p and 720p
+# (MagCache4HunyuanVideo): the mean ratio of a step's residual norm to the previous step's, token by token
+MAG_RATIOS = {
+    544: [1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632, 1.02974, 1.00984,
+          1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726, 1.03727, 1.01502, 1.00992,
+          1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461, 1.01152, 1.03082, 1.0061, 1.02162, 1.01999,
+          0.99063, 1.01186, 1.0217, 0.99947, 1.01711, 0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315,
+          0.97728, 0.91154, 0.86139, 0.76592],
+    720: [1.0, 1.0754, 1.27807, 1.11596, 1.09504, 1.05188, 1.00844, 1.05779, 1.00657, 1.04142, 1.03101, 1.00679,
+          1.02556, 1.00908, 1.06949, 1.05438, 1.02214, 1.02321, 1.03019, 1.00779, 1.03381, 1.01886, 1.01161,
+          1.02968, 1.00544, 1.02822, 1.00689, 1.02119, 1.0105, 1.01044, 1.01572, 1.02972, 1.0094, 1.02368, 1.0226,
+          0.98965, 1.01588, 1.02146, 1.0018, 1.01687, 0.99436, 1.00283, 1.01139, 0.97122, 0.98251, 0.94513,
+          0.97656, 0.90943, 0.85703, 0.75456],
+}
+
+
+def _mean_abs(a, b=None):
+    """mean |a - b| (or mean |a|) over every element, in float32."""
+    a = a.astype(mx.float32)
+    return mx.abs(a if b is None else a - b.astype(mx.float32)).mean().item()
+
+
+def _rel_l1(a, b):
+    """mean |a - b| / mean |b|: how much a step changed something."""
+    return _mean_abs(a, b) / _mean_abs(b)
+
+
+def _full(model, args, i, steps):
+    """No cache: the whole DiT."""
+    return model(*args), model.depth
+
+
+class FirstBlockCache:
+    """Run the first double block; if its video residual changed by at most `threshold` (relative mean
+    absolute difference) since the last step that ran in full, add the remaining blocks' cached residual to
+    its output instead of running them (diffusers' FirstBlockCacheConfig; ParaAttention's idea). The text
+    stream's residual, which diffusers also keeps, never reaches the output of a skipped step: not kept."""
+
+    default = 0.06  # ParaAttention's for HunyuanVideo
+
+    def __init__(self, threshold, steps, size):
+        self.threshold, self.head, self.tail = threshold, None, None
+
+    def __call__(self, model, args, i, steps):
+        tokens = model.embed(*args)
+        img, txt = model.blocks(tokens, last=1)
+        residual = img - tokens.img
+        if self.head is not None and _rel_l1(residual, self.head) <= self.threshold:
+            return model.final(img + self.tail, tokens), (1, 0)
+        self.head = residual
+        out, _ = model.blocks(tokens, img, txt, first=1)
+        self.tail = out - img
+        return model.final(out, tokens), model.depth
+
+
+class MagCache:
+    """From step int(0.2 steps + 0.5) on, accumulate the calibrated magnitude ratio of each step and the error
+    |1 - accumulated ratio|; while that error stays within `threshold` and at most K = 6 steps in a row were
+    skipped, the video tokens get the last computed residual of all blocks instead of running them (diffusers'
+    MagCacheConfig, with the 50-step ratios nearest-interpolated to the step count; the 544p or 720p table,
+    whichever is nearer the video's shorter side). Accumulated in float32, as diffusers does."""
+
+    default = 0.24  # MagCache4HunyuanVideo's, with K 6 and retention 0.2
+
+    def __init__(self, threshold, steps, size, K=6, retention=0.2):
+        table = np.array(MAG_RATIOS[min(MAG_RATIOS, key=lambda h: abs(h - min(size)))], dtype=np.float32)
+        index = [len(table) - 1] if steps == 1 else np.round(np.arange(steps) * (len(table) - 1) / (steps - 1))
+        self.ratios = table[np.asarray(index, dtype=int)]
+        self.threshold, self.K, self.start = np.float32(threshold), K, int(retention * steps + 0.5)
+        self.ratio, self.err, self.count, self.residual = np.float32(1), np.float32(0), 0, None
+
+    def __call__(self, model, args, i, steps):
+        tokens = model.embed(*args)
+        if i >= self.start:
+            self.ratio = self.ratio * self.ratios[i]  # since the last step run in full
+            self.count += 1
+            self.err = self.err + np.abs(np.float32(1) - self.ratio)
+            if self.residual is not None and self.err <= self.threshold and self.count <= self.K:
+                return model.final(tokens.img + self.residual, tokens), (0, 0)
+            self.ratio, self.err, self.count = np.float32(1), np.float32(0), 0
+        img, _ = model.blocks(tokens)
+        self.residual = img - tokens.img
+        return model.final(img, tokens), model.depth
+
+
+class TeaCache:
+    """The first double block's modulated video input (its LayerNorm, then img_mod's shift and scale) is the
+    indicator: its relative mean absolute change, rescaled by a polynomial fitted on HunyuanVideo, is
+    accumulated, and while the sum stays below `threshold` the video tokens get the last computed residual
+    of all blocks. As the authors' script counts steps (modulo steps - 1), the first and the last two steps
+    always run in full."""
+
+    COEFFICIENTS = [7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02]
+    default = 0.15  # TeaCache4HunyuanVideo's (0.1 is its slower, closer setting)
+
+    def __init__(self, threshold, steps, size):
+        self.threshold, self.acc, self.previous, self.residual = threshold, 0.0, None, None
+
+    def __call__(self, model, args, i, steps):
+        tokens = model.embed(*args)
+        modulated = model._run("double_blocks", 0, tokens.img, tokens.vec,
+                               fn=lambda block, img, vec: _modulate(img, *block.img_mod(vec)[:2]))
+        skip = False
+        if i == 0 or i >= steps - 2:
+            self.acc = 0.0
+        else:
+            self.acc += float(np.polyval(self.COEFFICIENTS, _rel_l1(modulated, self.previous)))
+            skip = self.acc < self.threshold
+            if not skip:
+                self.acc = 0.0
+        self.previous = modulated
+        if skip:
+            return model.final(tokens.img + self.residual, tokens), (0, 0)
+        img, _ = model.blocks(tokens)
+        self.residual = img - tokens.img
+        return model.final(img, tokens), model.depth
+
+
+class EasyCache:
+    """The whole DiT's output change: between the last two steps that ran in full, the transformation rate
+    k = mean |delta output| / mean |delta input|; at a later step the predicted change k * mean |delta input|
+    / mean |last output| is accumulated, and while the sum stays below `threshold` the output is the input
+    plus the last computed (output - input), without running the DiT at all. The first 5 steps and the last
+    step always run in full (EasyCache4HunyuanVideo)."""
+
+    default = 0.025  # EasyCache4HunyuanVideo's
+
+    def __init__(self, threshold, steps, size, warmup=5):
+        self.threshold, self.warmup, self.acc, self.k = threshold, warmup, 0.0, None
+        self.input = self.computed_input = self.output = self.cache = None
+
+    def __call__(self, model, args, i, steps):
+        x = args[0]
+        skip = False
+        if i < self.warmup or i >= steps - 1:
+            self.acc = 0.0
+        elif self.input is not None and self.output is not None and self.k is not None:
+            self.acc += self.k * _mean_abs(x, self.input) / _mean_abs(self.output)
+            skip = self.acc < self.threshold
+            if not skip:
+                self.acc = 0.0
+        self.input = x
+        if skip:
+            return x + self.cache, (0, 0)
+        out = model(*args)
+        mx.eval(out)
+        self.cache = out - x
+        if self.output is not None and self.computed_input is not None:
+            self.k = _mean_abs(out, self.output) / _mean_abs(x, self.computed_input)
+        self.computed_input, self.output = x, out
+        return out, model.depth
+
+
+STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache}
+CACHES = {name: cache.default for name, cache in STEP_CACHES.items()}  # their published HunyuanVideo defaults
+
+
+def step_cache(name, threshold, steps, size):
+    """The forward of one generation: the whole DiT (name None), or a fresh cache at threshold (None: its
+    published default). size: the video's (height, width)."""
+    if name is None:
+        if threshold is not None:
+            raise HunyuanVideoError("a cache threshold without a cache: name the cache too (one of "
+                                    f"{', '.join(CACHES)}).")
+        return _full
+    if name not in CACHES:
+        raise HunyuanVideoError(f"cache {name!r}: use one of {', '.join(CACHES)}, or none.")
+    threshold = CACHES[name] if threshold is None else threshold
+    if not 0 <= threshold < math.inf:
+        raise HunyuanVideoError(f"cache threshold {threshold}: use 0 or more (0 never skips; {name}'s published "
+                                f"default is {CACHES[name]}).")
+    return STEP_CACHES[name](threshold, steps, size)
+
+
 MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop back to their start
 SEEDS = 2 ** 64  # a seed is a 64-bit key: 0 <= seed < 2**64
 
@@ -1696,6 +1929,13 @@ def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", 
 # ---------------------------------------------------------------------------------------------------
 
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo"
+# Checkpoints of the family that want their own settings, by name: the hub id, and the settings their makers
+# publish (the CLI's --preset; flags given explicitly win). Same architecture and layout as HunyuanVideo.
+PRESETS = {
+    "fasthunyuan": dict(model="FastVideo/FastHunyuan-diffusers", steps=6, shift=17.0, guidance=6.0,
+                        about="FastVideo's step-distilled HunyuanVideo: 6 steps instead of 50, flow shift 17, "
+                              "embedded guidance 6 (its model card: 6 or more)"),
+}
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the names the CLI takes
 
@@ -1752,7 +1992,8 @@ def _dtypes(dtype=None, dtypes=None):
 class HunyuanVideoPipeline:
     """Prompt in, frames out, in phases that each load what they need and free it before the next: the text
     encoders (the LLM, 14 GB in fp16, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
-    self.stats holds each phase's seconds and peak memory (GiB) of the last run; set self.progress to a
+    self.stats holds each phase's seconds and peak memory (GiB) of the last run, and under "work" the DiT
+    forwards it computed and skipped, which steps ran in full and the PFLOP they cost; set self.progress to a
     function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
 
     def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None):
@@ -1790,10 +2031,10 @@ class HunyuanVideoPipeline:
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
         return cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub)
 
-    def check_memory(self, height, width, num_frames):
+    def check_memory(self, height, width, num_frames, cache=None):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit."""
         return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                            self.low_memory, dtypes=self.dtypes, hub=self.hub)
+                            self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache)
 
     def download(self):
         """Fetch a hub checkpoint's weights (once; the phases call this)."""
@@ -1836,9 +2077,14 @@ class HunyuanVideoPipeline:
         return self._phase("text encoders", work)
 
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
-                guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None):
+                guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
+                cache_threshold=None):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
-        step (progress, previews); returning False cancels."""
+        step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
+        cache_threshold (None: its published default). self.stats["work"] counts the DiT forwards computed
+        and skipped and their PFLOP."""
+        forward = step_cache(cache, cache_threshold, num_inference_steps, (height, width))
+
         def work():
             model = load_transformer(self.folder / "transformer", self.dtypes["transformer"], self.quantization,
                                      self.quantize_modulation, self.low_memory, self._report("loading the DiT"))
@@ -1855,8 +2101,15 @@ class HunyuanVideoPipeline:
             guidance = mx.full((B,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
             states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
+            tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(text_mask.sum(axis=1).max().item())
+            ledger = self.stats["work"] = dict(cache=cache, forwards=0, skipped=0, pflop=0.0, steps=[])
             for i in _counted(range(num_inference_steps), self._report("denoising")):
-                v = model(x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
+                args = (x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
+                v, (double, single) = forward(model, args, i, num_inference_steps)
+                full = (double, single) == model.depth
+                ledger["forwards" if full else "skipped"] += 1
+                ledger["pflop"] += model.flops(tokens, double, single) / 1e15
+                ledger["steps"].append(full)
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
                 if callback is not None and callback(i + 1, num_inference_steps, x) is False:
@@ -1875,20 +2128,23 @@ class HunyuanVideoPipeline:
         return frames[0] if frames.shape[0] == 1 else frames
 
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
-                 flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False):
+                 flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
+                 cache_threshold=None):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
-        A request that the memory plan says would not fit is refused before anything loads, unless force."""
+        A request that the memory plan says would not fit is refused before anything loads, unless force.
+        cache, cache_threshold: a step cache (see denoise)."""
         problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale)
         if problem:
             raise HunyuanVideoError(problem)
+        step_cache(cache, cache_threshold, num_inference_steps, (height, width))  # a bad name: refused now
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
         if not force:
-            self.check_memory(height, width, num_frames)
+            self.check_memory(height, width, num_frames, cache)
         self.stats = {}
         states, mask, pooled = self.encode_prompt(prompt)
         latents = self.denoise(states, mask, pooled, height, width, num_frames, num_inference_steps, guidance_scale,
-                               flow_shift, seed, latents, callback)
+                               flow_shift, seed, latents, callback, cache, cache_threshold)
         return latents if output_type == "latent" else self.decode(latents)
 
 
@@ -2153,10 +2409,11 @@ def _backend():
 
 
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
-                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None):
+                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None, cache=None):
     """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
     dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
-    two of them are in memory at once. hub: the hub id, to read the headers there before a download."""
+    two of them are in memory at once. hub: the hub id, to read the headers there before a download.
+    cache: the step cache, whose kept tensors count too."""
     folder, cpu = Path(folder), (backend or _backend()) == "cpu"
     size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
     parts = _components(folder, hub)
@@ -2188,6 +2445,10 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
         dit = min(dit, weigh(keep=lambda k: not k.startswith(blocks)) + 2 * weigh(keep=lambda k: k.startswith(first)))
     denoise = dit + _dit_activations(video + TEXT_LENGTH, TEXT_LENGTH, video, D, heads, int(D * sizes["mlp_ratio"]),
                                      sizes["text_embed_dim"], size["transformer"], cpu)
+    # what a step cache keeps between steps, in the DiT's dtype: video-token tensors of width D (First-Block
+    # Cache and TeaCache two, MagCache one), or for EasyCache four latent-sized ones (64 values a token)
+    denoise += {"fbcache": 2 * D, "teacache": 2 * D, "magcache": D, "easycache": 4 * 64}.get(cache, 0) * video * \
+        size["transformer"]
 
     vae_info, vae_cfg = parts["vae"]
     vae = _sizes_of(HunyuanVideoVAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
@@ -2221,13 +2482,13 @@ def available_memory():
 
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
-                 budget=None, dtypes=None, hub=None):
+                 budget=None, dtypes=None, hub=None, cache=None):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
     would fit: the fewest changes that do (a quantization, --low-memory, a smaller size, fewer frames), together
     where no single one is enough; return the estimate otherwise. Nothing is loaded."""
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
-                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub)
+                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache)
     est = estimate_memory(folder, **request)
     phase = max(est, key=est.get)
     if est[phase] <= 0.9 * budget:

@@ -9,6 +9,8 @@
     python bench_hunyuan_apple.py --vae --sizes 544x960x129   # our tiled decode vs diffusers' on the same device
     python bench_hunyuan_apple.py --tiny [--phases]      # tiny random models at small sizes: a smoke run anywhere
     python bench_hunyuan_apple.py --phases --model tiny  # the whole pipeline on the tiny demo checkpoint
+    python bench_hunyuan_apple.py --work                 # DiT forwards and PFLOP a generation: caches, FastHunyuan
+    python bench_hunyuan_apple.py --work --tiny          # the same measured on the tiny model (random weights)
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
 linear layers and attention of the 60 blocks (the embedders and the refiner are negligible). Each figure is
@@ -47,12 +49,10 @@ def tokens(h, w, f, text=256):
 
 
 def forward_flops(cfg, n):
-    """Token-wise linear layers (2 FLOP per multiply-add) and attention (QK^T and AV) of all blocks."""
+    """H.dit_flops for a DiT built with cfg (the real model's sizes where cfg is silent)."""
     d = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
-    mlp = int(d * cfg.get("mlp_ratio", 4.0))
-    double, single = cfg.get("num_layers", 20), cfg.get("num_single_layers", 40)
-    linear = double * (4 * d * d + 2 * d * mlp) + single * (d * (3 * d + mlp) + (d + mlp) * d)
-    return 2 * n * linear + 4 * n * n * d * (double + single)
+    return H.dit_flops(n, d, int(d * cfg.get("mlp_ratio", 4.0)), cfg.get("num_layers", 20),
+                       cfg.get("num_single_layers", 40))
 
 
 def inputs_np(cfg, h, w, f, seed=0):
@@ -154,8 +154,8 @@ def bench_phases(args, sizes):
             if args.model:
                 pipe = H.HunyuanVideoPipeline.from_pretrained(args.model, quantization=quant)
                 pipe("a red fox runs through a snowy forest at dawn", h, w, f, args.steps, seed=0, force=True)
-                rows = [(name, sec / (args.steps if name == "denoise" else 1), peak)
-                        for name, (sec, peak) in pipe.stats.items()]
+                rows = [(name, pipe.stats[name][0] / (args.steps if name == "denoise" else 1), pipe.stats[name][1])
+                        for name in ("text encoders", "denoise", "decode")]
             else:
                 llm, sec, peak = timed(lambda: random_model(H.LlamaTextEncoder, quant,
                                                             H.DEFAULT_DTYPES["text_encoders"], **llm_kw))
@@ -290,6 +290,44 @@ def bench_vae(args, sizes):
             print(f"{s:>14} {sec:>8.2f} {peak:>8.3g} {rsec:>12.2f} {rpeak:>8.3g}")
 
 
+# the step caches' published HunyuanVideo speed-ups over 50 full steps at their default thresholds (real
+# weights; the README gives each source and its quality)
+PUBLISHED_SPEEDUP = {"fbcache": 1.62, "teacache": 2.1, "magcache": 2.8, "easycache": 2.21}
+WORK_SIZES = ["544x960x61", "544x960x129"]
+
+
+def print_work(args, sizes):
+    """PFLOP and DiT forwards of one generation: 50 steps uncached, each cache at its default, FastHunyuan's
+    6 steps. Full size: the published speed-ups applied to the count. --tiny: measured on the tiny model."""
+    fast = H.PRESETS["fasthunyuan"]
+    settings = [("50 steps, no cache", None, 50, 7.0)] + [(f"50 steps, {c} {t}", c, 50, 7.0)
+                                                         for c, t in H.CACHES.items()]
+    settings.append((f"fasthunyuan, {fast['steps']} steps", None, fast["steps"], fast["shift"]))
+    if args.tiny:
+        pipe = H.HunyuanVideoPipeline.from_pretrained("tiny")
+        text = pipe.encode_prompt("a red fox runs through a snowy forest at dawn")
+        print(f"{'size':>12} {'setting':>28} {'forwards':>8} {'skipped':>7} {'PFLOP':>10} {'seconds':>8}"
+              f"   (measured, tiny model, RANDOM weights: says nothing of real ones)")
+        for s in sizes:
+            h, w, f = parse_size(s)
+            for name, cache, steps, shift in settings:
+                t0 = time.perf_counter()
+                pipe.denoise(*text, h, w, f, steps, 6.0, shift, seed=0, cache=cache)
+                work = pipe.stats["work"]
+                print(f"{s:>12} {name:>28} {work['forwards']:>8} {work['skipped']:>7} {work['pflop']:>10.3g} "
+                      f"{time.perf_counter() - t0:>8.2f}")
+        return
+    print(f"{'size':>12} {'setting':>28} {'forwards':>8} {'PFLOP':>8} {'speed-up':>8}   (real model; cache rows: the "
+          f"published speed-ups, not measured here)")
+    for s in sizes:
+        flops = forward_flops({}, tokens(*parse_size(s))) / 1e15
+        for name, cache, steps, _ in settings:
+            speedup = PUBLISHED_SPEEDUP[cache] if cache else 50 / steps
+            forwards = steps / PUBLISHED_SPEEDUP[cache] if cache else steps
+            label = f"{speedup:.2f}x" + (" publ." if cache else "")
+            print(f"{s:>12} {name:>28} {forwards:>8.1f} {forwards * flops:>8.1f} {label:>8}")
+
+
 PLAN = [("544x960x129", None, False, False), ("720x1280x129", None, False, False),
         ("480x848x25", "int8", False, False), ("480x848x25", "int8", True, False), ("480x848x25", "int8", False, True),
         ("544x960x129", "int8", False, False), ("720x1280x129", "int8", False, False)]
@@ -309,6 +347,7 @@ def main(argv=None):
     ap.add_argument("--plan", action="store_true", help="print the memory plan's estimates at full size")
     ap.add_argument("--parity", action="store_true", help="one double and one single block vs diffusers, bf16")
     ap.add_argument("--vae", action="store_true", help="our tiled VAE decode vs diffusers' on the same device")
+    ap.add_argument("--work", action="store_true", help="DiT forwards and PFLOP of a generation per cache and preset")
     args = ap.parse_args(argv)
     try:
         return run(ap, args)
@@ -339,6 +378,8 @@ def run(ap, args):
         if h % 16 or w % 16 or (f - 1) % 4:
             ap.error(f"size {s}: height and width must be multiples of 16 and frames 4n+1")
     print(f"MLX {mx.__version__} on {mx.default_device()}")
+    if args.work:
+        return print_work(args, args.sizes or (["96x160x9"] if args.tiny else WORK_SIZES))
     if args.plan:
         return print_plan(PLAN)
     if args.parity:

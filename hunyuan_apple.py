@@ -31,7 +31,7 @@ TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
 # what the settings (JSON sidecar, mp4 metadata) hold, with the type each must have
 SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift": float, "height": int, "width": int,
             "frames": int, "model": str, "quantization": str, "quantize_modulation": bool, "dit_dtype": str,
-            "vae_dtype": str, "text_dtype": str, "fps": int}
+            "vae_dtype": str, "text_dtype": str, "fps": int, "preset": str, "cache": str, "cache_threshold": float}
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
@@ -71,6 +71,13 @@ def parse_args(argv):
                                               "video)")
     ap.add_argument("--model", help=f"a local folder in the diffusers layout, a hub id (default {H.DEFAULT_MODEL}), "
                                     f"or 'tiny' for the offline demo")
+    ap.add_argument("--preset", choices=list(H.PRESETS), help="a checkpoint of the family with its own settings: "
+                    + "; ".join(f"{k}: {p['model']}, {p['steps']} steps, shift {p['shift']}, guidance {p['guidance']}"
+                                for k, p in H.PRESETS.items()) + " (flags given too win)")
+    ap.add_argument("--cache", choices=list(H.CACHES), help="skip DiT forwards that a step cache predicts (see the "
+                    "README): " + ", ".join(f"{k} (default threshold {v})" for k, v in H.CACHES.items()))
+    ap.add_argument("--cache-threshold", type=float, metavar="X", help="the cache's threshold: higher skips more; "
+                                                                        "0 never skips")
     ap.add_argument("--quantization", choices=list(H.QUANTIZATIONS), help="quantize the DiT's blocks and the LLM")
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
     ap.add_argument("--quantize-modulation", action="store_true",
@@ -141,6 +148,8 @@ def resolve(args):
     """Settings from the flags (and --from-metadata), checked: a dict, or HunyuanVideoError in one sentence."""
     given = args.given
     s = read_metadata(args.from_metadata) if args.from_metadata else {}
+    if args.preset:  # its settings, under the flags given
+        s.update(preset=args.preset, **{k: v for k, v in H.PRESETS[args.preset].items() if k in SETTINGS})
     if {"quantize", "quantization"} <= given and QUANTIZE_BITS[args.quantize] != args.quantization:
         raise H.HunyuanVideoError(f"--quantize {args.quantize} and --quantization {args.quantization} disagree: "
                                   f"give one of them.")
@@ -157,13 +166,15 @@ def resolve(args):
     for key, value in (("prompt", args.prompt), ("seed", args.seed), ("steps", args.steps), ("guidance", args.guidance),
                        ("shift", args.shift), ("frames", args.frames), ("model", args.model),
                        ("quantization", quantization), ("quantize_modulation", args.quantize_modulation),
-                       ("fps", args.fps), *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
+                       ("fps", args.fps), ("cache", args.cache), ("cache_threshold", args.cache_threshold),
+                       *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
         if key not in s or key in given or (key == "quantization" and "quantize" in given):
             s[key] = value
     if s["model"] == "tiny" and not args.from_metadata:
         if not ({"resolution", "quality", "aspect_ratio"} & given):
             s.update(height=TINY_DEMO["height"], width=TINY_DEMO["width"])
-        s.update({k: TINY_DEMO[k] for k in ("frames", "steps") if k not in given})
+        chosen = given | H.PRESETS.get(args.preset, {}).keys()
+        s.update({k: TINY_DEMO[k] for k in ("frames", "steps") if k not in chosen})
     if s["prompt"] is None:
         raise H.HunyuanVideoError("--prompt is missing: describe the video to generate.")
     if s["seed"] is None:
@@ -174,6 +185,7 @@ def resolve(args):
     problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"], s["seed"], s["guidance"])
     if problem:
         raise H.HunyuanVideoError(problem)
+    H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]))  # checks name and threshold
     if not 1 <= s["fps"] <= MAX_FPS:
         raise H.HunyuanVideoError(f"--fps {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
     if s["guidance"] > 20:
@@ -297,8 +309,14 @@ class Progress:
 
 def report(pipe, files, seconds):
     print("done in {:.1f} s".format(seconds))
-    for name, (sec, peak) in pipe.stats.items():
-        print(f"  {name:<14} {sec:8.1f} s   peak {H.gib(peak * H.GB)}")
+    for name in ("text encoders", "denoise", "decode"):
+        if name in pipe.stats:
+            sec, peak = pipe.stats[name]
+            print(f"  {name:<14} {sec:8.1f} s   peak {H.gib(peak * H.GB)}")
+    if "work" in pipe.stats:  # what the DiT did, and what it cost
+        work = pipe.stats["work"]
+        print(f"  DiT forwards: {work['forwards']} computed, {work['skipped']} skipped ({work['cache'] or 'no cache'}),"
+              f" {work['pflop']:.3g} PFLOP")
     for f in files:
         print(f"  wrote {f}")
 
@@ -357,9 +375,10 @@ def main(argv=None):
         if not args.decode_latents:
             settings["version"] = H.__version__
             print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
-                  f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}", file=sys.stderr)
+                  f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
+                  + (f", cache {settings['cache']}" if settings["cache"] else ""), file=sys.stderr)
             try:  # before any weights load
-                est = pipe.check_memory(settings["height"], settings["width"], settings["frames"])
+                est = pipe.check_memory(settings["height"], settings["width"], settings["frames"], settings["cache"])
                 print("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in est.items()), file=sys.stderr)
             except H.HunyuanVideoError as e:
                 if not args.force:
@@ -369,7 +388,9 @@ def main(argv=None):
             states, mask, pooled = pipe.encode_prompt(settings["prompt"])
             phase = "denoising"
             latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],
-                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"])
+                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
+                                   cache=settings["cache"], cache_threshold=settings["cache_threshold"])
+            settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents
             tmp = out.with_name(f".{out.stem}.latents.partial.safetensors")

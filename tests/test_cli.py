@@ -47,10 +47,14 @@ def test_generate_writes_what_it_says(env, tmp_path):
     assert iio.imread(tmp_path / "frames/frame_0000.png").shape == (48, 64, 3)
     assert (tmp_path / "v/cat.gif").stat().st_size > 0
     settings = json.loads((tmp_path / "v/cat.json").read_text())
+    work = settings.pop("work")  # the work ledger: DiT forwards computed and skipped, their PFLOP
     assert settings | {"version": None} == {"prompt": "a cat walks on the grass", "seed": 3, "steps": 2, "guidance": 6.0,
                                             "shift": 7.0, "height": 48, "width": 64, "frames": 9, "model": "tiny",
                                             "quantization": None, "quantize_modulation": False, "dit_dtype": "bf16",
-                                            "vae_dtype": "fp16", "text_dtype": "fp16", "fps": 24, "version": None}
+                                            "vae_dtype": "fp16", "text_dtype": "fp16", "fps": 24, "cache": None,
+                                            "cache_threshold": None, "version": None}
+    assert work["forwards"] == 2 and work["skipped"] == 0 and work["steps"] == [True, True] and work["pflop"] > 0
+    assert f"DiT forwards: 2 computed, 0 skipped (no cache), {work['pflop']:.3g} PFLOP" in r.stdout
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
     for phase in ("text encoders", "denoise", "decode"):
         assert phase in r.stdout
@@ -64,7 +68,7 @@ def test_generate_writes_what_it_says(env, tmp_path):
     # the mp4 carries its settings: --from-metadata on the video repeats the generation exactly
     r = run(env, tmp_path, "--from-metadata", "v/cat.mp4", "--output", "again.mp4")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "again.json").read_text()) == settings
+    assert json.loads((tmp_path / "again.json").read_text()) == settings | {"work": work}
     assert np.array_equal(read_frames(tmp_path / "again.mp4"), frames)
     # an existing file is not replaced without --overwrite
     r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "again.mp4")
@@ -150,6 +154,10 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--output", "mine.mp4", "--gif"], "mine.json already exists"),
     (["--output", "old.mp4"], "old.latents.safetensors already exists"),  # an earlier run's latents are kept
     (["--frames-dir", "notes.txt"], "--frames-dir notes.txt is a file"),
+    (["--cache", "deepcache"], "invalid choice: 'deepcache'"),
+    (["--cache", "teacache", "--cache-threshold", "-1"], "cache threshold -1.0: use 0 or more"),
+    (["--cache-threshold", "0.1"], "a cache threshold without a cache"),
+    (["--preset", "fastest"], "invalid choice: 'fastest'"),
 ])
 def test_bad_input_one_sentence(env, tmp_path, args, words):
     """Refused in one sentence before any work (no memory plan printed, no weights loaded)."""
@@ -299,3 +307,17 @@ def test_bad_memory_variable_is_named_on_the_command_line(env, tmp_path, value):
     r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": value}, tmp_path, "--prompt", "a cat", *SMALL)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: HUNYUAN_APPLE_MEMORY_GB='{value}': set it to the GiB a generation may use" in r.stderr
+
+
+def test_cache_and_preset(env, tmp_path):
+    """--cache reaches the sampler and the ledger; --preset gives its checkpoint and settings, under the flags
+    typed."""
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--steps", "10", "--cache", "magcache", "--output", "c.mp4")
+    assert r.returncode == 0, r.stderr
+    work = json.loads((tmp_path / "c.json").read_text())["work"]
+    assert work["skipped"] > 0 and work["forwards"] + work["skipped"] == 10, work  # MagCache's ratios decide alone
+    assert f"DiT forwards: {work['forwards']} computed, {work['skipped']} skipped (magcache)" in r.stdout
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan"]))
+    assert (s["model"], s["steps"], s["shift"], s["guidance"]) == ("FastVideo/FastHunyuan-diffusers", 6, 17.0, 6.0)
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan", "--model", "tiny", "--steps", "3"]))
+    assert (s["model"], s["steps"], s["shift"], s["preset"]) == ("tiny", 3, 17.0, "fasthunyuan")

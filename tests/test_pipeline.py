@@ -75,7 +75,9 @@ def test_end_to_end_matches_diffusers(checkpoint):
     levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
     assert levels <= FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
     assert frames.std() > 5  # not a blank video
-    assert set(ours.stats) == {"text encoders", "denoise", "decode"}
+    assert set(ours.stats) == {"text encoders", "denoise", "decode", "work"}
+    assert ours.stats["work"] | {"pflop": 0} == dict(cache=None, forwards=steps, skipped=0, pflop=0,
+                                                     steps=[True] * steps)
 
 
 def test_end_to_end_in_the_default_precisions_matches_diffusers(checkpoint):

@@ -152,3 +152,26 @@ def test_bench_without_torch_says_what_to_install(flag):
 def test_bench_refuses_flags_it_would_ignore():
     r = run("bench_hunyuan_apple.py", "--tiny", "--model", "tiny")
     assert r.returncode == 2 and "--model and --quantizations go with --phases" in r.stderr, r.stderr
+
+
+def test_bench_work_table(tmp_path):
+    """Full size: the uncached count (4.29 PFLOP a forward at 544x960x129, 50 of them) and the published
+    speed-ups applied; --tiny: measured, the ledger's figures (forwards + skipped = the steps)."""
+    import re
+
+    import bench_hunyuan_apple as B
+    r = run("bench_hunyuan_apple.py", "--work", "--sizes", "544x960x129")
+    assert r.returncode == 0, r.stderr
+    rows = {m[2]: (float(m[3]), float(m[4])) for line in r.stdout.splitlines()[2:]
+            for m in [re.match(r"\s*(\S+)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+x", line)]}
+    per_forward = B.forward_flops({}, B.tokens(544, 960, 129)) / 1e15
+    assert rows["50 steps, no cache"] == (50, pytest.approx(50 * per_forward, abs=0.05))
+    assert rows["fasthunyuan, 6 steps"] == (6, pytest.approx(6 * per_forward, abs=0.05))
+    assert rows["50 steps, magcache 0.24"][0] == pytest.approx(50 / 2.8, abs=0.05)
+    assert len(rows) == 6
+    env = {**os.environ, "HUNYUAN_APPLE_CACHE": str(tmp_path / "cache")}
+    r = run("bench_hunyuan_apple.py", "--work", "--tiny", "--sizes", "32x48x5", env=env)
+    assert r.returncode == 0 and "RANDOM weights" in r.stdout, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [int(row[-4]) + int(row[-3]) for row in rows] == [50] * 5 + [6]
+    assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows)
