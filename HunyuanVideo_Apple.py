@@ -21,6 +21,7 @@ The reference for every number here is diffusers (its HunyuanVideo transformer, 
 """
 
 import gc
+import hashlib
 import inspect
 import itertools
 import json
@@ -299,11 +300,32 @@ def _heads(x, n, heads, dim):
     return [x[:, :, i * heads:(i + 1) * heads].transpose(0, 2, 1, 3) for i in range(n)]
 
 
+# The most FLOP one attention call may do. macOS stops a GPU command buffer that runs for seconds (the
+# watchdog), and one full attention at 720x1280x129 is 1.7e14 FLOP; 4e12 is about 0.3 s on an M-series Max
+# and 1.5 s on a base chip, so larger attentions run as query chunks, each evaluated on its own.
+ATTENTION_FLOP = 4e12
+
+
+def _query_chunk(batch, heads, queries, keys, head_dim):
+    """How many queries one attention call takes: all of them, or as many as ATTENTION_FLOP allows (Q K^T and
+    A V: 4 FLOP per query, key and head channel)."""
+    per_query = 4 * batch * heads * keys * head_dim
+    return max(1, min(queries, int(ATTENTION_FLOP // per_query)))
+
+
 def _attention(q, k, v, mask):
-    """q, k, v (B, heads, N, head_dim); mask None or bool (B, 1, 1|N, N), True = attend -> (B, N, D)."""
+    """q, k, v (B, heads, N, head_dim); mask None or bool (B, 1, 1|N, N), True = attend -> (B, N, D). Over
+    query chunks when one call would exceed ATTENTION_FLOP: each query's result is the same either way."""
     B, H, N, Dh = q.shape
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=Dh ** -0.5, mask=mask)
-    return o.transpose(0, 2, 1, 3).reshape(B, N, H * Dh)  # (B, heads, N, hd) -> (B, N, D)
+    rows = _query_chunk(B, H, N, k.shape[2], Dh)
+    parts = []
+    for s in range(0, N, rows):
+        m = mask[:, :, s:s + rows] if mask is not None and mask.shape[2] > 1 else mask
+        o = mx.fast.scaled_dot_product_attention(q[:, :, s:s + rows], k, v, scale=Dh ** -0.5, mask=m)
+        parts.append(o.transpose(0, 2, 1, 3).reshape(B, -1, H * Dh))  # (B, heads, n, hd) -> (B, n, D)
+        if rows < N:
+            mx.eval(parts[-1])
+    return parts[0] if rows == N else mx.concatenate(parts, axis=1)
 
 
 def _timestep_freqs(t, dtype, dim=256, max_period=10000.0):
@@ -1877,6 +1899,25 @@ class EasyCache:
         return out, model.depth
 
 
+def cache_state(forward):
+    """What a step cache has learnt so far, to continue its generation in another process (resume): its arrays,
+    and its numbers as [value, type name]. Its settings (thresholds, MagCache's ratios) come from its name."""
+    arrays, numbers = {}, {}
+    for k, v in vars(forward).items():  # the uncached forward, a function, has none
+        if isinstance(v, mx.array):
+            arrays[k] = v
+        elif v is None or isinstance(v, (bool, int, float, np.floating)):
+            numbers[k] = [None if v is None else v.item() if isinstance(v, np.floating) else v, type(v).__name__]
+    return arrays, numbers
+
+
+def _set_cache_state(forward, arrays, numbers):
+    for k, (v, kind) in numbers.items():
+        setattr(forward, k, np.float32(v) if kind == "float32" else v)
+    for k, v in arrays.items():
+        setattr(forward, k, v)
+
+
 STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache}
 CACHES = {name: cache.default for name, cache in STEP_CACHES.items()}  # their published HunyuanVideo defaults
 
@@ -1996,9 +2037,12 @@ class HunyuanVideoPipeline:
     forwards it computed and skipped, which steps ran in full and the PFLOP they cost; set self.progress to a
     function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
 
-    def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None):
+    def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None,
+                 prompt_cache=False):
         self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
+        self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
+        self.prompt_hit = False  # whether the last encode_prompt read the prompt cache
         self.stats = {}
         self.progress = None  # progress(what, done, total): each activity opens with done = 0
 
@@ -2008,13 +2052,14 @@ class HunyuanVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
-                        quantize_modulation=False, low_memory=False):
+                        quantize_modulation=False, low_memory=False, prompt_cache=False):
         """A local folder in the diffusers layout, a hub id, or "tiny" (the offline demo, see tiny_checkpoint). A
         hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first needs them, after
         the memory plan. dtype: one dtype for every component;
         dtypes: {"transformer" | "vae" | "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization:
         None (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory:
-        no buffer cache, the DiT's blocks streamed from disk (slower)."""
+        no buffer cache, the DiT's blocks streamed from disk (slower). prompt_cache: reuse the text encoders'
+        outputs for a prompt seen before (see encode_prompt; the CLI turns it on)."""
         folder, hub = Path(path_or_hub_id).expanduser(), None
         if str(path_or_hub_id) == "tiny":  # the offline demo (a folder of that name: ./tiny)
             folder = tiny_checkpoint()
@@ -2029,7 +2074,7 @@ class HunyuanVideoPipeline:
                                     f"in the diffusers layout (or download it again).")
         if quantization not in (None, *QUANTIZATIONS):
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
-        return cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub)
+        return cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub, prompt_cache)
 
     def check_memory(self, height, width, num_frames, cache=None):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit."""
@@ -2057,8 +2102,51 @@ class HunyuanVideoPipeline:
                 mx.set_cache_limit(limit)
             mx.clear_cache()
 
+    def _prompt_entry(self, prompt):
+        """The prompt cache's file for a prompt: named by a hash of all that changes the text encoders' outputs
+        (the prompt, the template, the tokenizers' files, the encoders' configs and weight files by name, size
+        and time, the dtype, the quantization and this version)."""
+        h = hashlib.sha256(json.dumps([prompt, PROMPT_TEMPLATE, str(self.dtypes["text_encoders"]), self.quantization,
+                                       __version__]).encode())
+        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+            for f in sorted(p for p in (self.folder / part).iterdir() if p.is_file()):
+                small = part.startswith("tokenizer") or f.suffix == ".json"
+                h.update(f"{part}/{f.name}".encode())
+                h.update(f.read_bytes() if small else f"{f.stat().st_size} {f.stat().st_mtime_ns}".encode())
+        return cache_dir() / "prompts" / f"{h.hexdigest()}.safetensors"
+
     def encode_prompt(self, prompt):
-        """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt."""
+        """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt. With the prompt
+        cache on, a prompt seen before is read back (the text encoders are not loaded), and a new one stored
+        (atomically; a cache that cannot be written or read gives a warning, and the encoders run)."""
+        entry, self.prompt_hit = None, False
+        if self.prompt_cache:
+            self.download()
+            entry = self._prompt_entry(prompt)
+            if entry.exists():
+                try:
+                    saved = self._phase("text encoders", lambda: mx.load(str(entry)))
+                    out = saved["states"], saved["mask"], saved["pooled"]
+                    mx.eval(out)
+                    self.prompt_hit = True
+                    return out
+                except Exception as e:
+                    warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): encoding the "
+                                  f"prompt again.")
+        out = self._encode(prompt)
+        if entry is not None:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                tmp = entry.with_name(f".{entry.stem}.partial.safetensors")
+                mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"), out)))
+                tmp.replace(entry)
+            except OSError as e:
+                warnings.warn(f"the prompt cache cannot be written in {entry.parent} ({e.strerror}): going on without "
+                              f"it (set HUNYUAN_APPLE_CACHE to a writable folder, or pass --no-prompt-cache).")
+        return out
+
+    def _encode(self, prompt):
+        """The text encoders' phase."""
         def work():
             tokenizer = load_tokenizer(self.folder / "tokenizer")
             crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
@@ -2078,12 +2166,17 @@ class HunyuanVideoPipeline:
 
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
-                cache_threshold=None):
+                cache_threshold=None, checkpoint=None, resume=None):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
         cache_threshold (None: its published default). self.stats["work"] counts the DiT forwards computed
-        and skipped and their PFLOP."""
+        and skipped and their PFLOP.
+        checkpoint(state) is called after each step with what continuing needs: {"step": steps done, "latents",
+        "cache": cache_state(...), "work": the ledger so far}; resume=such a state (its latents passed as
+        `latents`) continues from it, and gives what the uninterrupted run gives."""
         forward = step_cache(cache, cache_threshold, num_inference_steps, (height, width))
+        if resume:
+            _set_cache_state(forward, *resume["cache"])
 
         def work():
             model = load_transformer(self.folder / "transformer", self.dtypes["transformer"], self.quantization,
@@ -2103,7 +2196,9 @@ class HunyuanVideoPipeline:
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
             tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(text_mask.sum(axis=1).max().item())
             ledger = self.stats["work"] = dict(cache=cache, forwards=0, skipped=0, pflop=0.0, steps=[])
-            for i in _counted(range(num_inference_steps), self._report("denoising")):
+            if resume:
+                ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
+            for i in _counted(range(resume["step"] if resume else 0, num_inference_steps), self._report("denoising")):
                 args = (x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
                 v, (double, single) = forward(model, args, i, num_inference_steps)
                 full = (double, single) == model.depth
@@ -2112,6 +2207,8 @@ class HunyuanVideoPipeline:
                 ledger["steps"].append(full)
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
+                if checkpoint is not None:
+                    checkpoint(dict(step=i + 1, latents=x, cache=cache_state(forward), work=ledger))
                 if callback is not None and callback(i + 1, num_inference_steps, x) is False:
                     raise HunyuanVideoError(f"cancelled after step {i + 1} of {num_inference_steps}.")
             return x
@@ -2311,9 +2408,10 @@ def _cpu_norm_temporaries(elements, itemsize, rms=False):
 
 
 def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
-    """What attention allocates besides its output: on the CPU, the scores (heads x queries x keys) and one more
-    (queries, width); nothing on a GPU, whose fused kernel keeps them on chip."""
-    return (heads * queries * keys + queries * width) * itemsize if cpu else 0
+    """What attention allocates besides its output: on the CPU, the scores (heads x queries x keys, for one
+    chunk of queries) and one more (queries, width); nothing on a GPU, whose fused kernel keeps them on chip."""
+    chunk = _query_chunk(1, heads, queries, keys, width // heads)
+    return (heads * chunk * keys + queries * width) * itemsize if cpu else 0
 
 
 def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu):

@@ -40,6 +40,9 @@ DEFAULTS = dict(aspect_ratio="16:9", quality="540p", frames=13, steps=50, guidan
 MAX_FPS = 120
 # what --decode-latents uses; any other flag is refused with it (the latents are already made)
 DECODE_FLAGS = {"decode_latents", "model", "vae_dtype", "output", "overwrite", "frames_dir", "gif", "fps", "low_memory"}
+# what --resume takes besides the settings in its file (a setting given too must agree with the file)
+RESUME_FLAGS = {"resume", "model", "overwrite", "frames_dir", "gif", "low_memory", "force", "checkpoint_every",
+                "no_prompt_cache"}
 
 
 def sizes_table():
@@ -88,6 +91,8 @@ def parse_args(argv):
     ap.add_argument("--low-memory", action="store_true",
                     help="trade speed for memory: no buffer cache, the DiT's blocks read from disk as they run")
     ap.add_argument("--force", action="store_true", help="run even if the memory plan says it will not fit")
+    ap.add_argument("--no-prompt-cache", action="store_true", help="always run the text encoders (by default a "
+                    "prompt's encoding is kept in the cache folder and reused)")
     ap.add_argument("--output", help="the mp4 to write (default outputs/<time>_<seed>.mp4)")
     ap.add_argument("--frames-dir", nargs="?", const="/tmp/hunyuan_frames", help="also write PNG frames here "
                     "(default folder /tmp/hunyuan_frames)")
@@ -97,6 +102,10 @@ def parse_args(argv):
     ap.add_argument("--from-metadata", metavar="FILE", help="repeat a generation from its .json or .mp4 (flags given "
                                                             "too override its settings)")
     ap.add_argument("--decode-latents", metavar="FILE", help="decode latents saved by an earlier run")
+    ap.add_argument("--resume", metavar="FILE", help="continue an interrupted run from the .partial.safetensors "
+                                                     "checkpoint it left beside its output")
+    ap.add_argument("--checkpoint-every", type=float, metavar="SECONDS", help="how often denoising saves its "
+                    "checkpoint for --resume (default 10 s; 0: after every step)")
     typed = ap.parse_args(argv)
     args = argparse.Namespace(**{a.dest: DEFAULTS.get(a.dest, False if a.nargs == 0 else None)
                                  for a in ap._actions if a.dest not in ("help", "version")})
@@ -211,10 +220,11 @@ def check_outputs(out, args, latents=True):
     """Every file this run will write, checked before any work: none may be an input (whatever the flags),
     none may exist without --overwrite. Returns the latents file (None when decoding saved ones)."""
     inputs = {Path(f).resolve(): flag for flag, f in (("--from-metadata", args.from_metadata),
-                                                      ("--decode-latents", args.decode_latents)) if f}
+                                                      ("--decode-latents", args.decode_latents),
+                                                      ("--resume", args.resume)) if f}
     latents_file = out.with_name(out.stem + ".latents.safetensors") if latents else None
     files = [out, out.with_suffix(".json")] + ([out.with_suffix(".gif")] if args.gif else []) + \
-        ([latents_file] if latents else [])
+        ([latents_file] if latents else []) + ([partial_file(out)] if latents and not args.resume else [])
     for f in files:
         if f.resolve() in inputs:
             raise H.HunyuanVideoError(f"{f} is the {inputs[f.resolve()]} input and this run would write over it: "
@@ -229,6 +239,75 @@ def check_outputs(out, args, latents=True):
                                       f"them, or choose another --frames-dir.")
         check_writable(folder / "frame_0000.png", True)
     return latents_file
+
+
+def partial_file(out):
+    """The checkpoint an unfinished generation keeps beside its output, for --resume."""
+    return out.with_name(out.stem + ".partial.safetensors")
+
+
+class Checkpoint:
+    """Saves what --resume needs, atomically, at most every `every` seconds of denoising and once more when
+    interrupted: the latents after the last step done, the step, the step cache's state, the work so far, the
+    text encoders' outputs and the settings (a few MB, milliseconds next to a step)."""
+
+    def __init__(self, out, settings, text, every):
+        self.out, self.path, self.settings, self.text, self.every = out, partial_file(out), settings, text, every
+        self.state, self.saved, self.last = None, 0, time.monotonic()
+
+    def __call__(self, state):
+        self.state = state
+        if time.monotonic() - self.last >= self.every:
+            self.save()
+
+    def save(self):
+        if self.state is None or self.saved == self.state["step"]:
+            return
+        arrays, numbers = self.state["cache"]
+        tensors = {"latents": self.state["latents"], **dict(zip(("text_states", "text_mask", "pooled"), self.text)),
+                   **{f"cache.{k}": v for k, v in arrays.items()}}
+        metadata = {"output": str(self.out.resolve()), "step": str(self.state["step"]),
+                    "settings": json.dumps(self.settings), "cache": json.dumps(numbers),
+                    "work": json.dumps(self.state["work"])}
+        tmp = self.path.with_name(f".{self.path.stem}.tmp.safetensors")
+        mx.save_safetensors(str(tmp), tensors, metadata=metadata)
+        tmp.replace(self.path)
+        self.saved, self.last = self.state["step"], time.monotonic()
+
+
+def read_checkpoint(args):
+    """--resume FILE: (output, settings, text, resume state, latents). Settings given as flags too must agree
+    with the file's; flags that only start a generation are refused."""
+    path = Path(args.resume)
+    if not path.is_file():
+        raise H.HunyuanVideoError(f"--resume {path}: the file does not exist.")
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+        settings, step = json.loads(meta["settings"]), int(meta["step"])
+        resume = dict(step=step, work=json.loads(meta["work"]), cache=(
+            {k[6:]: v for k, v in tensors.items() if k.startswith("cache.")}, json.loads(meta["cache"])))
+        text = tensors["text_states"], tensors["text_mask"], tensors["pooled"]
+        latents = tensors["latents"]
+        mx.eval(latents, *text)
+    except Exception as e:
+        raise H.HunyuanVideoError(f"{path} is not a checkpoint hunyuan_apple can resume ({type(e).__name__}): pass "
+                                  f"the .partial.safetensors an interrupted run left, or start afresh (with "
+                                  f"--overwrite if its output's names are taken).") from None
+    flags = {"resolution": (settings["height"], settings["width"])}
+    differ = [k for k in sorted(args.given & (SETTINGS.keys() | flags.keys()) - {"model"})
+              if (tuple(args.resolution) if k == "resolution" else getattr(args, k)) != flags.get(k, settings.get(k))]
+    if differ:
+        said = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint: {flags.get(k, settings.get(k))})"
+                         for k in differ)
+        raise H.HunyuanVideoError(f"{said}: a resumed run keeps the settings it started with; leave the flag out, or "
+                                  f"start afresh.")
+    unused = sorted(args.given - RESUME_FLAGS - SETTINGS.keys() - flags.keys())
+    if unused:
+        raise H.HunyuanVideoError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: --resume continues the "
+                                  f"run as it was; leave these out.")
+    if "model" in args.given:
+        settings["model"] = args.model  # a moved copy of the checkpoint
+    return Path(meta["output"]), settings, text, resume, latents
 
 
 def write_video(frames, path, settings, fps):
@@ -321,12 +400,12 @@ def report(pipe, files, seconds):
         print(f"  wrote {f}")
 
 
-def load_pipeline(settings, low_memory=False):
+def load_pipeline(settings, args):
     dtypes = {c: H.DTYPES[settings.get(k) or DEFAULT_DTYPES[k]] for k, c in COMPONENT.items()}
     return H.HunyuanVideoPipeline.from_pretrained(settings["model"], dtypes=dtypes,
                                                   quantization=settings.get("quantization"),
                                                   quantize_modulation=settings.get("quantize_modulation", False),
-                                                  low_memory=low_memory)
+                                                  low_memory=args.low_memory, prompt_cache=not args.no_prompt_cache)
 
 
 def decode_saved(args):
@@ -358,19 +437,23 @@ def main(argv=None):
     warnings.showwarning = lambda message, *_, **__: bar.close() or print(f"warning: {message}", file=sys.stderr)
     args = parse_args(argv)
     t0 = time.perf_counter()
-    latents_file, phase = None, "loading"
+    latents_file, phase, checkpoint = None, "loading", None
     try:
+        if (args.checkpoint_every or 0) < 0:
+            raise H.HunyuanVideoError(f"--checkpoint-every {args.checkpoint_every}: use 0 or more seconds.")
         if args.decode_latents:
             if args.from_metadata:
                 raise H.HunyuanVideoError("--decode-latents and --from-metadata: give one of them.")
             out, settings, latents = decode_saved(args)
+        elif args.resume:
+            out, settings, text, resume, start = read_checkpoint(args)
         else:
             settings = resolve(args)
             out = Path(args.output or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}_{settings['seed']}.mp4")
         if out.suffix != ".mp4":
             raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
         new_latents = check_outputs(out, args, latents=not args.decode_latents)
-        pipe = load_pipeline(settings, args.low_memory)
+        pipe = load_pipeline(settings, args)
         pipe.progress = bar
         if not args.decode_latents:
             settings["version"] = H.__version__
@@ -384,18 +467,28 @@ def main(argv=None):
                 if not args.force:
                     raise
                 warnings.warn(f"{e} (--force: running anyway)")
-            phase = "encoding the prompt"
-            states, mask, pooled = pipe.encode_prompt(settings["prompt"])
+            if args.resume:
+                print(f"resuming after step {resume['step']} of {settings['steps']}", file=sys.stderr)
+            else:
+                phase = "encoding the prompt"
+                text, resume, start = pipe.encode_prompt(settings["prompt"]), None, None
+                if pipe.prompt_hit:
+                    print("the prompt's encoding comes from the prompt cache (--no-prompt-cache runs the text "
+                          "encoders)", file=sys.stderr)
             phase = "denoising"
-            latents = pipe.denoise(states, mask, pooled, settings["height"], settings["width"], settings["frames"],
-                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
-                                   cache=settings["cache"], cache_threshold=settings["cache_threshold"])
+            every = 10.0 if args.checkpoint_every is None else args.checkpoint_every
+            checkpoint = Checkpoint(out, settings, text, every)
+            latents = pipe.denoise(*text, settings["height"], settings["width"], settings["frames"], settings["steps"],
+                                   settings["guidance"], settings["shift"], settings["seed"], latents=start,
+                                   cache=settings["cache"], cache_threshold=settings["cache_threshold"],
+                                   checkpoint=checkpoint, resume=resume)
             settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents
             tmp = out.with_name(f".{out.stem}.latents.partial.safetensors")
             mx.save_safetensors(str(tmp), {"latents": latents}, metadata={"settings": json.dumps(settings)})
             tmp.replace(latents_file)
+            checkpoint.path.unlink(missing_ok=True)  # the latents file now holds all of it
         phase = "decoding"
         frames = pipe.decode(latents)
         write_video(frames, out, settings, settings["fps"])
@@ -405,6 +498,12 @@ def main(argv=None):
     except H.HunyuanVideoError as e:
         return fail(bar, f"error: {e}", latents_file)
     except KeyboardInterrupt:
+        if checkpoint is not None and checkpoint.state is not None and latents_file is None:
+            checkpoint.save()
+            bar.close()
+            print(f"interrupted after step {checkpoint.saved} of {settings['steps']}: continue with\n"
+                  f"  {command()} --resume {checkpoint.path}", file=sys.stderr)
+            return 130
         return fail(bar, "interrupted.", latents_file, 130)
     except Exception as e:
         # MLX reports an allocation that failed as a RuntimeError

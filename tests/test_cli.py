@@ -68,6 +68,7 @@ def test_generate_writes_what_it_says(env, tmp_path):
     # the mp4 carries its settings: --from-metadata on the video repeats the generation exactly
     r = run(env, tmp_path, "--from-metadata", "v/cat.mp4", "--output", "again.mp4")
     assert r.returncode == 0, r.stderr
+    assert "comes from the prompt cache" in r.stderr and "loading the LLM" not in r.stderr  # the same prompt
     assert json.loads((tmp_path / "again.json").read_text()) == settings | {"work": work}
     assert np.array_equal(read_frames(tmp_path / "again.mp4"), frames)
     # an existing file is not replaced without --overwrite
@@ -83,8 +84,8 @@ def test_generate_writes_what_it_says(env, tmp_path):
             "frames")
     assert r.returncode == 2 and "frames already holds frames of an earlier run" in r.stderr, r.stderr
     r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "short.mp4", "--frames", "5", "--frames-dir",
-            "frames", "--overwrite")
-    assert r.returncode == 0, r.stderr
+            "frames", "--overwrite", "--no-prompt-cache")
+    assert r.returncode == 0 and "loading the LLM" in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_{i:04d}.png" for i in range(5)]
 
 
@@ -158,6 +159,7 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--cache", "teacache", "--cache-threshold", "-1"], "cache threshold -1.0: use 0 or more"),
     (["--cache-threshold", "0.1"], "a cache threshold without a cache"),
     (["--preset", "fastest"], "invalid choice: 'fastest'"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every -5.0: use 0 or more seconds"),
 ])
 def test_bad_input_one_sentence(env, tmp_path, args, words):
     """Refused in one sentence before any work (no memory plan printed, no weights loaded)."""
@@ -321,3 +323,41 @@ def test_cache_and_preset(env, tmp_path):
     assert (s["model"], s["steps"], s["shift"], s["guidance"]) == ("FastVideo/FastHunyuan-diffusers", 6, 17.0, 6.0)
     s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan", "--model", "tiny", "--steps", "3"]))
     assert (s["model"], s["steps"], s["shift"], s["preset"]) == ("tiny", 3, 17.0, "fasthunyuan")
+
+
+def test_interrupted_run_resumes_to_the_same_video(env, tmp_path):
+    """A real SIGINT during denoising leaves a checkpoint and says how to resume; --resume gives the frames
+    and the work ledger of an uninterrupted run with the same seed (TeaCache's state carried over too), and
+    removes the checkpoint. A damaged checkpoint, a missing one, a setting that disagrees: one sentence each;
+    a fresh run then needs --overwrite to replace the checkpoint."""
+    import signal
+    args = ["--model", "tiny", "--prompt", "a cat", "--steps", "60", "--seed", "5", "--cache", "teacache"]
+    assert run(env, tmp_path, *args, "--output", "full.mp4").returncode == 0
+    p = subprocess.Popen([sys.executable, str(ROOT / "hunyuan_apple.py"), *args, "--output", "cut.mp4",
+                          "--checkpoint-every", "0"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "cut.partial.safetensors").exists() and p.poll() is None:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err
+    step = int(re.search(r"interrupted after step (\d+) of 60: continue with\n.* --resume cut.partial.safetensors",
+                         err).group(1))
+    assert 0 < step < 60 and not (tmp_path / "cut.mp4").exists()
+
+    r = run(env, tmp_path, "--resume", "cut.partial.safetensors", "--steps", "50")
+    assert r.returncode == 2 and "--steps 50 (the checkpoint: 60): a resumed run keeps" in r.stderr, r.stderr
+    r = run(env, tmp_path, "--resume", "cut.partial.safetensors")
+    assert r.returncode == 0 and f"resuming after step {step} of 60" in r.stderr, r.stderr
+    assert np.array_equal(read_frames(tmp_path / "cut.mp4"), read_frames(tmp_path / "full.mp4"))
+    work = [json.loads((tmp_path / f"{name}.json").read_text())["work"] for name in ("cut", "full")]
+    assert work[0] == work[1] and work[0]["skipped"] > 0
+    assert not (tmp_path / "cut.partial.safetensors").exists()
+
+    (tmp_path / "bad.partial.safetensors").write_bytes(b"\0" * 100)
+    for target, words in (("bad.partial.safetensors", "is not a checkpoint hunyuan_apple can resume"),
+                          ("gone.partial.safetensors", "gone.partial.safetensors: the file does not exist")):
+        r = run(env, tmp_path, "--resume", target)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run(env, tmp_path, *SMALL, "--prompt", "a cat", "--output", "bad.mp4")  # afresh: the checkpoint is kept
+    assert r.returncode == 2 and "bad.partial.safetensors already exists: pass --overwrite" in r.stderr, r.stderr
+    assert run(env, tmp_path, *SMALL, "--prompt", "a cat", "--output", "bad.mp4", "--overwrite").returncode == 0

@@ -7,6 +7,8 @@ default precisions (DiT bf16, VAE and text encoders fp16, both pipelines): laten
 The sampler alone: the scheduler's sigmas and timesteps, 1e-6 absolute.
 """
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -145,3 +147,50 @@ def test_incomplete_folder_and_offline_hub(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(H.HunyuanVideoError, match="could not download someone/not-cached"):
         H.HunyuanVideoPipeline.from_pretrained("someone/not-cached")
+
+
+def test_prompt_cache(tmp_path, monkeypatch):
+    """A prompt seen before is read back without loading the text encoders, to the bit; a change of prompt,
+    dtype, quantization or weight file misses; a damaged entry is re-encoded with a warning; a cache folder
+    that cannot be written gives a warning, and the run goes on."""
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))
+    tiny = H.build_tiny_checkpoint(tmp_path / "tiny")
+    pipe = H.HunyuanVideoPipeline.from_pretrained(tiny, prompt_cache=True)
+    first = pipe.encode_prompt("a cat walks on the grass")
+    assert not pipe.prompt_hit and len(list((tmp_path / "cache" / "prompts").glob("*.safetensors"))) == 1
+    loads = []
+    real, real_clip = H.load_text_encoder, H.load_clip_text_encoder
+    monkeypatch.setattr(H, "load_text_encoder", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(H, "load_clip_text_encoder", lambda *a, **k: pytest.fail("CLIP was loaded"))
+    again = pipe.encode_prompt("a cat walks on the grass")
+    assert pipe.prompt_hit and not loads and "text encoders" in pipe.stats
+    assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(first, again))
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0)
+    assert np.array_equal(np.array(pipe.denoise(*first, **kw)), np.array(pipe.denoise(*again, **kw)))
+
+    entry = pipe._prompt_entry("a cat walks on the grass")
+    prompt = "a cat walks on the grass"
+    others = [pipe._prompt_entry("a dog"),
+              H.HunyuanVideoPipeline.from_pretrained(tiny, dtype=mx.float32)._prompt_entry(prompt),
+              H.HunyuanVideoPipeline.from_pretrained(tiny, quantization="int8")._prompt_entry(prompt)]
+    weights = tiny / "text_encoder" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the file replaced
+    others.append(pipe._prompt_entry("a cat walks on the grass"))
+    assert len({entry, *others}) == 5
+    monkeypatch.setattr(H, "load_clip_text_encoder", real_clip)
+    pipe.encode_prompt("a cat walks on the grass")  # the weights changed: a miss, the encoders run
+    assert not pipe.prompt_hit and loads
+
+    entry = pipe._prompt_entry("a cat walks on the grass")
+    entry.write_bytes(b"not safetensors")
+    with pytest.warns(UserWarning, match="is unreadable"):
+        pipe.encode_prompt("a cat walks on the grass")
+    assert not pipe.prompt_hit
+    pipe.encode_prompt("a cat walks on the grass")
+    assert pipe.prompt_hit  # stored anew
+
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "a file"))
+    with pytest.warns(UserWarning, match="the prompt cache cannot be written"):
+        states, _, _ = pipe.encode_prompt("a cat walks on the grass")
+    assert states.shape == first[0].shape

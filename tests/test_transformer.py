@@ -334,3 +334,27 @@ def test_rope_allocates_only_its_output():
     out = H._rope(q, cos, sin)
     mx.eval(out)
     assert mx.get_peak_memory() - base <= 1.1 * q.nbytes
+
+
+def test_chunked_attention_equals_the_whole(monkeypatch):
+    """Attention past ATTENTION_FLOP runs as query chunks (the macOS GPU watchdog): the DiT's output is the same
+    to 1e-6 (float32), with a batch of two text lengths (so a key mask), at a bound small enough that every
+    attention here is cut into several chunks."""
+    mx.random.seed(0)
+    model = H.HunyuanVideoTransformer(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+                                      num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16,
+                                      rope_axes_dim=(8, 12, 12))
+    model.set_dtype(mx.float32)
+    mask = mx.array([[1] * 7 + [0] * 3, [1] * 10])
+    args = (mx.random.normal((2, 2, 6, 8, 16)), mx.array([900.0, 900.0]), mx.random.normal((2, 10, 64)), mask,
+            mx.random.normal((2, 16)), mx.array([6000.0, 6000.0]))
+    whole = np.array(model(*args))
+    calls = []
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.shape[2]) or
+                        real(q, *a, **k))
+    monkeypatch.setattr(H, "ATTENTION_FLOP", 4 * 2 * 2 * 34 * 32 * 10)  # 10 queries of the 34 tokens a call
+    chunked = np.array(model(*args))
+    # the refiner's 10 text queries in one call; the double and the single block's 34 queries in 10 + 10 + 10 + 4
+    assert sorted(calls) == [4, 4] + [10] * 7, calls
+    assert rel_err(chunked, whole) <= 1e-6
