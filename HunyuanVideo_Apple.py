@@ -428,6 +428,18 @@ class Modulation(nn.Module):
         return mx.split(self.linear(nn.silu(vec))[:, None], self.n, axis=-1)
 
 
+class ModulationTable(nn.Module):
+    """A Modulation's outputs for every step of one generation, computed ahead from the steps' conditioning
+    vectors (HunyuanVideoTransformer.precompute_modulation): the weights are gone, and step.i picks the row."""
+
+    def __init__(self, table, n, step):
+        super().__init__()
+        self.table, self.n, self._step = table, n, step  # table (steps, B, n*D)
+
+    def __call__(self, vec):
+        return mx.split(self.table[self._step.i][:, None], self.n, axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # DiT: token refiner (txt_in)
 # ---------------------------------------------------------------------------------------------------
@@ -586,6 +598,7 @@ class HunyuanVideoTransformer(nn.Module):
     # --low-memory: `stream` (set by load_transformer) gives a block's weights freshly read from disk; they are
     # used by the block and dropped after it.
     stream = None
+    modulation_step = None  # set by precompute_modulation
 
     @property
     def dtype(self):
@@ -604,6 +617,9 @@ class HunyuanVideoTransformer(nn.Module):
         block = getattr(self, kind)[i]
         if self.stream:
             weights, empty = self.stream(kind, i)
+            if isinstance(getattr(block, "modulation", getattr(block, "img_mod", None)), ModulationTable):
+                weights, empty = ({k: v for k, v in tree.items() if k not in ("img_mod", "txt_mod", "modulation")}
+                                  for tree in (weights, empty))  # the tables stand in for them
             block.update(weights)
         out = fn(block, *args) if fn else block(*args)
         mx.eval(out)
@@ -617,7 +633,9 @@ class HunyuanVideoTransformer(nn.Module):
         a checkpoint without a guidance embedding. Returns the velocity (B, T, H, W, C), model dtype.
         In three parts, which the step caches call one by one: embed, blocks, final."""
         tokens = self.embed(latents, timestep, text_states, text_mask, pooled, guidance)
-        return self.final(self.blocks(tokens)[0], tokens)
+        img, txt = tokens.img, tokens.txt
+        tokens = tokens._replace(img=None, txt=None)  # each block's input is freed once the next has run
+        return self.final(self.blocks(tokens, img, txt)[0], tokens)
 
     def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
         """The embedders and the token refiner: Tokens(img (B, Ni, D), txt (B, Nt, D), vec (B, D), the RoPE
@@ -641,10 +659,7 @@ class HunyuanVideoTransformer(nn.Module):
         counts = mask.sum(axis=1)  # (B,)
 
         timestep = timestep.astype(mx.float32)
-        vec = self.time_in(timestep, dtype)
-        if "guidance_in" in self:
-            vec = vec + self.guidance_in(guidance.astype(mx.float32), dtype)
-        vec = vec + self.vector_in(pooled.astype(dtype))  # (B, D), summed in the reference's order
+        vec = self.conditioning(timestep, pooled, guidance)
         txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
         img = self.img_in(latents.astype(dtype))  # (B, Ni, D)
         mx.eval(vec, txt, img)  # the embedders and the refiner on their own, before the blocks (see _run)
@@ -655,6 +670,27 @@ class HunyuanVideoTransformer(nn.Module):
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
         return Tokens(img, txt, vec, rope, attn_mask, latents.shape)
+
+    def conditioning(self, timestep, pooled, guidance=None):
+        """The conditioning vector (B, D) of every adaLN modulation: time_in(t) + guidance_in(g) +
+        vector_in(pooled), summed in the reference's order."""
+        vec = self.time_in(timestep.astype(mx.float32), self.dtype)
+        if "guidance_in" in self:
+            vec = vec + self.guidance_in(guidance.astype(mx.float32), self.dtype)
+        return vec + self.vector_in(pooled.astype(self.dtype))
+
+    def precompute_modulation(self, vecs):
+        """vecs (steps, B, D), one conditioning vector per step. Every block's adaLN modulation becomes a
+        table of its outputs for those steps, built block by block; the modulation weights (3.4 of the 12.8B
+        parameters) are dropped as each table is made. Set self.modulation_step.i to the step before each
+        forward. A generation's tables: steps x B x 360 D values (110 MB for 50 steps in bf16)."""
+        step = self.modulation_step = _Step()
+        for kind, names in (("double_blocks", ("img_mod", "txt_mod")), ("single_blocks", ("modulation",))):
+            for i, block in enumerate(getattr(self, kind)):
+                tables = self._run(kind, i, vecs, fn=lambda block, vecs: [getattr(block, n).linear(nn.silu(vecs))
+                                                                            for n in names])
+                for name, table in zip(names, tables):
+                    setattr(block, name, ModulationTable(table, getattr(block, name).n, step))
 
     def blocks(self, tokens, img=None, txt=None, first=0, last=None):
         """The double blocks from `first` (img and txt as they enter it) up to `last`, or else all of them and
@@ -697,6 +733,11 @@ def dit_flops(tokens, dim=3072, mlp=12288, double=20, single=40):
 
 
 Tokens = namedtuple("Tokens", "img txt vec rope mask shape")  # what DiT.embed gives its blocks
+
+
+class _Step:
+    """The step a generation is at, shared by its ModulationTables."""
+    i = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1041,6 +1082,16 @@ QUANTIZATIONS = {"int8": dict(mode="affine", bits=8, group_size=64),
                  "fp8": dict(mode="mxfp8", bits=8, group_size=32)}
 
 
+_MODULATION = re.compile(r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\."
+                         r"(img_mod|txt_mod|modulation|norm1|norm1_context|norm)\.linear\.")
+
+
+def _is_modulation(name):
+    """Whether a DiT tensor (Tencent or diffusers name, whole model or one block) belongs to a block's adaLN
+    modulation: img_mod, txt_mod, modulation (diffusers: norm1, norm1_context, norm)."""
+    return bool(_MODULATION.match(name) or re.match(r"(img_mod|txt_mod|modulation)\.linear\.", name))
+
+
 def quantize(model, quantization, modulation=False):
     """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks) or a
     LlamaTextEncoder. Lazy, like everything in MLX: a weight is quantized when evaluated."""
@@ -1054,7 +1105,7 @@ def quantize(model, quantization, modulation=False):
             return False
         if isinstance(model, HunyuanVideoTransformer) or block:
             return (block or path.startswith(("double_blocks.", "single_blocks."))) and (
-                modulation or not path.endswith(("_mod.linear", "modulation.linear")))
+                modulation or not _is_modulation(path + "."))
         return True
 
     nn.quantize(model, class_predicate=wanted, **spec)
@@ -1431,10 +1482,11 @@ def _same_kind(a, b):
     return mx.issubdtype(a, mx.floating) and mx.issubdtype(b, mx.floating) or a == b
 
 
-def _load_strict(model, weights, dtype, source, prepare=None, skip=(), progress=None):
+def _load_strict(model, weights, dtype, source, prepare=None, skip=lambda name: False, progress=None):
     """Put weights into model, refusing any missing, unexpected, mis-shaped or mis-typed key in one sentence. Then
     prepare(model) (quantization, say) and evaluate one tensor at a time: the model holds the only
-    references to the lazily read sources, so each is freed once used and the peak stays near the result."""
+    references to the lazily read sources, so each is freed once used and the peak stays near the result.
+    Parameters for which skip(name) is true stay lazy: read when first used."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -1456,7 +1508,7 @@ def _load_strict(model, weights, dtype, source, prepare=None, skip=(), progress=
     weights.clear()
     if prepare is not None:
         prepare(model)
-    read = [p for k, p in tree_flatten(model.parameters()) if not k.startswith(skip)]  # skipped: streamed blocks
+    read = [p for k, p in tree_flatten(model.parameters()) if not skip(k)]  # skipped: read later, or never
     for p in _counted(read, progress):  # read from disk (and quantized) now, one tensor at a time
         mx.eval(p)
     return model
@@ -1511,7 +1563,7 @@ def _tencent_names(weights):
 
 
 def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=None, quantize_modulation=False,
-                     stream=False, progress=None, **sizes):
+                     stream=False, progress=None, lazy_modulation=False, **sizes):
     """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
     Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
     folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
@@ -1519,6 +1571,7 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     quantization: None, "int8", "int4" or "fp8" (see quantize); a converted folder loads as it was stored.
     stream: leave the 60 blocks on disk and read each one when it runs (--low-memory; safetensors only).
     progress(done, total): after each tensor read (safetensors are read lazily: loading happens here).
+    lazy_modulation: leave the blocks' adaLN modulation weights unread, for precompute_modulation.
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
     (Tencent files carry no RoPE settings, for instance)."""
     source = Path(path).expanduser()
@@ -1536,13 +1589,14 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
         weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
     if not stream:
-        return _load_strict(model, weights, dtype, source, prepare, progress=progress)
+        return _load_strict(model, weights, dtype, source, prepare, _is_modulation if lazy_modulation else
+                            (lambda name: False), progress)
     files, _ = _component_files(source, "")
     if any(f.suffix != ".safetensors" for f in files):
         raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
                                 f"convert_weights.py.")
     blocks = ("double_blocks.", "single_blocks.")
-    _load_strict(model, weights, dtype, source, prepare, blocks, progress)  # checks every key; the blocks stay unread
+    _load_strict(model, weights, dtype, source, prepare, lambda k: k.startswith(blocks), progress)  # blocks unread
     empty = {k: mx.zeros(v.shape, v.dtype) for k, v in tree_flatten(model.parameters()) if k.startswith(blocks)}
     model.update(tree_unflatten(list(empty.items())))  # placeholders (never evaluated): nothing stays open
     model.stream = _block_streamer(files, model, dtype, structure, prepare, empty)
@@ -1939,6 +1993,26 @@ def step_cache(name, threshold, steps, size):
     return STEP_CACHES[name](threshold, steps, size)
 
 
+# Live preview: the video the current step predicts, without the VAE. The step's estimate of the clean latents
+# is x0 = x - sigma * v (flow matching: x = (1 - sigma) x0 + sigma noise, v = noise - x0), and a fixed linear
+# map from its 16 channels to RGB approximates the VAE's colours at 1/8 the size: ComfyUI's factors for
+# HunyuanVideo (comfy/latent_formats.py, HunyuanVideo.latent_rgb_factors and latent_rgb_factors_bias).
+LATENT_RGB = np.array([[-0.0395, -0.0331, 0.0445], [0.0696, 0.0795, 0.0518], [0.0135, -0.0945, -0.0282],
+                       [0.0108, -0.0250, -0.0765], [-0.0209, 0.0032, 0.0224], [-0.0804, -0.0254, -0.0639],
+                       [-0.0991, 0.0271, -0.0669], [-0.0646, -0.0422, -0.0400], [-0.0696, -0.0595, -0.0894],
+                       [-0.0799, -0.0208, -0.0375], [0.1166, 0.1627, 0.0962], [0.1165, 0.0432, 0.0407],
+                       [-0.2315, -0.1920, -0.1355], [-0.0270, 0.0401, -0.0821], [-0.0616, -0.0997, -0.0727],
+                       [0.0249, -0.0469, -0.1703]], dtype=np.float32)
+LATENT_RGB_BIAS = np.array([0.0259, -0.0192, -0.0761], dtype=np.float32)
+
+
+def latent_preview(latents):
+    """Latents in the DiT's space (B, t, h, w, 16) -> uint8 (t, h, w, 3) of the first video: ComfyUI's linear
+    latent-to-RGB preview, mapped from [-1, 1] as ComfyUI maps it."""
+    rgb = np.array(latents[0].astype(mx.float32)) @ LATENT_RGB + LATENT_RGB_BIAS  # (t, h, w, 3)
+    return (np.clip((rgb + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
+
+
 MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop back to their start
 SEEDS = 2 ** 64  # a seed is a 64-bit key: 0 <= seed < 2**64
 
@@ -2043,6 +2117,9 @@ class HunyuanVideoPipeline:
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
         self.prompt_hit = False  # whether the last encode_prompt read the prompt cache
+        # the DiT's adaLN modulation computed for all steps before the first, its weights never held (see
+        # HunyuanVideoTransformer.precompute_modulation); False computes it at every step from the weights
+        self.precompute_modulation = True
         self.stats = {}
         self.progress = None  # progress(what, done, total): each activity opens with done = 0
 
@@ -2076,10 +2153,10 @@ class HunyuanVideoPipeline:
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
         return cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub, prompt_cache)
 
-    def check_memory(self, height, width, num_frames, cache=None):
+    def check_memory(self, height, width, num_frames, cache=None, steps=50):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit."""
         return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                            self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache)
+                            self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache, steps=steps)
 
     def download(self):
         """Fetch a hub checkpoint's weights (once; the phases call this)."""
@@ -2166,21 +2243,23 @@ class HunyuanVideoPipeline:
 
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
-                cache_threshold=None, checkpoint=None, resume=None):
+                cache_threshold=None, checkpoint=None, resume=None, preview=None):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
         cache_threshold (None: its published default). self.stats["work"] counts the DiT forwards computed
         and skipped and their PFLOP.
         checkpoint(state) is called after each step with what continuing needs: {"step": steps done, "latents",
         "cache": cache_state(...), "work": the ledger so far}; resume=such a state (its latents passed as
-        `latents`) continues from it, and gives what the uninterrupted run gives."""
+        `latents`) continues from it, and gives what the uninterrupted run gives. preview(step, steps, x0) is
+        called after each step with the clean latents the step predicts (see latent_preview)."""
         forward = step_cache(cache, cache_threshold, num_inference_steps, (height, width))
         if resume:
             _set_cache_state(forward, *resume["cache"])
 
         def work():
             model = load_transformer(self.folder / "transformer", self.dtypes["transformer"], self.quantization,
-                                     self.quantize_modulation, self.low_memory, self._report("loading the DiT"))
+                                     self.quantize_modulation, self.low_memory, self._report("loading the DiT"),
+                                     lazy_modulation=self.precompute_modulation)
             B = text_states.shape[0]
             shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
             if latents is None:
@@ -2194,19 +2273,28 @@ class HunyuanVideoPipeline:
             guidance = mx.full((B,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
             states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
+            if self.precompute_modulation:  # every step's modulation now, and its weights dropped
+                model.precompute_modulation(mx.stack([model.conditioning(timestep(s, B), vector, guidance)
+                                                      for s in sigmas[:-1]]))
             tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(text_mask.sum(axis=1).max().item())
             ledger = self.stats["work"] = dict(cache=cache, forwards=0, skipped=0, pflop=0.0, steps=[])
             if resume:
                 ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
             for i in _counted(range(resume["step"] if resume else 0, num_inference_steps), self._report("denoising")):
+                if model.modulation_step:
+                    model.modulation_step.i = i
                 args = (x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
                 v, (double, single) = forward(model, args, i, num_inference_steps)
                 full = (double, single) == model.depth
                 ledger["forwards" if full else "skipped"] += 1
                 ledger["pflop"] += model.flops(tokens, double, single) / 1e15
                 ledger["steps"].append(full)
+                if preview is not None:
+                    x0 = x - float(sigmas[i]) * v.astype(mx.float32)  # the step's estimate of the clean latents
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
+                if preview is not None:
+                    preview(i + 1, num_inference_steps, x0)
                 if checkpoint is not None:
                     checkpoint(dict(step=i + 1, latents=x, cache=cache_state(forward), work=ledger))
                 if callback is not None and callback(i + 1, num_inference_steps, x) is False:
@@ -2226,10 +2314,11 @@ class HunyuanVideoPipeline:
 
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
                  flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
-                 cache_threshold=None):
+                 cache_threshold=None, preview=None):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
         A request that the memory plan says would not fit is refused before anything loads, unless force.
-        cache, cache_threshold: a step cache (see denoise)."""
+        cache, cache_threshold: a step cache; preview(step, steps, x0): the clean latents each step predicts (see
+        denoise and latent_preview)."""
         problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale)
         if problem:
             raise HunyuanVideoError(problem)
@@ -2237,11 +2326,11 @@ class HunyuanVideoPipeline:
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
         if not force:
-            self.check_memory(height, width, num_frames, cache)
+            self.check_memory(height, width, num_frames, cache, num_inference_steps)
         self.stats = {}
         states, mask, pooled = self.encode_prompt(prompt)
         latents = self.denoise(states, mask, pooled, height, width, num_frames, num_inference_steps, guidance_scale,
-                               flow_shift, seed, latents, callback, cache, cache_threshold)
+                               flow_shift, seed, latents, callback, cache, cache_threshold, preview=preview)
         return latents if output_type == "latent" else self.decode(latents)
 
 
@@ -2380,7 +2469,6 @@ def _weights_bytes(info, quantization=None, modulation=False, dit=True, itemsize
     """Bytes of a component's weights once loaded: floats (fp8 dequantized too) at itemsize, the layers that
     quantization affects as MLX stores them, a converted checkpoint's quantized data as stored."""
     spec = QUANTIZATIONS.get(quantization)
-    modulation_names = ("norm1.linear", "norm1_context.linear", "norm.linear", "_mod.linear", "modulation.linear")
     total = 0
     for name, (shape, dtype) in info.items():
         if not keep(name) or name.endswith(_FP8_SCALES + _FP8_UNUSED):
@@ -2392,8 +2480,7 @@ def _weights_bytes(info, quantization=None, modulation=False, dit=True, itemsize
         in_block = not dit or name.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.",
                                                "single_transformer_blocks."))
         if (spec and len(shape) == 2 and name.endswith(".weight") and shape[1] % spec["group_size"] == 0
-                and in_block and "embed" not in name and (modulation or not name.removesuffix(".weight")
-                                                          .endswith(modulation_names))):
+                and in_block and "embed" not in name and (modulation or not _is_modulation(name))):
             groups = n // spec["group_size"]
             total += n * spec["bits"] // 8 + groups * (2 * itemsize if spec["mode"] == "affine" else 1)
         else:
@@ -2507,11 +2594,13 @@ def _backend():
 
 
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
-                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None, cache=None):
+                    tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None, cache=None,
+                    steps=50):
     """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
     dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
     two of them are in memory at once. hub: the hub id, to read the headers there before a download.
-    cache: the step cache, whose kept tensors count too."""
+    cache: the step cache, whose kept tensors count too. steps: for the table of precomputed modulation (the
+    modulation weights themselves are never held, see precompute_modulation)."""
     folder, cpu = Path(folder), (backend or _backend()) == "cpu"
     size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
     parts = _components(folder, hub)
@@ -2536,16 +2625,21 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     def weigh(**keep):
         return _weights_bytes(dit_info, quantization, modulation, itemsize=size["transformer"], **keep)
-    dit = weigh()
+    # the modulation weights are never all held: each block's is read to make its table, then dropped
+    dit = weigh(keep=lambda k: not _is_modulation(k))
+    first = ("double_blocks.0.", "transformer_blocks.0.")
     if low_memory:  # the blocks stay on disk but for the one running (and its float copy while quantizing)
         blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
-        first = ("double_blocks.0.", "transformer_blocks.0.")
         dit = min(dit, weigh(keep=lambda k: not k.startswith(blocks)) + 2 * weigh(keep=lambda k: k.startswith(first)))
-    denoise = dit + _dit_activations(video + TEXT_LENGTH, TEXT_LENGTH, video, D, heads, int(D * sizes["mlp_ratio"]),
-                                     sizes["text_embed_dim"], size["transformer"], cpu)
-    # what a step cache keeps between steps, in the DiT's dtype: video-token tensors of width D (First-Block
-    # Cache and TeaCache two, MagCache one), or for EasyCache four latent-sized ones (64 values a token)
-    denoise += {"fbcache": 2 * D, "teacache": 2 * D, "magcache": D, "easycache": 4 * 64}.get(cache, 0) * video * \
+    table = steps * D * (12 * sizes["num_layers"] + 3 * sizes["num_single_layers"]) * size["transformer"]
+    making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + 12 * D * steps * size["transformer"]
+    denoise = dit + table + max(making, _dit_activations(
+        video + TEXT_LENGTH, TEXT_LENGTH, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
+        size["transformer"], cpu))
+    # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
+    # two between steps, MagCache one, and each the blocks' video input during a step), or for EasyCache four
+    # latent-sized ones (64 values a token)
+    denoise += {"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D, "easycache": 4 * 64}.get(cache, 0) * video * \
         size["transformer"]
 
     vae_info, vae_cfg = parts["vae"]
@@ -2580,13 +2674,14 @@ def available_memory():
 
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
-                 budget=None, dtypes=None, hub=None, cache=None):
+                 budget=None, dtypes=None, hub=None, cache=None, steps=50):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
-    would fit: the fewest changes that do (a quantization, --low-memory, a smaller size, fewer frames), together
-    where no single one is enough; return the estimate otherwise. Nothing is loaded."""
+    would fit: the fewest changes that do (a quantization, --low-memory, a smaller size), together where no
+    single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
+    is loaded."""
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
-                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache)
+                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps)
     est = estimate_memory(folder, **request)
     phase = max(est, key=est.get)
     if est[phase] <= 0.9 * budget:
@@ -2602,19 +2697,21 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
         levers.append(("--low-memory", dict(low_memory=True)))
     if height * width > 544 * 960:
         levers.append(("--resolution 544 960", dict(height=544, width=960)))
+    combos = [combo for n in range(len(levers) + 1) for combo in itertools.combinations(levers, n)
+              if sum(flag.startswith("--quantization") for flag, _ in combo) <= 1]
     options = []
-    for n in range(len(levers) + 1):
-        for combo in itertools.combinations(levers, n):
-            flags = [flag for flag, _ in combo]
-            if sum(f.startswith("--quantization") for f in flags) > 1:
-                continue
-            change = {k: v for _, c in combo for k, v in c.items()}
-            if n and fits(change):
-                options.append(" ".join(flags))
-            else:
-                frames = next((f for f in range(num_frames - 4, 0, -4) if fits({**change, "num_frames": f})), None)
-                if frames:
-                    options.append(" ".join(flags + [f"--frames {frames}"]))
+    for shorter in (False, True):  # the clip as asked first; fewer frames only where nothing else fits
+        for n in range(len(levers) + 1):
+            for combo in (c for c in combos if len(c) == n):
+                flags, change = [flag for flag, _ in combo], {k: v for _, c in combo for k, v in c.items()}
+                if not shorter and n and fits(change):
+                    options.append(" ".join(flags))
+                elif shorter:
+                    frames = next((f for f in range(num_frames - 4, 0, -4) if fits({**change, "num_frames": f})), None)
+                    if frames:
+                        options.append(" ".join(flags + [f"--frames {frames}"]))
+            if options:
+                break
         if options:
             break
     raise HunyuanVideoError(

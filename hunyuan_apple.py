@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 import HunyuanVideo_Apple as H
 
@@ -42,7 +43,7 @@ MAX_FPS = 120
 DECODE_FLAGS = {"decode_latents", "model", "vae_dtype", "output", "overwrite", "frames_dir", "gif", "fps", "low_memory"}
 # what --resume takes besides the settings in its file (a setting given too must agree with the file)
 RESUME_FLAGS = {"resume", "model", "overwrite", "frames_dir", "gif", "low_memory", "force", "checkpoint_every",
-                "no_prompt_cache"}
+                "no_prompt_cache", "preview"}
 
 
 def sizes_table():
@@ -84,7 +85,8 @@ def parse_args(argv):
     ap.add_argument("--quantization", choices=list(H.QUANTIZATIONS), help="quantize the DiT's blocks and the LLM")
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
     ap.add_argument("--quantize-modulation", action="store_true",
-                    help="also quantize the DiT's adaLN modulation (3.4B parameters; saves memory, may cost quality)")
+                    help="also quantize the DiT's adaLN modulation (3.4B parameters, tabulated for all steps before "
+                         "the first either way: no memory saved, may cost quality)")
     for flag, what in (("dit", "the DiT"), ("vae", "the VAE"), ("text", "the text encoders")):
         default = DEFAULT_DTYPES[f"{flag}_dtype"]
         ap.add_argument(f"--{flag}-dtype", choices=list(H.DTYPES), help=f"precision of {what} (default {default})")
@@ -98,6 +100,8 @@ def parse_args(argv):
                     "(default folder /tmp/hunyuan_frames)")
     ap.add_argument("--fps", type=int, help=f"frame rate of the video, 1 to {MAX_FPS} (default 24)")
     ap.add_argument("--gif", action="store_true", help="also write a GIF beside the mp4")
+    ap.add_argument("--preview", action="store_true", help="keep NAME.preview.png beside the mp4: a strip of frames "
+                    "of the video the current step predicts, updated after every step")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--from-metadata", metavar="FILE", help="repeat a generation from its .json or .mp4 (flags given "
                                                             "too override its settings)")
@@ -224,6 +228,7 @@ def check_outputs(out, args, latents=True):
                                                       ("--resume", args.resume)) if f}
     latents_file = out.with_name(out.stem + ".latents.safetensors") if latents else None
     files = [out, out.with_suffix(".json")] + ([out.with_suffix(".gif")] if args.gif else []) + \
+        ([preview_file(out)] if args.preview and latents else []) + \
         ([latents_file] if latents else []) + ([partial_file(out)] if latents and not args.resume else [])
     for f in files:
         if f.resolve() in inputs:
@@ -239,6 +244,25 @@ def check_outputs(out, args, latents=True):
                                       f"them, or choose another --frames-dir.")
         check_writable(folder / "frame_0000.png", True)
     return latents_file
+
+
+def preview_file(out):
+    return out.with_name(out.stem + ".preview.png")
+
+
+def write_preview(out):
+    """--preview: after each step, a strip of up to 8 frames (1/8 of the video's size) of what the step predicts,
+    written under a temporary name and renamed."""
+    from PIL import Image
+
+    def write(step, steps, x0):
+        frames = H.latent_preview(x0)
+        strip = np.concatenate(list(frames[np.linspace(0, len(frames) - 1, min(len(frames), 8)).round().astype(int)]),
+                               axis=1)  # (h, k w, 3)
+        tmp = out.with_name(f".{out.stem}.preview.partial.png")
+        Image.fromarray(strip).save(tmp)
+        tmp.replace(preview_file(out))
+    return write
 
 
 def partial_file(out):
@@ -461,7 +485,8 @@ def main(argv=None):
                   f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
                   + (f", cache {settings['cache']}" if settings["cache"] else ""), file=sys.stderr)
             try:  # before any weights load
-                est = pipe.check_memory(settings["height"], settings["width"], settings["frames"], settings["cache"])
+                est = pipe.check_memory(settings["height"], settings["width"], settings["frames"], settings["cache"],
+                                        settings["steps"])
                 print("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in est.items()), file=sys.stderr)
             except H.HunyuanVideoError as e:
                 if not args.force:
@@ -481,7 +506,8 @@ def main(argv=None):
             latents = pipe.denoise(*text, settings["height"], settings["width"], settings["frames"], settings["steps"],
                                    settings["guidance"], settings["shift"], settings["seed"], latents=start,
                                    cache=settings["cache"], cache_threshold=settings["cache_threshold"],
-                                   checkpoint=checkpoint, resume=resume)
+                                   checkpoint=checkpoint, resume=resume,
+                                   preview=write_preview(out) if args.preview else None)
             settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents

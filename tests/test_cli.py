@@ -361,3 +361,35 @@ def test_interrupted_run_resumes_to_the_same_video(env, tmp_path):
     r = run(env, tmp_path, *SMALL, "--prompt", "a cat", "--output", "bad.mp4")  # afresh: the checkpoint is kept
     assert r.returncode == 2 and "bad.partial.safetensors already exists: pass --overwrite" in r.stderr, r.stderr
     assert run(env, tmp_path, *SMALL, "--prompt", "a cat", "--output", "bad.mp4", "--overwrite").returncode == 0
+
+
+def test_preview_is_written_after_every_step(env, tmp_path, monkeypatch):
+    """--preview: NAME.preview.png appears after the first step and is rewritten after each one, a strip of the
+    predicted frames at 1/8 of the video's size (up to 8 of them)."""
+    import PIL.Image
+
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real = PIL.Image.Image.save
+
+    def save(self, f, *a, **k):
+        if "preview" in str(f):
+            seen.append((self.size, (tmp_path / "fox.preview.png").exists()))
+        return real(self, f, *a, **k)
+    monkeypatch.setattr(PIL.Image.Image, "save", save)
+    assert cli.main(["--prompt", "a fox", *SMALL, "--steps", "3", "--output", "fox.mp4", "--preview"]) == 0
+    assert seen == [((3 * 64 // 8, 48 // 8), False), ((24, 6), True), ((24, 6), True)]  # 3 latent frames of 6 x 8
+    assert iio.imread(tmp_path / "fox.preview.png").shape == (6, 24, 3)
+    r = run(env, tmp_path, "--prompt", "a fox", *SMALL, "--output", "fox.mp4", "--preview")  # the names are taken
+    assert r.returncode == 2 and "fox.mp4 already exists" in r.stderr
+
+
+def test_preview_of_the_clean_latents():
+    """The preview is ComfyUI's linear map of the x0 estimate: channels times its factors plus its bias, from
+    [-1, 1] to 0..255; zero latents give the bias's colour."""
+    x0 = mx.zeros((1, 2, 3, 4, 16))
+    frames = H.latent_preview(x0)
+    assert frames.shape == (2, 3, 4, 3) and (frames == np.round((H.LATENT_RGB_BIAS + 1) / 2 * 255)).all()
+    one = mx.zeros((1, 1, 1, 1, 16)).at[..., 12].add(1.0)  # channel 12: the strongest, darkens every colour
+    assert (H.latent_preview(one)[0, 0, 0] < frames[0, 0, 0]).all()

@@ -99,7 +99,9 @@ def test_bench_phases_and_plan_run():
 def test_plan_counts_the_real_model_exactly(tmp_path):
     """The plan's weights, from header-only files of the real shapes: bf16 is 2 bytes x 12,821,012,544
     parameters; int8 saves 1 - 1/16 byte on each of the 9.06B token-wise block weights (2 bytes -> 1 + a bf16
-    scale and bias per 64). The denoise estimate is those weights plus the activations, exactly."""
+    scale and bias per 64). The denoise estimate is those weights less the adaLN modulation (360 (D^2 + D) in
+    bf16: 3.4B parameters, never held whole), plus its table for 50 steps (50 x 360 D) and the activations,
+    exactly."""
     import bench_hunyuan_apple as B
     folder = B.header_only_checkpoint(tmp_path)
     info = H._tensor_info(H._component_files(folder / "transformer", "")[0])
@@ -110,7 +112,10 @@ def test_plan_counts_the_real_model_exactly(tmp_path):
     assert bf16 - int8 == token_wise * (2 - 1 - 4 / 64)
     N = B.tokens(544, 960, 13)
     activations = H._dit_activations(N, 256, N - 256, D, 24, 4 * D, 4096, 2, cpu=False)
-    assert H.estimate_memory(folder, 544, 960, 13, "int8", backend="gpu")["denoise"] == int8 + activations
+    modulation, table = 2 * 360 * (D * D + D), 2 * 50 * 360 * D
+    assert modulation / 2 == 3_398_492_160
+    assert H.estimate_memory(folder, 544, 960, 13, "int8", backend="gpu")["denoise"] == \
+        int8 - modulation + table + activations
 
 
 def test_bench_parity_and_vae_run():
