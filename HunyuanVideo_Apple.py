@@ -520,13 +520,20 @@ class DoubleBlock(nn.Module):
     def __call__(self, img, txt, vec, rope, mask):
         """img (B, Ni, D), txt (B, Nt, D), vec (B, D); rope = (cos, sin) for the Ni video tokens."""
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
+        attn = self._attend(img, txt, img_mod, txt_mod, rope, mask)
+        n = img.shape[1]
+        return self._rest("img", img, attn[:, :n], img_mod), self._rest("txt", txt, attn[:, n:], txt_mod)
+
+    def _attend(self, img, txt, img_mod, txt_mod, rope, mask):
+        """The joint attention over [video ; text], evaluated on its own: its q, k, v, norms and rotations (this
+        function's) are freed before the MLPs run, which lowers the block's peak (the plan counts the halves)."""
         qi, ki, vi = self._qkv("img", img, img_mod[0], img_mod[1])
         qi, ki = _rope(qi, *rope), _rope(ki, *rope)  # RoPE on video only
         qt, kt, vt = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
         attn = _attention(mx.concatenate([qi, qt], axis=2), mx.concatenate([ki, kt], axis=2),
-                          mx.concatenate([vi, vt], axis=2), mask)  # over [video ; text]
-        n = img.shape[1]
-        return self._rest("img", img, attn[:, :n], img_mod), self._rest("txt", txt, attn[:, n:], txt_mod)
+                          mx.concatenate([vi, vt], axis=2), mask)
+        mx.eval(attn)
+        return attn
 
 
 class SingleBlock(nn.Module):
@@ -545,11 +552,18 @@ class SingleBlock(nn.Module):
     def __call__(self, x, vec, rope, mask):
         """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows."""
         shift, scale, gate = self.modulation(vec)
+        attn, mlp = self._attend(x, shift, scale, rope, mask)
+        return _gated(x, gate, self.linear2(mx.concatenate([attn, mlp], axis=-1)))
+
+    def _attend(self, x, shift, scale, rope, mask):
+        """Attention and the GELU of the MLP branch, evaluated on their own: linear1's output and the q, k, v
+        made from it (this function's) are freed before linear2 runs (the plan counts the two halves)."""
         h = self.linear1(_modulate(x, shift, scale))  # (B, N, 3D + mlp)
         q, k, v = _heads(h, 3, self.heads, self.dim)  # views of h
         q, k = _rope(self.q_norm(q), *rope), _rope(self.k_norm(k), *rope)
-        attn = _attention(q, k, v, mask)
-        return _gated(x, gate, self.linear2(mx.concatenate([attn, nn.gelu_approx(h[..., 3 * self.dim:])], axis=-1)))
+        out = _attention(q, k, v, mask), nn.gelu_approx(h[..., 3 * self.dim:])
+        mx.eval(out)
+        return out
 
 
 class FinalLayer(nn.Module):
@@ -2502,25 +2516,31 @@ def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
 
 
 def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu):
-    """Peak activation bytes of one DiT forward. Per token, in elements:
-      single block: its input and the [video ; text] concatenation it starts from (2D), the modulated input
-        (D), linear1's [q|k|v|mlp] (3D + M), q and k after RMSNorm (2D) and after RoPE (2D), the attention
-        output and its (N, D) copy (2D), GELU of the MLP (M), [attention | MLP] (D + M), linear2 and the
-        gated residual (2D): 15D + 3M;
-      double block, per video token: its input (D), modulated (D), q|k|v (3D), q and k normed (2D) and
-        rotated (2D), the joint [video ; text] q, k, v (3D), the attention output and its copy (2D), output
-        projection, residual, modulated (3D), fc1 and GELU (2M), fc2 and residual (2D): 19D + 2M;
+    """Peak activation bytes of one DiT forward. A block is evaluated in two halves, the attention first (its
+    q, k, v are freed before the MLP runs), so its peak is the larger half. Per token, in elements:
+      single block, attention half: its input and the [video ; text] concatenation it starts from (2D), the
+        modulated input (D), linear1's [q|k|v|mlp] (3D + M), q and k after RMSNorm (2D) and after RoPE (2D),
+        the attention output and its (N, D) copy (2D), GELU of the MLP (M): 12D + 2M; the other half: the
+        input (2D), the attention and GELU kept (D + M), [attention | MLP] (D + M), linear2 and the gated
+        residual (2D): 6D + 2M;
+      double block, per video token, attention half: its input (D), modulated (D), q|k|v (3D), q and k normed
+        (2D) and rotated (2D), the joint [video ; text] q, k, v (3D), the attention output and its copy (2D):
+        14D; the other half: the input and the attention kept (2D), output projection, residual, modulated
+        (3D), fc1 and GELU (2M), fc2 and residual (2D): 7D + 2M;
+      both: what mx.compile's fused functions still hold of their last call in the previous block, its input
+        and residual branch (2D; measured: each block otherwise leaves an (N, D) array alive until the next);
       token refiner, per text token: its input (text_dim), projected (D), normed (D), q|k|v (3D), attention
         output and copy (2D), projection and residual (2D), normed (D), fc1 and SiLU (2M), fc2 and residual
         (2D): 12D + 2M + text_dim.
-    CPU: attention scores, and the norms' float32 temporaries (2 norms of (N, D) in a block at once)."""
+    CPU: attention scores and the RMS norms' float32 temporaries in the attention half, a LayerNorm's in each."""
     b = itemsize
-    single = tokens * (15 * D + 3 * mlp) * b + _attention_bytes(heads, tokens, tokens, D, b, cpu)
-    double = tokens * (19 * D + 2 * mlp) * b + _attention_bytes(heads, tokens, tokens, D, b, cpu)
+    ln = _cpu_norm_temporaries(tokens * D, b) if cpu else 0
+    rms = _cpu_norm_temporaries(tokens * D, b, rms=True) if cpu else 0
+    attention = _attention_bytes(heads, tokens, tokens, D, b, cpu) + ln + 2 * rms
+    single = max(tokens * (14 * D + 2 * mlp) * b + attention, tokens * (8 * D + 2 * mlp) * b + ln)
+    double = max(tokens * 16 * D * b + attention, tokens * (9 * D + 2 * mlp) * b + ln)
     refiner = text * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, text, text, D, b, cpu)
     if cpu:
-        single += _cpu_norm_temporaries(tokens * D, b) + 2 * _cpu_norm_temporaries(tokens * D, b, rms=True)
-        double += _cpu_norm_temporaries(tokens * D, b) + 2 * _cpu_norm_temporaries(tokens * D, b, rms=True)
         refiner += _cpu_norm_temporaries(text * D, b)
     # held throughout: the RoPE table, the text states (as encoded and cast), the latents and velocity
     held = tokens * (D // heads) * 4 + text * text_dim * 2 * b + video_tokens * 64 * (8 + b)
