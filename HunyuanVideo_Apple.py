@@ -10,7 +10,8 @@ One module, in the order data flows through the model:
      their makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own
      precision (DiT bf16, VAE and text encoders fp16);
   6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache:
-     fewer DiT forwards), and the pipeline that runs it all in phases, with presets such as FastHunyuan;
+     fewer DiT forwards) and its live preview, and the pipeline that runs it all in phases: the adaLN
+     modulation precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan);
   7. the offline demo: a tiny random checkpoint in the real layout;
   8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
 
@@ -625,8 +626,8 @@ class HunyuanVideoTransformer(nn.Module):
 
     def _run(self, kind, i, *args, fn=None):
         """Call block i of `kind` (or fn(block, *args), for a part of it) and evaluate its output. One block's
-        intermediates are then all that is alive (the memory plan counts them) and no GPU command buffer spans
-        more than a block. Streaming (--low-memory) reads the block's weights just before and drops them just
+        intermediates (half of them: a block evaluates its attention first) are then all that is alive (the
+        memory plan counts them) and no GPU command buffer spans more than a block. Streaming (--low-memory) reads the block's weights just before and drops them just
         after."""
         block = getattr(self, kind)[i]
         if self.stream:
