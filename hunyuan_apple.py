@@ -37,7 +37,7 @@ COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
 DEFAULTS = dict(aspect_ratio="16:9", quality="540p", frames=13, steps=50, guidance=6.0, shift=7.0,
-                model=H.DEFAULT_MODEL, fps=24)
+                model=H.DEFAULT_MODEL, fps=24, checkpoint_every=10.0)
 MAX_FPS = 120
 # what --decode-latents uses; any other flag is refused with it (the latents are already made)
 DECODE_FLAGS = {"decode_latents", "model", "vae_dtype", "output", "overwrite", "frames_dir", "gif", "fps", "low_memory"}
@@ -118,11 +118,28 @@ def parse_args(argv):
     return args
 
 
+def flag(key):
+    """The command-line flag of a setting or argument: "frames_dir" -> "--frames-dir"."""
+    return "--" + key.replace("_", "-")
+
+
+def input_file(args, key):
+    """The file a flag names (--from-metadata, --decode-latents, --resume), which must exist."""
+    path = Path(getattr(args, key))
+    if not path.is_file():
+        raise H.HunyuanVideoError(f"{flag(key)} {path}: the file does not exist.")
+    return path
+
+
+def refuse(args, allowed, why):
+    """One sentence for the flags given that a mode does not use."""
+    unused = sorted(args.given - allowed)
+    if unused:
+        raise H.HunyuanVideoError(f"{', '.join(flag(k) for k in unused)}: {why}")
+
+
 def read_metadata(path):
     """The settings of an earlier generation, from its JSON sidecar or its mp4's comment tag, type-checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise H.HunyuanVideoError(f"--from-metadata {path}: the file does not exist.")
     try:
         if path.suffix == ".mp4":
             import subprocess
@@ -150,9 +167,9 @@ def read_metadata(path):
         number = (int, float) if kind is float else kind  # a whole number is a number; true is not one
         if not isinstance(value, number) or isinstance(value, bool) and kind is not bool:
             what = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}[kind]
-            flag = "--resolution" if key in ("height", "width") else "--" + key.replace("_", "-")
             raise H.HunyuanVideoError(f"{path}: \"{key}\" is {json.dumps(value)}, where {what} is expected: correct "
-                                      f"the file, or give {flag} to override it.")
+                                      f"the file, or give {flag('resolution' if key in ('height', 'width') else key)} "
+                                      f"to override it.")
         settings[key] = value
     return settings
 
@@ -160,7 +177,7 @@ def read_metadata(path):
 def resolve(args):
     """Settings from the flags (and --from-metadata), checked: a dict, or HunyuanVideoError in one sentence."""
     given = args.given
-    s = read_metadata(args.from_metadata) if args.from_metadata else {}
+    s = read_metadata(input_file(args, "from_metadata")) if args.from_metadata else {}
     if args.preset:  # its settings, under the flags given
         s.update(preset=args.preset, **{k: v for k, v in H.PRESETS[args.preset].items() if k in SETTINGS})
     if {"quantize", "quantization"} <= given and QUANTIZE_BITS[args.quantize] != args.quantization:
@@ -302,9 +319,7 @@ class Checkpoint:
 def read_checkpoint(args):
     """--resume FILE: (output, settings, text, resume state, latents). Settings given as flags too must agree
     with the file's; flags that only start a generation are refused."""
-    path = Path(args.resume)
-    if not path.is_file():
-        raise H.HunyuanVideoError(f"--resume {path}: the file does not exist.")
+    path = input_file(args, "resume")
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
         settings, step = json.loads(meta["settings"]), int(meta["step"])
@@ -321,14 +336,12 @@ def read_checkpoint(args):
     differ = [k for k in sorted(args.given & (SETTINGS.keys() | flags.keys()) - {"model"})
               if (tuple(args.resolution) if k == "resolution" else getattr(args, k)) != flags.get(k, settings.get(k))]
     if differ:
-        said = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the checkpoint: {flags.get(k, settings.get(k))})"
+        said = ", ".join(f"{flag(k)} {getattr(args, k)} (the checkpoint: {flags.get(k, settings.get(k))})"
                          for k in differ)
         raise H.HunyuanVideoError(f"{said}: a resumed run keeps the settings it started with; leave the flag out, or "
                                   f"start afresh.")
-    unused = sorted(args.given - RESUME_FLAGS - SETTINGS.keys() - flags.keys())
-    if unused:
-        raise H.HunyuanVideoError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: --resume continues the "
-                                  f"run as it was; leave these out.")
+    refuse(args, RESUME_FLAGS | SETTINGS.keys() | flags.keys(),
+           "--resume continues the run as it was; leave these out.")
     if "model" in args.given:
         settings["model"] = args.model  # a moved copy of the checkpoint
     return Path(meta["output"]), settings, text, resume, latents
@@ -435,15 +448,9 @@ def load_pipeline(settings, args):
 def decode_saved(args):
     """--decode-latents: the VAE phase alone, from latents an earlier run saved. --model, --vae-dtype and
     --fps given now replace the recorded ones; flags that only a generation uses are refused."""
-    unused = sorted(args.given - DECODE_FLAGS)
-    if unused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-        raise H.HunyuanVideoError(f"{flags}: --decode-latents only decodes latents already made, with --model, "
-                                  f"--vae-dtype, --output, --fps, --frames-dir, --gif, --low-memory; leave the rest "
-                                  f"out.")
-    path = Path(args.decode_latents)
-    if not path.is_file():
-        raise H.HunyuanVideoError(f"--decode-latents {path}: the file does not exist.")
+    refuse(args, DECODE_FLAGS, "--decode-latents only decodes latents already made, with --model, --vae-dtype, "
+                               "--output, --fps, --frames-dir, --gif, --low-memory; leave the rest out.")
+    path = input_file(args, "decode_latents")
     try:
         saved = mx.load(str(path), return_metadata=True)
         latents, settings = saved[0]["latents"], json.loads(saved[1]["settings"])
@@ -463,7 +470,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     latents_file, phase, checkpoint = None, "loading", None
     try:
-        if (args.checkpoint_every or 0) < 0:
+        if args.checkpoint_every < 0:
             raise H.HunyuanVideoError(f"--checkpoint-every {args.checkpoint_every}: use 0 or more seconds.")
         if args.decode_latents:
             if args.from_metadata:
@@ -501,8 +508,7 @@ def main(argv=None):
                     print("the prompt's encoding comes from the prompt cache (--no-prompt-cache runs the text "
                           "encoders)", file=sys.stderr)
             phase = "denoising"
-            every = 10.0 if args.checkpoint_every is None else args.checkpoint_every
-            checkpoint = Checkpoint(out, settings, text, every)
+            checkpoint = Checkpoint(out, settings, text, args.checkpoint_every)
             latents = pipe.denoise(*text, settings["height"], settings["width"], settings["frames"], settings["steps"],
                                    settings["guidance"], settings["shift"], settings["seed"], latents=start,
                                    cache=settings["cache"], cache_threshold=settings["cache_threshold"],
