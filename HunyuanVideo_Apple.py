@@ -8,10 +8,12 @@ One module, in the order data flows through the model:
   4. quantization of the DiT's blocks and the LLM (int8, int4, fp8);
   5. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as
      their makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own
-     precision (DiT bf16, VAE and text encoders fp16);
+     precision (DiT bf16, VAE and text encoders fp16); LoRAs in four key layouts, merged before quantizing
+     or as low-rank branches beside quantized layers;
   6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache:
      fewer DiT forwards) and its live preview, and the pipeline that runs it all in phases: the adaLN
-     modulation precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan);
+     modulation precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan,
+     SkyReels-V1), true classifier-free guidance with a negative prompt, video to video;
   7. the offline demo: a tiny random checkpoint in the real layout;
   8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
 
@@ -431,14 +433,15 @@ class Modulation(nn.Module):
 
 class ModulationTable(nn.Module):
     """A Modulation's outputs for every step of one generation, computed ahead from the steps' conditioning
-    vectors (HunyuanVideoTransformer.precompute_modulation): the weights are gone, and step.i picks the row."""
+    vectors (HunyuanVideoTransformer.precompute_modulation): the weights are gone, and step.i picks the row
+    (step.rows, the videos of the batch)."""
 
     def __init__(self, table, n, step):
         super().__init__()
         self.table, self.n, self._step = table, n, step  # table (steps, B, n*D)
 
     def __call__(self, vec):
-        return mx.split(self.table[self._step.i][:, None], self.n, axis=-1)
+        return mx.split(self.table[self._step.i][self._step.rows][:, None], self.n, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -751,8 +754,10 @@ Tokens = namedtuple("Tokens", "img txt vec rope mask shape")  # what DiT.embed g
 
 
 class _Step:
-    """The step a generation is at, shared by its ModulationTables."""
+    """The step a generation is at, shared by its ModulationTables, and the rows of the batch that the forward
+    runs (true CFG's branches one after the other)."""
     i = 0
+    rows = slice(None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1549,6 +1554,214 @@ def _quantized_loading(config, quantization, modulation, source):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Loading: LoRA
+# ---------------------------------------------------------------------------------------------------
+# A LoRA adds scale x up @ down (rank r) to some of the DiT's Linear layers. Four key layouts are shared; each
+# key is read by its own (the layout is in the key), and every key is used or reported:
+#   diffusers / PEFT   transformer.transformer_blocks.0.attn.to_q.lora_A.weight   diffusers names; q, k, v apart
+#   original           diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight (or transformer.): Tencent names
+#   musubi / kohya     lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight, .lora_up.weight, .alpha
+#   ComfyUI            diffusion_model.double_blocks.0.img_mod.lin.lora_down.weight, img_mlp.0; .diff_b, .diff
+# scale = the user's x alpha / r where the file gives an alpha (else 1, as PEFT's default alpha = r). A piece
+# of a fused layer (diffusers' to_k is rows D..2D of img_attn_qkv) adds to those rows only. Into float weights
+# the delta is merged on load, in float32, before any quantization; beside a layer that a converted checkpoint
+# holds quantized it stays a low-rank branch (LoRAQuantizedLinear), never a dequantized copy.
+
+_LORA_SUFFIXES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+                  "lora_B.bias": "up_bias", "alpha": "alpha", "diff": "diff", "diff_b": "diff_b"}
+_LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+# ComfyUI's module names (its Flux-style blocks) -> Tencent's, anchored at the name's end
+_COMFY_NAMES = [(r"_mod\.lin$", "_mod.linear"), (r"(^|\.)modulation\.lin$", r"\1modulation.linear"),
+                (r"_attn\.qkv$", "_attn_qkv"), (r"_attn\.proj$", "_attn_proj"), (r"mlp\.0$", "mlp.fc1"),
+                (r"mlp\.2$", "mlp.fc2"), (r"(time_in|guidance_in|t_embedder)\.in_layer$", r"\1.mlp.0"),
+                (r"(time_in|guidance_in|t_embedder)\.out_layer$", r"\1.mlp.2"),
+                (r"c_embedder\.in_layer$", "c_embedder.linear_1"), (r"c_embedder\.out_layer$", "c_embedder.linear_2")]
+_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                    "time_text_embed.", "norm_out.", "proj_out")
+
+# One LoRA piece of a layer: the parameter ("weight" or "bias") and its output rows [start, stop) it adds to
+# (stop None: to the end), down (r, in) or None, and up: (rows, r) already scaled, or the delta itself
+LoraPart = namedtuple("LoraPart", "param start stop down up")
+
+
+def _lora_layers(model):
+    """{Tencent name: (out, in)} of the DiT's Linear layers (built, not loaded: the shapes are all that is read)."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _lora_target(module, layers, dim, flat):
+    """A LoRA key's module (prefix stripped) -> (Tencent layer, first row, last row or None, from diffusers), or
+    None where it names no layer of this DiT. flat: {kohya name: layer}."""
+    if module.startswith("lora_unet_"):  # kohya: the module path with every '.' written '_'
+        return (flat[module[10:]], 0, None, False) if module[10:] in flat else None
+    if module.startswith(_DIFFUSERS_ROOTS):
+        for scope, target, table in _FROM_DIFFUSERS:
+            m = _match_scope(scope, module + ".weight")
+            if not m:
+                continue
+            *idx, name, _ = m.groups()
+            for src, dst in table.items():
+                parts = src if isinstance(src, tuple) else (src,)
+                if name in parts:
+                    j = parts.index(name)
+                    start, stop = (j * dim, None if j == 3 else (j + 1) * dim) if len(parts) > 1 else (0, None)
+                    layer = (target.format(*idx) + "." if target else "") + dst
+                    return (layer, start, stop, True) if layer in layers else None
+        return None
+    for pattern, repl in _COMFY_NAMES:  # ComfyUI's names; Tencent's pass unchanged
+        module = re.sub(pattern, repl, module)
+    return (module, 0, None, False) if module in layers else None
+
+
+def _lora_scale(text, what):
+    try:
+        scale = float(text)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise HunyuanVideoError(f"{what}: the LoRA's scale {text!r} is not a number: give one such as 0.8 "
+                                f"(1.0 by default).")
+    return scale
+
+
+def parse_lora(text):
+    """A command line's FILE[:SCALE] -> [file, scale]; the scale is 1.0 unless given after the last ':'."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).exists() or "/" in scale:
+        return [text, 1.0]
+    return [path, _lora_scale(scale, f"--lora {text}")]
+
+
+def read_lora(path, scale, layers, dim, ignore_unmatched=False):
+    """A LoRA file (safetensors, or a weights-only .pt) -> {Tencent layer: [LoraPart, ...]} for a DiT whose
+    Linear layers are `layers` ({name: (out, in)}) and width `dim`. Keys that match no layer stop the load in
+    one sentence (a warning with ignore_unmatched); a LoRA that matches nothing, or whose shapes do not fit,
+    is for another model and is refused either way."""
+    path = Path(path).expanduser()
+    scale = _lora_scale(scale, path.name)
+    if not path.is_file():
+        raise HunyuanVideoError(f"the LoRA {path} does not exist: check the path.")
+    tensors, _ = _read_weights(path, "pass a LoRA .safetensors file")
+    modules, unmatched, flat = {}, [], {name.replace(".", "_"): name for name in layers}
+    for key, value in tensors.items():
+        name = next((key[len(p):] for p in _LORA_PREFIXES if key.startswith(p)), key)
+        suffix = next((s for s in _LORA_SUFFIXES if name.endswith("." + s)), None)
+        target = suffix and _lora_target(name[:-len(suffix) - 1], layers, dim, flat)
+        if not target:
+            unmatched.append(key)
+        else:
+            modules.setdefault(target, {})[_LORA_SUFFIXES[suffix]] = value
+    if not modules:
+        some = ", ".join(sorted(tensors)[:3])
+        raise HunyuanVideoError(f"the LoRA {path.name} matches no layer of HunyuanVideo's DiT (its keys start {some}): "
+                                f"it is a LoRA for another model.")
+    if unmatched:
+        said = (f"{len(unmatched)} of the {len(tensors)} keys of the LoRA {path.name} match no layer of the DiT "
+                f"({', '.join(sorted(unmatched)[:3])}{', ...' if len(unmatched) > 3 else ''})")
+        if not ignore_unmatched:
+            raise HunyuanVideoError(f"{said}: it may be for another model; pass --lora-ignore-unmatched "
+                                    f"(ignore_unmatched=True) to load the rest anyway.")
+        warnings.warn(f"{said}: they are ignored (--lora-ignore-unmatched).")
+    lora = {}
+    for (layer, start, stop, swap), t in modules.items():
+        out, fan_in = layers[layer]
+        rows = (stop or out) - start
+        parts = []
+        if "down" in t or "up" in t:
+            if "down" not in t or "up" not in t:
+                raise HunyuanVideoError(f"the LoRA {path.name} has only one of the two matrices for {layer}: the file "
+                                        f"is incomplete; download it again.")
+            down, up = t["down"].astype(mx.float32), t["up"].astype(mx.float32)
+            r = down.shape[0]
+            down = _linear_order(down).reshape(r, -1)  # (r, in)
+            up = up.reshape(up.shape[0], -1)  # (rows, r)
+            if down.shape[1] != fan_in or up.shape != (rows, r):
+                raise HunyuanVideoError(f"the LoRA {path.name} gives {layer} matrices of {tuple(up.shape)} and "
+                                        f"{tuple(down.shape)}, where this DiT's layer is {out} x {fan_in}: it is a LoRA "
+                                        f"for another model (or another size of this one).")
+            s = scale * (t["alpha"].astype(mx.float32).item() / r if "alpha" in t else 1.0)
+            parts.append(LoraPart("weight", start, stop, down, up * s))
+            if "up_bias" in t:
+                parts.append(LoraPart("bias", start, stop, None, t["up_bias"].astype(mx.float32) * s))
+        for kind, param, shape in (("diff", "weight", (rows, fan_in)), ("diff_b", "bias", (rows,))):
+            if kind in t:
+                delta = _linear_order(t[kind].astype(mx.float32))
+                if delta.size != math.prod(shape):
+                    raise HunyuanVideoError(f"the LoRA {path.name} gives {layer} a {kind} of {tuple(delta.shape)}, "
+                                            f"where this DiT's layer is {out} x {fan_in}: it is for another model.")
+                parts.append(LoraPart(param, start, stop, None, delta.reshape(shape) * scale))
+        if swap and layer == "final_layer.adaLN_modulation.1":  # diffusers' (scale, shift) -> Tencent's (shift, scale)
+            parts = [p._replace(up=mx.concatenate(mx.split(p.up, 2, axis=0)[::-1], axis=0)) for p in parts]
+        lora.setdefault(layer, []).extend(parts)
+    return lora
+
+
+def _linear_order(w):
+    """A Conv3d's weight (O, C, t, h, w), as img_in's LoRA gives it, in the order of the Linear layer that stands
+    for it here, (O, t*h*w*C); anything else as it is."""
+    return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
+
+
+def read_loras(loras, layers, dim, ignore_unmatched=False):
+    """[(file, scale) or file, ...] -> one {Tencent layer: [LoraPart, ...]} holding them all."""
+    out = {}
+    for item in loras:
+        path, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
+        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched).items():
+            out.setdefault(layer, []).extend(parts)
+    return out
+
+
+def merge_lora(weights, lora):
+    """Add lora's deltas to the float tensors of `weights` (Tencent names, img_in already a Linear: a whole DiT,
+    or one block with its full names), lazily, in float32. Returns {layer: parts} for the layers `weights` holds
+    quantized (a converted checkpoint): those become low-rank branches beside them (attach_lora)."""
+    branches = {}
+    for layer, parts in lora.items():
+        for param in ("weight", "bias"):
+            key, mine = f"{layer}.{param}", [p for p in parts if p.param == param]
+            if key not in weights or not mine:
+                continue
+            if param == "weight" and f"{layer}.scales" in weights:
+                if any(p.down is None for p in mine):
+                    raise HunyuanVideoError(f"a LoRA gives {layer} a whole weight delta (.diff), which a quantized "
+                                            f"layer cannot take: apply it to the bf16 checkpoint (convert_weights.py "
+                                            f"--lora bakes it in).")
+                branches[layer] = mine
+                continue
+            w = weights[key].astype(mx.float32)
+            for p in mine:
+                w = w.at[p.start:p.stop].add(p.up if p.down is None else p.up @ p.down)
+            weights[key] = w
+    return branches
+
+
+class LoRAQuantizedLinear(nn.QuantizedLinear):
+    """A quantized Linear layer with LoRA branches beside it: y = layer(x) + (x down^T) up^T on each part's rows.
+    The branches are held under _lora, which is not a parameter: the layer's parameters keep their names, so
+    streamed blocks (--low-memory) update them as before. Memory: the LoRA's matrices, in the layer's dtype."""
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        for p in self._lora:
+            delta = (x @ p.down.T) @ p.up.T
+            y = y + delta if (p.start, p.stop) == (0, None) else y.at[..., p.start:p.stop].add(delta)
+        return y
+
+
+def attach_lora(model, branches, dtype):
+    """Turn each quantized layer that `branches` names ({layer: parts}, from merge_lora) into a
+    LoRAQuantizedLinear; its parameters stay as they are."""
+    for layer, parts in branches.items():
+        module = model
+        for name in layer.split("."):
+            module = module[int(name)] if isinstance(module, list) else getattr(module, name)
+        module.__class__ = LoRAQuantizedLinear  # the same object and parameters; only its call changes
+        module._lora = [p._replace(down=p.down.astype(dtype), up=p.up.astype(dtype)) for p in parts]
+        mx.eval([(p.down, p.up) for p in module._lora])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loading: entry points
 # ---------------------------------------------------------------------------------------------------
 # Each component loads in its own precision by default, the reference's (Tencent's defaults, diffusers'
@@ -1578,7 +1791,8 @@ def _tencent_names(weights):
 
 
 def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=None, quantize_modulation=False,
-                     stream=False, progress=None, lazy_modulation=False, **sizes):
+                     stream=False, progress=None, lazy_modulation=False, loras=(), lora_ignore_unmatched=False,
+                     **sizes):
     """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
     Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
     folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
@@ -1587,6 +1801,8 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     stream: leave the 60 blocks on disk and read each one when it runs (--low-memory; safetensors only).
     progress(done, total): after each tensor read (safetensors are read lazily: loading happens here).
     lazy_modulation: leave the blocks' adaLN modulation weights unread, for precompute_modulation.
+    loras: [(file, scale) or file, ...] in any of the four layouts (see read_lora), merged into the weights before
+    any quantization, or beside the layers of a converted quantized checkpoint as low-rank branches.
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
     (Tencent files carry no RoPE settings, for instance)."""
     source = Path(path).expanduser()
@@ -1597,15 +1813,19 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
                                 f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
     model = HunyuanVideoTransformer(**sizes)
+    lora = read_loras(loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched)
     structure, prepare = _quantized_loading(config, quantization, quantize_modulation, source)
     if structure:
         structure(model)
     conv = weights.get("img_in.proj.weight")
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
-        weights["img_in.proj.weight"] = conv.transpose(0, 2, 3, 4, 1).reshape(conv.shape[0], -1)
+        weights["img_in.proj.weight"] = _linear_order(conv)
+    branches = merge_lora(weights, lora)
     if not stream:
-        return _load_strict(model, weights, dtype, source, prepare, _is_modulation if lazy_modulation else
-                            (lambda name: False), progress)
+        _load_strict(model, weights, dtype, source, prepare, _is_modulation if lazy_modulation else
+                     (lambda name: False), progress)
+        attach_lora(model, branches, dtype)
+        return model
     files, _ = _component_files(source, "")
     if any(f.suffix != ".safetensors" for f in files):
         raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
@@ -1614,7 +1834,8 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     _load_strict(model, weights, dtype, source, prepare, lambda k: k.startswith(blocks), progress)  # blocks unread
     empty = {k: mx.zeros(v.shape, v.dtype) for k, v in tree_flatten(model.parameters()) if k.startswith(blocks)}
     model.update(tree_unflatten(list(empty.items())))  # placeholders (never evaluated): nothing stays open
-    model.stream = _block_streamer(files, model, dtype, structure, prepare, empty)
+    model.stream = _block_streamer(files, model, dtype, structure, prepare, empty, lora)
+    attach_lora(model, branches, dtype)
     return model
 
 
@@ -1622,10 +1843,10 @@ _BLOCK_KEY = re.compile(r"(?:.+\.)?(double_blocks|single_blocks|transformer_bloc
 _BLOCK_KINDS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
 
 
-def _block_streamer(files, model, dtype, structure, prepare, empty):
+def _block_streamer(files, model, dtype, structure, prepare, empty, lora):
     """stream(kind, i) -> (block i's weights read from disk now, its placeholders). The files are indexed once:
-    a call reads only that block's tensors, each file opened and closed, then names, casts and quantizes them
-    as load_transformer does, through the same functions."""
+    a call reads only that block's tensors, each file opened and closed, then names them, merges the LoRAs,
+    casts and quantizes them as load_transformer does, through the same functions."""
     index = {}  # (kind, i) -> {file: ({name: header entry}, data offset)}
     for f in files:
         tensors, start = _safetensors_header(f)
@@ -1640,7 +1861,9 @@ def _block_streamer(files, model, dtype, structure, prepare, empty):
         for f, (tensors, start) in index[(kind, i)].items():
             weights.update(_fp8_dequantized(_read_tensors(f, tensors, start), {k: t[1] for k, t in tensors.items()}))
         prefix = f"{kind}.{i}."
-        weights = {k[len(prefix):]: v for k, v in _tencent_names(weights).items() if k.startswith(prefix)}
+        weights = _tencent_names(weights)
+        merge_lora(weights, lora)  # the quantized layers' branches are attached to the model once, at load
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         block = (DoubleBlock if kind == "double_blocks" else SingleBlock)(*args)
         if structure:
             structure(block)
@@ -1987,6 +2210,23 @@ def _set_cache_state(forward, arrays, numbers):
         setattr(forward, k, v)
 
 
+def _joined_cache_state(forwards):
+    """cache_state of a generation's forwards: the prompt's branch as it is, the negative prompt's (true CFG) under
+    names that begin "uncond."."""
+    arrays, numbers = cache_state(forwards[0])
+    for a, n in (cache_state(f) for f in forwards[1:]):
+        arrays.update({f"uncond.{name}": v for name, v in a.items()})
+        numbers.update({f"uncond.{name}": v for name, v in n.items()})
+    return arrays, numbers
+
+
+def _split_cache_state(state, branches):
+    """The inverse of _joined_cache_state: [(arrays, numbers)] per branch."""
+    arrays, numbers = state
+    part = lambda d, uncond: {k.removeprefix("uncond."): v for k, v in d.items() if k.startswith("uncond.") == uncond}  # noqa: E731
+    return [(part(arrays, bool(b)), part(numbers, bool(b))) for b in range(branches)]
+
+
 STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache}
 CACHES = {name: cache.default for name, cache in STEP_CACHES.items()}  # their published HunyuanVideo defaults
 
@@ -2054,8 +2294,96 @@ def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", 
     return None
 
 
+def check_guidance(negative_prompt, true_cfg_scale, prompt="x"):
+    """None, or one sentence on true CFG's settings; warns where they have no effect."""
+    if not math.isfinite(true_cfg_scale) or true_cfg_scale < 0:
+        return f"true CFG scale {true_cfg_scale}: use a number of 0 or more (above 1 to guide; SkyReels-V1 uses 6)."
+    if negative_prompt is not None:
+        n = 1 if isinstance(prompt, str) else len(prompt)
+        if not isinstance(negative_prompt, str) and len(negative_prompt) != n:
+            return f"{len(negative_prompt)} negative prompts for {n} prompts: give one, or one for each."
+        if true_cfg_scale <= 1:
+            warnings.warn(f"a negative prompt with a true CFG scale of {true_cfg_scale} has no effect: the negative "
+                          f"prompt is used above 1 (SkyReels-V1 uses 6).")
+    elif true_cfg_scale > 1:
+        warnings.warn(f"a true CFG scale of {true_cfg_scale} without a negative prompt has no effect (as in diffusers): "
+                      f"give a negative prompt, \"\" for the plain unconditional branch.")
+    return None
+
+
+def check_strength(strength):
+    """None, or one sentence on a video-to-video strength outside [0, 1]."""
+    if not 0 <= strength <= 1:
+        return f"strength {strength}: use a number from 0 (keep the video) to 1 (text to video from the same noise)."
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
-# Pipeline: text to video in phases
+# Video to video: the input video
+# ---------------------------------------------------------------------------------------------------
+# A video to start from is read whole, fitted to the size asked as the image pipelines fit an image, and
+# encoded by the VAE's tiled encoder (HunyuanVideoPipeline.encode_video); the sampler noises it to where its
+# schedule is cut (denoise's strength).
+
+def read_video(path):
+    """All frames of a video file, (F, H, W, 3) uint8, or one sentence on why it cannot be read."""
+    import imageio.v2 as iio
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HunyuanVideoError(f"the video {path} does not exist: check the path.")
+    try:
+        with iio.get_reader(path) as reader:
+            frames = np.stack([np.asarray(frame) for frame in reader])
+    except Exception as e:
+        raise HunyuanVideoError(f"the video {path} could not be read ({type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:120]}): pass an mp4, mov, webm or GIF.") from None
+    if frames.ndim == 3:  # grayscale
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    return np.ascontiguousarray(frames[..., :3].astype(np.uint8))
+
+
+def check_video(frames, num_frames):
+    """None, or one sentence on why these frames cannot start a video of num_frames frames."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        return f"video frames of shape {frames.shape}: pass (frames, height, width, 3) uint8."
+    if len(frames) < num_frames:
+        return f"the video has {len(frames)} frames, fewer than the {num_frames} asked: ask for " \
+               f"{(len(frames) - 1) // 4 * 4 + 1} or fewer (4n+1)."
+    return None
+
+
+def video_size(frames):
+    """A video's own size rounded to multiples of 16, (height, width): what video to video keeps when no size is
+    asked."""
+    h, w = frames.shape[1:3]
+    return max(16, int(h / 16 + 0.5) * 16), max(16, int(w / 16 + 0.5) * 16)  # halves up
+
+
+def fit_frames(frames, height, width, num_frames):
+    """The first num_frames frames (F, H, W, 3) uint8, each resized to cover height x width (Lanczos, aspect kept)
+    and cropped at the centre, as the image pipelines fit an image."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    problem = check_video(frames, num_frames)
+    if problem:
+        raise HunyuanVideoError(problem)
+    H, W = frames.shape[1:3]
+    scale = max(height / H, width / W)
+    size = (max(width, round(W * scale)), max(height, round(H * scale)))  # PIL: (width, height)
+    top, left = (size[1] - height) // 2, (size[0] - width) // 2
+    out = []
+    for frame in frames[:num_frames]:
+        image = Image.fromarray(frame.astype(np.uint8))
+        if image.size != size:
+            image = image.resize(size, Image.LANCZOS)
+        out.append(np.asarray(image)[top:top + height, left:left + width])
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline: text (and video) to video in phases
 # ---------------------------------------------------------------------------------------------------
 
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo"
@@ -2065,18 +2393,29 @@ PRESETS = {
     "fasthunyuan": dict(model="FastVideo/FastHunyuan-diffusers", steps=6, shift=17.0, guidance=6.0,
                         about="FastVideo's step-distilled HunyuanVideo: 6 steps instead of 50, flow shift 17, "
                               "embedded guidance 6 (its model card: 6 or more)"),
+    # SkyReels-V1 ships its DiT alone (a diffusers transformer folder at the repository's root); the rest is
+    # HunyuanVideo's. Its video_generate.py: true CFG 6 with this negative prompt, embedded guidance 1.0, 30 steps
+    "skyreels": dict(model=DEFAULT_MODEL, transformer="Skywork/SkyReels-V1-Hunyuan-T2V", steps=30, guidance=1.0,
+                     cfg_scale=6.0, height=544, width=960, frames=97, prompt_prefix="FPS-24, ",
+                     negative_prompt="Aerial view, aerial view, overexposed, low quality, deformation, a poor "
+                                     "composition, bad hands, bad teeth, bad eyes, bad limbs, distortion",
+                     about="Skywork's SkyReels-V1 fine-tune (human-centric film): true CFG 6 with its negative "
+                           "prompt, embedded guidance 1, 30 steps, 544x960, 97 frames, prompts begin 'FPS-24, '"),
 }
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the names the CLI takes
 
 
-def _download(repo_id, weights=True):
+def _download(repo_id, weights=True, transformer_only=False):
     """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress); without
-    the weights, only what the memory plan reads (configs, indexes, tokenizers): a few MB."""
+    the weights, only what the memory plan reads (configs, indexes, tokenizers): a few MB. transformer_only:
+    a repository that holds a DiT alone, at its root (SkyReels-V1)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
     patterns += [f"{c}/*" if weights else f"{c}/*.json" for c in COMPONENTS[:4]]
+    if transformer_only:
+        patterns = ["*.json"] + (["*.safetensors"] if weights else [])
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
@@ -2091,13 +2430,14 @@ def _hub_tensor_info(repo_id, folder, component):
 
     api = HfApi()
     try:
-        index = sorted((folder / component).glob("*.safetensors.index.json"))
+        index = sorted((folder / component).glob("*.safetensors.index.json"))  # component "": the root
+        inside = f"{component}/" if component else ""
         files = sorted(set(json.loads(index[0].read_text())["weight_map"].values())) if index else \
-            [f.split("/", 1)[1] for f in api.list_repo_files(repo_id) if f.startswith(f"{component}/")
-             and f.endswith(".safetensors")]
+            [f[len(inside):] for f in api.list_repo_files(repo_id) if f.startswith(inside)
+             and "/" not in f[len(inside):] and f.endswith(".safetensors")]
         info = {}
         for f in files:
-            meta = api.parse_safetensors_file_metadata(repo_id, f"{component}/{f}")
+            meta = api.parse_safetensors_file_metadata(repo_id, inside + f)
             info.update({k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()})
     except Exception as e:
         raise HunyuanVideoError(f"could not read the sizes of {repo_id}'s {component} from the hub "
@@ -2121,20 +2461,24 @@ def _dtypes(dtype=None, dtypes=None):
 
 class HunyuanVideoPipeline:
     """Prompt in, frames out, in phases that each load what they need and free it before the next: the text
-    encoders (the LLM, 14 GB in fp16, then CLIP), the DiT, the VAE. Weights are read when their phase starts.
-    self.stats holds each phase's seconds and peak memory (GiB) of the last run, and under "work" the DiT
-    forwards it computed and skipped, which steps ran in full and the PFLOP they cost; set self.progress to a
-    function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
+    encoders (the LLM, 14 GB in fp16, then CLIP), the VAE's encoder (video to video), the DiT, the VAE's decoder.
+    Weights are read when their phase starts. self.stats holds each phase's seconds and peak memory (GiB) of the
+    last run, and under "work" the DiT forwards it computed and skipped, which steps ran in full and the PFLOP
+    they cost; set self.progress to a function (what, done, total) to follow every activity: loading, encoding,
+    denoising, decoding."""
 
     def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None,
-                 prompt_cache=False):
+                 prompt_cache=False, loras=(), lora_ignore_unmatched=False, transformer=None, transformer_hub=None):
         self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
-        self.prompt_hit = False  # whether the last encode_prompt read the prompt cache
+        self.prompt_hit = False  # whether the last encode_prompt read all its prompts from the prompt cache
         # the DiT's adaLN modulation computed for all steps before the first, its weights never held (see
         # HunyuanVideoTransformer.precompute_modulation); False computes it at every step from the weights
         self.precompute_modulation = True
+        self.loras, self.lora_ignore_unmatched = list(loras), lora_ignore_unmatched
+        # the DiT from elsewhere than folder/transformer (a fine-tune's): a local file or folder, or a hub id
+        self.transformer, self.transformer_hub = (Path(transformer) if transformer else None), transformer_hub
         self.stats = {}
         self.progress = None  # progress(what, done, total): each activity opens with done = 0
 
@@ -2144,14 +2488,17 @@ class HunyuanVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
-                        quantize_modulation=False, low_memory=False, prompt_cache=False):
+                        quantize_modulation=False, low_memory=False, prompt_cache=False, loras=(),
+                        lora_ignore_unmatched=False, transformer=None):
         """A local folder in the diffusers layout, a hub id, or "tiny" (the offline demo, see tiny_checkpoint). A
         hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first needs them, after
         the memory plan. dtype: one dtype for every component;
         dtypes: {"transformer" | "vae" | "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization:
         None (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory:
         no buffer cache, the DiT's blocks streamed from disk (slower). prompt_cache: reuse the text encoders'
-        outputs for a prompt seen before (see encode_prompt; the CLI turns it on)."""
+        outputs for a prompt seen before (see encode_prompt; the CLI turns it on). loras: [(file, scale) or
+        file, ...] for the DiT (see load_transformer), checked against it now. transformer: the DiT from another
+        checkpoint (a fine-tune such as SkyReels-V1): its folder or single file, or a hub id whose root holds it."""
         folder, hub = Path(path_or_hub_id).expanduser(), None
         if str(path_or_hub_id) == "tiny":  # the offline demo (a folder of that name: ./tiny)
             folder = tiny_checkpoint()
@@ -2166,17 +2513,54 @@ class HunyuanVideoPipeline:
                                     f"in the diffusers layout (or download it again).")
         if quantization not in (None, *QUANTIZATIONS):
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
-        return cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub, prompt_cache)
+        transformer_hub = None
+        if transformer is not None and not Path(transformer).expanduser().exists():
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", str(transformer)) is None:
+                raise HunyuanVideoError(f"the transformer {transformer} does not exist: pass a DiT's folder or file, "
+                                        f"or a hub id.")
+            transformer, transformer_hub = _download(transformer, weights=False, transformer_only=True), transformer
+        pipe = cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub, prompt_cache,
+                   loras, lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub)
+        if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
+            model = HunyuanVideoTransformer(**pipe._dit_sizes())  # built lazily: no weights are made
+            read_loras(pipe.loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched)
+        return pipe
 
-    def check_memory(self, height, width, num_frames, cache=None, steps=50):
-        """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit."""
+    @property
+    def transformer_path(self):
+        return self.transformer or self.folder / "transformer"
+
+    def _dit_sizes(self):
+        """The DiT's constructor keywords, from its files' headers (or the hub's), nothing loaded."""
+        info, config = _components(self.folder, self.hub, self.transformer, self.transformer_hub)["transformer"]
+        return _sizes_of(HunyuanVideoTransformer, config, info, _transformer_shapes, self.transformer_path,
+                         "transformer")
+
+    def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None):
+        """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit. cfg: None,
+        or how true CFG runs its two branches, "batched" or "sequential" (cfg_mode)."""
         return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                            self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache, steps=steps)
+                            self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache, steps=steps, cfg=cfg,
+                            transformer=(self.transformer, self.transformer_hub))
+
+    def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
+        """How true CFG runs its two DiT forwards a step: "batched" (one forward of batch 2) when the memory plan
+        says the denoising phase fits so, else "sequential"; always sequential with a step cache, which keeps one
+        per branch."""
+        if cache is None:
+            est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
+                                  low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
+                                  cfg="batched", transformer=(self.transformer, self.transformer_hub))
+            if est["denoise"] <= 0.9 * available_memory():
+                return "batched"
+        return "sequential"
 
     def download(self):
         """Fetch a hub checkpoint's weights (once; the phases call this)."""
         if self.hub:
             self.folder, self.hub = _download(self.hub), None
+        if self.transformer_hub:
+            self.transformer, self.transformer_hub = _download(self.transformer_hub, transformer_only=True), None
 
     def _phase(self, name, work):
         """work() as one phase: timed, its peak recorded, and its memory given back before the next phase. The
@@ -2208,57 +2592,84 @@ class HunyuanVideoPipeline:
         return cache_dir() / "prompts" / f"{h.hexdigest()}.safetensors"
 
     def encode_prompt(self, prompt):
-        """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt. With the prompt
-        cache on, a prompt seen before is read back (the text encoders are not loaded), and a new one stored
-        (atomically; a cache that cannot be written or read gives a warning, and the encoders run)."""
-        entry, self.prompt_hit = None, False
+        """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt, for a prompt or a
+        list of them (each encoded on its own, as the reference encodes a prompt and its negative). With the prompt
+        cache on, each prompt seen before is read back, and the text encoders load only for the others, which are
+        stored (atomically; an entry that cannot be written or read gives a warning, and the encoders run)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        entries = {p: self._prompt_entry(p) for p in prompts} if self.prompt_cache else {}
+
+        def work():
+            found = {}
+            for p, entry in entries.items():
+                if entry.exists():
+                    try:
+                        saved = mx.load(str(entry))
+                        found[p] = saved["states"], saved["mask"], saved["pooled"]
+                        mx.eval(found[p])
+                    except Exception as e:
+                        warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): encoding the "
+                                      f"prompt again.")
+                        found.pop(p, None)
+            missing = [p for p in dict.fromkeys(prompts) if p not in found]
+            return found, missing, self._encode(missing) if missing else {}
+
         if self.prompt_cache:
             self.download()
-            entry = self._prompt_entry(prompt)
-            if entry.exists():
-                try:
-                    saved = self._phase("text encoders", lambda: mx.load(str(entry)))
-                    out = saved["states"], saved["mask"], saved["pooled"]
-                    mx.eval(out)
-                    self.prompt_hit = True
-                    return out
-                except Exception as e:
-                    warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): encoding the "
-                                  f"prompt again.")
-        out = self._encode(prompt)
-        if entry is not None:
+        found, missing, encoded = self._phase("text encoders", work)
+        self.prompt_hit = not missing
+        for p in missing if self.prompt_cache else ():
+            entry = entries[p]
             try:
                 entry.parent.mkdir(parents=True, exist_ok=True)
                 tmp = entry.with_name(f".{entry.stem}.partial.safetensors")
-                mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"), out)))
+                mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"), encoded[p])))
                 tmp.replace(entry)
             except OSError as e:
                 warnings.warn(f"the prompt cache cannot be written in {entry.parent} ({e.strerror}): going on without "
                               f"it (set HUNYUAN_APPLE_CACHE to a writable folder, or pass --no-prompt-cache).")
+        outs = [{**found, **encoded}[p] for p in prompts]
+        return tuple(mx.concatenate(parts, axis=0) for parts in zip(*outs))
+
+    def _encode(self, prompts):
+        """The text encoders, inside the text encoders' phase: {prompt: (states, mask, pooled)}, each prompt on its
+        own, the LLM loaded once and gone before CLIP loads."""
+        tokenizer = load_tokenizer(self.folder / "tokenizer")
+        crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
+        llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
+                                self._report("loading the LLM"))
+        out = {}
+        for p in prompts:
+            out[p] = encode_llama(p, tokenizer, llm, crop_start=crop_start, progress=self._report("encoding the prompt"))
+            mx.eval(out[p])
+        del llm
+        gc.collect()
+        mx.clear_cache()
+        clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
+        tokenizer_2 = load_tokenizer(self.folder / "tokenizer_2")
+        for p in prompts:
+            out[p] = (*out[p], encode_clip(p, tokenizer_2, clip))
+            mx.eval(out[p])
         return out
 
-    def _encode(self, prompt):
-        """The text encoders' phase."""
+    def encode_video(self, video, height, width, num_frames, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
+        """Video to video: frames (F, H, W, 3) uint8 (or a file imageio reads) -> the DiT's latents (1, t, h, w,
+        16): the first num_frames frames, fitted to height x width (fit_frames), encoded by the VAE's tiled encoder
+        (the posterior's mean) and scaled by its scaling factor."""
+        frames = fit_frames(read_video(video) if isinstance(video, (str, Path)) else video, height, width, num_frames)
+
         def work():
-            tokenizer = load_tokenizer(self.folder / "tokenizer")
-            crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
-            llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
-                                    self._report("loading the LLM"))
-            states, mask = encode_llama(prompt, tokenizer, llm, crop_start=crop_start,
-                                        progress=self._report("encoding the prompt"))
-            mx.eval(states, mask)
-            del llm  # the LLM is gone before CLIP loads
-            gc.collect()
-            mx.clear_cache()
-            clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
-            pooled = encode_clip(prompt, load_tokenizer(self.folder / "tokenizer_2"), clip)
-            mx.eval(pooled)
-            return states, mask, pooled
-        return self._phase("text encoders", work)
+            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
+            x = mx.array(frames)[None].astype(mx.float32) / 127.5 - 1  # (1, F, H, W, 3) in [-1, 1]
+            z = vae.encode(x, tile, stride) * vae.scaling_factor
+            mx.eval(z)
+            return z.astype(mx.float32)
+        return self._phase("encode video", work)
 
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
-                cache_threshold=None, checkpoint=None, resume=None, preview=None):
+                cache_threshold=None, checkpoint=None, resume=None, preview=None, negative=None, true_cfg_scale=1.0,
+                cfg_batched=None, video_latents=None, strength=1.0):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
         cache_threshold (None: its published default). self.stats["work"] counts the DiT forwards computed
@@ -2266,52 +2677,90 @@ class HunyuanVideoPipeline:
         checkpoint(state) is called after each step with what continuing needs: {"step": steps done, "latents",
         "cache": cache_state(...), "work": the ledger so far}; resume=such a state (its latents passed as
         `latents`) continues from it, and gives what the uninterrupted run gives. preview(step, steps, x0) is
-        called after each step with the clean latents the step predicts (see latent_preview)."""
-        forward = step_cache(cache, cache_threshold, num_inference_steps, (height, width))
+        called after each step with the clean latents the step predicts (see latent_preview).
+        True classifier-free guidance: negative = the negative prompt's (states, mask, pooled) and true_cfg_scale
+        s > 1 give v = v_neg + s (v - v_neg), two forwards a step, as one of batch 2 (cfg_batched True, or None
+        when cfg_mode says it fits) or one after the other, each branch with its own step cache.
+        Video to video: video_latents (encode_video) noised to the noise level of step steps - int(steps x
+        strength) (as diffusers' and musubi-tuner's video-to-video do), and the steps from there run; strength 1
+        is text to video from the same noise."""
+        cfg = negative is not None and true_cfg_scale > 1
+        if cfg_batched is None:
+            cfg_batched = cfg and self.cfg_mode(height, width, num_frames, cache, num_inference_steps) == "batched"
+        batched = cfg and cfg_batched and cache is None
+        forwards = [step_cache(cache, cache_threshold, num_inference_steps, (height, width))
+                    for _ in range(2 if cfg and not batched else 1)]
         if resume:
-            _set_cache_state(forward, *resume["cache"])
+            for forward, state in zip(forwards, _split_cache_state(resume["cache"], len(forwards))):
+                _set_cache_state(forward, *state)
+        B = text_states.shape[0]
+        if cfg:  # rows [0, B): the prompt; [B, 2B): the negative prompt
+            text_states, text_mask, pooled = (mx.concatenate([a, b.astype(a.dtype)], axis=0) for a, b in
+                                              zip((text_states, text_mask, pooled), negative))
+        first = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
 
         def work():
-            model = load_transformer(self.folder / "transformer", self.dtypes["transformer"], self.quantization,
+            model = load_transformer(self.transformer_path, self.dtypes["transformer"], self.quantization,
                                      self.quantize_modulation, self.low_memory, self._report("loading the DiT"),
-                                     lazy_modulation=self.precompute_modulation)
-            B = text_states.shape[0]
+                                     lazy_modulation=self.precompute_modulation, loras=self.loras,
+                                     lora_ignore_unmatched=self.lora_ignore_unmatched)
             shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
+            sigmas = flow_sigmas(num_inference_steps, flow_shift)
             if latents is None:
                 x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
+                if video_latents is not None:  # flow matching's forward process: sigma noise + (1 - sigma) video
+                    s = float(sigmas[first])
+                    x = s * x + (1 - s) * mx.broadcast_to(video_latents.astype(mx.float32), shape)
             elif tuple(latents.shape) != shape:
                 raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit {num_frames} frames of "
                                         f"{height} x {width}: pass latents of shape {shape}.")
             else:
                 x = latents.astype(mx.float32)
+            n = text_states.shape[0]  # B, or 2B with true CFG
             # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
-            guidance = mx.full((B,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
+            guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
             states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
-            sigmas = flow_sigmas(num_inference_steps, flow_shift)
             if self.precompute_modulation:  # every step's modulation now, and its weights dropped
-                model.precompute_modulation(mx.stack([model.conditioning(timestep(s, B), vector, guidance)
+                model.precompute_modulation(mx.stack([model.conditioning(timestep(s, n), vector, guidance)
                                                       for s in sigmas[:-1]]))
-            tokens = shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(text_mask.sum(axis=1).max().item())
+            branches = [slice(None)] if batched or not cfg else [slice(0, B), slice(B, 2 * B)]
+            counts = text_mask.sum(axis=1)
+            tokens = [shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(counts[rows].max().item()) for rows in branches]
             ledger = self.stats["work"] = dict(cache=cache, forwards=0, skipped=0, pflop=0.0, steps=[])
             if resume:
                 ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
-            for i in _counted(range(resume["step"] if resume else 0, num_inference_steps), self._report("denoising")):
+            for i in _counted(range(resume["step"] if resume else first, num_inference_steps),
+                              self._report("denoising")):
                 if model.modulation_step:
                     model.modulation_step.i = i
-                args = (x.astype(model.dtype), timestep(sigmas[i], B), states, text_mask, vector, guidance)
-                v, (double, single) = forward(model, args, i, num_inference_steps)
-                full = (double, single) == model.depth
-                ledger["forwards" if full else "skipped"] += 1
-                ledger["pflop"] += model.flops(tokens, double, single) / 1e15
+                velocities, full = [], True
+                for rows, forward, n_tokens in zip(branches, forwards, tokens):
+                    if model.modulation_step:
+                        model.modulation_step.rows = rows
+                    k = B * (2 if batched else 1)
+                    args = (mx.broadcast_to(x, (k, *shape[1:])).astype(model.dtype), timestep(sigmas[i], k),
+                            states[rows], text_mask[rows], vector[rows], None if guidance is None else guidance[rows])
+                    v, (double, single) = forward(model, args, i, num_inference_steps)
+                    mx.eval(v)  # what made it is freed before the other branch runs
+                    velocities.append(v)
+                    full = full and (double, single) == model.depth
+                    ledger["forwards" if (double, single) == model.depth else "skipped"] += k // B
+                    ledger["pflop"] += k // B * model.flops(n_tokens, double, single) / 1e15
                 ledger["steps"].append(full)
+                if batched:
+                    velocities = mx.split(velocities[0], 2, axis=0)
+                v = velocities[0].astype(mx.float32)
+                if cfg:
+                    v_neg = velocities[1].astype(mx.float32)
+                    v = v_neg + true_cfg_scale * (v - v_neg)
                 if preview is not None:
-                    x0 = x - float(sigmas[i]) * v.astype(mx.float32)  # the step's estimate of the clean latents
+                    x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents
                 x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
                 if preview is not None:
                     preview(i + 1, num_inference_steps, x0)
                 if checkpoint is not None:
-                    checkpoint(dict(step=i + 1, latents=x, cache=cache_state(forward), work=ledger))
+                    checkpoint(dict(step=i + 1, latents=x, cache=_joined_cache_state(forwards), work=ledger))
                 if callback is not None and callback(i + 1, num_inference_steps, x) is False:
                     raise HunyuanVideoError(f"cancelled after step {i + 1} of {num_inference_steps}.")
             return x
@@ -2329,23 +2778,38 @@ class HunyuanVideoPipeline:
 
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
                  flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
-                 cache_threshold=None, preview=None):
+                 cache_threshold=None, preview=None, negative_prompt=None, true_cfg_scale=1.0, video=None,
+                 strength=1.0):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
         A request that the memory plan says would not fit is refused before anything loads, unless force.
         cache, cache_threshold: a step cache; preview(step, steps, x0): the clean latents each step predicts (see
-        denoise and latent_preview)."""
-        problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale)
+        denoise and latent_preview). negative_prompt, true_cfg_scale: true classifier-free guidance, diffusers'
+        names (it runs when the scale is above 1 and a negative prompt is given). video (frames or a file),
+        strength: video to video (see encode_video and denoise)."""
+        problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale) or \
+            check_guidance(negative_prompt, true_cfg_scale, prompt) or \
+            (check_strength(strength) if video is not None else None)
         if problem:
             raise HunyuanVideoError(problem)
         step_cache(cache, cache_threshold, num_inference_steps, (height, width))  # a bad name: refused now
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
+        cfg = negative_prompt is not None and true_cfg_scale > 1
+        mode = self.cfg_mode(height, width, num_frames, cache, num_inference_steps) if cfg else None
         if not force:
-            self.check_memory(height, width, num_frames, cache, num_inference_steps)
+            self.check_memory(height, width, num_frames, cache, num_inference_steps, mode)
         self.stats = {}
-        states, mask, pooled = self.encode_prompt(prompt)
-        latents = self.denoise(states, mask, pooled, height, width, num_frames, num_inference_steps, guidance_scale,
-                               flow_shift, seed, latents, callback, cache, cache_threshold, preview=preview)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)) \
+            if cfg else []
+        states, mask, pooled = self.encode_prompt(prompts + negatives)
+        B = len(prompts)
+        negative = (states[B:], mask[B:], pooled[B:]) if cfg else None
+        video_latents = self.encode_video(video, height, width, num_frames) if video is not None else None
+        latents = self.denoise(states[:B], mask[:B], pooled[:B], height, width, num_frames, num_inference_steps,
+                               guidance_scale, flow_shift, seed, latents, callback, cache, cache_threshold,
+                               preview=preview, negative=negative, true_cfg_scale=true_cfg_scale,
+                               cfg_batched=mode == "batched", video_latents=video_latents, strength=strength)
         return latents if output_type == "latent" else self.decode(latents)
 
 
@@ -2583,18 +3047,22 @@ def _vae_activations(frames, height, width, tile, chans, itemsize, cpu):
     return act + video * (3 * b + 4 + 1)
 
 
-def _components(folder, hub=None):
+def _components(folder, hub=None, transformer=None, transformer_hub=None):
     """{component: (tensor info, config)} of a checkpoint in the diffusers layout, from its files' headers, or
-    for a hub checkpoint whose weights are not downloaded yet, from the hub's safetensors metadata."""
+    for a hub checkpoint whose weights are not downloaded yet, from the hub's safetensors metadata. transformer:
+    the DiT's own file or folder when it comes from elsewhere (transformer_hub: its hub id, the DiT at its root)."""
     out = {}
     for c in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        path, repo, inside = (transformer, transformer_hub, "") if c == "transformer" and transformer else \
+            (folder / c, hub, c)
         try:
-            files, config = _component_files(folder / c, "download the checkpoint again")
+            files, config = _component_files(path, "download the checkpoint again")
             out[c] = (_tensor_info(files), config)
         except HunyuanVideoError:
-            if hub is None:
+            if repo is None:
                 raise
-            out[c] = (_hub_tensor_info(hub, folder, c), json.loads((folder / c / "config.json").read_text()))
+            root = path.parent if inside else path
+            out[c] = (_hub_tensor_info(repo, root, inside), json.loads((path / "config.json").read_text()))
     return out
 
 
@@ -2616,15 +3084,18 @@ def _backend():
 
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
                     tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None, cache=None,
-                    steps=50):
+                    steps=50, cfg=None, transformer=(None, None)):
     """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
     dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
     two of them are in memory at once. hub: the hub id, to read the headers there before a download.
     cache: the step cache, whose kept tensors count too. steps: for the table of precomputed modulation (the
-    modulation weights themselves are never held, see precompute_modulation)."""
+    modulation weights themselves are never held, see precompute_modulation). cfg: true CFG's two branches,
+    "batched" (activations of two videos) or "sequential" (one at a time, a velocity kept); both hold two
+    modulation tables and, with a step cache, two caches. transformer: (path, hub id) of a DiT from elsewhere."""
     folder, cpu = Path(folder), (backend or _backend()) == "cpu"
     size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
-    parts = _components(folder, hub)
+    parts = _components(folder, hub, *transformer)
+    branches, videos = (2, 2 if cfg == "batched" else 1) if cfg else (1, 1)
 
     llm_info, llm_cfg = parts["text_encoder"]
     llm = _sizes_of(LlamaTextEncoder, llm_cfg)
@@ -2640,8 +3111,8 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
         clip["num_attention_heads"], size["text_encoders"], cpu))
 
     dit_info, dit_cfg = parts["transformer"]
-    sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg, dit_info, _transformer_shapes, folder / "transformer",
-                      "transformer")
+    sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg, dit_info, _transformer_shapes,
+                      transformer[0] or folder / "transformer", "transformer")
     heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
     video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     def weigh(**keep):
@@ -2652,16 +3123,19 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     if low_memory:  # the blocks stay on disk but for the one running (and its float copy while quantizing)
         blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
         dit = min(dit, weigh(keep=lambda k: not k.startswith(blocks)) + 2 * weigh(keep=lambda k: k.startswith(first)))
-    table = steps * D * (12 * sizes["num_layers"] + 3 * sizes["num_single_layers"]) * size["transformer"]
-    making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + 12 * D * steps * size["transformer"]
-    denoise = dit + table + max(making, _dit_activations(
+    table = branches * steps * D * (12 * sizes["num_layers"] + 3 * sizes["num_single_layers"]) * size["transformer"]
+    making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + \
+        branches * 12 * D * steps * size["transformer"]
+    denoise = dit + table + max(making, videos * _dit_activations(
         video + TEXT_LENGTH, TEXT_LENGTH, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
         size["transformer"], cpu))
     # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
     # two between steps, MagCache one, and each the blocks' video input during a step), or for EasyCache four
-    # latent-sized ones (64 values a token)
-    denoise += {"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D, "easycache": 4 * 64}.get(cache, 0) * video * \
-        size["transformer"]
+    # latent-sized ones (64 values a token); one cache a branch
+    denoise += branches * {"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D, "easycache": 4 * 64}.get(cache, 0) \
+        * video * size["transformer"]
+    if cfg == "sequential":  # the prompt's velocity, kept while the negative prompt's is made, and in float32
+        denoise += video * 64 * (size["transformer"] + 4)
 
     vae_info, vae_cfg = parts["vae"]
     vae = _sizes_of(HunyuanVideoVAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
@@ -2695,14 +3169,15 @@ def available_memory():
 
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
-                 budget=None, dtypes=None, hub=None, cache=None, steps=50):
+                 budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None)):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
     would fit: the fewest changes that do (a quantization, --low-memory, a smaller size), together where no
     single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
     is loaded."""
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
-                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps)
+                   modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps,
+                   cfg=cfg, transformer=transformer)
     est = estimate_memory(folder, **request)
     phase = max(est, key=est.get)
     if est[phase] <= 0.9 * budget:

@@ -203,12 +203,12 @@ def header_only_checkpoint(folder):
 def print_plan(settings):
     with tempfile.TemporaryDirectory() as tmp:
         folder = header_only_checkpoint(Path(tmp))
-        print(f"{'setting':>14} {'precision':>9} {'low-memory':>10} {'text GiB':>8} {'denoise GiB':>11}"
-              f" {'decode GiB':>10} {'peak GiB':>8}   (estimates for a GPU: Metal or CUDA; 50 steps)")
-        for s, q, low in settings:
+        print(f"{'setting':>14} {'precision':>9} {'low-memory':>10} {'true CFG':>10} {'text GiB':>8} "
+              f"{'denoise GiB':>11} {'decode GiB':>10} {'peak GiB':>8}   (estimates for a GPU: Metal or CUDA; 50 steps)")
+        for s, q, low, *cfg in settings:
             h, w, f = parse_size(s)
-            est = H.estimate_memory(folder, h, w, f, q, low_memory=low, backend="gpu")
-            print(f"{s:>14} {q or 'bf16':>9} {'yes' if low else 'no':>10} "
+            est = H.estimate_memory(folder, h, w, f, q, low_memory=low, backend="gpu", cfg=cfg[0] if cfg else None)
+            print(f"{s:>14} {q or 'bf16':>9} {'yes' if low else 'no':>10} {cfg[0] if cfg else 'no':>10} "
                   f"{est['text encoders'] / H.GB:>8.1f} "
                   f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
 
@@ -329,7 +329,9 @@ def print_work(args, sizes):
 
 
 PLAN = [("544x960x129", None, False), ("720x1280x129", None, False), ("480x848x25", "int8", False),
-        ("480x848x25", "int8", True), ("544x960x129", "int8", False), ("720x1280x129", "int8", False)]
+        ("480x848x25", "int8", True), ("544x960x129", "int8", False), ("720x1280x129", "int8", False),
+        ("544x960x97", None, False, "batched"), ("544x960x97", None, False, "sequential"),
+        ("544x960x97", "int8", False, "sequential")]  # (size, quantization, --low-memory[, true CFG])
 
 
 def main(argv=None):

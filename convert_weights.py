@@ -4,14 +4,16 @@ without quantizing again.
     python convert_weights.py --model SRC --quantization int8 --output DIR
     python convert_weights.py --model SRC --transformer mp_rank_00_model_states_fp8.pt --output DIR
     python convert_weights.py --model hunyuan_video_t2v_720p_bf16.safetensors --output DIR
+    python convert_weights.py --model SRC --lora style.safetensors:0.8 --quantization int8 --output DIR
 
 SRC is a complete HunyuanVideo in the diffusers layout (a folder, or a hub id such as
 hunyuanvideo-community/HunyuanVideo): DIR gets the same layout, with transformer/ and text_encoder/ in MLX's
 format (quantized if asked) and the other parts copied, so HunyuanVideoPipeline.from_pretrained(DIR) and
 load_transformer(DIR/transformer) read it directly. --transformer takes the DiT from another file instead:
 Tencent's .pt (its fp8 variant too, with the _map.pt beside it) or a ComfyUI .safetensors. When SRC is a
-transformer alone (a file, or a transformer/ folder), DIR gets that transformer alone. DIR must not exist:
-it is built under a temporary name and renamed when complete.
+transformer alone (a file, or a transformer/ folder), DIR gets that transformer alone. --lora merges LoRAs into
+the DiT's weights before quantizing them. DIR must not exist: it is built under a temporary name and renamed
+when complete.
 """
 
 import argparse
@@ -31,7 +33,12 @@ COPIED = ("text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler", "mod
 
 def convert_transformer(src, out, args):
     model = H.load_transformer(src, DTYPES.get(args.dtype, H.DEFAULT_DTYPES["transformer"]), args.quantization,
-                               args.quantize_modulation)
+                               args.quantize_modulation, loras=[H.parse_lora(text) for text in args.lora or ()],
+                               lora_ignore_unmatched=args.lora_ignore_unmatched)
+    if any(isinstance(m, H.LoRAQuantizedLinear) for _, m in model.named_modules()):
+        raise H.HunyuanVideoError(f"{src} is already quantized, so a LoRA would stay a branch beside it and not be "
+                                  f"baked in: convert the original (bf16) checkpoint with --lora, or pass the LoRA to "
+                                  f"hunyuan_apple.py --lora at run time.")
     H.save_transformer(model, out)
 
 
@@ -66,6 +73,10 @@ def main(argv=None):
     ap.add_argument("--quantize-modulation", action="store_true", help="also quantize the DiT's adaLN modulation")
     ap.add_argument("--dtype", choices=list(DTYPES), help="for what is not quantized (default: each part's own, "
                     "the DiT bfloat16, the text encoder float16, as the pipeline runs them)")
+    ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="bake a LoRA into the DiT (merged "
+                    "before any quantization; repeat for several)")
+    ap.add_argument("--lora-ignore-unmatched", action="store_true", help="bake a LoRA even if some of its keys "
+                    "match no layer (listed in a warning)")
     args = ap.parse_args(argv)
     out = Path(args.output).expanduser()
     tmp = out.with_name(out.name + ".partial")

@@ -2,6 +2,8 @@
 
     python hunyuan_apple.py --prompt "a cat walks on the grass" --quality 540p --aspect-ratio 16:9 --frames 13
     python hunyuan_apple.py --model tiny --prompt "a cat"          # offline demo: tiny random weights, noise video
+    python hunyuan_apple.py --prompt "..." --lora style.safetensors:0.8 --negative-prompt "blurry" --cfg-scale 6
+    python hunyuan_apple.py --prompt "..." --video input.mp4 --strength 0.7     # video to video
 
 Writes an H.264 mp4 (and its settings as JSON beside it and in the mp4's metadata). The latents are saved
 before decoding; if anything fails after denoising, the message says how to decode them again.
@@ -14,6 +16,7 @@ import re
 import sys
 import time
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,12 +35,14 @@ TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)
 # what the settings (JSON sidecar, mp4 metadata) hold, with the type each must have
 SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift": float, "height": int, "width": int,
             "frames": int, "model": str, "quantization": str, "quantize_modulation": bool, "dit_dtype": str,
-            "vae_dtype": str, "text_dtype": str, "fps": int, "preset": str, "cache": str, "cache_threshold": float}
+            "vae_dtype": str, "text_dtype": str, "fps": int, "preset": str, "cache": str, "cache_threshold": float,
+            "negative_prompt": str, "cfg_scale": float, "loras": list, "lora_ignore_unmatched": bool,
+            "transformer": str, "video": str, "strength": float}
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
 DEFAULTS = dict(aspect_ratio="16:9", quality="540p", frames=13, steps=50, guidance=6.0, shift=7.0,
-                model=H.DEFAULT_MODEL, fps=24, checkpoint_every=10.0)
+                model=H.DEFAULT_MODEL, fps=24, checkpoint_every=10.0, cfg_scale=1.0, strength=0.8)
 MAX_FPS = 120
 # what --decode-latents uses; any other flag is refused with it (the latents are already made)
 DECODE_FLAGS = {"decode_latents", "model", "vae_dtype", "output", "overwrite", "frames_dir", "gif", "fps", "low_memory"}
@@ -70,14 +75,27 @@ def parse_args(argv):
     ap.add_argument("--frames", type=int, help=f"4n+1 frames (default 13; {H.MAX_FRAMES} is the model's longest)")
     ap.add_argument("--steps", type=int, help="denoising steps (default 50)")
     ap.add_argument("--guidance", type=float, help="embedded guidance scale, 0 or more (default 6.0)")
+    ap.add_argument("--negative-prompt", metavar="TEXT", help="what the video should not show: true classifier-free "
+                    "guidance, two DiT forwards a step (with --cfg-scale; 6 by default when this is given)")
+    ap.add_argument("--cfg-scale", type=float, metavar="X", help="true CFG scale, above 1 to guide (SkyReels-V1: 6); "
+                    "without --negative-prompt the negative prompt is empty")
     ap.add_argument("--shift", type=float, help="flow shift (default 7.0)")
     ap.add_argument("--seed", type=int, help="0 to 2**64 - 1; random if left out (it is printed and saved with the "
                                               "video)")
     ap.add_argument("--model", help=f"a local folder in the diffusers layout, a hub id (default {H.DEFAULT_MODEL}), "
                                     f"or 'tiny' for the offline demo")
+    ap.add_argument("--transformer", help="the DiT from another checkpoint (a fine-tune): its diffusers folder, a "
+                    "single .safetensors or .pt file, or a hub id; the rest comes from --model")
     ap.add_argument("--preset", choices=list(H.PRESETS), help="a checkpoint of the family with its own settings: "
-                    + "; ".join(f"{k}: {p['model']}, {p['steps']} steps, shift {p['shift']}, guidance {p['guidance']}"
-                                for k, p in H.PRESETS.items()) + " (flags given too win)")
+                    + "; ".join(f"{k}: {p['about']}" for k, p in H.PRESETS.items()) + " (flags given too win)")
+    ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="apply a LoRA to the DiT, at SCALE (1.0 "
+                    "by default); repeat for several. diffusers, original, musubi/kohya and ComfyUI files")
+    ap.add_argument("--lora-ignore-unmatched", action="store_true", help="load a LoRA even if some of its keys match "
+                    "no layer (they are listed in a warning); by default that stops the run")
+    ap.add_argument("--video", metavar="FILE", help="video to video: start from this video (its own size rounded to "
+                    "16 and its length, unless --resolution/--quality/--frames say otherwise)")
+    ap.add_argument("--strength", type=float, help="with --video: how much to change it, 0 (keep) to 1 (text to video "
+                    "from the same noise); the last strength x steps steps run (default 0.8)")
     ap.add_argument("--cache", choices=list(H.CACHES), help="skip DiT forwards that a step cache predicts (see the "
                     "README): " + ", ".join(f"{k} (default threshold {v})" for k, v in H.CACHES.items()))
     ap.add_argument("--cache-threshold", type=float, metavar="X", help="the cache's threshold: higher skips more; "
@@ -180,6 +198,8 @@ def resolve(args):
     s = read_metadata(input_file(args, "from_metadata")) if args.from_metadata else {}
     if args.preset:  # its settings, under the flags given
         s.update(preset=args.preset, **{k: v for k, v in H.PRESETS[args.preset].items() if k in SETTINGS})
+    if args.lora:
+        s["loras"] = [H.parse_lora(text) for text in args.lora]
     if {"quantize", "quantization"} <= given and QUANTIZE_BITS[args.quantize] != args.quantization:
         raise H.HunyuanVideoError(f"--quantize {args.quantize} and --quantization {args.quantization} disagree: "
                                   f"give one of them.")
@@ -190,6 +210,8 @@ def resolve(args):
         ar_w, ar_h = (int(n) for n in args.aspect_ratio.split(":"))
         w = args.resolution[1] if len(args.resolution) == 2 else int(round(h * ar_w / ar_h / 16)) * 16
         s.update(height=h, width=w)
+    elif args.video and not {"quality", "aspect_ratio"} & given:
+        s["height"], s["width"] = H.video_size(video_frames(args.video))
     elif "height" not in s or {"quality", "aspect_ratio"} & given:
         s["height"], s["width"] = BUCKETS[args.quality][args.aspect_ratio]
     quantization = args.quantization or QUANTIZE_BITS.get(args.quantize)
@@ -197,14 +219,32 @@ def resolve(args):
                        ("shift", args.shift), ("frames", args.frames), ("model", args.model),
                        ("quantization", quantization), ("quantize_modulation", args.quantize_modulation),
                        ("fps", args.fps), ("cache", args.cache), ("cache_threshold", args.cache_threshold),
+                       ("negative_prompt", args.negative_prompt), ("cfg_scale", args.cfg_scale),
+                       ("transformer", args.transformer), ("video", args.video), ("strength", args.strength),
+                       ("lora_ignore_unmatched", args.lora_ignore_unmatched), ("loras", []),
                        *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
         if key not in s or key in given or (key == "quantization" and "quantize" in given):
             s[key] = value
+    if args.video and "frames" not in given:  # the video's length, up to 129 frames
+        s["frames"] = min((len(video_frames(args.video)) - 1) // 4 * 4 + 1, H.MAX_FRAMES)
+    if "strength" in given and not s["video"]:
+        raise H.HunyuanVideoError("--strength applies to video to video: give --video too.")
+    if not s["video"]:
+        s["strength"] = None
+    if s["negative_prompt"] is not None and "cfg_scale" not in given and s["cfg_scale"] <= 1:
+        s["cfg_scale"] = 6.0  # a negative prompt given alone: true CFG at SkyReels-V1's scale
+    elif s["cfg_scale"] > 1 and s["negative_prompt"] is None:
+        s["negative_prompt"] = ""  # --cfg-scale alone: the plain unconditional branch
     if s["model"] == "tiny" and not args.from_metadata:
-        if not ({"resolution", "quality", "aspect_ratio"} & given):
+        if not ({"resolution", "quality", "aspect_ratio", "video"} & given):
             s.update(height=TINY_DEMO["height"], width=TINY_DEMO["width"])
-        chosen = given | H.PRESETS.get(args.preset, {}).keys()
+        chosen = given | H.PRESETS.get(args.preset, {}).keys() | ({"frames"} if args.video else set())
         s.update({k: TINY_DEMO[k] for k in ("frames", "steps") if k not in chosen})
+        if "transformer" not in given:
+            s["transformer"] = None  # the demo's own DiT, with a preset's settings
+    prefix = H.PRESETS.get(s.get("preset"), {}).get("prompt_prefix", "")
+    if s["prompt"] is not None and not s["prompt"].startswith(prefix):
+        s["prompt"] = prefix + s["prompt"]
     if s["prompt"] is None:
         raise H.HunyuanVideoError("--prompt is missing: describe the video to generate.")
     if s["seed"] is None:
@@ -212,7 +252,10 @@ def resolve(args):
     for key, choices in (("quantization", H.QUANTIZATIONS), *((k, H.DTYPES) for k in DEFAULT_DTYPES)):
         if s[key] is not None and s[key] not in choices:
             raise H.HunyuanVideoError(f"{key} {s[key]!r}: use one of {', '.join(choices)}.")
-    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"], s["seed"], s["guidance"])
+    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"], s["seed"], s["guidance"]) \
+        or H.check_guidance(s["negative_prompt"], s["cfg_scale"]) or (
+            H.check_strength(s["strength"]) or H.check_video(video_frames(s["video"]), s["frames"]) if s["video"]
+            else None)
     if problem:
         raise H.HunyuanVideoError(problem)
     H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]))  # checks name and threshold
@@ -222,6 +265,12 @@ def resolve(args):
         warnings.warn(f"guidance {s['guidance']} is far above what HunyuanVideo is run with (6.0 by default; its "
                       f"fine-tunes use 1 to 10).")
     return s
+
+
+@lru_cache(maxsize=2)
+def video_frames(path):
+    """--video's frames, read once (its size and length set defaults; the pipeline encodes them)."""
+    return H.read_video(path)
 
 
 def check_writable(path, overwrite):
@@ -242,7 +291,9 @@ def check_outputs(out, args, latents=True):
     none may exist without --overwrite. Returns the latents file (None when decoding saved ones)."""
     inputs = {Path(f).resolve(): flag for flag, f in (("--from-metadata", args.from_metadata),
                                                       ("--decode-latents", args.decode_latents),
-                                                      ("--resume", args.resume)) if f}
+                                                      ("--resume", args.resume), ("--video", args.video),
+                                                      *(("--lora", H.parse_lora(lora)[0]) for lora in args.lora or ()))
+              if f}
     latents_file = out.with_name(out.stem + ".latents.safetensors") if latents else None
     files = [out, out.with_suffix(".json")] + ([out.with_suffix(".gif")] if args.gif else []) + \
         ([preview_file(out)] if args.preview and latents else []) + \
@@ -442,7 +493,10 @@ def load_pipeline(settings, args):
     return H.HunyuanVideoPipeline.from_pretrained(settings["model"], dtypes=dtypes,
                                                   quantization=settings.get("quantization"),
                                                   quantize_modulation=settings.get("quantize_modulation", False),
-                                                  low_memory=args.low_memory, prompt_cache=not args.no_prompt_cache)
+                                                  low_memory=args.low_memory, prompt_cache=not args.no_prompt_cache,
+                                                  loras=[tuple(lora) for lora in settings.get("loras") or ()],
+                                                  lora_ignore_unmatched=settings.get("lora_ignore_unmatched", False),
+                                                  transformer=settings.get("transformer"))
 
 
 def decode_saved(args):
@@ -488,12 +542,20 @@ def main(argv=None):
         pipe.progress = bar
         if not args.decode_latents:
             settings["version"] = H.__version__
+            cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
+            mode = pipe.cfg_mode(settings["height"], settings["width"], settings["frames"], settings["cache"],
+                                 settings["steps"]) if cfg else None
             print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
                   f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
-                  + (f", cache {settings['cache']}" if settings["cache"] else ""), file=sys.stderr)
+                  + (f", transformer {settings['transformer']}" if settings.get("transformer") else "")
+                  + (f", cache {settings['cache']}" if settings["cache"] else "")
+                  + (f", true CFG {settings['cfg_scale']} ({mode})" if cfg else "")
+                  + "".join(f", LoRA {Path(f).name} x{s:g}" for f, s in settings.get("loras") or ())
+                  + (f", video {settings['video']} at strength {settings['strength']:g}" if settings.get("video")
+                     else ""), file=sys.stderr)
             try:  # before any weights load
                 est = pipe.check_memory(settings["height"], settings["width"], settings["frames"], settings["cache"],
-                                        settings["steps"])
+                                        settings["steps"], mode)
                 print("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in est.items()), file=sys.stderr)
             except H.HunyuanVideoError as e:
                 if not args.force:
@@ -503,17 +565,26 @@ def main(argv=None):
                 print(f"resuming after step {resume['step']} of {settings['steps']}", file=sys.stderr)
             else:
                 phase = "encoding the prompt"
-                text, resume, start = pipe.encode_prompt(settings["prompt"]), None, None
+                prompts = [settings["prompt"]] + ([settings["negative_prompt"]] if cfg else [])
+                text, resume, start = pipe.encode_prompt(prompts), None, None  # rows: the prompt, the negative one
                 if pipe.prompt_hit:
                     print("the prompt's encoding comes from the prompt cache (--no-prompt-cache runs the text "
                           "encoders)", file=sys.stderr)
+            video = None
+            if settings.get("video") and not args.resume:
+                phase = "encoding the video"
+                video = pipe.encode_video(video_frames(settings["video"]), settings["height"], settings["width"],
+                                          settings["frames"])
             phase = "denoising"
             checkpoint = Checkpoint(out, settings, text, args.checkpoint_every)
-            latents = pipe.denoise(*text, settings["height"], settings["width"], settings["frames"], settings["steps"],
-                                   settings["guidance"], settings["shift"], settings["seed"], latents=start,
-                                   cache=settings["cache"], cache_threshold=settings["cache_threshold"],
+            latents = pipe.denoise(*(t[:1] for t in text), settings["height"], settings["width"], settings["frames"],
+                                   settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
+                                   latents=start, cache=settings["cache"], cache_threshold=settings["cache_threshold"],
                                    checkpoint=checkpoint, resume=resume,
-                                   preview=write_preview(out) if args.preview else None)
+                                   preview=write_preview(out) if args.preview else None,
+                                   negative=tuple(t[1:] for t in text) if cfg else None,
+                                   true_cfg_scale=settings.get("cfg_scale", 1.0), cfg_batched=mode == "batched",
+                                   video_latents=video, strength=settings["strength"] if video is not None else 1.0)
             settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents

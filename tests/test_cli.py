@@ -52,7 +52,9 @@ def test_generate_writes_what_it_says(env, tmp_path):
                                             "shift": 7.0, "height": 48, "width": 64, "frames": 9, "model": "tiny",
                                             "quantization": None, "quantize_modulation": False, "dit_dtype": "bf16",
                                             "vae_dtype": "fp16", "text_dtype": "fp16", "fps": 24, "cache": None,
-                                            "cache_threshold": None, "version": None}
+                                            "cache_threshold": None, "version": None, "negative_prompt": None,
+                                            "cfg_scale": 1.0, "loras": [], "lora_ignore_unmatched": False,
+                                            "transformer": None, "video": None, "strength": None}
     assert work["forwards"] == 2 and work["skipped"] == 0 and work["steps"] == [True, True] and work["pflop"] > 0
     assert f"DiT forwards: 2 computed, 0 skipped (no cache), {work['pflop']:.3g} PFLOP" in r.stdout
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
@@ -323,6 +325,8 @@ def test_cache_and_preset(env, tmp_path):
     assert (s["model"], s["steps"], s["shift"], s["guidance"]) == ("FastVideo/FastHunyuan-diffusers", 6, 17.0, 6.0)
     s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan", "--model", "tiny", "--steps", "3"]))
     assert (s["model"], s["steps"], s["shift"], s["preset"]) == ("tiny", 3, 17.0, "fasthunyuan")
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan", "--model", "tiny"]))
+    assert (s["steps"], s["frames"], s["height"]) == (6, 9, 96)  # the preset's steps; the demo's size
 
 
 def test_interrupted_run_resumes_to_the_same_video(env, tmp_path):
@@ -393,3 +397,87 @@ def test_preview_of_the_clean_latents():
     assert frames.shape == (2, 3, 4, 3) and (frames == np.round((H.LATENT_RGB_BIAS + 1) / 2 * 255)).all()
     one = mx.zeros((1, 1, 1, 1, 16)).at[..., 12].add(1.0)  # channel 12: the strongest, darkens every colour
     assert (H.latent_preview(one)[0, 0, 0] < frames[0, 0, 0]).all()
+
+
+def tiny_lora(path, seed=0):
+    """A LoRA for the tiny demo's DiT (width 64), in the original layout."""
+    from safetensors.numpy import save_file
+    g = np.random.default_rng(seed)
+    sd = {}
+    for name, out in (("double_blocks.0.img_attn_qkv", 192), ("single_blocks.0.linear1", 448)):
+        sd[f"diffusion_model.{name}.lora_A.weight"] = (g.standard_normal((4, 64)) / 8).astype(np.float32)
+        sd[f"diffusion_model.{name}.lora_B.weight"] = g.standard_normal((out, 4)).astype(np.float32)
+    save_file(sd, path)
+    return path
+
+
+def test_lora_negative_prompt_and_video_to_video(env, tmp_path):
+    """--lora FILE:SCALE, --negative-prompt (true CFG at 6 unless --cfg-scale says), --video/--strength: each used
+    as typed, recorded in the settings, and --from-metadata repeats them."""
+    tiny_lora(tmp_path / "style.safetensors")
+    base = ["--prompt", "a cat", *SMALL, "--seed", "2"]
+    assert run(env, tmp_path, *base, "--output", "plain.mp4").returncode == 0
+    r = run(env, tmp_path, *base, "--lora", "style.safetensors:0.5", "--negative-prompt", "blurry", "--output", "l.mp4")
+    assert r.returncode == 0, r.stderr
+    assert "true CFG 6.0 (batched), LoRA style.safetensors x0.5" in r.stderr
+    s = json.loads((tmp_path / "l.json").read_text())
+    assert (s["loras"], s["negative_prompt"], s["cfg_scale"], s["work"]["forwards"]) == (
+        [["style.safetensors", 0.5]], "blurry", 6.0, 4)
+    assert not np.array_equal(read_frames(tmp_path / "l.mp4"), read_frames(tmp_path / "plain.mp4"))
+    assert run(env, tmp_path, "--from-metadata", "l.json", "--output", "again.mp4").returncode == 0
+    assert np.array_equal(read_frames(tmp_path / "again.mp4"), read_frames(tmp_path / "l.mp4"))
+
+    iio.mimsave(tmp_path / "in.mp4", list(np.random.default_rng(0).integers(0, 255, (10, 40, 72, 3), np.uint8)),
+                fps=8, macro_block_size=8)
+    r = run(env, tmp_path, "--prompt", "a cat", "--model", "tiny", "--steps", "4", "--video", "in.mp4",
+            "--strength", "0.5", "--output", "v.mp4")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "v.json").read_text())
+    assert (s["frames"], s["height"], s["width"], s["strength"], s["work"]["forwards"]) == (9, 48, 80, 0.5, 2)
+    assert read_frames(tmp_path / "v.mp4").shape == (9, 48, 80, 3)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lora", "style.safetensors:strong"], "the LoRA's scale 'strong' is not a number"),
+    (["--lora", "absent.safetensors"], "the LoRA absent.safetensors does not exist"),
+    (["--lora", "notes.txt"], "neither .safetensors nor .pt"),
+    (["--lora", "cut.safetensors"], "could not be read as safetensors"),
+    (["--lora", "other.safetensors"], "matches no layer of HunyuanVideo's DiT"),
+    (["--video", "absent.mp4"], "the video absent.mp4 does not exist"),
+    (["--video", "notes.mp4"], "the video notes.mp4 could not be read"),
+    (["--video", "in.mp4", "--frames", "13"], "the video has 5 frames, fewer than the 13 asked: ask for 5 or fewer"),
+    (["--video", "in.mp4", "--strength", "1.5"], "strength 1.5: use a number from 0"),
+    (["--strength", "0.5"], "--strength applies to video to video: give --video too"),
+    (["--cfg-scale", "-2", "--negative-prompt", "x"], "true CFG scale -2.0: use a number of 0 or more"),
+    (["--video", "in.mp4", "--output", "in.mp4"], "in.mp4 is the --video input"),
+])
+def test_bad_lora_video_and_guidance_one_sentence(env, tmp_path, args, words):
+    from safetensors.numpy import save_file
+    tiny_lora(tmp_path / "style.safetensors")
+    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "notes.mp4").write_text("not a video")
+    data = (tmp_path / "style.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    save_file({"lora_unet_down_blocks_0_proj_in.lora_down.weight": np.zeros((4, 8), np.float32)},
+              tmp_path / "other.safetensors")
+    iio.mimsave(tmp_path / "in.mp4", [np.zeros((48, 64, 3), np.uint8)] * 5, fps=8)
+    r = run(env, tmp_path, "--prompt", "a cat", "--model", "tiny", "--steps", "1", *[a for a in args])
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "memory plan" not in r.stderr  # refused before anything loads
+
+
+def test_skyreels_preset_and_guidance_settings():
+    s = cli.resolve(cli.parse_args(["--prompt", "a man walks", "--preset", "skyreels"]))
+    assert (s["model"], s["transformer"], s["steps"], s["guidance"], s["cfg_scale"], s["height"], s["width"],
+            s["frames"], s["prompt"]) == (H.DEFAULT_MODEL, "Skywork/SkyReels-V1-Hunyuan-T2V", 30, 1.0, 6.0, 544, 960, 97,
+                                          "FPS-24, a man walks")
+    assert s["negative_prompt"].startswith("Aerial view, aerial view, overexposed")
+    s = cli.resolve(cli.parse_args(["--prompt", "FPS-24, a man", "--preset", "skyreels", "--cfg-scale", "4",
+                                    "--model", "tiny"]))
+    assert (s["prompt"], s["cfg_scale"], s["transformer"]) == ("FPS-24, a man", 4.0, None)  # the demo's own DiT
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--cfg-scale", "3"]))
+    assert (s["negative_prompt"], s["cfg_scale"]) == ("", 3.0)  # the plain unconditional branch
+    with pytest.warns(UserWarning, match="has no effect"):
+        cli.resolve(cli.parse_args(["--prompt", "x", "--negative-prompt", "y", "--cfg-scale", "1"]))
+    assert H.parse_lora("a:b/c.safetensors") == ["a:b/c.safetensors", 1.0]
+    assert H.parse_lora("style.safetensors:0.25") == ["style.safetensors", 0.25]

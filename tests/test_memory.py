@@ -305,3 +305,25 @@ def test_precomputed_modulation_lowers_the_denoising_peak(tmp_path):
     assert 0.9 * (modulation - one_block) <= peaks[1] - peaks[0] <= 1.1 * modulation
     est = H.estimate_memory(folder, 32, 32, 1, dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32), steps=2)
     assert 1.0 <= est["denoise"] / peaks[0] <= MARGIN["denoise"]
+
+
+def test_true_cfg_estimate_brackets_the_measured_peak(tmp_path):
+    """True CFG's denoising peak, its two branches batched and one after the other, against the plan's estimate
+    for each (the same margin as one branch)."""
+    (heads, head_dim), llm_width, block_out = WIDTHS[1]
+    folder = make_checkpoint(tmp_path / "ckpt", heads, head_dim, llm_width, block_out)
+    size = (128, 288, 13)
+    ratios = {}
+    for dtype in (None, mx.float32):
+        pipe = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the prompt is cut at 256 tokens, on purpose
+            text = pipe.encode_prompt([LONG, LONG[::-1]])
+        for mode in ("batched", "sequential"):
+            pipe.denoise(*(t[:1] for t in text), *size, num_inference_steps=1, seed=0,
+                         negative=tuple(t[1:] for t in text), true_cfg_scale=5.0, cfg_batched=mode == "batched")
+            est = H.estimate_memory(folder, *size, dtypes=pipe.dtypes, steps=1, cfg=mode)["denoise"]
+            ratios[mode, dtype] = est / (pipe.stats["denoise"][1] * H.GB)
+    print({k: f"{v:.2f}" for k, v in ratios.items()})
+    for (mode, dtype), ratio in ratios.items():
+        assert 1.0 <= ratio <= MARGIN["denoise"], f"{mode}, {dtype}: estimate {ratio:.2f}x the measured peak"

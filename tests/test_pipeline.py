@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_clip_tokenizer, make_llama_tokenizer, randomize, rel_err
+from safetensors.torch import save_file
 from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                        HunyuanVideoTransformer3DModel)
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
@@ -194,3 +195,211 @@ def test_prompt_cache(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="the prompt cache cannot be written"):
         states, _, _ = pipe.encode_prompt("a cat walks on the grass")
     assert states.shape == first[0].shape
+
+
+# ---- true classifier-free guidance, LoRA, a fine-tune's DiT, video to video ----------------------------
+
+PROMPT, NEGATIVE = "A red fox runs through the snow, cinematic.", "blurry, low quality"
+
+
+def no_guidance_dit(folder, pipe):
+    """A DiT without a guidance embedding (as SkyReels-V1 and true-CFG fine-tunes), in its own folder."""
+    path = folder.parent / "no_guidance_transformer"
+    if not path.exists():
+        cfg = dict(pipe.transformer.config)
+        dit = randomize(HunyuanVideoTransformer3DModel(**{**{k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                          "guidance_embeds": False}), seed=7).eval()
+        dit.save_pretrained(path)
+    return path
+
+
+def reference_pipeline(folder, ref, transformer=None):
+    if transformer is None:
+        return ref
+    return HunyuanVideoPipeline(text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, vae=ref.vae,
+                                transformer=HunyuanVideoTransformer3DModel.from_pretrained(transformer).eval(),
+                                scheduler=ref.scheduler, text_encoder_2=ref.text_encoder_2, tokenizer_2=ref.tokenizer_2)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["guidance-embedding", "no-guidance-embedding"])
+def test_true_cfg_matches_diffusers(checkpoint, guidance_embeds, monkeypatch):
+    """v = v_neg + s (v - v_neg) with a negative prompt, against diffusers' true_cfg_scale/negative_prompt, from the
+    same initial latents: batched (one forward of batch 2, which the plan allows here) and one branch after the
+    other (the plan's choice when the budget fits only that)."""
+    folder, ref = checkpoint
+    transformer = None if guidance_embeds else no_guidance_dit(folder, ref)
+    ref = reference_pipeline(folder, ref, transformer)
+    (F, Hh, W), steps = (9, 48, 64), 3
+    init = torch.randn(1, 16, (F - 1) // 4 + 1, Hh // 8, W // 8, generator=torch.Generator().manual_seed(6))
+    kw = dict(height=Hh, width=W, num_frames=F, num_inference_steps=steps, guidance_scale=1.0)
+    with torch.no_grad():
+        ref_latents = ref(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=init, output_type="latent",
+                          return_dict=False, **kw)[0].permute(0, 2, 3, 4, 1).numpy()
+        plain = ref(PROMPT, latents=init, output_type="latent", return_dict=False, **kw)[0]
+    assert rel_err(plain.permute(0, 2, 3, 4, 1).numpy(), ref_latents) > 0.05  # the guidance matters
+    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32, transformer=transformer)
+    mine = mx.array(init.permute(0, 2, 3, 4, 1).numpy())
+    est = {mode: H.estimate_memory(folder, Hh, W, F, dtypes=ours.dtypes, steps=steps, cfg=mode,
+                                   transformer=(ours.transformer, None))["denoise"]
+           for mode in ("batched", "sequential")}
+    assert est["batched"] > est["sequential"]
+    for budget, mode in ((None, "batched"), ((est["batched"] + est["sequential"]) / 2 / 0.9, "sequential")):
+        if budget:  # a machine where only one branch at a time fits (force: the tiny LLM is bigger still)
+            monkeypatch.setattr(H, "available_memory", lambda: int(budget))
+        assert ours.cfg_mode(Hh, W, F, steps=steps) == mode
+        latents = ours(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=mine, output_type="latent",
+                       force=budget is not None, **kw)
+        err = rel_err(np.array(latents), ref_latents)
+        print(f"true CFG ({mode}, guidance embedding {guidance_embeds}): latents {err:.2e}")
+        assert err <= LATENT_TOL, f"{mode}: final latents relative error {err:.2e} > {LATENT_TOL}"
+        assert ours.stats["work"]["forwards"] == 2 * steps
+    monkeypatch.undo()
+    if guidance_embeds:
+        with torch.no_grad():
+            ref_frames = ref(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=init, output_type="np",
+                             return_dict=False, **kw)[0][0]
+        frames = ours(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=mine, **kw)
+        levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
+        print(f"true CFG frames: {levels:.2f} levels")
+        assert levels <= FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
+
+
+def test_true_cfg_keeps_the_branches_apart(checkpoint, tmp_path, monkeypatch):
+    """The prompt cache holds each branch's prompt under its own entry; a step cache runs one cache a branch (at
+    threshold 0 it skips nothing and equals the uncached run to the bit); negative prompts without effect warn."""
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))
+    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32, prompt_cache=True)
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=3, seed=1, output_type="latent",
+              negative_prompt=NEGATIVE, true_cfg_scale=3.0)
+    plain = ours(PROMPT, **kw)
+    assert len(list((tmp_path / "cache" / "prompts").glob("*.safetensors"))) == 2 and not ours.prompt_hit
+    for cache in H.CACHES:
+        cached = ours(PROMPT, cache=cache, cache_threshold=0.0, **kw)
+        assert ours.prompt_hit and np.array_equal(np.array(cached), np.array(plain)), cache
+        assert ours.stats["work"]["forwards"] == 6
+    with pytest.warns(UserWarning, match="has no effect"):
+        ours(PROMPT, **{**kw, "true_cfg_scale": 1.0})
+    with pytest.warns(UserWarning, match="without a negative prompt has no effect"):
+        ours(PROMPT, **{**kw, "negative_prompt": None})
+
+
+def test_a_lora_in_the_pipeline_matches_diffusers(checkpoint, tmp_path):
+    folder, ref = checkpoint
+    g = torch.Generator().manual_seed(21)
+    D, lora = 32, {}
+    for name, (out, fan_in) in {"transformer_blocks.0.attn.to_q": (D, D), "transformer_blocks.1.ff.net.2": (D, 4 * D),
+                                "single_transformer_blocks.0.proj_mlp": (4 * D, D),
+                                "single_transformer_blocks.1.attn.to_k": (D, D)}.items():
+        lora[f"transformer.{name}.lora_A.weight"] = torch.randn(4, fan_in, generator=g) / np.sqrt(fan_in)
+        lora[f"transformer.{name}.lora_B.weight"] = torch.randn(out, 4, generator=g)
+    save_file(lora, tmp_path / "lora.safetensors")
+    (F, Hh, W), steps = (9, 48, 64), 3
+    init = torch.randn(1, 16, (F - 1) // 4 + 1, Hh // 8, W // 8, generator=torch.Generator().manual_seed(8))
+    kw = dict(height=Hh, width=W, num_frames=F, num_inference_steps=steps)
+    ref.load_lora_weights(str(tmp_path / "lora.safetensors"), adapter_name="style")
+    ref.set_adapters(["style"], [0.7])
+    try:
+        with torch.no_grad():
+            expected = ref(PROMPT, latents=init, output_type="latent", return_dict=False, **kw)[0]
+    finally:
+        ref.unload_lora_weights()
+    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32, loras=[(tmp_path / "lora.safetensors", 0.7)])
+    latents = ours(PROMPT, latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), output_type="latent", **kw)
+    err = rel_err(np.array(latents), expected.permute(0, 2, 3, 4, 1).numpy())
+    print(f"pipeline with a LoRA: latents {err:.2e}")
+    assert err <= LATENT_TOL, f"final latents relative error {err:.2e} > {LATENT_TOL}"
+    with pytest.raises(H.HunyuanVideoError, match="matches no layer"):  # refused before anything runs
+        H.HunyuanVideoPipeline.from_pretrained(folder, loras=[tmp_path / "lora.safetensors", checkpoint_file(folder)])
+
+
+def checkpoint_file(folder):
+    """A safetensors file that is no LoRA: the VAE's weights."""
+    return next((folder / "vae").glob("*.safetensors"))
+
+
+def random_video(frames, height, width, seed=0):
+    g = np.random.default_rng(seed)
+    base = g.integers(0, 256, (1, height // 4, width // 4, 3))
+    video = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2) + np.arange(frames)[:, None, None, None] * 3
+    return np.clip(video, 0, 255).astype(np.uint8)  # (F, H, W, 3): smooth enough to survive a resize
+
+
+def test_video_to_video(checkpoint):
+    """The encode is the VAE's tiled encoder (against diffusers' with the same tiles); the whole run equals
+    diffusers' pipeline started from the noised video on the schedule's tail (its own sigmas argument); strength
+    0.5 runs half the steps, 1.0 is text to video from the same noise to the bit, 0 keeps the encoded video."""
+    folder, ref = checkpoint
+    (F, Hh, W), steps, tile, stride = (9, 48, 64), 6, (4, 32, 32), (4, 24, 24)
+    video = random_video(13, 40, 72)  # another size and aspect ratio: resized to cover, cropped at the centre
+    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
+    frames = H.fit_frames(video, Hh, W, F)
+    assert frames.shape == (F, Hh, W, 3)
+    z = ours.encode_video(video, Hh, W, F, tile=tile, stride=stride)
+    x = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, F, H, W)
+    settings = dict(vars(ref.vae))
+    with torch.no_grad():
+        whole = ref.vae.encode(x).latent_dist.mean * ref.vae.config.scaling_factor  # the pipeline's: one tile here
+        ref.vae.enable_tiling(tile_sample_min_num_frames=tile[0], tile_sample_min_height=tile[1],
+                              tile_sample_min_width=tile[2], tile_sample_stride_num_frames=stride[0],
+                              tile_sample_stride_height=stride[1], tile_sample_stride_width=stride[2])
+        ref_z = ref.vae.encode(x).latent_dist.mean * ref.vae.config.scaling_factor
+    vars(ref.vae).update(settings)  # the fixture's VAE as it was
+    print(f"video encode, tiled: {rel_err(np.array(z), ref_z.permute(0, 2, 3, 4, 1).numpy()):.2e}")
+    assert rel_err(np.array(z), ref_z.permute(0, 2, 3, 4, 1).numpy()) <= 1e-4
+    assert rel_err(np.array(z), whole.permute(0, 2, 3, 4, 1).numpy()) > 1e-3  # the tiles did something
+
+    kw = dict(height=Hh, width=W, num_frames=F, num_inference_steps=steps, seed=4, output_type="latent")
+    seen = []
+    half = ours(PROMPT, video=video, strength=0.5, callback=lambda i, n, x: seen.append(i), **kw)
+    assert seen == [4, 5, 6] and ours.stats["work"]["forwards"] == 3
+    first = steps - int(steps * 0.5)
+    sigma = float(H.flow_sigmas(steps)[first])
+    noise = mx.random.normal((1, 3, Hh // 8, W // 8, 16), key=mx.random.key(4))
+    start = sigma * noise + (1 - sigma) * mx.array(whole.permute(0, 2, 3, 4, 1).numpy())
+    with torch.no_grad():
+        expected = ref(PROMPT, latents=torch.from_numpy(np.array(start)).permute(0, 4, 1, 2, 3),
+                       sigmas=list(np.linspace(1.0, 0.0, steps + 1)[first:-1]), output_type="latent",
+                       return_dict=False, **{k: v for k, v in kw.items() if k not in ("seed", "output_type")})[0]
+    err = rel_err(np.array(half), expected.permute(0, 2, 3, 4, 1).numpy())
+    print(f"video to video at strength 0.5: latents {err:.2e}")
+    assert err <= LATENT_TOL, f"video to video: relative error {err:.2e} > {LATENT_TOL}"
+
+    full = ours(PROMPT, video=video, strength=1.0, **kw)
+    assert np.array_equal(np.array(full), np.array(ours(PROMPT, **kw)))
+    kept = ours(PROMPT, video=video, strength=0.0, **kw)
+    assert ours.stats["work"]["forwards"] == 0
+    assert np.array_equal(np.array(kept), np.array(ours.encode_video(video, Hh, W, F)))
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(video="missing.mp4"), "does not exist"), (dict(strength=1.5), "from 0"),
+    (dict(video=np.zeros((3, 32, 32, 3), np.uint8)), "has 3 frames, fewer than the 5 asked: ask for 1 or fewer"),
+    (dict(true_cfg_scale=-1.0, negative_prompt="x"), "0 or more"),
+    (dict(negative_prompt=["a", "b"], true_cfg_scale=2.0), "2 negative prompts for 1 prompts"),
+])
+def test_bad_guidance_and_video_requests(checkpoint, kw, words):
+    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    args = dict(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=1)
+    if "strength" in kw:
+        args["video"] = np.zeros((5, 32, 32, 3), np.uint8)
+    with pytest.raises(H.HunyuanVideoError) as e:
+        ours(**{**args, **kw})
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_true_cfg_with_a_step_cache_resumes(checkpoint):
+    """A run stopped after any step and resumed from its checkpoint state (both branches' step caches in it)
+    ends where the uninterrupted run ends, to the bit, with the same ledger."""
+    import json
+    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    text = ours.encode_prompt([PROMPT, NEGATIVE])
+    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=10, seed=3, negative=tuple(t[1:] for t in text),
+              true_cfg_scale=3.0, cache="teacache", cache_threshold=0.3)
+    states = []
+    full = np.array(ours.denoise(*(t[:1] for t in text), checkpoint=lambda s: states.append(
+        dict(s, work=json.loads(json.dumps(s["work"])))), **kw))
+    work = ours.stats["work"]
+    assert 0 < work["skipped"] < 20 and work["forwards"] + work["skipped"] == 20, work
+    assert any(k.startswith("uncond.") for k in states[4]["cache"][1])
+    again = ours.denoise(*(t[:1] for t in text), latents=states[4]["latents"], resume=states[4], **kw)
+    assert np.array_equal(np.array(again), full) and ours.stats["work"] == work

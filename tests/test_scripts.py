@@ -180,3 +180,23 @@ def test_bench_work_table(tmp_path):
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
     assert [int(row[-4]) + int(row[-3]) for row in rows] == [50] * 5 + [6]
     assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows)
+
+
+def test_convert_bakes_a_lora_in(tmp_path):
+    """--lora merges the LoRA before quantizing: the converted int8 checkpoint equals quantizing on load with the
+    LoRA; a checkpoint already quantized is refused (the LoRA would not be baked in)."""
+    from test_cli import tiny_lora
+    tiny = H.build_tiny_checkpoint(tmp_path / "tiny")
+    lora = tiny_lora(tmp_path / "style.safetensors")
+    r = run("convert_weights.py", "--model", tiny / "transformer", "--quantization", "int8", "--lora",
+            f"{lora}:0.5", "--output", tmp_path / "q8")
+    assert r.returncode == 0, r.stderr
+    stored = dict(tree_flatten(H.load_transformer(tmp_path / "q8").parameters()))
+    on_load = dict(tree_flatten(H.load_transformer(tiny / "transformer", quantization="int8",
+                                                   loras=[(lora, 0.5)]).parameters()))
+    plain = dict(tree_flatten(H.load_transformer(tiny / "transformer", quantization="int8").parameters()))
+    assert stored.keys() == on_load.keys() and all(mx.array_equal(stored[k], on_load[k]).item() for k in stored)
+    assert not mx.array_equal(stored["single_blocks.0.linear1.weight"], plain["single_blocks.0.linear1.weight"]).item()
+    r = run("convert_weights.py", "--model", tmp_path / "q8", "--lora", lora, "--output", tmp_path / "again")
+    assert r.returncode == 2 and "is already quantized" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "again").exists()
