@@ -1,9 +1,10 @@
-"""HunyuanVideo (Tencent's 13B text-to-video model) in plain MLX.
+"""HunyuanVideo (Tencent's 13B text-to-video model, and its image-to-video variants) in plain MLX.
 
 One module, in the order data flows through the model:
-  1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector);
+  1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector); for image to video,
+     LLaVA's CLIP vision tower and projector, the image read with the prompt;
   2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
-     40 single-stream blocks, final layer;
+     40 single-stream blocks (token replace: the image's first frame modulated at timestep 0), final layer;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
   4. quantization of the DiT's blocks and the LLM (int8, int4, fp8);
   5. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as
@@ -13,7 +14,8 @@ One module, in the order data flows through the model:
   6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache:
      fewer DiT forwards) and its live preview, and the pipeline that runs it all in phases: the adaLN
      modulation precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan,
-     SkyReels-V1), true classifier-free guidance with a negative prompt, video to video;
+     SkyReels-V1), true classifier-free guidance with a negative prompt, video to video, image to video
+     (HunyuanVideo-I2V's token replace and latent concat, SkyReels-V1 I2V);
   7. the offline demo: a tiny random checkpoint in the real layout;
   8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
 
@@ -144,11 +146,12 @@ class LlamaTextEncoder(nn.Module):
     def dtype(self):
         return self.embed_tokens.weight.dtype
 
-    def __call__(self, ids, progress=None):
+    def __call__(self, ids, progress=None, embeds=None):
         """ids (B, L) -> states (B, L, hidden). Causal: a position never sees the ones after it, so right
         padding leaves the valid positions as they are. Each layer is evaluated on its own: one layer's
-        intermediates are alive at a time (what the memory plan counts). progress(done, total) after each."""
-        x = self.embed_tokens(ids)
+        intermediates are alive at a time (what the memory plan counts). progress(done, total) after each.
+        embeds: the input embeddings (B, L, hidden) instead of ids' (LLaVA's, with the image in them)."""
+        x, embeds = (self.embed_tokens(ids) if embeds is None else embeds), None  # held by x alone
         for layer in _counted(self.layers, progress):
             x = layer(x)
             mx.eval(x)
@@ -156,9 +159,9 @@ class LlamaTextEncoder(nn.Module):
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, dim, hidden, heads, eps, act):
+    def __init__(self, dim, hidden, heads, eps, act, causal=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.self_attn = nn.Module()
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             setattr(self.self_attn, name, nn.Linear(dim, dim))
@@ -171,7 +174,8 @@ class CLIPLayer(nn.Module):
         a = self.self_attn
         h = self.layer_norm1(x)
         q, k, v = (p(h).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (a.q_proj, a.k_proj, a.v_proj))
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // self.heads) ** -0.5, mask="causal")
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(D // self.heads) ** -0.5,
+                                                 mask="causal" if self.causal else None)
         x = x + a.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
         return x + self.mlp(self.layer_norm2(x))
 
@@ -253,6 +257,158 @@ def encode_prompt(prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
     return states, mask, encode_clip(prompt, tokenizer_2, text_encoder_2)
 
 
+# The image-to-video checkpoints read the prompt with the image: LLaVA's CLIP ViT-L/14-336 vision tower and
+# projector turn the image into 576 embeddings, which take the place of the <image> token of an I2V template
+# in the LLM's input. From the LLM's states, the image's (every 4th for token replace, every 2nd for latent
+# concat) come first, then the prompt's, the template cropped off as the reference crops it.
+
+I2V_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\n<image>\nDescribe the video by detailing the following aspects "
+    "according to the reference image: 1. The main content and theme of the video.2. The color, shape, size, "
+    "texture, quantity, text, and spatial relationships of the objects.3. Actions, events, behaviors temporal "
+    "relationships, physical movement changes of the objects.4. background environment, light, style and "
+    "atmosphere.5. camera angles, movements, and transitions used in the video:<|eot_id|>\n\n<|start_header_id|>"
+    "user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 x 336: 24 x 24 patches
+I2V_CROP_START = 103  # the template's tokens before the prompt, <image> counted once
+IMAGE_EMBED_START = 5  # where <image> sits: after <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
+IMAGE_EMBED_INTERLEAVE = {"token_replace": 4, "latent_concat": 2}  # the reference's defaults by conditioning
+
+
+class CLIPVisionTower(nn.Module):
+    """transformers' CLIPVisionModel up to hidden_states[vision_feature_layer] (-2: the last layer is not
+    built), its class token dropped (LLaVA's "default" strategy): pixels (B, 336, 336, 3) -> (B, 576, width)."""
+
+    def __init__(self, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 image_size=336, patch_size=14, layer_norm_eps=1e-5, hidden_act="quick_gelu", num_channels=3,
+                 skip_layers=1):
+        super().__init__()
+        act = (lambda x: x * mx.sigmoid(1.702 * x)) if hidden_act == "quick_gelu" else nn.gelu
+        vm = self.vision_model = nn.Module()
+        vm.embeddings = nn.Module()
+        vm.embeddings.patch_embedding = nn.Conv2d(num_channels, hidden_size, patch_size, stride=patch_size, bias=False)
+        vm.embeddings.class_embedding = mx.zeros((hidden_size,))
+        vm.embeddings.position_embedding = nn.Embedding((image_size // patch_size) ** 2 + 1, hidden_size)
+        vm.pre_layrnorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        vm.encoder = nn.Module()
+        vm.encoder.layers = [CLIPLayer(hidden_size, intermediate_size, num_attention_heads, layer_norm_eps, act,
+                                       causal=False) for _ in range(num_hidden_layers - skip_layers)]
+
+    def __call__(self, pixels):
+        vm, e = self.vision_model, self.vision_model.embeddings
+        x = e.patch_embedding(pixels.astype(e.class_embedding.dtype))  # (B, 24, 24, width)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, 576, width), row by row as the reference flattens
+        cls = mx.broadcast_to(e.class_embedding, (x.shape[0], 1, x.shape[-1]))
+        x = mx.concatenate([cls, x], axis=1) + e.position_embedding(mx.arange(x.shape[1] + 1))
+        x = vm.pre_layrnorm(x)
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return x[:, 1:]
+
+
+class LlavaProjector(nn.Module):
+    def __init__(self, vision_width, text_width, act):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_width, text_width)
+        self.linear_2 = nn.Linear(text_width, text_width)
+        self.act = nn.gelu if act == "gelu" else nn.gelu_approx
+
+    def __call__(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaTextEncoder(nn.Module):
+    """LlavaForConditionalGeneration as HunyuanVideo-I2V reads it: the vision tower and projector, and the
+    language model (LlamaTextEncoder) reading the image's embeddings in place of its <image> tokens. Keywords:
+    its config.json's."""
+
+    def __init__(self, text_config, vision_config, image_token_index, pad_token_id=None, projector_hidden_act="gelu",
+                 vision_feature_layer=-2, vision_feature_select_strategy="default"):
+        super().__init__()
+        if vision_feature_select_strategy != "default" or vision_feature_layer >= 0:
+            raise HunyuanVideoError(f"a LLaVA with vision_feature_layer {vision_feature_layer} and strategy "
+                                    f"{vision_feature_select_strategy!r}: HunyuanVideo-I2V's uses -2 and 'default'.")
+        self.language_model = LlamaTextEncoder(**_hf_sizes(LlamaTextEncoder, text_config))
+        self.vision_tower = CLIPVisionTower(**_hf_sizes(CLIPVisionTower, vision_config),
+                                            skip_layers=-1 - vision_feature_layer)
+        self.multi_modal_projector = LlavaProjector(vision_config.get("hidden_size", 1024),
+                                                    text_config.get("hidden_size", 4096), projector_hidden_act)
+        self.image_token_index, self.pad_token_id = image_token_index, pad_token_id
+
+    @property
+    def dtype(self):
+        return self.language_model.dtype
+
+    def image_embeddings(self, pixels):
+        """pixels (B, 336, 336, 3), normalized as CLIP's processor does -> (B, 576, LLM width)."""
+        out = self.multi_modal_projector(self.vision_tower(pixels))
+        mx.eval(out)
+        return out
+
+
+def encode_llava(prompt, pixels, tokenizer, model, interleave, max_length=TEXT_LENGTH, template=I2V_TEMPLATE,
+                 crop_start=I2V_CROP_START, progress=None):
+    """A prompt read with its image, as the reference's _get_llama_prompt_embeds reads it: (states (1, n, width),
+    mask (1, n)), n = 576 / interleave image embeddings + max_length - 4 prompt positions. The <image> token
+    becomes the image's 576 embeddings; the LLM's hidden_states[-3] are cropped to the prompt (the template's
+    last four tokens, <|eot_id|><|start_header_id|>assistant<|end_header_id|>, dropped too), and every
+    interleave-th image state goes first."""
+    n_img = IMAGE_TOKENS
+    ids, mask = _tokenize(tokenizer, [template.format(prompt)], max_length + crop_start,
+                          "the LLaVA-Llama-3 text encoder", crop_start)
+    ids, mask = ids[0], mask[0]
+    where = np.nonzero(ids == model.image_token_index)[0]
+    if len(where) != 1 or where[0] != IMAGE_EMBED_START:
+        raise HunyuanVideoError(f"the tokenizer puts {len(where)} <image> tokens in the I2V template (1, at position "
+                                f"{IMAGE_EMBED_START}, expected): pass the I2V checkpoint's own tokenizer/.")
+    start = IMAGE_EMBED_START
+    expanded = np.concatenate([ids[:start], np.full(n_img, model.image_token_index), ids[start + 1:]])  # (L + 575,)
+    valid = expanded != model.pad_token_id  # the reference's attention mask: what is not padding
+    n = int(np.nonzero(valid)[0][-1]) + 1 if valid.any() else 1  # causal: the valid prefix is all that counts
+    lm = model.language_model
+    text = lm.embed_tokens(mx.array(np.where(expanded[:n] == model.image_token_index, 0, expanded[:n]))[None])
+    image = model.image_embeddings(pixels).astype(text.dtype)  # (1, 576, width)
+    x = [mx.concatenate([text[:, :start], image, text[:, start + n_img:]], axis=1)]
+    del text, image  # only the LLM holds its input: gone after its first layer
+    states = lm(None, progress, embeds=x.pop())  # (1, n, width)
+    states = mx.pad(states, [(0, 0), (0, len(expanded) - n), (0, 0)])  # the padded positions: zeros
+    # the reference's crop, in the unexpanded positions: the assistant header ends at the last
+    # <|end_header_id|> (or, when the prompt was cut, at the end)
+    ends = np.nonzero(ids == tokenizer.convert_tokens_to_ids("<|end_header_id|>"))[0]
+    assistant = (ends[-1] if len(ends) > 2 else len(ids) - 1) + 1
+    text_start, shift = crop_start - 1 + n_img, n_img - 1
+    prompt_states = mx.concatenate([states[:, text_start:assistant - 4 + shift], states[:, assistant + shift:]], axis=1)
+    prompt_mask = np.concatenate([mask[crop_start:assistant - 4], mask[assistant:]])
+    image_states = states[:, start:start + n_img:interleave]
+    out = mx.concatenate([image_states, prompt_states], axis=1)
+    out_mask = mx.array(np.concatenate([np.ones(image_states.shape[1], np.int32), prompt_mask.astype(np.int32)]))[None]
+    return out * out_mask[..., None].astype(out.dtype), out_mask
+
+
+def clip_pixels(image, config):
+    """An image (PIL) as CLIP's image processor (transformers' CLIPImageProcessor, config: the checkpoint's
+    image_processor/preprocessor_config.json) prepares it: RGB, the short side resized to 336 (bicubic), the
+    centre 336 x 336 cropped, scaled to [0, 1] and normalized by CLIP's mean and std. -> (1, 336, 336, 3) float32."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    short = config.get("size", {}).get("shortest_edge", 336)
+    crop = config.get("crop_size", {"height": 336, "width": 336})
+    w, h = image.size
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    image = image.resize(size, resample=config.get("resample", Image.BICUBIC))
+    x = np.asarray(image)
+    top, left = (x.shape[0] - crop["height"]) // 2, (x.shape[1] - crop["width"]) // 2
+    x = x[top:top + crop["height"], left:left + crop["width"]]
+    x = (x.astype(np.float64) * config.get("rescale_factor", 1 / 255)).astype(np.float32)
+    mean = np.array(config.get("image_mean", [0.48145466, 0.4578275, 0.40821073]), np.float32)
+    std = np.array(config.get("image_std", [0.26862954, 0.26130258, 0.27577711]), np.float32)
+    return mx.array((x - mean) / std)[None]
+
+
 # ---------------------------------------------------------------------------------------------------
 # DiT: small fused pieces
 # ---------------------------------------------------------------------------------------------------
@@ -275,6 +431,23 @@ def _modulate(x, shift, scale):
 def _gated(x, gate, y):
     """Gated residual: x + gate * y, gate (B, 1, D)."""
     return x + gate * y
+
+
+# Token replace (HunyuanVideo-I2V): the first n video tokens, the clean first frame, are modulated by the
+# modulation of timestep 0 (`first`), the other tokens by the step's, as the reference does it: in two parts.
+
+def _modulate_split(x, shift, scale, first=None, n=0):
+    """_modulate of x (B, N, D); its first n tokens by first = (shift, scale) instead, where n > 0."""
+    if not n:
+        return _modulate(x, shift, scale)
+    return mx.concatenate([_modulate(x[:, :n], *first), _modulate(x[:, n:], shift, scale)], axis=1)
+
+
+def _gated_split(x, gate, y, first=None, n=0):
+    """_gated; its first n tokens gated by first instead, where n > 0."""
+    if not n:
+        return _gated(x, gate, y)
+    return mx.concatenate([_gated(x[:, :n], first, y[:, :n]), _gated(x[:, n:], gate, y[:, n:])], axis=1)
 
 
 _PAIR = mx.array([1.0, 0.0])  # the even (1) and odd (0) slot of each rotated pair
@@ -427,21 +600,24 @@ class Modulation(nn.Module):
         self.n = n
         self.linear = nn.Linear(dim, n * dim)
 
-    def __call__(self, vec):
+    def __call__(self, vec, first=False):
+        """first: vec is token replace's timestep-0 vector (the same computation; see ModulationTable)."""
         return mx.split(self.linear(nn.silu(vec))[:, None], self.n, axis=-1)
 
 
 class ModulationTable(nn.Module):
     """A Modulation's outputs for every step of one generation, computed ahead from the steps' conditioning
     vectors (HunyuanVideoTransformer.precompute_modulation): the weights are gone, and step.i picks the row
-    (step.rows, the videos of the batch)."""
+    (step.rows, the videos of the batch); with token replace, first_table holds timestep 0's."""
 
-    def __init__(self, table, n, step):
+    def __init__(self, table, n, step, first_table=None):
         super().__init__()
         self.table, self.n, self._step = table, n, step  # table (steps, B, n*D)
+        self.first_table = first_table  # (B, n*D) or None
 
-    def __call__(self, vec):
-        return mx.split(self.table[self._step.i][self._step.rows][:, None], self.n, axis=-1)
+    def __call__(self, vec, first=False):
+        row = self.first_table if first else self.table[self._step.i]
+        return mx.split(row[self._step.rows][:, None], self.n, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -511,29 +687,34 @@ class DoubleBlock(nn.Module):
             setattr(self, f"{s}_attn_proj", nn.Linear(dim, dim))
             setattr(self, f"{s}_mlp", MLP(dim, int(dim * mlp_ratio), nn.gelu_approx))
 
-    def _qkv(self, s, x, shift, scale):
-        q, k, v = _heads(getattr(self, f"{s}_attn_qkv")(_modulate(x, shift, scale)), 3, self.heads, x.shape[-1])
+    def _qkv(self, s, x, mod, first=None, n=0):
+        modulated = _modulate_split(x, mod[0], mod[1], first and first[:2], n)
+        q, k, v = _heads(getattr(self, f"{s}_attn_qkv")(modulated), 3, self.heads, x.shape[-1])
         return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
 
-    def _rest(self, s, x, attn, mod):
-        """Attention output projection and MLP, both gated, for stream s."""
+    def _rest(self, s, x, attn, mod, first=None, n=0):
+        """Attention output projection and MLP, both gated, for stream s (its first n tokens by `first`)."""
         _, _, gate1, shift2, scale2, gate2 = mod
-        x = _gated(x, gate1, getattr(self, f"{s}_attn_proj")(attn))
-        return _gated(x, gate2, getattr(self, f"{s}_mlp")(_modulate(x, shift2, scale2)))
+        first = first or [None] * 6
+        x = _gated_split(x, gate1, getattr(self, f"{s}_attn_proj")(attn), first[2], n)
+        y = getattr(self, f"{s}_mlp")(_modulate_split(x, shift2, scale2, first[3:5], n))
+        return _gated_split(x, gate2, y, first[5], n)
 
-    def __call__(self, img, txt, vec, rope, mask):
-        """img (B, Ni, D), txt (B, Nt, D), vec (B, D); rope = (cos, sin) for the Ni video tokens."""
+    def __call__(self, img, txt, vec, rope, mask, replace=None):
+        """img (B, Ni, D), txt (B, Nt, D), vec (B, D); rope = (cos, sin) for the Ni video tokens. replace: token
+        replace's (timestep-0 vector (B, D), n): the first n video tokens are modulated by it."""
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
-        attn = self._attend(img, txt, img_mod, txt_mod, rope, mask)
-        n = img.shape[1]
-        return self._rest("img", img, attn[:, :n], img_mod), self._rest("txt", txt, attn[:, n:], txt_mod)
+        first, n = (self.img_mod(replace[0], first=True), replace[1]) if replace else (None, 0)
+        attn = self._attend(img, txt, img_mod, txt_mod, rope, mask, first, n)
+        ni = img.shape[1]
+        return self._rest("img", img, attn[:, :ni], img_mod, first, n), self._rest("txt", txt, attn[:, ni:], txt_mod)
 
-    def _attend(self, img, txt, img_mod, txt_mod, rope, mask):
+    def _attend(self, img, txt, img_mod, txt_mod, rope, mask, first=None, n=0):
         """The joint attention over [video ; text], evaluated on its own: its q, k, v, norms and rotations (this
         function's) are freed before the MLPs run, which lowers the block's peak (the plan counts the halves)."""
-        qi, ki, vi = self._qkv("img", img, img_mod[0], img_mod[1])
+        qi, ki, vi = self._qkv("img", img, img_mod, first, n)
         qi, ki = _rope(qi, *rope), _rope(ki, *rope)  # RoPE on video only
-        qt, kt, vt = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
+        qt, kt, vt = self._qkv("txt", txt, txt_mod)
         attn = _attention(mx.concatenate([qi, qt], axis=2), mx.concatenate([ki, kt], axis=2),
                           mx.concatenate([vi, vt], axis=2), mask)
         mx.eval(attn)
@@ -553,16 +734,17 @@ class SingleBlock(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.modulation = Modulation(dim, 3)
 
-    def __call__(self, x, vec, rope, mask):
-        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows."""
+    def __call__(self, x, vec, rope, mask, replace=None):
+        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows. replace: as DoubleBlock's."""
         shift, scale, gate = self.modulation(vec)
-        attn, mlp = self._attend(x, shift, scale, rope, mask)
-        return _gated(x, gate, self.linear2(mx.concatenate([attn, mlp], axis=-1)))
+        first, n = (self.modulation(replace[0], first=True), replace[1]) if replace else ([None] * 3, 0)
+        attn, mlp = self._attend(x, shift, scale, rope, mask, first[:2], n)
+        return _gated_split(x, gate, self.linear2(mx.concatenate([attn, mlp], axis=-1)), first[2], n)
 
-    def _attend(self, x, shift, scale, rope, mask):
+    def _attend(self, x, shift, scale, rope, mask, first=None, n=0):
         """Attention and the GELU of the MLP branch, evaluated on their own: linear1's output and the q, k, v
         made from it (this function's) are freed before linear2 runs (the plan counts the two halves)."""
-        h = self.linear1(_modulate(x, shift, scale))  # (B, N, 3D + mlp)
+        h = self.linear1(_modulate_split(x, shift, scale, first, n))  # (B, N, 3D + mlp)
         q, k, v = _heads(h, 3, self.heads, self.dim)  # views of h
         q, k = _rope(self.q_norm(q), *rope), _rope(self.k_norm(k), *rope)
         out = _attention(q, k, v, mask), nn.gelu_approx(h[..., 3 * self.dim:])
@@ -592,9 +774,15 @@ class HunyuanVideoTransformer(nn.Module):
     def __init__(self, in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
                  num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
                  patch_size_t=1, guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
-                 rope_theta=256.0, rope_axes_dim=(16, 56, 56)):
+                 rope_theta=256.0, rope_axes_dim=(16, 56, 56), image_condition_type=None):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
+        if image_condition_type not in (None, "token_replace", "latent_concat"):
+            raise HunyuanVideoError(f"image_condition_type {image_condition_type!r}: HunyuanVideo-I2V uses "
+                                    f"token_replace or latent_concat (or none, for text to video).")
+        # token_replace (HunyuanVideo-I2V): the clean first frame's tokens modulated at timestep 0; latent_concat
+        # (its 33-channel variant) needs nothing here: the image comes in as input channels
+        self.image_condition_type = image_condition_type
         if sum(rope_axes_dim) != attention_head_dim or any(d % 2 for d in rope_axes_dim):
             raise HunyuanVideoError(f"rope_axes_dim {tuple(rope_axes_dim)} must be even numbers adding up to "
                                     f"the head width {attention_head_dim}.")
@@ -630,8 +818,8 @@ class HunyuanVideoTransformer(nn.Module):
     def _run(self, kind, i, *args, fn=None):
         """Call block i of `kind` (or fn(block, *args), for a part of it) and evaluate its output. One block's
         intermediates (half of them: a block evaluates its attention first) are then all that is alive (the
-        memory plan counts them) and no GPU command buffer spans more than a block. Streaming (--low-memory) reads the block's weights just before and drops them just
-        after."""
+        memory plan counts them) and no GPU command buffer spans more than a block. Streaming (--low-memory)
+        reads the block's weights just before and drops them just after."""
         block = getattr(self, kind)[i]
         if self.stream:
             weights, empty = self.stream(kind, i)
@@ -646,7 +834,8 @@ class HunyuanVideoTransformer(nn.Module):
         return out
 
     def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
-        """latents (B, T, H, W, C); timestep (B,) in 0..1000; text_states (B, L, text_dim);
+        """latents (B, T, H, W, C) (with token replace, the first latent frame the clean image's); timestep (B,)
+        in 0..1000; text_states (B, L, text_dim);
         text_mask (B, L), 1 = valid; pooled (B, pooled_dim); guidance (B,) already x1000, or None for
         a checkpoint without a guidance embedding. Returns the velocity (B, T, H, W, C), model dtype.
         In three parts, which the step caches call one by one: embed, blocks, final."""
@@ -657,7 +846,7 @@ class HunyuanVideoTransformer(nn.Module):
 
     def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
         """The embedders and the token refiner: Tokens(img (B, Ni, D), txt (B, Nt, D), vec (B, D), the RoPE
-        tables, the attention mask or None, the latents' shape)."""
+        tables, the attention mask or None, the latents' shape, token replace's (vector, n) or None)."""
         B, T, H, W, C = latents.shape
         pt, ph, pw = self.patch
         if T % pt or H % ph or W % pw:
@@ -680,14 +869,18 @@ class HunyuanVideoTransformer(nn.Module):
         vec = self.conditioning(timestep, pooled, guidance)
         txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
         img = self.img_in(latents.astype(dtype))  # (B, Ni, D)
-        mx.eval(vec, txt, img)  # the embedders and the refiner on their own, before the blocks (see _run)
+        replace = None
+        if self.image_condition_type == "token_replace":  # the first latent frame's tokens: (H/ph) (W/pw)
+            replace = (self.first_frame_conditioning(pooled), (H // ph) * (W // pw))
+        # the embedders and the refiner on their own, before the blocks (see _run)
+        mx.eval([vec, txt, img] + ([replace[0]] if replace else []))
 
         ni = img.shape[1]
         rope = _rope_table((T // pt, H // ph, W // pw), self.rope_axes_dim, self.rope_theta, keep)
         attn_mask = None
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
-        return Tokens(img, txt, vec, rope, attn_mask, latents.shape)
+        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace)
 
     def conditioning(self, timestep, pooled, guidance=None):
         """The conditioning vector (B, D) of every adaLN modulation: time_in(t) + guidance_in(g) +
@@ -697,18 +890,27 @@ class HunyuanVideoTransformer(nn.Module):
             vec = vec + self.guidance_in(guidance.astype(mx.float32), self.dtype)
         return vec + self.vector_in(pooled.astype(self.dtype))
 
-    def precompute_modulation(self, vecs):
-        """vecs (steps, B, D), one conditioning vector per step. Every block's adaLN modulation becomes a
-        table of its outputs for those steps, built block by block; the modulation weights (3.4 of the 12.8B
-        parameters) are dropped as each table is made. Set self.modulation_step.i to the step before each
-        forward. A generation's tables: steps x B x 360 D values (110 MB for 50 steps in bf16)."""
+    def first_frame_conditioning(self, pooled):
+        """Token replace's conditioning vector (B, D): time_in at timestep 0 + vector_in(pooled), no guidance (as
+        the reference's HunyuanVideoConditionEmbedding makes it)."""
+        t0 = self.time_in(mx.zeros((pooled.shape[0],), mx.float32), self.dtype)
+        return t0 + self.vector_in(pooled.astype(self.dtype))
+
+    def precompute_modulation(self, vecs, first=None):
+        """vecs (steps, B, D), one conditioning vector per step (first (B, D): token replace's, or None). Every
+        block's adaLN modulation becomes a table of its outputs for those steps, built block by block; the
+        modulation weights (3.4 of the 12.8B parameters) are dropped as each table is made. Set
+        self.modulation_step.i to the step before each forward. A generation's tables: steps x B x 360 D values
+        (110 MB for 50 steps in bf16)."""
         step = self.modulation_step = _Step()
+        rows = vecs if first is None else mx.concatenate([vecs, first[None]], axis=0)  # first: the last row
         for kind, names in (("double_blocks", ("img_mod", "txt_mod")), ("single_blocks", ("modulation",))):
             for i, block in enumerate(getattr(self, kind)):
-                tables = self._run(kind, i, vecs, fn=lambda block, vecs: [getattr(block, n).linear(nn.silu(vecs))
+                tables = self._run(kind, i, rows, fn=lambda block, rows: [getattr(block, n).linear(nn.silu(rows))
                                                                             for n in names])
                 for name, table in zip(names, tables):
-                    setattr(block, name, ModulationTable(table, getattr(block, name).n, step))
+                    tr = table[-1] if first is not None and name != "txt_mod" else None
+                    setattr(block, name, ModulationTable(table[:len(vecs)], getattr(block, name).n, step, tr))
 
     def blocks(self, tokens, img=None, txt=None, first=0, last=None):
         """The double blocks from `first` (img and txt as they enter it) up to `last`, or else all of them and
@@ -718,12 +920,13 @@ class HunyuanVideoTransformer(nn.Module):
         cos, sin = tokens.rope
         ni = img.shape[1]
         for i in range(first, len(self.double_blocks) if last is None else last):
-            img, txt = self._run("double_blocks", i, img, txt, tokens.vec, (cos[:ni], sin[:ni]), tokens.mask)
+            img, txt = self._run("double_blocks", i, img, txt, tokens.vec, (cos[:ni], sin[:ni]), tokens.mask,
+                                 tokens.replace)
         if last is not None:
             return img, txt
         x = mx.concatenate([img, txt], axis=1)  # (B, Ni + Nt, D)
         for i in range(len(self.single_blocks)):
-            x = self._run("single_blocks", i, x, tokens.vec, (cos, sin), tokens.mask)
+            x = self._run("single_blocks", i, x, tokens.vec, (cos, sin), tokens.mask, tokens.replace)
         return x[:, :ni], x[:, ni:]
 
     def final(self, img, tokens):
@@ -750,7 +953,7 @@ def dit_flops(tokens, dim=3072, mlp=12288, double=20, single=40):
     return 2 * tokens * linear + 4 * tokens * tokens * dim * (double + single)
 
 
-Tokens = namedtuple("Tokens", "img txt vec rope mask shape")  # what DiT.embed gives its blocks
+Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace")  # what DiT.embed gives its blocks
 
 
 class _Step:
@@ -1113,8 +1316,9 @@ def _is_modulation(name):
 
 
 def quantize(model, quantization, modulation=False):
-    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks) or a
-    LlamaTextEncoder. Lazy, like everything in MLX: a weight is quantized when evaluated."""
+    """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks), a
+    LlamaTextEncoder, or a LlavaTextEncoder's language model. Lazy, like everything in MLX: a weight is
+    quantized when evaluated."""
     if quantization not in QUANTIZATIONS:
         raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
     spec = QUANTIZATIONS[quantization]
@@ -1126,6 +1330,8 @@ def quantize(model, quantization, modulation=False):
         if isinstance(model, HunyuanVideoTransformer) or block:
             return (block or path.startswith(("double_blocks.", "single_blocks."))) and (
                 modulation or not _is_modulation(path + "."))
+        if isinstance(model, LlavaTextEncoder):  # the vision tower and projector stay as they are
+            return path.startswith("language_model.")
         return True
 
     nn.quantize(model, class_predicate=wanted, **spec)
@@ -1677,8 +1883,8 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
             up = up.reshape(up.shape[0], -1)  # (rows, r)
             if down.shape[1] != fan_in or up.shape != (rows, r):
                 raise HunyuanVideoError(f"the LoRA {path.name} gives {layer} matrices of {tuple(up.shape)} and "
-                                        f"{tuple(down.shape)}, where this DiT's layer is {out} x {fan_in}: it is a LoRA "
-                                        f"for another model (or another size of this one).")
+                                        f"{tuple(down.shape)}, where this DiT's layer is {out} x {fan_in}: it is a "
+                                        f"LoRA for another model (or another size of this one).")
             s = scale * (t["alpha"].astype(mx.float32).item() / r if "alpha" in t else 1.0)
             parts.append(LoraPart("weight", start, stop, down, up * s))
             if "up_bias" in t:
@@ -1776,9 +1982,6 @@ def _transformer_weights(source):
     weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
                                             ".pt or ComfyUI .safetensors file")
     _check_class(config, "HunyuanVideoTransformer3DModel", source, "transformer")
-    if config.get("image_condition_type"):
-        raise HunyuanVideoError(f"{source} is an image-to-video variant ({config['image_condition_type']}), which "
-                                f"this port does not support yet: use the text-to-video checkpoint.")
     return _tencent_names(weights), config
 
 
@@ -1903,11 +2106,13 @@ def save_transformer(model, folder):
     _save_component(folder, weights, {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
                                       **_transformer_shapes(weights), "rope_axes_dim": list(model.rope_axes_dim),
                                       "rope_theta": model.rope_theta, "hunyuan_apple_version": __version__,
+                                      "image_condition_type": model.image_condition_type,
                                       **_quantization_record(model)})
 
 
 def save_text_encoder(model, folder, config):
-    """The LLM's used layers (quantized as they are) with its transformers config.json plus the quantization."""
+    """The LLM's used layers (quantized as they are; LLaVA's vision tower and projector too) with its transformers
+    config.json plus the quantization."""
     _save_component(folder, dict(tree_flatten(model.parameters())), {**config, **_quantization_record(model)})
 
 
@@ -1935,11 +2140,13 @@ def _hf_sizes(cls, config):
 
 def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=None, progress=None):
     """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel),
-    or one written by convert_weights.py. The last two layers and the final norm do not reach
-    hidden_states[-3]: they are left on disk. quantization: None, "int8", "int4" or "fp8". progress(done,
-    total): after each tensor read."""
+    or one written by convert_weights.py; for image to video the whole LLaVA (LlavaForConditionalGeneration:
+    see load_llava). The last two layers and the final norm do not reach hidden_states[-3]: they are left on
+    disk. quantization: None, "int8", "int4" or "fp8". progress(done, total): after each tensor read."""
     source = Path(path).expanduser()
     weights, config = _read_weights(source, "pass the text_encoder/ folder of a diffusers HunyuanVideo checkpoint")
+    if config.get("model_type") == "llava":
+        return load_llava(source, weights, config, dtype, quantization, progress)
     if config.get("model_type") != "llama":
         raise HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
                                 f"LLaVA-Llama-3's language model (model_type llama) was expected: pass text_encoder/.")
@@ -1952,6 +2159,57 @@ def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=
         structure(model)
     weights = {k: v for k, v in _strip_prefix(weights).items() if _llm_keeps(k, len(model.layers))}
     return _load_strict(model, weights, dtype, source, prepare, progress=progress)
+
+
+def load_llava(source, weights, config, dtype, quantization=None, progress=None):
+    """HunyuanVideo-I2V's text encoder, LLaVA (transformers 4's or 5's key layout, or convert_weights.py's): its
+    language model (quantized if asked), vision tower and projector (never quantized). Left on disk: what does
+    not reach the outputs used (the LLM's last two layers, final norm and head; the tower's last layer)."""
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    if (text.get("model_type", "llama"), vision.get("model_type", "clip_vision_model")) != ("llama",
+                                                                                         "clip_vision_model"):
+        raise HunyuanVideoError(f"{source} is a LLaVA of {text.get('model_type')} and {vision.get('model_type')}, not "
+                                f"HunyuanVideo-I2V's (Llama and a CLIP vision tower): pass its own text_encoder/.")
+    if text.get("rope_scaling"):
+        raise HunyuanVideoError(f"{source} uses rope_scaling {text['rope_scaling']}, which HunyuanVideo's text "
+                                f"encoder does not: pass the checkpoint's own text_encoder/.")
+    model = LlavaTextEncoder(text, vision, config.get("image_token_index"), config.get("pad_token_id"),
+                             config.get("projector_hidden_act", "gelu"), config.get("vision_feature_layer", -2),
+                             config.get("vision_feature_select_strategy", "default"))
+    structure, prepare = _quantized_loading(config, quantization, False, source)
+    if structure:
+        structure(model)
+    used = {"language_model": len(model.language_model.layers),
+            "vision_tower": len(model.vision_tower.vision_model.encoder.layers)}
+    channels = model.vision_tower.vision_model.embeddings.patch_embedding.weight.shape[-1]
+    out = {}
+    for k, v in weights.items():
+        k = _llava_name(k)
+        if not _llava_keeps(k, used):
+            continue  # never reaches the outputs used
+        if k.endswith("patch_embedding.weight") and v.shape[1] == channels:
+            v = v.transpose(0, 2, 3, 1)  # PyTorch's Conv2d (O, I, kh, kw) -> MLX's (O, kh, kw, I)
+        out[k] = v
+    weights.clear()  # the caller's dict too: a source read must be freed once cast, not kept to the end
+    return _load_strict(model, out, dtype, source, prepare, progress=progress)
+
+
+def _llava_name(name):
+    """A LLaVA tensor's name in transformers 5's layout (model.language_model.*, model.vision_tower.*) or 4's
+    (language_model.model.*, vision_tower.vision_model.*) -> this module's (language_model.*,
+    vision_tower.vision_model.*, multi_modal_projector.*)."""
+    name = name.removeprefix("model.").replace("language_model.model.", "language_model.")
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+    return name
+
+
+def _llava_keeps(name, used):
+    """Whether a LLaVA tensor (this module's name) reaches the outputs used; used: {"language_model": layers,
+    "vision_tower": layers} that do."""
+    layer = re.match(r"(language_model|vision_tower)\..*layers\.(\d+)\.", name)
+    return not ((layer and int(layer[2]) >= used[layer[1]]) or name.endswith(("position_ids", "lm_head.weight"))
+                or name.startswith(("language_model.norm.", "vision_tower.vision_model.post_layernorm.")))
 
 
 def _llm_keeps(name, used):
@@ -2223,7 +2481,8 @@ def _joined_cache_state(forwards):
 def _split_cache_state(state, branches):
     """The inverse of _joined_cache_state: [(arrays, numbers)] per branch."""
     arrays, numbers = state
-    part = lambda d, uncond: {k.removeprefix("uncond."): v for k, v in d.items() if k.startswith("uncond.") == uncond}  # noqa: E731
+    def part(d, uncond):
+        return {k.removeprefix("uncond."): v for k, v in d.items() if k.startswith("uncond.") == uncond}
     return [(part(arrays, bool(b)), part(numbers, bool(b))) for b in range(branches)]
 
 
@@ -2306,8 +2565,8 @@ def check_guidance(negative_prompt, true_cfg_scale, prompt="x"):
             warnings.warn(f"a negative prompt with a true CFG scale of {true_cfg_scale} has no effect: the negative "
                           f"prompt is used above 1 (SkyReels-V1 uses 6).")
     elif true_cfg_scale > 1:
-        warnings.warn(f"a true CFG scale of {true_cfg_scale} without a negative prompt has no effect (as in diffusers): "
-                      f"give a negative prompt, \"\" for the plain unconditional branch.")
+        warnings.warn(f"a true CFG scale of {true_cfg_scale} without a negative prompt has no effect (as in "
+                      f"diffusers): give a negative prompt, \"\" for the plain unconditional branch.")
     return None
 
 
@@ -2319,11 +2578,80 @@ def check_strength(strength):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Video to video: the input video
+# Image and video inputs
 # ---------------------------------------------------------------------------------------------------
-# A video to start from is read whole, fitted to the size asked as the image pipelines fit an image, and
-# encoded by the VAE's tiled encoder (HunyuanVideoPipeline.encode_video); the sampler noises it to where its
-# schedule is cut (denoise's strength).
+# Image to video: the image is read as RGB, resized to the video's size for the VAE as the reference's
+# VideoProcessor resizes it (Lanczos, to exactly height x width), and separately prepared for LLaVA's vision
+# tower (clip_pixels); the DiT takes its latents as its checkpoint was trained to (_image_input).
+# Video to video: a video to start from is read whole, fitted to the size asked (resized to cover it, cropped
+# at the centre), and encoded by the VAE's tiled encoder (HunyuanVideoPipeline.encode_video); the sampler
+# noises it to where its schedule is cut (denoise's strength).
+
+def read_image(image):
+    """A path, a PIL image or a uint8 array (H, W), (H, W, 3) or (H, W, 4) -> a PIL image in RGB (grayscale and
+    RGBA converted), or one sentence on why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise HunyuanVideoError(f"the image {path} does not exist: check the path.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise HunyuanVideoError(f"the image {path} could not be read ({type(e).__name__}): pass a PNG, JPEG or "
+                                    f"WebP file.") from None
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
+            raise HunyuanVideoError(f"an image array of shape {image.shape} and type {image.dtype}: pass uint8 "
+                                    f"(height, width, 3), a PIL image or a file.")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    elif not isinstance(image, Image.Image):
+        raise HunyuanVideoError(f"an image of type {type(image).__name__}: pass a file, a PIL image or a uint8 array.")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def check_image(image, height, width):
+    """The image, with a warning where it is far smaller than the video (stretched more than 4 times)."""
+    if image.size[0] * 4 < width or image.size[1] * 4 < height:
+        warnings.warn(f"the image is {image.size[0]} x {image.size[1]}, far smaller than the {width} x {height} video: "
+                      f"it is stretched more than 4 times and the video will be blurred; give a larger image.")
+    return image
+
+
+def vae_pixels(image, height, width):
+    """An image (PIL, RGB) as the reference's VideoProcessor prepares it for the VAE: resized to width x height
+    (Lanczos), in [-1, 1] -> (1, 1, height, width, 3) float32, one frame."""
+    from PIL import Image
+
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    x = np.asarray(image).astype(np.float32) / 255.0
+    return mx.array(2 * x - 1)[None, None]
+
+
+def _image_channels(image, shape, condition):
+    """What the DiT takes beside the latents as input channels, the same at every step: latent concat's image
+    latents (the first frame; zeros after) and a mask (1 on the first frame), SkyReels' image latents; else None.
+    image (B, 1, h, w, 16); shape: the latents'."""
+    if condition not in ("latent_concat", "concat"):
+        return None
+    B, T, h, w, _ = shape
+    z = mx.concatenate([image, mx.zeros((B, T - 1, h, w, image.shape[-1]))], axis=1)  # (B, T, h, w, 16)
+    if condition == "concat":
+        return z
+    mask = mx.concatenate([mx.ones((B, 1, h, w, 1)), mx.zeros((B, T - 1, h, w, 1))], axis=1)
+    return mx.concatenate([z, mask], axis=-1)  # (B, T, h, w, 17)
+
+
+def _image_input(x, image, extra, condition):
+    """The DiT's input at a step: token replace's has the image's latents as its first frame; latent concat's and
+    SkyReels' the latents and then the extra channels (_image_channels); text to video's the latents."""
+    if condition == "token_replace":
+        return mx.concatenate([image, x[:, 1:]], axis=1)
+    return x if extra is None else mx.concatenate([x, extra], axis=-1)
 
 def read_video(path):
     """All frames of a video file, (F, H, W, 3) uint8, or one sentence on why it cannot be read."""
@@ -2402,6 +2730,8 @@ PRESETS = {
                      about="Skywork's SkyReels-V1 fine-tune (human-centric film): true CFG 6 with its negative "
                            "prompt, embedded guidance 1, 30 steps, 544x960, 97 frames, prompts begin 'FPS-24, '"),
 }
+PRESETS["skyreels-i2v"] = dict(PRESETS["skyreels"], transformer="Skywork/SkyReels-V1-Hunyuan-I2V",
+                               about="SkyReels-V1's image-to-video fine-tune (give --image), with its T2V settings")
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the names the CLI takes
 
@@ -2412,7 +2742,7 @@ def _download(repo_id, weights=True, transformer_only=False):
     a repository that holds a DiT alone, at its root (SkyReels-V1)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "image_processor/*"]
     patterns += [f"{c}/*" if weights else f"{c}/*.json" for c in COMPONENTS[:4]]
     if transformer_only:
         patterns = ["*.json"] + (["*.safetensors"] if weights else [])
@@ -2532,9 +2862,33 @@ class HunyuanVideoPipeline:
 
     def _dit_sizes(self):
         """The DiT's constructor keywords, from its files' headers (or the hub's), nothing loaded."""
-        info, config = _components(self.folder, self.hub, self.transformer, self.transformer_hub)["transformer"]
+        info, config = _components(self.folder, self.hub, self.transformer, self.transformer_hub,
+                                   only=("transformer",))["transformer"]
         return _sizes_of(HunyuanVideoTransformer, config, info, _transformer_shapes, self.transformer_path,
                          "transformer")
+
+    def image_condition(self):
+        """How the checkpoint's DiT takes an image, read from its config and shapes: None (text to video),
+        "token_replace" or "latent_concat" (HunyuanVideo-I2V, and its 33-channel variant), or "concat"
+        (SkyReels-V1 I2V: twice the output's channels, the latents and the image's)."""
+        if not hasattr(self, "_condition"):
+            sizes = self._dit_sizes()
+            self._condition = sizes["image_condition_type"] or (
+                "concat" if sizes["in_channels"] == 2 * sizes["out_channels"] else None)
+        return self._condition
+
+    def encode_image(self, image, height, width):
+        """Image to video: an image (read_image's) -> its latents (1, 1, h, w, 16), the VAE's posterior mean
+        scaled by its scaling factor (where SkyReels' pipeline samples the posterior, the mean is taken: its
+        spread is far below the latents' own), as one frame of height x width."""
+        pixels = vae_pixels(image, height, width)
+
+        def work():
+            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
+            z = vae.encode(pixels, DEFAULT_VAE_TILE, DEFAULT_VAE_STRIDE) * vae.scaling_factor
+            mx.eval(z)
+            return z.astype(mx.float32)
+        return self._phase("encode image", work)
 
     def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit. cfg: None,
@@ -2578,13 +2932,18 @@ class HunyuanVideoPipeline:
                 mx.set_cache_limit(limit)
             mx.clear_cache()
 
-    def _prompt_entry(self, prompt):
-        """The prompt cache's file for a prompt: named by a hash of all that changes the text encoders' outputs
-        (the prompt, the template, the tokenizers' files, the encoders' configs and weight files by name, size
-        and time, the dtype, the quantization and this version)."""
-        h = hashlib.sha256(json.dumps([prompt, PROMPT_TEMPLATE, str(self.dtypes["text_encoders"]), self.quantization,
-                                       __version__]).encode())
-        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+    def _prompt_entry(self, prompt, image=None, interleave=None):
+        """The prompt cache's file for a prompt (and an image read with it): named by a hash of all that changes
+        the text encoders' outputs (the prompt, the image's pixels and interleave, the template, the tokenizers'
+        files, the encoders' and image processor's configs and weight files by name, size and time, the dtype,
+        the quantization and this version)."""
+        what = [prompt, PROMPT_TEMPLATE, str(self.dtypes["text_encoders"]), self.quantization, __version__]
+        if image is not None:
+            what += [I2V_TEMPLATE, interleave, image.size, hashlib.sha256(image.tobytes()).hexdigest()]
+        h = hashlib.sha256(json.dumps(what).encode())
+        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_processor"):
+            if not (self.folder / part).is_dir():
+                continue
             for f in sorted(p for p in (self.folder / part).iterdir() if p.is_file()):
                 small = part.startswith("tokenizer") or f.suffix == ".json"
                 h.update(f"{part}/{f.name}".encode())
@@ -2592,12 +2951,18 @@ class HunyuanVideoPipeline:
         return cache_dir() / "prompts" / f"{h.hexdigest()}.safetensors"
 
     def encode_prompt(self, prompt):
-        """text_states (B, 256, 4096), text_mask (B, 256), pooled (B, 768), as in encode_prompt, for a prompt or a
-        list of them (each encoded on its own, as the reference encodes a prompt and its negative). With the prompt
-        cache on, each prompt seen before is read back, and the text encoders load only for the others, which are
-        stored (atomically; an entry that cannot be written or read gives a warning, and the encoders run)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        entries = {p: self._prompt_entry(p) for p in prompts} if self.prompt_cache else {}
+        """text_states (B, L, 4096), text_mask (B, L), pooled (B, 768), as in encode_prompt, for a prompt or a
+        list of them (each encoded on its own, as the reference encodes a prompt and its negative; the shorter
+        right-padded, mask 0). For the I2V checkpoints' LLaVA a prompt is (prompt, image, interleave): a PIL image
+        read with it (encode_llava; L = 576 / interleave + 252). With the prompt cache on, each prompt seen
+        before is read back, and the text encoders load only for the others, which are stored (atomically; an
+        entry that cannot be written or read gives a warning, and the encoders run)."""
+        items = [prompt] if isinstance(prompt, (str, tuple)) else list(prompt)
+        items = [(p, None, None) if isinstance(p, str) else tuple(p) for p in items]
+        prompts = [(p, None if image is None else (image.size, hashlib.sha256(image.tobytes()).hexdigest()), interleave)
+                   for p, image, interleave in items]  # what identifies each, hashable
+        by_key = dict(zip(prompts, items))
+        entries = {k: self._prompt_entry(*by_key[k]) for k in prompts} if self.prompt_cache else {}
 
         def work():
             found = {}
@@ -2608,11 +2973,12 @@ class HunyuanVideoPipeline:
                         found[p] = saved["states"], saved["mask"], saved["pooled"]
                         mx.eval(found[p])
                     except Exception as e:
-                        warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): encoding the "
-                                      f"prompt again.")
+                        warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): "
+                                      f"encoding the prompt again.")
                         found.pop(p, None)
             missing = [p for p in dict.fromkeys(prompts) if p not in found]
-            return found, missing, self._encode(missing) if missing else {}
+            encoded = self._encode([by_key[p] for p in missing]) if missing else []
+            return found, missing, dict(zip(missing, encoded))
 
         if self.prompt_cache:
             self.download()
@@ -2629,28 +2995,52 @@ class HunyuanVideoPipeline:
                 warnings.warn(f"the prompt cache cannot be written in {entry.parent} ({e.strerror}): going on without "
                               f"it (set HUNYUAN_APPLE_CACHE to a writable folder, or pass --no-prompt-cache).")
         outs = [{**found, **encoded}[p] for p in prompts]
-        return tuple(mx.concatenate(parts, axis=0) for parts in zip(*outs))
+        longest = max(states.shape[1] for states, _, _ in outs)
+        pad = lambda a: mx.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        return tuple(mx.concatenate([pad(a) if i < 2 else a for a in parts], axis=0)
+                     for i, parts in enumerate(zip(*outs)))
 
-    def _encode(self, prompts):
-        """The text encoders, inside the text encoders' phase: {prompt: (states, mask, pooled)}, each prompt on its
-        own, the LLM loaded once and gone before CLIP loads."""
+    def _encode(self, items):
+        """The text encoders, inside the text encoders' phase: [(states, mask, pooled)] for [(prompt, image or
+        None, interleave)], each on its own, the LLM (LLaVA with its vision tower for the I2V checkpoints) loaded
+        once and gone before CLIP loads."""
         tokenizer = load_tokenizer(self.folder / "tokenizer")
         crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
         llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
                                 self._report("loading the LLM"))
-        out = {}
-        for p in prompts:
-            out[p] = encode_llama(p, tokenizer, llm, crop_start=crop_start, progress=self._report("encoding the prompt"))
-            mx.eval(out[p])
+        llava = isinstance(llm, LlavaTextEncoder)
+        if llava and any(image is None for _, image, _ in items):
+            raise HunyuanVideoError(f"{self.folder / 'text_encoder'} is LLaVA, which reads the prompt with an image: "
+                                    f"pass the image with the prompt.")
+        if not llava and any(image is not None for _, image, _ in items):
+            raise HunyuanVideoError(f"{self.folder / 'text_encoder'} reads no image (it is not LLaVA): use an "
+                                    f"image-to-video checkpoint's text encoder.")
+        out = []
+        for p, image, interleave in items:
+            report = self._report("encoding the prompt")
+            if llava:
+                pixels = clip_pixels(image, self._image_processor())
+                out.append(encode_llava(p, pixels, tokenizer, llm, interleave, progress=report))
+            else:
+                out.append(encode_llama(p, tokenizer, llm, crop_start=crop_start, progress=report))
+            mx.eval(out[-1])
         del llm
         gc.collect()
         mx.clear_cache()
         clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
         tokenizer_2 = load_tokenizer(self.folder / "tokenizer_2")
-        for p in prompts:
-            out[p] = (*out[p], encode_clip(p, tokenizer_2, clip))
-            mx.eval(out[p])
+        for i, (p, _, _) in enumerate(items):
+            out[i] = (*out[i], encode_clip(p, tokenizer_2, clip))
+            mx.eval(out[i])
         return out
+
+    def _image_processor(self):
+        """The checkpoint's CLIP image processor settings (image_processor/preprocessor_config.json), or CLIP's."""
+        f = self.folder / "image_processor" / "preprocessor_config.json"
+        try:
+            return json.loads(f.read_text()) if f.exists() else {}
+        except ValueError as e:
+            raise HunyuanVideoError(f"{f} is not valid JSON ({e}): download it again.") from None
 
     def encode_video(self, video, height, width, num_frames, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
         """Video to video: frames (F, H, W, 3) uint8 (or a file imageio reads) -> the DiT's latents (1, t, h, w,
@@ -2669,7 +3059,7 @@ class HunyuanVideoPipeline:
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
                 cache_threshold=None, checkpoint=None, resume=None, preview=None, negative=None, true_cfg_scale=1.0,
-                cfg_batched=None, video_latents=None, strength=1.0):
+                cfg_batched=None, video_latents=None, strength=1.0, image_latents=None):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
         cache_threshold (None: its published default). self.stats["work"] counts the DiT forwards computed
@@ -2683,8 +3073,16 @@ class HunyuanVideoPipeline:
         when cfg_mode says it fits) or one after the other, each branch with its own step cache.
         Video to video: video_latents (encode_video) noised to the noise level of step steps - int(steps x
         strength) (as diffusers' and musubi-tuner's video-to-video do), and the steps from there run; strength 1
-        is text to video from the same noise."""
+        is text to video from the same noise.
+        Image to video: image_latents (encode_image), taken as the checkpoint's DiT takes them (image_condition):
+        token replace's first latent frame is the image's at every step; latent concat's input channels are the
+        latents, the image's (first frame, zeros after) and a mask of the first frame; SkyReels' the latents and
+        the image's. The initial noise is the reference's: 0.999 noise + 0.001 image for HunyuanVideo-I2V."""
         cfg = negative is not None and true_cfg_scale > 1
+        condition = self.image_condition()
+        if (image_latents is None) != (condition is None):
+            raise HunyuanVideoError("this checkpoint makes video from an image: pass image latents (encode_image)."
+                                    if condition else "this checkpoint is text to video: it takes no image.")
         if cfg_batched is None:
             cfg_batched = cfg and self.cfg_mode(height, width, num_frames, cache, num_inference_steps) == "batched"
         batched = cfg and cfg_batched and cache is None
@@ -2704,7 +3102,7 @@ class HunyuanVideoPipeline:
                                      self.quantize_modulation, self.low_memory, self._report("loading the DiT"),
                                      lazy_modulation=self.precompute_modulation, loras=self.loras,
                                      lora_ignore_unmatched=self.lora_ignore_unmatched)
-            shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.in_channels)
+            shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.out_channels)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
             if latents is None:
                 x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
@@ -2716,16 +3114,23 @@ class HunyuanVideoPipeline:
                                         f"{height} x {width}: pass latents of shape {shape}.")
             else:
                 x = latents.astype(mx.float32)
+            image = None if condition is None else mx.broadcast_to(image_latents.astype(mx.float32), (B, 1, *shape[2:]))
+            if condition in ("token_replace", "latent_concat") and not resume:  # as the reference starts it
+                t = np.float32(0.999)
+                x = x * float(t) + mx.broadcast_to(image, shape) * float(np.float32(1) - t)
+            extra = _image_channels(image, shape, condition)
             n = text_states.shape[0]  # B, or 2B with true CFG
             # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
             guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
             states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
             if self.precompute_modulation:  # every step's modulation now, and its weights dropped
+                first_frame = model.first_frame_conditioning(vector) if condition == "token_replace" else None
                 model.precompute_modulation(mx.stack([model.conditioning(timestep(s, n), vector, guidance)
-                                                      for s in sigmas[:-1]]))
+                                                      for s in sigmas[:-1]]), first_frame)
             branches = [slice(None)] if batched or not cfg else [slice(0, B), slice(B, 2 * B)]
             counts = text_mask.sum(axis=1)
-            tokens = [shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(counts[rows].max().item()) for rows in branches]
+            tokens = [shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(counts[rows].max().item())
+                      for rows in branches]
             ledger = self.stats["work"] = dict(cache=cache, forwards=0, skipped=0, pflop=0.0, steps=[])
             if resume:
                 ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
@@ -2734,11 +3139,12 @@ class HunyuanVideoPipeline:
                 if model.modulation_step:
                     model.modulation_step.i = i
                 velocities, full = [], True
+                inputs = _image_input(x, image, extra, condition)
                 for rows, forward, n_tokens in zip(branches, forwards, tokens):
                     if model.modulation_step:
                         model.modulation_step.rows = rows
                     k = B * (2 if batched else 1)
-                    args = (mx.broadcast_to(x, (k, *shape[1:])).astype(model.dtype), timestep(sigmas[i], k),
+                    args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(sigmas[i], k),
                             states[rows], text_mask[rows], vector[rows], None if guidance is None else guidance[rows])
                     v, (double, single) = forward(model, args, i, num_inference_steps)
                     mx.eval(v)  # what made it is freed before the other branch runs
@@ -2755,7 +3161,10 @@ class HunyuanVideoPipeline:
                     v = v_neg + true_cfg_scale * (v - v_neg)
                 if preview is not None:
                     x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents
-                x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+                if condition == "token_replace":  # the first frame stays the image's; the others step
+                    x = mx.concatenate([image, euler_step(x[:, 1:], v[:, 1:], sigmas[i], sigmas[i + 1])], axis=1)
+                else:
+                    x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
                 if preview is not None:
                     preview(i + 1, num_inference_steps, x0)
@@ -2768,10 +3177,13 @@ class HunyuanVideoPipeline:
 
     def decode(self, latents, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
         """Latents (B, t, h, w, 16) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
-        default (the reference's tiles); tile=None decodes in one piece."""
+        default (the reference's tiles); tile=None decodes in one piece. A latent-concat I2V checkpoint's first 4
+        frames are dropped, as the reference drops them."""
         def work():
             vae = load_vae(self.folder / "vae", self.dtypes["vae"])
             video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride, self._report("decoding"))
+            if self.image_condition() == "latent_concat":
+                video = video[:, 4:]
             return np.array((mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8))
         frames = self._phase("decode", work)
         return frames[0] if frames.shape[0] == 1 else frames
@@ -2779,18 +3191,30 @@ class HunyuanVideoPipeline:
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
                  flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
                  cache_threshold=None, preview=None, negative_prompt=None, true_cfg_scale=1.0, video=None,
-                 strength=1.0):
+                 strength=1.0, image=None):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
         A request that the memory plan says would not fit is refused before anything loads, unless force.
         cache, cache_threshold: a step cache; preview(step, steps, x0): the clean latents each step predicts (see
         denoise and latent_preview). negative_prompt, true_cfg_scale: true classifier-free guidance, diffusers'
         names (it runs when the scale is above 1 and a negative prompt is given). video (frames or a file),
-        strength: video to video (see encode_video and denoise)."""
+        strength: video to video (see encode_video and denoise). image (a file, a PIL image or a uint8 array):
+        image to video, for the checkpoints that take one (image_condition); a latent-concat checkpoint's video
+        is num_frames - 4 frames long, as the reference's (decode drops them; "latent" gives all)."""
         problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale) or \
             check_guidance(negative_prompt, true_cfg_scale, prompt) or \
             (check_strength(strength) if video is not None else None)
         if problem:
             raise HunyuanVideoError(problem)
+        condition = self.image_condition()
+        if image is None and condition:
+            raise HunyuanVideoError("this is an image-to-video checkpoint: pass image= (a file, a PIL image or a "
+                                    "uint8 array).")
+        if image is not None and not condition:
+            raise HunyuanVideoError("this is a text-to-video checkpoint, which takes no image: leave image out, or "
+                                    "use an image-to-video checkpoint (HunyuanVideo-I2V, SkyReels-V1 I2V).")
+        if image is not None and video is not None:
+            raise HunyuanVideoError("an image and a video to start from: give one of them.")
+        image = None if image is None else check_image(read_image(image), height, width)
         step_cache(cache, cache_threshold, num_inference_steps, (height, width))  # a bad name: refused now
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
@@ -2802,15 +3226,29 @@ class HunyuanVideoPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)) \
             if cfg else []
-        states, mask, pooled = self.encode_prompt(prompts + negatives)
+        states, mask, pooled = self.encode_prompt(self.prompt_requests(prompts, negatives, image, height, width))
         B = len(prompts)
         negative = (states[B:], mask[B:], pooled[B:]) if cfg else None
         video_latents = self.encode_video(video, height, width, num_frames) if video is not None else None
+        image_latents = self.encode_image(image, height, width) if image is not None else None
         latents = self.denoise(states[:B], mask[:B], pooled[:B], height, width, num_frames, num_inference_steps,
                                guidance_scale, flow_shift, seed, latents, callback, cache, cache_threshold,
                                preview=preview, negative=negative, true_cfg_scale=true_cfg_scale,
-                               cfg_batched=mode == "batched", video_latents=video_latents, strength=strength)
+                               cfg_batched=mode == "batched", video_latents=video_latents, strength=strength,
+                               image_latents=image_latents)
         return latents if output_type == "latent" else self.decode(latents)
+
+    def prompt_requests(self, prompts, negatives=(), image=None, height=544, width=960):
+        """What encode_prompt reads for these prompts and negative prompts: with HunyuanVideo-I2V's LLaVA, each
+        prompt with the image (every 4th or 2nd image state, by the checkpoint's conditioning) and each negative
+        prompt with a black image of the video's size, every 2nd (as the reference reads them); else the text."""
+        condition = self.image_condition()
+        if image is None or condition not in IMAGE_EMBED_INTERLEAVE:
+            return list(prompts) + list(negatives)
+        from PIL import Image
+
+        black = Image.new("RGB", (width, height), 0)
+        return [(p, image, IMAGE_EMBED_INTERLEAVE[condition]) for p in prompts] + [(n, black, 2) for n in negatives]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2967,6 +3405,15 @@ def _weights_bytes(info, quantization=None, modulation=False, dit=True, itemsize
     return total
 
 
+def _cast_bytes(info, itemsize, keep=lambda name: True):
+    """While a component loads, tensor by tensor, the largest one stored in another precision (float32 for an
+    fp16 model, say) is alive as read beside its cast: the load's peak over the weights (0 where the file holds
+    the precision asked, as the released checkpoints do)."""
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+    return max([math.prod(shape) * sizes[dtype] for name, (shape, dtype) in info.items()
+                if keep(name) and dtype in sizes and sizes[dtype] != itemsize], default=0)
+
+
 def _cpu_norm_temporaries(elements, itemsize, rms=False):
     """Bytes MLX's CPU layer_norm (or rms_norm) allocates besides its output: float32 copies of the input, 2
     for layer_norm (1 for rms_norm), 2 more when the input must be converted to float32 first."""
@@ -2980,7 +3427,7 @@ def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
     return (heads * chunk * keys + queries * width) * itemsize if cpu else 0
 
 
-def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu):
+def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu, token_replace=False):
     """Peak activation bytes of one DiT forward. A block is evaluated in two halves, the attention first (its
     q, k, v are freed before the MLP runs), so its peak is the larger half. Per token, in elements:
       single block, attention half: its input and the [video ; text] concatenation it starts from (2D), the
@@ -2997,13 +3444,15 @@ def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsi
       token refiner, per text token: its input (text_dim), projected (D), normed (D), q|k|v (3D), attention
         output and copy (2D), projection and residual (2D), normed (D), fc1 and SiLU (2M), fc2 and residual
         (2D): 12D + 2M + text_dim.
-    CPU: attention scores and the RMS norms' float32 temporaries in the attention half, a LayerNorm's in each."""
+    CPU: attention scores and the RMS norms' float32 temporaries in the attention half, a LayerNorm's in each.
+    Token replace modulates and gates in two parts joined: one more (N, D) copy in each half."""
     b = itemsize
     ln = _cpu_norm_temporaries(tokens * D, b) if cpu else 0
     rms = _cpu_norm_temporaries(tokens * D, b, rms=True) if cpu else 0
     attention = _attention_bytes(heads, tokens, tokens, D, b, cpu) + ln + 2 * rms
-    single = max(tokens * (14 * D + 2 * mlp) * b + attention, tokens * (8 * D + 2 * mlp) * b + ln)
-    double = max(tokens * 16 * D * b + attention, tokens * (9 * D + 2 * mlp) * b + ln)
+    split = D if token_replace else 0
+    single = max(tokens * (14 * D + 2 * mlp + split) * b + attention, tokens * (8 * D + 2 * mlp + split) * b + ln)
+    double = max(tokens * (16 * D + split) * b + attention, tokens * (9 * D + 2 * mlp + split) * b + ln)
     refiner = text * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, text, text, D, b, cpu)
     if cpu:
         refiner += _cpu_norm_temporaries(text * D, b)
@@ -3047,12 +3496,14 @@ def _vae_activations(frames, height, width, tile, chans, itemsize, cpu):
     return act + video * (3 * b + 4 + 1)
 
 
-def _components(folder, hub=None, transformer=None, transformer_hub=None):
+def _components(folder, hub=None, transformer=None, transformer_hub=None,
+                only=("transformer", "vae", "text_encoder", "text_encoder_2")):
     """{component: (tensor info, config)} of a checkpoint in the diffusers layout, from its files' headers, or
     for a hub checkpoint whose weights are not downloaded yet, from the hub's safetensors metadata. transformer:
-    the DiT's own file or folder when it comes from elsewhere (transformer_hub: its hub id, the DiT at its root)."""
+    the DiT's own file or folder when it comes from elsewhere (transformer_hub: its hub id, the DiT at its root).
+    only: the components to read."""
     out = {}
-    for c in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+    for c in only:
         path, repo, inside = (transformer, transformer_hub, "") if c == "transformer" and transformer else \
             (folder / c, hub, c)
         try:
@@ -3098,12 +3549,36 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     branches, videos = (2, 2 if cfg == "batched" else 1) if cfg else (1, 1)
 
     llm_info, llm_cfg = parts["text_encoder"]
-    llm = _sizes_of(LlamaTextEncoder, llm_cfg)
-    weights = _weights_bytes(llm_info, quantization, dit=False, itemsize=size["text_encoders"],
-                             keep=lambda k: _llm_keeps(k, llm["num_hidden_layers"] - llm["skip_layers"]))
-    text = weights + _llm_activations(TEXT_LENGTH + CROP_START, llm["hidden_size"], llm["intermediate_size"],
-                                      llm["num_attention_heads"], llm["num_key_value_heads"], size["text_encoders"],
-                                      cpu)
+    llava = llm_cfg.get("model_type") == "llava"  # image to video: LLaVA reads the prompt with the image
+    llm = _sizes_of(LlamaTextEncoder, llm_cfg.get("text_config", {}) if llava else llm_cfg)
+    used = llm["num_hidden_layers"] - llm["skip_layers"]
+    if llava:
+        vision = _sizes_of(CLIPVisionTower, llm_cfg.get("vision_config", {}))
+        names = {_llava_name(k): v for k, v in llm_info.items()}
+        keeps = {"language_model": used, "vision_tower": vision["num_hidden_layers"] + 1 +
+                 llm_cfg.get("vision_feature_layer", -2)}
+        lm = {k: v for k, v in names.items() if k.startswith("language_model.")}
+        weights = _weights_bytes(lm, quantization, dit=False, itemsize=size["text_encoders"],
+                                 keep=lambda k: _llava_keeps(k, keeps)) + \
+            _weights_bytes({k: v for k, v in names.items() if k not in lm}, dit=False, itemsize=size["text_encoders"],
+                           keep=lambda k: _llava_keeps(k, keeps))  # the vision tower and projector: never quantized
+        tokens = TEXT_LENGTH + I2V_CROP_START + IMAGE_TOKENS - 1
+        # encode_llava's own (tokens, width) arrays beside the layers': the token embeddings, the input with the
+        # image's in place, the states padded, their crops and the result
+        around = 6 * tokens * llm["hidden_size"] * size["text_encoders"]
+        patches = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+        vision_act = _llm_activations(patches, vision["hidden_size"], vision["intermediate_size"],
+                                      vision["num_attention_heads"], vision["num_attention_heads"],
+                                      size["text_encoders"], cpu)
+    else:
+        weights = _weights_bytes(llm_info, quantization, dit=False, itemsize=size["text_encoders"],
+                                 keep=lambda k: _llm_keeps(k, used))
+        tokens, vision_act, around = TEXT_LENGTH + CROP_START, 0, 0
+    cast = _cast_bytes({_llava_name(k) if llava else k: v for k, v in llm_info.items()}, size["text_encoders"],
+                       (lambda k: _llava_keeps(k, keeps)) if llava else (lambda k: _llm_keeps(k, used)))
+    text = weights + max(cast, vision_act, around + _llm_activations(
+        tokens, llm["hidden_size"], llm["intermediate_size"], llm["num_attention_heads"], llm["num_key_value_heads"],
+        size["text_encoders"], cpu))
     clip_info, clip_cfg = parts["text_encoder_2"]
     clip = _sizes_of(CLIPTextEncoder, clip_cfg.get("text_config", clip_cfg))
     text = max(text, _weights_bytes(clip_info, dit=False, itemsize=size["text_encoders"]) + _llm_activations(
@@ -3115,6 +3590,10 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
                       transformer[0] or folder / "transformer", "transformer")
     heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
     video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    # the text tokens: LLaVA's image states (every 4th or 2nd; a negative prompt's every 2nd) before the prompt's
+    condition = sizes.get("image_condition_type")
+    text_tokens = TEXT_LENGTH - 4 + IMAGE_TOKENS // (2 if cfg else IMAGE_EMBED_INTERLEAVE[condition]) \
+        if llava and condition in IMAGE_EMBED_INTERLEAVE else TEXT_LENGTH
     def weigh(**keep):
         return _weights_bytes(dit_info, quantization, modulation, itemsize=size["transformer"], **keep)
     # the modulation weights are never all held: each block's is read to make its table, then dropped
@@ -3127,8 +3606,8 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + \
         branches * 12 * D * steps * size["transformer"]
     denoise = dit + table + max(making, videos * _dit_activations(
-        video + TEXT_LENGTH, TEXT_LENGTH, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
-        size["transformer"], cpu))
+        video + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
+        size["transformer"], cpu, token_replace=condition == "token_replace"))
     # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
     # two between steps, MagCache one, and each the blocks' video input during a step), or for EasyCache four
     # latent-sized ones (64 values a token); one cache a branch

@@ -178,9 +178,11 @@ def bench_phases(args, sizes):
                 print(f"{q:>9} {s:>14} {name:>14} {sec:>9.3f} {peak:>8.3g}")
 
 
-def header_only_checkpoint(folder):
+def header_only_checkpoint(folder, image_condition=None):
     """The real model's components as safetensors headers without data (and configs): enough for the memory
-    plan, which reads only names, shapes and dtypes. MLX builds the models lazily, so this costs nothing."""
+    plan, which reads only names, shapes and dtypes. MLX builds the models lazily, so this costs nothing.
+    image_condition: HunyuanVideo-I2V's ("token_replace", or "latent_concat": 33 input channels), with LLaVA's
+    vision tower and projector in the text encoder."""
     def write(name, params, config):
         d = folder / name
         d.mkdir(parents=True)
@@ -191,24 +193,35 @@ def header_only_checkpoint(folder):
     vae = {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout, as the files have it
            for k, v in tree_flatten(H.HunyuanVideoVAE().parameters())}
     llm = dict(tree_flatten(H.LlamaTextEncoder(skip_layers=0).parameters()))
-    write("text_encoder", {**llm, "norm.weight": mx.zeros((4096,))},
-          dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
-               num_attention_heads=32, num_key_value_heads=8))
+    text = dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                num_attention_heads=32, num_key_value_heads=8)
+    if image_condition:  # LLaVA: the LLM (its vocabulary grown by the image and pad tokens), tower, projector
+        llava = H.LlavaTextEncoder(dict(text, vocab_size=128320), {}, 128257, 128258)
+        weights = {k: v for k, v in tree_flatten(llava.parameters()) if not k.startswith("language_model.")}
+        weights.update({"language_model." + k: v for k, v in llm.items()})
+        write("text_encoder", weights, dict(model_type="llava", text_config=text, vision_config={},
+                                            image_token_index=128257, pad_token_id=128258))
+    else:
+        write("text_encoder", {**llm, "norm.weight": mx.zeros((4096,))}, text)
     write("text_encoder_2", dict(tree_flatten(H.CLIPTextEncoder().parameters())), {})
-    write("transformer", H._checkpoint_weights(H.HunyuanVideoTransformer()), {})
+    dit = H.HunyuanVideoTransformer(image_condition_type=image_condition,
+                                    in_channels=33 if image_condition == "latent_concat" else 16)
+    write("transformer", H._checkpoint_weights(dit), dict(image_condition_type=image_condition))
     write("vae", vae, {})
     return folder
 
 
 def print_plan(settings):
     with tempfile.TemporaryDirectory() as tmp:
-        folder = header_only_checkpoint(Path(tmp))
-        print(f"{'setting':>14} {'precision':>9} {'low-memory':>10} {'true CFG':>10} {'text GiB':>8} "
+        folders = {kind: header_only_checkpoint(Path(tmp) / (kind or "t2v"), kind)
+                   for kind in (None, "token_replace", "latent_concat")}
+        print(f"{'setting':>14} {'model':>13} {'precision':>9} {'low-memory':>10} {'true CFG':>10} {'text GiB':>8} "
               f"{'denoise GiB':>11} {'decode GiB':>10} {'peak GiB':>8}   (estimates for a GPU: Metal or CUDA; 50 steps)")
-        for s, q, low, *cfg in settings:
+        for s, q, low, *more in settings:
             h, w, f = parse_size(s)
-            est = H.estimate_memory(folder, h, w, f, q, low_memory=low, backend="gpu", cfg=cfg[0] if cfg else None)
-            print(f"{s:>14} {q or 'bf16':>9} {'yes' if low else 'no':>10} {cfg[0] if cfg else 'no':>10} "
+            cfg, kind = (more + [None, None])[:2]
+            est = H.estimate_memory(folders[kind], h, w, f, q, low_memory=low, backend="gpu", cfg=cfg)
+            print(f"{s:>14} {kind or 'T2V':>13} {q or 'bf16':>9} {'yes' if low else 'no':>10} {cfg or 'no':>10} "
                   f"{est['text encoders'] / H.GB:>8.1f} "
                   f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
 
@@ -331,7 +344,10 @@ def print_work(args, sizes):
 PLAN = [("544x960x129", None, False), ("720x1280x129", None, False), ("480x848x25", "int8", False),
         ("480x848x25", "int8", True), ("544x960x129", "int8", False), ("720x1280x129", "int8", False),
         ("544x960x97", None, False, "batched"), ("544x960x97", None, False, "sequential"),
-        ("544x960x97", "int8", False, "sequential")]  # (size, quantization, --low-memory[, true CFG])
+        ("544x960x97", "int8", False, "sequential"), ("544x960x129", None, False, None, "token_replace"),
+        ("720x1280x129", None, False, None, "token_replace"), ("544x960x129", None, False, None, "latent_concat"),
+        ("720x1280x129", None, False, None, "latent_concat"), ("720x1280x129", "int8", False, None, "token_replace")]
+# (size, quantization, --low-memory[, true CFG[, image-to-video conditioning]])
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ without quantizing again.
     python convert_weights.py --model SRC --lora style.safetensors:0.8 --quantization int8 --output DIR
 
 SRC is a complete HunyuanVideo in the diffusers layout (a folder, or a hub id such as
-hunyuanvideo-community/HunyuanVideo): DIR gets the same layout, with transformer/ and text_encoder/ in MLX's
+hunyuanvideo-community/HunyuanVideo, or an image-to-video one such as hunyuanvideo-community/HunyuanVideo-I2V):
+DIR gets the same layout, with transformer/ and text_encoder/ in MLX's
 format (quantized if asked) and the other parts copied, so HunyuanVideoPipeline.from_pretrained(DIR) and
 load_transformer(DIR/transformer) read it directly. --transformer takes the DiT from another file instead:
 Tencent's .pt (its fp8 variant too, with the _map.pt beside it) or a ComfyUI .safetensors. When SRC is a
@@ -28,13 +29,15 @@ import mlx.core as mx
 import HunyuanVideo_Apple as H
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-COPIED = ("text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler", "model_index.json")
+COPIED = ("text_encoder_2", "vae", "tokenizer", "tokenizer_2", "scheduler", "image_processor", "model_index.json")
 
 
-def convert_transformer(src, out, args):
+def convert_transformer(src, out, args, image_condition_type=None):
+    sizes = {"image_condition_type": args.image_condition_type or image_condition_type}
     model = H.load_transformer(src, DTYPES.get(args.dtype, H.DEFAULT_DTYPES["transformer"]), args.quantization,
                                args.quantize_modulation, loras=[H.parse_lora(text) for text in args.lora or ()],
-                               lora_ignore_unmatched=args.lora_ignore_unmatched)
+                               lora_ignore_unmatched=args.lora_ignore_unmatched,
+                               **{k: v for k, v in sizes.items() if v})
     if any(isinstance(m, H.LoRAQuantizedLinear) for _, m in model.named_modules()):
         raise H.HunyuanVideoError(f"{src} is already quantized, so a LoRA would stay a branch beside it and not be "
                                   f"baked in: convert the original (bf16) checkpoint with --lora, or pass the LoRA to "
@@ -49,8 +52,9 @@ def convert(args, out):
         return convert_transformer(src, out, args)  # a transformer alone
     folder = H.HunyuanVideoPipeline.from_pretrained(args.model).folder  # checks, or downloads, the whole
     print(f"transformer ({args.quantization or args.dtype or 'bf16'})", file=sys.stderr)
+    config = json.loads((folder / "transformer" / "config.json").read_text())  # an I2V one says how it takes images
     convert_transformer(Path(args.transformer).expanduser() if args.transformer else folder / "transformer",
-                        out / "transformer", args)
+                        out / "transformer", args, config.get("image_condition_type"))
     print(f"text_encoder ({args.quantization or args.dtype or 'fp16'})", file=sys.stderr)
     llm = H.load_text_encoder(folder / "text_encoder", DTYPES.get(args.dtype, H.DEFAULT_DTYPES["text_encoders"]),
                               args.quantization)
@@ -73,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--quantize-modulation", action="store_true", help="also quantize the DiT's adaLN modulation")
     ap.add_argument("--dtype", choices=list(DTYPES), help="for what is not quantized (default: each part's own, "
                     "the DiT bfloat16, the text encoder float16, as the pipeline runs them)")
+    ap.add_argument("--image-condition-type", choices=["token_replace", "latent_concat"], help="for a Tencent "
+                    "HunyuanVideo-I2V DiT file, which does not say how it takes the image (its diffusers folder does)")
     ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="bake a LoRA into the DiT (merged "
                     "before any quantization; repeat for several)")
     ap.add_argument("--lora-ignore-unmatched", action="store_true", help="bake a LoRA even if some of its keys "

@@ -4,6 +4,7 @@
     python hunyuan_apple.py --model tiny --prompt "a cat"          # offline demo: tiny random weights, noise video
     python hunyuan_apple.py --prompt "..." --lora style.safetensors:0.8 --negative-prompt "blurry" --cfg-scale 6
     python hunyuan_apple.py --prompt "..." --video input.mp4 --strength 0.7     # video to video
+    python hunyuan_apple.py --model hunyuanvideo-community/HunyuanVideo-I2V --image cat.png --prompt "..."
 
 Writes an H.264 mp4 (and its settings as JSON beside it and in the mp4's metadata). The latents are saved
 before decoding; if anything fails after denoising, the message says how to decode them again.
@@ -37,7 +38,7 @@ SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift"
             "frames": int, "model": str, "quantization": str, "quantize_modulation": bool, "dit_dtype": str,
             "vae_dtype": str, "text_dtype": str, "fps": int, "preset": str, "cache": str, "cache_threshold": float,
             "negative_prompt": str, "cfg_scale": float, "loras": list, "lora_ignore_unmatched": bool,
-            "transformer": str, "video": str, "strength": float}
+            "transformer": str, "video": str, "strength": float, "image": str}
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
@@ -92,6 +93,8 @@ def parse_args(argv):
                     "by default); repeat for several. diffusers, original, musubi/kohya and ComfyUI files")
     ap.add_argument("--lora-ignore-unmatched", action="store_true", help="load a LoRA even if some of its keys match "
                     "no layer (they are listed in a warning); by default that stops the run")
+    ap.add_argument("--image", metavar="FILE", help="image to video, for the checkpoints that take one "
+                    "(HunyuanVideo-I2V and its 33-channel variant, SkyReels-V1 I2V): the video starts from it")
     ap.add_argument("--video", metavar="FILE", help="video to video: start from this video (its own size rounded to "
                     "16 and its length, unless --resolution/--quality/--frames say otherwise)")
     ap.add_argument("--strength", type=float, help="with --video: how much to change it, 0 (keep) to 1 (text to video "
@@ -221,6 +224,7 @@ def resolve(args):
                        ("fps", args.fps), ("cache", args.cache), ("cache_threshold", args.cache_threshold),
                        ("negative_prompt", args.negative_prompt), ("cfg_scale", args.cfg_scale),
                        ("transformer", args.transformer), ("video", args.video), ("strength", args.strength),
+                       ("image", args.image),
                        ("lora_ignore_unmatched", args.lora_ignore_unmatched), ("loras", []),
                        *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
         if key not in s or key in given or (key == "quantization" and "quantize" in given):
@@ -231,6 +235,8 @@ def resolve(args):
         raise H.HunyuanVideoError("--strength applies to video to video: give --video too.")
     if not s["video"]:
         s["strength"] = None
+    if s["image"] and s["video"]:
+        raise H.HunyuanVideoError("--image and --video: give one of them (an image to start from, or a video).")
     if s["negative_prompt"] is not None and "cfg_scale" not in given and s["cfg_scale"] <= 1:
         s["cfg_scale"] = 6.0  # a negative prompt given alone: true CFG at SkyReels-V1's scale
     elif s["cfg_scale"] > 1 and s["negative_prompt"] is None:
@@ -258,6 +264,8 @@ def resolve(args):
             else None)
     if problem:
         raise H.HunyuanVideoError(problem)
+    if s["image"]:
+        H.check_image(H.read_image(s["image"]), s["height"], s["width"])  # readable, and not far too small
     H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]))  # checks name and threshold
     if not 1 <= s["fps"] <= MAX_FPS:
         raise H.HunyuanVideoError(f"--fps {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
@@ -292,6 +300,7 @@ def check_outputs(out, args, latents=True):
     inputs = {Path(f).resolve(): flag for flag, f in (("--from-metadata", args.from_metadata),
                                                       ("--decode-latents", args.decode_latents),
                                                       ("--resume", args.resume), ("--video", args.video),
+                                                      ("--image", args.image),
                                                       *(("--lora", H.parse_lora(lora)[0]) for lora in args.lora or ()))
               if f}
     latents_file = out.with_name(out.stem + ".latents.safetensors") if latents else None
@@ -542,6 +551,16 @@ def main(argv=None):
         pipe.progress = bar
         if not args.decode_latents:
             settings["version"] = H.__version__
+            condition = pipe.image_condition()
+            if condition and not settings.get("image"):
+                raise H.HunyuanVideoError(f"{settings['model']} is an image-to-video checkpoint: give --image FILE.")
+            if settings.get("image") and not condition:
+                raise H.HunyuanVideoError(f"{settings['model']} is a text-to-video checkpoint, which takes no image: "
+                                          f"leave --image out, or use an image-to-video one (HunyuanVideo-I2V, "
+                                          f"--preset skyreels-i2v).")
+            if condition == "latent_concat":
+                print(f"this checkpoint's video leaves out its first 4 frames, as the reference's: "
+                      f"{settings['frames'] - 4} frames", file=sys.stderr)
             cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
             mode = pipe.cfg_mode(settings["height"], settings["width"], settings["frames"], settings["cache"],
                                  settings["steps"]) if cfg else None
@@ -552,7 +571,7 @@ def main(argv=None):
                   + (f", true CFG {settings['cfg_scale']} ({mode})" if cfg else "")
                   + "".join(f", LoRA {Path(f).name} x{s:g}" for f, s in settings.get("loras") or ())
                   + (f", video {settings['video']} at strength {settings['strength']:g}" if settings.get("video")
-                     else ""), file=sys.stderr)
+                     else "") + (f", image {settings['image']}" if settings.get("image") else ""), file=sys.stderr)
             try:  # before any weights load
                 est = pipe.check_memory(settings["height"], settings["width"], settings["frames"], settings["cache"],
                                         settings["steps"], mode)
@@ -561,12 +580,14 @@ def main(argv=None):
                 if not args.force:
                     raise
                 warnings.warn(f"{e} (--force: running anyway)")
+            image = H.read_image(settings["image"]) if settings.get("image") else None
             if args.resume:
                 print(f"resuming after step {resume['step']} of {settings['steps']}", file=sys.stderr)
             else:
                 phase = "encoding the prompt"
-                prompts = [settings["prompt"]] + ([settings["negative_prompt"]] if cfg else [])
-                text, resume, start = pipe.encode_prompt(prompts), None, None  # rows: the prompt, the negative one
+                requests = pipe.prompt_requests([settings["prompt"]], [settings["negative_prompt"]] if cfg else [],
+                                                image, settings["height"], settings["width"])
+                text, resume, start = pipe.encode_prompt(requests), None, None  # rows: the prompt, the negative one
                 if pipe.prompt_hit:
                     print("the prompt's encoding comes from the prompt cache (--no-prompt-cache runs the text "
                           "encoders)", file=sys.stderr)
@@ -575,6 +596,9 @@ def main(argv=None):
                 phase = "encoding the video"
                 video = pipe.encode_video(video_frames(settings["video"]), settings["height"], settings["width"],
                                           settings["frames"])
+            if image is not None:
+                phase = "encoding the image"
+                image = pipe.encode_image(image, settings["height"], settings["width"])
             phase = "denoising"
             checkpoint = Checkpoint(out, settings, text, args.checkpoint_every)
             latents = pipe.denoise(*(t[:1] for t in text), settings["height"], settings["width"], settings["frames"],
@@ -584,7 +608,8 @@ def main(argv=None):
                                    preview=write_preview(out) if args.preview else None,
                                    negative=tuple(t[1:] for t in text) if cfg else None,
                                    true_cfg_scale=settings.get("cfg_scale", 1.0), cfg_batched=mode == "batched",
-                                   video_latents=video, strength=settings["strength"] if video is not None else 1.0)
+                                   video_latents=video, strength=settings["strength"] if video is not None else 1.0,
+                                   image_latents=image)
             settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents

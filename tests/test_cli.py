@@ -54,7 +54,7 @@ def test_generate_writes_what_it_says(env, tmp_path):
                                             "vae_dtype": "fp16", "text_dtype": "fp16", "fps": 24, "cache": None,
                                             "cache_threshold": None, "version": None, "negative_prompt": None,
                                             "cfg_scale": 1.0, "loras": [], "lora_ignore_unmatched": False,
-                                            "transformer": None, "video": None, "strength": None}
+                                            "transformer": None, "video": None, "strength": None, "image": None}
     assert work["forwards"] == 2 and work["skipped"] == 0 and work["steps"] == [True, True] and work["pflop"] > 0
     assert f"DiT forwards: 2 computed, 0 skipped (no cache), {work['pflop']:.3g} PFLOP" in r.stdout
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
@@ -469,8 +469,8 @@ def test_bad_lora_video_and_guidance_one_sentence(env, tmp_path, args, words):
 def test_skyreels_preset_and_guidance_settings():
     s = cli.resolve(cli.parse_args(["--prompt", "a man walks", "--preset", "skyreels"]))
     assert (s["model"], s["transformer"], s["steps"], s["guidance"], s["cfg_scale"], s["height"], s["width"],
-            s["frames"], s["prompt"]) == (H.DEFAULT_MODEL, "Skywork/SkyReels-V1-Hunyuan-T2V", 30, 1.0, 6.0, 544, 960, 97,
-                                          "FPS-24, a man walks")
+            s["frames"], s["prompt"]) == (H.DEFAULT_MODEL, "Skywork/SkyReels-V1-Hunyuan-T2V", 30, 1.0, 6.0, 544, 960,
+                                          97, "FPS-24, a man walks")
     assert s["negative_prompt"].startswith("Aerial view, aerial view, overexposed")
     s = cli.resolve(cli.parse_args(["--prompt", "FPS-24, a man", "--preset", "skyreels", "--cfg-scale", "4",
                                     "--model", "tiny"]))

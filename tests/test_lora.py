@@ -47,7 +47,8 @@ def diffusers_lora(seed, r):
               "transformer_blocks.1.attn.add_v_proj": (D, D, r), "transformer_blocks.1.ff.net.2": (D, MLP, r),
               "transformer_blocks.0.norm1.linear": (6 * D, D, r), "single_transformer_blocks.0.attn.to_q": (D, D, r),
               "single_transformer_blocks.0.attn.to_k": (D, D, r), "single_transformer_blocks.0.attn.to_v": (D, D, r),
-              "single_transformer_blocks.0.proj_mlp": (MLP, D, r), "single_transformer_blocks.1.proj_out": (D, D + MLP, r),
+              "single_transformer_blocks.0.proj_mlp": (MLP, D, r),
+              "single_transformer_blocks.1.proj_out": (D, D + MLP, r),
               "single_transformer_blocks.1.norm.linear": (3 * D, D, r), "norm_out.linear": (2 * D, D, r),
               "context_embedder.token_refiner.refiner_blocks.0.attn.to_v": (D, D, r),
               "time_text_embed.timestep_embedder.linear_2": (D, D, r)}
@@ -136,8 +137,8 @@ def test_diffusers_and_original_layouts_match_diffusers(dit, monkeypatch):
 
 def comfy_name(name):
     """Tencent's module names as ComfyUI's own modules call them."""
-    for a, b in ((".img_mod.linear", ".img_mod.lin"), (".modulation.linear", ".modulation.lin"), ("_attn_qkv", "_attn.qkv"),
-                 ("_attn_proj", "_attn.proj"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")):
+    for a, b in ((".img_mod.linear", ".img_mod.lin"), (".modulation.linear", ".modulation.lin"),
+                 ("_attn_qkv", "_attn.qkv"), ("_attn_proj", "_attn.proj"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")):
         name = name.replace(a, b)
     return name
 

@@ -33,6 +33,13 @@ MARGIN = {"text encoders": 1.3, "denoise": 1.2, "decode": 1.2}
 WIDTHS = [((2, 32), 64, (8, 8, 16, 16)), ((4, 32), 128, (8, 16, 16, 16)), ((2, 64), 256, (16, 16, 32, 32))]
 
 
+def check_ratios(ratios):
+    """Each estimate / measured peak, keyed (phase, ...), within [1, MARGIN[phase]]."""
+    print({k: f"{v:.2f}" for k, v in ratios.items()})
+    for (phase, *case), ratio in ratios.items():
+        assert 1.0 <= ratio <= MARGIN[phase], f"{phase} {case}: estimate {ratio:.2f}x the measured peak"
+
+
 def make_checkpoint(folder, heads, head_dim, llm_width, block_out, blocks=(1, 2)):
     """The tiny demo checkpoint with its DiT, LLM and VAE replaced by random ones of the given widths (and
     numbers of double and single blocks)."""
@@ -81,9 +88,7 @@ def test_estimate_brackets_the_measured_peak(widths, tmp_path):
             for phase in est:
                 measured_gb = pipe.stats[phase][1]
                 ratios[phase, size, dtype] = est[phase] / (measured_gb * H.GB)
-    print({k: f"{v:.2f}" for k, v in ratios.items()})
-    for (phase, size, dtype), ratio in ratios.items():
-        assert 1.0 <= ratio <= MARGIN[phase], f"{phase} at {size}, {dtype}: estimate {ratio:.2f}x the measured peak"
+    check_ratios(ratios)
 
 
 def test_over_budget_is_refused_before_loading(tiny, monkeypatch):
@@ -323,7 +328,5 @@ def test_true_cfg_estimate_brackets_the_measured_peak(tmp_path):
             pipe.denoise(*(t[:1] for t in text), *size, num_inference_steps=1, seed=0,
                          negative=tuple(t[1:] for t in text), true_cfg_scale=5.0, cfg_batched=mode == "batched")
             est = H.estimate_memory(folder, *size, dtypes=pipe.dtypes, steps=1, cfg=mode)["denoise"]
-            ratios[mode, dtype] = est / (pipe.stats["denoise"][1] * H.GB)
-    print({k: f"{v:.2f}" for k, v in ratios.items()})
-    for (mode, dtype), ratio in ratios.items():
-        assert 1.0 <= ratio <= MARGIN["denoise"], f"{mode}, {dtype}: estimate {ratio:.2f}x the measured peak"
+            ratios["denoise", mode, dtype] = est / (pipe.stats["denoise"][1] * H.GB)
+    check_ratios(ratios)

@@ -303,7 +303,8 @@ def test_a_lora_in_the_pipeline_matches_diffusers(checkpoint, tmp_path):
             expected = ref(PROMPT, latents=init, output_type="latent", return_dict=False, **kw)[0]
     finally:
         ref.unload_lora_weights()
-    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32, loras=[(tmp_path / "lora.safetensors", 0.7)])
+    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32,
+                                                  loras=[(tmp_path / "lora.safetensors", 0.7)])
     latents = ours(PROMPT, latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), output_type="latent", **kw)
     err = rel_err(np.array(latents), expected.permute(0, 2, 3, 4, 1).numpy())
     print(f"pipeline with a LoRA: latents {err:.2e}")
