@@ -2790,12 +2790,12 @@ def _dtypes(dtype=None, dtypes=None):
 
 
 class HunyuanVideoPipeline:
-    """Prompt in, frames out, in phases that each load what they need and free it before the next: the text
-    encoders (the LLM, 14 GB in fp16, then CLIP), the VAE's encoder (video to video), the DiT, the VAE's decoder.
-    Weights are read when their phase starts. self.stats holds each phase's seconds and peak memory (GiB) of the
-    last run, and under "work" the DiT forwards it computed and skipped, which steps ran in full and the PFLOP
-    they cost; set self.progress to a function (what, done, total) to follow every activity: loading, encoding,
-    denoising, decoding."""
+    """Prompt (and an image or video to start from) in, frames out, in phases that each load what they need and
+    free it before the next: the text encoders (the LLM, 14 GB in fp16, or LLaVA with its vision tower, then
+    CLIP), the VAE's encoder (the image or video), the DiT, the VAE's decoder. Weights are read when their phase
+    starts. self.stats holds each phase's seconds and peak memory (GiB) of the last run, and under "work" the DiT
+    forwards it computed and skipped, which steps ran in full and the PFLOP they cost; set self.progress to a
+    function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
 
     def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None,
                  prompt_cache=False, loras=(), lora_ignore_unmatched=False, transformer=None, transformer_hub=None):
@@ -2879,8 +2879,8 @@ class HunyuanVideoPipeline:
 
     def encode_image(self, image, height, width):
         """Image to video: an image (read_image's) -> its latents (1, 1, h, w, 16), the VAE's posterior mean
-        scaled by its scaling factor (where SkyReels' pipeline samples the posterior, the mean is taken: its
-        spread is far below the latents' own), as one frame of height x width."""
+        scaled by its scaling factor, as one frame of height x width (where SkyReels' pipeline samples the
+        posterior, the mean is taken: the deterministic choice)."""
         pixels = vae_pixels(image, height, width)
 
         def work():
@@ -3214,6 +3214,9 @@ class HunyuanVideoPipeline:
                                     "use an image-to-video checkpoint (HunyuanVideo-I2V, SkyReels-V1 I2V).")
         if image is not None and video is not None:
             raise HunyuanVideoError("an image and a video to start from: give one of them.")
+        if condition == "latent_concat" and num_frames < 5:
+            raise HunyuanVideoError(f"{num_frames} frames: this checkpoint's video leaves out its first 4 frames; ask "
+                                    f"for 5 or more (4n+1).")
         image = None if image is None else check_image(read_image(image), height, width)
         step_cache(cache, cache_threshold, num_inference_steps, (height, width))  # a bad name: refused now
         if output_type not in ("np", "latent"):

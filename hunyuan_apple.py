@@ -559,6 +559,9 @@ def main(argv=None):
                                           f"leave --image out, or use an image-to-video one (HunyuanVideo-I2V, "
                                           f"--preset skyreels-i2v).")
             if condition == "latent_concat":
+                if settings["frames"] < 5:
+                    raise H.HunyuanVideoError(f"--frames {settings['frames']}: this checkpoint's video leaves out its "
+                                              f"first 4 frames; ask for 5 or more (4n+1).")
                 print(f"this checkpoint's video leaves out its first 4 frames, as the reference's: "
                       f"{settings['frames'] - 4} frames", file=sys.stderr)
             cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1

@@ -213,6 +213,8 @@ def test_api_images_of_any_kind_and_bad_requests(parts):
                        ("absent.png", "does not exist")):
         with pytest.raises(H.HunyuanVideoError, match=words.replace("(", r"\(").replace(")", r"\)")):
             ours(PROMPT, image=bad, **kw)
+    with pytest.raises(H.HunyuanVideoError, match="leaves out its first 4 frames; ask for 5 or more"):
+        ours(PROMPT, image=rgb, **{**kw, "num_frames": 1})
     t2v = H.HunyuanVideoPipeline.from_pretrained("tiny")
     with pytest.raises(H.HunyuanVideoError, match="text-to-video checkpoint, which takes no image"):
         t2v(PROMPT, image=rgb, **kw)
