@@ -1903,8 +1903,8 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
 
 
 def _linear_order(w):
-    """A Conv3d's weight (O, C, t, h, w), as img_in's LoRA gives it, in the order of the Linear layer that stands
-    for it here, (O, t*h*w*C); anything else as it is."""
+    """A Conv3d's weight (O, C, t, h, w), img_in's as checkpoints and LoRAs hold it, in the order of the Linear
+    layer that stands for it here, (O, t*h*w*C); anything else as it is."""
     return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
 
 

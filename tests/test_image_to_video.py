@@ -182,9 +182,10 @@ def test_the_command_line_with_an_image(parts, tmp_path):
     assert r.returncode == 0 and "the prompt's encoding comes from the prompt cache" in r.stderr, r.stderr
     r = run_cli(tmp_path, "--prompt", "a cat", "--image", "gray.png", *small, "--output", "d.mp4")
     assert r.returncode == 0 and "prompt cache" not in r.stderr, r.stderr  # another image: another entry
+    import hunyuan_apple as cli
     picture(8, 6, seed=5).save(tmp_path / "tiny.png")
-    r = run_cli(tmp_path, "--prompt", "a cat", "--image", "tiny.png", *small, "--output", "e.mp4")
-    assert r.returncode == 0 and "warning: the image is 8 x 6, far smaller than the 64 x 48 video" in r.stderr
+    with pytest.warns(UserWarning, match="the image is 8 x 6, far smaller than the 64 x 48 video"):
+        cli.resolve(cli.parse_args(["--prompt", "a cat", "--image", str(tmp_path / "tiny.png"), *map(str, small)]))
 
     (tmp_path / "notes.png").write_text("not an image")
     for args, words in ((["--image", "absent.png"], "the image absent.png does not exist"),
