@@ -2881,14 +2881,7 @@ class HunyuanVideoPipeline:
         """Image to video: an image (read_image's) -> its latents (1, 1, h, w, 16), the VAE's posterior mean
         scaled by its scaling factor, as one frame of height x width (where SkyReels' pipeline samples the
         posterior, the mean is taken: the deterministic choice)."""
-        pixels = vae_pixels(image, height, width)
-
-        def work():
-            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
-            z = vae.encode(pixels, DEFAULT_VAE_TILE, DEFAULT_VAE_STRIDE) * vae.scaling_factor
-            mx.eval(z)
-            return z.astype(mx.float32)
-        return self._phase("encode image", work)
+        return self._vae_encode("encode image", vae_pixels(image, height, width))
 
     def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit. cfg: None,
@@ -3047,14 +3040,18 @@ class HunyuanVideoPipeline:
         16): the first num_frames frames, fitted to height x width (fit_frames), encoded by the VAE's tiled encoder
         (the posterior's mean) and scaled by its scaling factor."""
         frames = fit_frames(read_video(video) if isinstance(video, (str, Path)) else video, height, width, num_frames)
+        x = mx.array(frames)[None].astype(mx.float32) / 127.5 - 1  # (1, F, H, W, 3) in [-1, 1]
+        return self._vae_encode("encode video", x, tile, stride)
 
+    def _vae_encode(self, name, pixels, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
+        """The VAE's encoder as the phase `name`: pixels (1, F, H, W, 3) in [-1, 1] -> the posterior's mean times
+        the scaling factor, float32 (the DiT's latents)."""
         def work():
             vae = load_vae(self.folder / "vae", self.dtypes["vae"])
-            x = mx.array(frames)[None].astype(mx.float32) / 127.5 - 1  # (1, F, H, W, 3) in [-1, 1]
-            z = vae.encode(x, tile, stride) * vae.scaling_factor
+            z = vae.encode(pixels, tile, stride) * vae.scaling_factor
             mx.eval(z)
             return z.astype(mx.float32)
-        return self._phase("encode video", work)
+        return self._phase(name, work)
 
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
