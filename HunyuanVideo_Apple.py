@@ -16,7 +16,7 @@ One module, in the order data flows through the model:
      modulation precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan,
      SkyReels-V1), true classifier-free guidance with a negative prompt, video to video, image to video
      (HunyuanVideo-I2V's token replace and latent concat, SkyReels-V1 I2V);
-  7. the offline demo: a tiny random checkpoint in the real layout;
+  7. the offline demos: tiny random checkpoints in the real layout (text to video, and image to video);
   8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
@@ -63,6 +63,25 @@ def _counted(items, progress):
         yield item
         if progress:
             progress(i + 1, len(items))
+
+
+def write_atomic(path, write):
+    """write(tmp) to a hidden temporary file beside path, then rename it to path: path is always either the
+    earlier file or the whole new one. If writing fails (a full disk, say) the temporary file is removed and the
+    failure is one sentence naming the file; an interrupt removes it too."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        # MLX reports a failed write as a RuntimeError ("[write] Unable to write ...")
+        if isinstance(e, OSError) or isinstance(e, RuntimeError) and "write" in str(e).lower():
+            why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise HunyuanVideoError(f"could not write {path} ({why}): free some disk space, or write elsewhere; "
+                                    f"the earlier file of that name, if any, is as it was.") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,8 +289,7 @@ I2V_TEMPLATE = (
     "atmosphere.5. camera angles, movements, and transitions used in the video:<|eot_id|>\n\n<|start_header_id|>"
     "user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 x 336: 24 x 24 patches
-I2V_CROP_START = 103  # the template's tokens before the prompt, <image> counted once
-IMAGE_EMBED_START = 5  # where <image> sits: after <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
+I2V_CROP_START = 103  # the template's tokens before the prompt, <image> counted once (Llama-3's vocabulary)
 IMAGE_EMBED_INTERLEAVE = {"token_replace": 4, "latent_concat": 2}  # the reference's defaults by conditioning
 
 
@@ -357,11 +375,11 @@ def encode_llava(prompt, pixels, tokenizer, model, interleave, max_length=TEXT_L
     ids, mask = _tokenize(tokenizer, [template.format(prompt)], max_length + crop_start,
                           "the LLaVA-Llama-3 text encoder", crop_start)
     ids, mask = ids[0], mask[0]
-    where = np.nonzero(ids == model.image_token_index)[0]
-    if len(where) != 1 or where[0] != IMAGE_EMBED_START:
-        raise HunyuanVideoError(f"the tokenizer puts {len(where)} <image> tokens in the I2V template (1, at position "
-                                f"{IMAGE_EMBED_START}, expected): pass the I2V checkpoint's own tokenizer/.")
-    start = IMAGE_EMBED_START
+    where = np.nonzero(ids == model.image_token_index)[0]  # position 5 with Llama-3's vocabulary
+    if len(where) != 1:
+        raise HunyuanVideoError(f"the tokenizer puts {len(where)} <image> tokens in the I2V template (1 expected): "
+                                f"pass the I2V checkpoint's own tokenizer/.")
+    start = int(where[0])
     expanded = np.concatenate([ids[:start], np.full(n_img, model.image_token_index), ids[start + 1:]])  # (L + 575,)
     valid = expanded != model.pad_token_id  # the reference's attention mask: what is not padding
     n = int(np.nonzero(valid)[0][-1]) + 1 if valid.any() else 1  # causal: the valid prefix is all that counts
@@ -1600,17 +1618,21 @@ def _from_diffusers(sd):
             else:
                 continue
             if isinstance(src, tuple):
-                groups.setdefault((prefix + dst + "." + param, src), {})[module] = value
+                groups.setdefault((prefix + dst + "." + param, src), {})[module] = (key, value)
             else:
                 out[prefix + dst + "." + param] = value
             break
         else:
             out[key] = value
     for (key, parts), found in groups.items():
+        if len({v.shape[1:] for _, v in found.values()}) > 1:  # pieces that cannot be fused: name them
+            raise HunyuanVideoError("the checkpoint's tensors do not fit together: " + ", ".join(
+                f"{name} {tuple(v.shape)}" for name, v in found.values()) + "; check that it is a complete "
+                "checkpoint of the right model, or one written by convert_weights.py.")
         if len(found) == len(parts):
-            out[key] = mx.concatenate([found[p] for p in parts], axis=0)
+            out[key] = mx.concatenate([found[p][1] for p in parts], axis=0)
         else:  # incomplete: leave the pieces under names the strict check will report
-            out.update({f"{key} (part {p})": v for p, v in found.items()})
+            out.update({f"{key} (part {p})": v for p, (_, v) in found.items()})
     for param in ("weight", "bias"):  # diffusers' final modulation is (scale, shift); Tencent's (shift, scale)
         key = f"final_layer.adaLN_modulation.1.{param}"
         if key in out:
@@ -1848,6 +1870,10 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
     if not path.is_file():
         raise HunyuanVideoError(f"the LoRA {path} does not exist: check the path.")
     tensors, _ = _read_weights(path, "pass a LoRA .safetensors file")
+    integers = sorted(k for k, v in tensors.items() if not mx.issubdtype(v.dtype, mx.floating))
+    if integers:
+        raise HunyuanVideoError(f"the LoRA {path.name} holds integer tensors ({', '.join(integers[:3])}): LoRAs are "
+                                f"read in bf16, fp16 or fp32; pass a float LoRA.")
     modules, unmatched, flat = {}, [], {name.replace(".", "_"): name for name in layers}
     for key, value in tensors.items():
         name = next((key[len(p):] for p in _LORA_PREFIXES if key.startswith(p)), key)
@@ -1910,9 +1936,13 @@ def _linear_order(w):
 
 def read_loras(loras, layers, dim, ignore_unmatched=False):
     """[(file, scale) or file, ...] -> one {Tencent layer: [LoraPart, ...]} holding them all."""
-    out = {}
+    out, seen = {}, set()
     for item in loras:
         path, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
+        if Path(path).expanduser().resolve() in seen:
+            raise HunyuanVideoError(f"the LoRA {Path(path).name} is given twice: give it once, with the sum of the "
+                                    f"scales if that is what you want.")
+        seen.add(Path(path).expanduser().resolve())
         for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched).items():
             out.setdefault(layer, []).extend(parts)
     return out
@@ -2531,7 +2561,11 @@ MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop
 SEEDS = 2 ** 64  # a seed is a 64-bit key: 0 <= seed < 2**64
 
 
-def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", seed=None, guidance_scale=6.0):
+MAX_STEPS = 1000  # the sampler's schedule has 1000 timesteps; the modulation table grows with the steps
+
+
+def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", seed=None, guidance_scale=6.0,
+                  flow_shift=7.0):
     """None, or one sentence naming what is wrong with a generation request and how to fix it. Warns when
     the clip is longer than the model's longest."""
     if height <= 0 or width <= 0 or height % 16 or width % 16:
@@ -2539,12 +2573,14 @@ def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", 
     if num_frames < 1 or (num_frames - 1) % 4:
         n = min(max(1, round((num_frames - 1) / 4)) * 4 + 1, MAX_FRAMES)
         return f"{num_frames} frames: the frame count must be 4n+1 (1, 5, 9, ... {MAX_FRAMES}); try {n}."
-    if num_inference_steps < 1:
-        return f"{num_inference_steps} steps: use at least 1 (50 is the default)."
+    if not 1 <= num_inference_steps <= MAX_STEPS:
+        return f"{num_inference_steps} steps: use 1 to {MAX_STEPS} (50 is the default)."
     if seed is not None and not 0 <= seed < SEEDS:
         return f"seed {seed}: use a whole number from 0 to 2**64 - 1 ({SEEDS - 1}), or leave it out for a random one."
-    if guidance_scale < 0:
-        return f"guidance {guidance_scale}: the embedded guidance scale cannot be negative (6.0 is the default)."
+    if not 0 <= guidance_scale < math.inf:
+        return f"guidance {guidance_scale}: the embedded guidance scale is a number of 0 or more (6.0 is the default)."
+    if not 0 < flow_shift < math.inf:
+        return f"flow shift {flow_shift}: use a number above 0 (7.0 is the default; FastHunyuan uses 17)."
     if not any(p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
         return "the prompt is empty: describe the video to generate."
     if num_frames > MAX_FRAMES:
@@ -2567,6 +2603,9 @@ def check_guidance(negative_prompt, true_cfg_scale, prompt="x"):
     elif true_cfg_scale > 1:
         warnings.warn(f"a true CFG scale of {true_cfg_scale} without a negative prompt has no effect (as in "
                       f"diffusers): give a negative prompt, \"\" for the plain unconditional branch.")
+    elif true_cfg_scale != 1:
+        warnings.warn(f"a true CFG scale of {true_cfg_scale} has no effect: true CFG runs above 1, with a negative "
+                      f"prompt (SkyReels-V1 uses 6).")
     return None
 
 
@@ -2618,6 +2657,10 @@ def check_image(image, height, width):
     if image.size[0] * 4 < width or image.size[1] * 4 < height:
         warnings.warn(f"the image is {image.size[0]} x {image.size[1]}, far smaller than the {width} x {height} video: "
                       f"it is stretched more than 4 times and the video will be blurred; give a larger image.")
+    if abs(math.log(image.size[0] / image.size[1] * height / width)) > math.log(1.25):
+        warnings.warn(f"the image is {image.size[0]} x {image.size[1]} and the video {width} x {height}: the image is "
+                      f"stretched to the video's shape (as the reference does); crop it, or choose a --resolution "
+                      f"of its aspect ratio.")
     return image
 
 
@@ -2690,7 +2733,7 @@ def video_size(frames):
 
 def fit_frames(frames, height, width, num_frames):
     """The first num_frames frames (F, H, W, 3) uint8, each resized to cover height x width (Lanczos, aspect kept)
-    and cropped at the centre, as the image pipelines fit an image."""
+    and cropped at the centre, as diffusers' image processors do it (resize_mode "crop")."""
     from PIL import Image
 
     frames = np.asarray(frames)
@@ -2698,9 +2741,9 @@ def fit_frames(frames, height, width, num_frames):
     if problem:
         raise HunyuanVideoError(problem)
     H, W = frames.shape[1:3]
-    scale = max(height / H, width / W)
-    size = (max(width, round(W * scale)), max(height, round(H * scale)))  # PIL: (width, height)
-    top, left = (size[1] - height) // 2, (size[0] - width) // 2
+    # diffusers' VaeImageProcessor._resize_and_crop: the side that overflows is W * height // H (or H * width // W)
+    size = (width, H * width // W) if width / height > W / H else (W * height // H, height)  # PIL: (width, height)
+    top, left = size[1] // 2 - height // 2, size[0] // 2 - width // 2
     out = []
     for frame in frames[:num_frames]:
         image = Image.fromarray(frame.astype(np.uint8))
@@ -2820,18 +2863,18 @@ class HunyuanVideoPipeline:
     def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
                         quantize_modulation=False, low_memory=False, prompt_cache=False, loras=(),
                         lora_ignore_unmatched=False, transformer=None):
-        """A local folder in the diffusers layout, a hub id, or "tiny" (the offline demo, see tiny_checkpoint). A
-        hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first needs them, after
-        the memory plan. dtype: one dtype for every component;
-        dtypes: {"transformer" | "vae" | "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization:
-        None (as stored), "int8", "int4" or "fp8" for the DiT's blocks and the LLM (see quantize). low_memory:
-        no buffer cache, the DiT's blocks streamed from disk (slower). prompt_cache: reuse the text encoders'
-        outputs for a prompt seen before (see encode_prompt; the CLI turns it on). loras: [(file, scale) or
-        file, ...] for the DiT (see load_transformer), checked against it now. transformer: the DiT from another
-        checkpoint (a fine-tune such as SkyReels-V1): its folder or single file, or a hub id whose root holds it."""
+        """A local folder in the diffusers layout, a hub id, or "tiny" / "tiny-i2v" (the offline demos, see
+        tiny_checkpoint). A hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first
+        needs them, after the memory plan. dtype: one dtype for every component; dtypes: {"transformer" | "vae" |
+        "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization: None (as stored), "int8", "int4" or
+        "fp8" for the DiT's blocks and the LLM (see quantize). low_memory: no buffer cache, the DiT's blocks
+        streamed from disk (slower). prompt_cache: reuse the text encoders' outputs for a prompt seen before (see
+        encode_prompt; the CLI turns it on). loras: [(file, scale) or file, ...] for the DiT (see
+        load_transformer), checked against it now. transformer: the DiT from another checkpoint (a fine-tune such
+        as SkyReels-V1): its folder or single file, or a hub id whose root holds it."""
         folder, hub = Path(path_or_hub_id).expanduser(), None
-        if str(path_or_hub_id) == "tiny":  # the offline demo (a folder of that name: ./tiny)
-            folder = tiny_checkpoint()
+        if str(path_or_hub_id) in TINY_MODELS:  # the offline demos (a folder of that name: ./tiny)
+            folder = tiny_checkpoint(str(path_or_hub_id))
         elif not folder.exists():
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
                 raise HunyuanVideoError(f"{folder} does not exist: pass a HunyuanVideo folder in the diffusers layout "
@@ -2981,12 +3024,12 @@ class HunyuanVideoPipeline:
             entry = entries[p]
             try:
                 entry.parent.mkdir(parents=True, exist_ok=True)
-                tmp = entry.with_name(f".{entry.stem}.partial.safetensors")
-                mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"), encoded[p])))
-                tmp.replace(entry)
-            except OSError as e:
-                warnings.warn(f"the prompt cache cannot be written in {entry.parent} ({e.strerror}): going on without "
-                              f"it (set HUNYUAN_APPLE_CACHE to a writable folder, or pass --no-prompt-cache).")
+                write_atomic(entry, lambda tmp: mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"),
+                                                                                      encoded[p]))))
+            except (OSError, HunyuanVideoError) as e:
+                warnings.warn(f"the prompt cache cannot be written in {entry.parent} "
+                              f"({getattr(e, 'strerror', None) or e}): going on without it (set HUNYUAN_APPLE_CACHE "
+                              f"to a writable folder, or pass --no-prompt-cache).")
         outs = [{**found, **encoded}[p] for p in prompts]
         longest = max(states.shape[1] for states, _, _ in outs)
         pad = lambda a: mx.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
@@ -2998,10 +3041,11 @@ class HunyuanVideoPipeline:
         None, interleave)], each on its own, the LLM (LLaVA with its vision tower for the I2V checkpoints) loaded
         once and gone before CLIP loads."""
         tokenizer = load_tokenizer(self.folder / "tokenizer")
-        crop_start = len(tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids)  # 95 with Llama-3's vocabulary
         llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
                                 self._report("loading the LLM"))
         llava = isinstance(llm, LlavaTextEncoder)
+        # the template's tokens before the prompt: 95 (T2V) or 103 (I2V, <image> once) with Llama-3's vocabulary
+        crop_start = len(tokenizer((I2V_TEMPLATE if llava else PROMPT_TEMPLATE).split("{}")[0]).input_ids)
         if llava and any(image is None for _, image, _ in items):
             raise HunyuanVideoError(f"{self.folder / 'text_encoder'} is LLaVA, which reads the prompt with an image: "
                                     f"pass the image with the prompt.")
@@ -3013,7 +3057,7 @@ class HunyuanVideoPipeline:
             report = self._report("encoding the prompt")
             if llava:
                 pixels = clip_pixels(image, self._image_processor())
-                out.append(encode_llava(p, pixels, tokenizer, llm, interleave, progress=report))
+                out.append(encode_llava(p, pixels, tokenizer, llm, interleave, crop_start=crop_start, progress=report))
             else:
                 out.append(encode_llama(p, tokenizer, llm, crop_start=crop_start, progress=report))
             mx.eval(out[-1])
@@ -3163,6 +3207,10 @@ class HunyuanVideoPipeline:
                 else:
                     x = euler_step(x, v, sigmas[i], sigmas[i + 1])
                 mx.eval(x)
+                if not mx.isfinite(x).all().item():  # black frames later: stop now, naming the phase
+                    raise HunyuanVideoError(f"denoising gave NaN or infinite latents at step {i + 1}: the DiT's "
+                                            f"weights, a LoRA or the settings are broken; check them (nothing was "
+                                            f"written).")
                 if preview is not None:
                     preview(i + 1, num_inference_steps, x0)
                 if checkpoint is not None:
@@ -3181,6 +3229,9 @@ class HunyuanVideoPipeline:
             video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride, self._report("decoding"))
             if self.image_condition() == "latent_concat":
                 video = video[:, 4:]
+            if not mx.isfinite(video).all().item():
+                raise HunyuanVideoError("decoding gave NaN or infinite frames: the VAE's weights (or the latents) are "
+                                        "broken; check them.")
             return np.array((mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8))
         frames = self._phase("decode", work)
         return frames[0] if frames.shape[0] == 1 else frames
@@ -3197,7 +3248,8 @@ class HunyuanVideoPipeline:
         strength: video to video (see encode_video and denoise). image (a file, a PIL image or a uint8 array):
         image to video, for the checkpoints that take one (image_condition); a latent-concat checkpoint's video
         is num_frames - 4 frames long, as the reference's (decode drops them; "latent" gives all)."""
-        problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale) or \
+        problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale,
+                                flow_shift) or \
             check_guidance(negative_prompt, true_cfg_scale, prompt) or \
             (check_strength(strength) if video is not None else None)
         if problem:
@@ -3289,26 +3341,49 @@ def cache_dir():
     return Path(os.environ.get("HUNYUAN_APPLE_CACHE") or Path.home() / ".cache" / "hunyuan_apple").expanduser()
 
 
-def tiny_checkpoint():
-    """The tiny demo checkpoint of this version, built in cache_dir() on first use (a few MB, seconds)."""
-    folder = cache_dir() / f"tiny-{__version__}"
+TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace"}  # the offline demos: text to video, image to video
+
+
+def tiny_checkpoint(name="tiny"):
+    """The tiny demo checkpoint of this version ("tiny", or "tiny-i2v": image to video by token replace), built in
+    cache_dir() on first use (a few MB, seconds)."""
+    folder = cache_dir() / f"{name}-{__version__}"
     if not (folder / "model_index.json").exists():
         print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
-        build_tiny_checkpoint(folder)
+        try:
+            build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
+        except OSError as e:
+            raise HunyuanVideoError(f"cannot build the tiny demo checkpoint in {folder} ({e.strerror or e}): set "
+                                    f"HUNYUAN_APPLE_CACHE to a writable folder.") from None
     return folder
 
 
-def build_tiny_checkpoint(folder, seed=0):
+def is_tiny(model):
+    """Whether a model (a name or folder) is a tiny demo: "tiny", "tiny-i2v", or a folder built (or converted) from
+    one."""
+    if str(model) in TINY_MODELS:
+        return True
+    try:
+        return json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("tiny_demo") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def build_tiny_checkpoint(folder, seed=0, image_condition=None):
     """A tiny random-weight HunyuanVideo in the diffusers layout, tokenizers included, built without torch or
     network: every file the real checkpoint has, in the same format, so the whole path runs in seconds. Its
-    videos are noise. Built in a temporary folder, then renamed."""
+    videos are noise. image_condition "token_replace": HunyuanVideo-I2V's kind instead, its text encoder a tiny
+    LLaVA (Llama and a CLIP vision tower at 336 x 336) with an image processor. Built in a temporary folder, then
+    renamed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     mx.random.seed(seed)
-    words = re.findall(r"\w+|[^\w\s]", re.sub(r"<\|\w+\|>", " ", PROMPT_TEMPLATE)) + _TINY_WORDS.split()
-    llama_specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"]
+    template = I2V_TEMPLATE if image_condition else PROMPT_TEMPLATE
+    words = re.findall(r"\w+|[^\w\s]", re.sub(r"<\|?\w+\|?>", " ", template)) + _TINY_WORDS.split()
+    llama_specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                      *(["<image>"] if image_condition else []), "<|begin_of_text|>", "<|end_of_text|>"]
     n_llama = _word_tokenizer(words, llama_specials, "<|begin_of_text|> $A", False, 1024, tmp / "tokenizer")
     n_clip = _word_tokenizer(words, ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", True,
                              CLIP_LENGTH, tmp / "tokenizer_2")
@@ -3316,9 +3391,24 @@ def build_tiny_checkpoint(folder, seed=0):
     # widths are multiples of 64, so that --quantization has layers to quantize here too
     llama_cfg = dict(vocab_size=n_llama, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0)
-    llama = LlamaTextEncoder(**llama_cfg, skip_layers=0)  # all layers, as the real file has them
-    _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((64,))},
-                     {"model_type": "llama", "architectures": ["LlamaModel"], **llama_cfg})
+    if image_condition:  # LLaVA: <image> and the end token (its padding) are the last two of the vocabulary
+        vision_cfg = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, image_size=336, patch_size=14, hidden_act="quick_gelu")
+        llava_cfg = dict(model_type="llava", text_config=dict(model_type="llama", **llama_cfg),
+                         vision_config=vision_cfg, image_token_index=n_llama - 3, pad_token_id=n_llama - 1,
+                         projector_hidden_act="gelu", vision_feature_layer=-2)
+        llava = LlavaTextEncoder(llava_cfg["text_config"], vision_cfg, n_llama - 3, n_llama - 1)
+        _save_component(tmp / "text_encoder", dict(tree_flatten(llava.parameters())), llava_cfg)
+        (tmp / "image_processor").mkdir()
+        (tmp / "image_processor" / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
+             "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}))
+    else:
+        llama = LlamaTextEncoder(**llama_cfg, skip_layers=0)  # all layers, as the real file has them
+        _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((64,))},
+                        {"model_type": "llama", "architectures": ["LlamaModel"], **llama_cfg})
     clip_cfg = dict(vocab_size=n_clip, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                     max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu", eos_token_id=2)
     clip = CLIPTextEncoder(**clip_cfg)
@@ -3326,7 +3416,8 @@ def build_tiny_checkpoint(folder, seed=0):
                     {"model_type": "clip_text_model", "architectures": ["CLIPTextModel"], **clip_cfg})
 
     dit_cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
-                   num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12])
+                   num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12],
+                   **({"image_condition_type": image_condition} if image_condition else {}))
     dit = HunyuanVideoTransformer(**dit_cfg)
     _save_component(tmp / "transformer", _to_diffusers(_checkpoint_weights(dit)),
                     {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg}, "diffusion_pytorch_model.safetensors")
@@ -3340,7 +3431,8 @@ def build_tiny_checkpoint(folder, seed=0):
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0}))
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline", "tiny_demo": True,
+    kind = "HunyuanVideoImageToVideoPipeline" if image_condition else "HunyuanVideoPipeline"
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": kind, "tiny_demo": True,
                                                       "hunyuan_apple_version": __version__}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
@@ -3681,8 +3773,12 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
                 flags, change = [flag for flag, _ in combo], {k: v for _, c in combo for k, v in c.items()}
                 if not shorter and n and fits(change):
                     options.append(" ".join(flags))
-                elif shorter:
-                    frames = next((f for f in range(num_frames - 4, 0, -4) if fits({**change, "num_frames": f})), None)
+                elif shorter:  # the longest 4n+1 clip that fits: the estimate grows with the frames
+                    lo, hi = 0, (num_frames - 1) // 4  # clips of 4 lo + 1 frames fit (lo = 0: maybe), of 4 hi + 1 not
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        lo, hi = (mid, hi) if fits({**change, "num_frames": 4 * mid + 1}) else (lo, mid)
+                    frames = 4 * lo + 1 if hi and (lo or fits({**change, "num_frames": 1})) else None
                     if frames:
                         options.append(" ".join(flags + [f"--frames {frames}"]))
             if options:

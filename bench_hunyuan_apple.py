@@ -21,6 +21,7 @@ import argparse
 import gc
 import importlib
 import json
+import os
 import struct
 import sys
 import tempfile
@@ -371,6 +372,9 @@ def main(argv=None):
     except H.HunyuanVideoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output piped into a reader that stopped early (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def run(ap, args):
@@ -379,6 +383,8 @@ def run(ap, args):
                  "benchmarks use random weights)")
     args.quantizations = args.quantizations or ["bf16", "fp8", "int8", "int4"]
     args.steps = 2 if args.steps is None else args.steps
+    if args.repeat < 1 or args.steps < 1:
+        ap.error(f"--repeat {args.repeat} --steps {args.steps}: each is a count of 1 or more")
     needs = [f for f in ("reference", "parity", "vae") if getattr(args, f)]
     if needs:
         try:
@@ -389,10 +395,14 @@ def run(ap, args):
                   f"requirements-dev.txt (it names the versions the tests use).", file=sys.stderr)
             return 2
     cfg = TINY if args.tiny else {}
-    sizes = args.sizes or (TINY_SIZES if args.tiny else (["544x960x13"] if args.phases else FULL_SIZES))
-    for s in sizes:
-        h, w, f = parse_size(s)
-        if h % 16 or w % 16 or (f - 1) % 4:
+    small = args.tiny or args.model and H.is_tiny(args.model)  # the tiny demo's own model runs at tiny sizes too
+    sizes = args.sizes or (TINY_SIZES if small else (["544x960x13"] if args.phases else FULL_SIZES))
+    for s in args.sizes or []:
+        try:
+            h, w, f = parse_size(s)
+        except ValueError:
+            ap.error(f"size {s!r}: write HEIGHTxWIDTHxFRAMES, such as 544x960x25")
+        if min(h, w, f) < 1 or h % 16 or w % 16 or (f - 1) % 4:
             ap.error(f"size {s}: height and width must be multiples of 16 and frames 4n+1")
     print(f"MLX {mx.__version__} on {mx.default_device()}")
     if args.work:

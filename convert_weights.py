@@ -51,11 +51,12 @@ def convert(args, out):
                                                             and any(src.glob("*.pt"))):
         return convert_transformer(src, out, args)  # a transformer alone
     folder = H.HunyuanVideoPipeline.from_pretrained(args.model).folder  # checks, or downloads, the whole
-    print(f"transformer ({args.quantization or args.dtype or 'bf16'})", file=sys.stderr)
+    rest = f", the rest {args.dtype or '{}'}" if args.quantization else ""
+    print(f"transformer ({args.quantization or args.dtype or 'bf16'}{rest.format('bf16')})", file=sys.stderr)
     config = json.loads((folder / "transformer" / "config.json").read_text())  # an I2V one says how it takes images
     convert_transformer(Path(args.transformer).expanduser() if args.transformer else folder / "transformer",
                         out / "transformer", args, config.get("image_condition_type"))
-    print(f"text_encoder ({args.quantization or args.dtype or 'fp16'})", file=sys.stderr)
+    print(f"text_encoder ({args.quantization or args.dtype or 'fp16'}{rest.format('fp16')})", file=sys.stderr)
     llm = H.load_text_encoder(folder / "text_encoder", DTYPES.get(args.dtype, H.DEFAULT_DTYPES["text_encoders"]),
                               args.quantization)
     config = json.loads((folder / "text_encoder" / "config.json").read_text())
@@ -84,15 +85,25 @@ def main(argv=None):
     ap.add_argument("--lora-ignore-unmatched", action="store_true", help="bake a LoRA even if some of its keys "
                     "match no layer (listed in a warning)")
     args = ap.parse_args(argv)
-    out = Path(args.output).expanduser()
+    out = Path(args.output).expanduser().absolute()
     tmp = out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
     try:
+        if not args.output.strip():
+            raise H.HunyuanVideoError("--output is empty: name the folder to create.")
         if out.exists():
             raise H.HunyuanVideoError(f"{out} already exists: choose a new --output folder.")
         shutil.rmtree(tmp, ignore_errors=True)
-        convert(args, tmp)
-        tmp.replace(out)
+        try:
+            tmp.mkdir(parents=True)
+            convert(args, tmp)
+            tmp.replace(out)
+        except (OSError, RuntimeError) as e:  # MLX: RuntimeError "[write] Unable to write ..." on a full disk
+            if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+                raise
+            why = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0][:120]
+            raise H.HunyuanVideoError(f"cannot write {out} ({why}): choose a writable --output folder with room for "
+                                      f"the model.") from None
     except H.HunyuanVideoError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)

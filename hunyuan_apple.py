@@ -1,7 +1,8 @@
-"""HunyuanVideo text-to-video on MLX: the command line.
+"""HunyuanVideo on MLX (text, image or video to video): the command line.
 
     python hunyuan_apple.py --prompt "a cat walks on the grass" --quality 540p --aspect-ratio 16:9 --frames 13
     python hunyuan_apple.py --model tiny --prompt "a cat"          # offline demo: tiny random weights, noise video
+    python hunyuan_apple.py --model tiny-i2v --image cat.png --prompt "a cat"    # the image-to-video demo
     python hunyuan_apple.py --prompt "..." --lora style.safetensors:0.8 --negative-prompt "blurry" --cfg-scale 6
     python hunyuan_apple.py --prompt "..." --video input.mp4 --strength 0.7     # video to video
     python hunyuan_apple.py --model hunyuanvideo-community/HunyuanVideo-I2V --image cat.png --prompt "..."
@@ -61,11 +62,13 @@ def parse_args(argv):
     """The flags, with the defaults filled in and args.given: the flags the user typed (even if equal to a
     default, a typed flag is honoured)."""
     ap = argparse.ArgumentParser(
-        prog="hunyuan-apple", description="HunyuanVideo text-to-video on MLX.", argument_default=argparse.SUPPRESS,
+        prog="hunyuan-apple", description="HunyuanVideo on MLX: text to video, and image or video to video.",
+        argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"sizes (height x width) that --quality and --aspect-ratio choose (aspect ratios are width:height):\n"
-               f"{sizes_table()}\n--resolution overrides them. With --model tiny the demo renders 96x160, 9 frames, "
-               f"8 steps\nunless --resolution, --quality, --aspect-ratio, --frames or --steps say otherwise.")
+               f"{sizes_table()}\n--resolution overrides them. With --model tiny (or tiny-i2v) the demo renders "
+               f"96x160, 9 frames, 8 steps\nunless --resolution, --quality, --aspect-ratio, --frames or --steps say "
+               f"otherwise.")
     ap.add_argument("--version", action="version", version=f"hunyuan-apple {H.__version__} (MLX {mx.__version__})")
     ap.add_argument("--prompt", help="what the video shows")
     ap.add_argument("--resolution", type=int, nargs="+", metavar="N",
@@ -84,7 +87,7 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, help="0 to 2**64 - 1; random if left out (it is printed and saved with the "
                                               "video)")
     ap.add_argument("--model", help=f"a local folder in the diffusers layout, a hub id (default {H.DEFAULT_MODEL}), "
-                                    f"or 'tiny' for the offline demo")
+                                    f"or 'tiny' / 'tiny-i2v' for the offline demos (text / image to video)")
     ap.add_argument("--transformer", help="the DiT from another checkpoint (a fine-tune): its diffusers folder, a "
                     "single .safetensors or .pt file, or a hub id; the rest comes from --model")
     ap.add_argument("--preset", choices=list(H.PRESETS), help="a checkpoint of the family with its own settings: "
@@ -230,21 +233,29 @@ def resolve(args):
         if key not in s or key in given or (key == "quantization" and "quantize" in given):
             s[key] = value
     if args.video and "frames" not in given:  # the video's length, up to 129 frames
-        s["frames"] = min((len(video_frames(args.video)) - 1) // 4 * 4 + 1, H.MAX_FRAMES)
+        n = len(video_frames(args.video))
+        if n < 5:
+            raise H.HunyuanVideoError(f"the video {args.video} has {n} frame{'s' * (n != 1)}: video to video starts "
+                                      f"from a video of 5 frames or more (for an image, use --image with an "
+                                      f"image-to-video checkpoint), or say --frames 1.")
+        s["frames"] = min((n - 1) // 4 * 4 + 1, H.MAX_FRAMES)
     if "strength" in given and not s["video"]:
         raise H.HunyuanVideoError("--strength applies to video to video: give --video too.")
     if not s["video"]:
         s["strength"] = None
+    if s.get("preset") == "skyreels-i2v" and not s["image"]:
+        raise H.HunyuanVideoError("--preset skyreels-i2v makes video from an image: give --image FILE.")
     if s["image"] and s["video"]:
         raise H.HunyuanVideoError("--image and --video: give one of them (an image to start from, or a video).")
     if s["negative_prompt"] is not None and "cfg_scale" not in given and s["cfg_scale"] <= 1:
         s["cfg_scale"] = 6.0  # a negative prompt given alone: true CFG at SkyReels-V1's scale
     elif s["cfg_scale"] > 1 and s["negative_prompt"] is None:
         s["negative_prompt"] = ""  # --cfg-scale alone: the plain unconditional branch
-    if s["model"] == "tiny" and not args.from_metadata:
+    if H.is_tiny(s["model"]) and not args.from_metadata:
         if not ({"resolution", "quality", "aspect_ratio", "video"} & given):
             s.update(height=TINY_DEMO["height"], width=TINY_DEMO["width"])
-        chosen = given | H.PRESETS.get(args.preset, {}).keys() | ({"frames"} if args.video else set())
+        # a preset's steps apply, not its long clip: the demo's frames unless typed (or the video's)
+        chosen = given | (H.PRESETS.get(args.preset, {}).keys() - {"frames"}) | ({"frames"} if args.video else set())
         s.update({k: TINY_DEMO[k] for k in ("frames", "steps") if k not in chosen})
         if "transformer" not in given:
             s["transformer"] = None  # the demo's own DiT, with a preset's settings
@@ -258,7 +269,8 @@ def resolve(args):
     for key, choices in (("quantization", H.QUANTIZATIONS), *((k, H.DTYPES) for k in DEFAULT_DTYPES)):
         if s[key] is not None and s[key] not in choices:
             raise H.HunyuanVideoError(f"{key} {s[key]!r}: use one of {', '.join(choices)}.")
-    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"], s["seed"], s["guidance"]) \
+    problem = H.check_request(s["height"], s["width"], s["frames"], s["steps"], s["prompt"], s["seed"], s["guidance"],
+                              s["shift"]) \
         or H.check_guidance(s["negative_prompt"], s["cfg_scale"]) or (
             H.check_strength(s["strength"]) or H.check_video(video_frames(s["video"]), s["frames"]) if s["video"]
             else None)
@@ -266,6 +278,12 @@ def resolve(args):
         raise H.HunyuanVideoError(problem)
     if s["image"]:
         H.check_image(H.read_image(s["image"]), s["height"], s["width"])  # readable, and not far too small
+    # input files by their absolute paths, so that --from-metadata repeats the run from any folder
+    for key in ("image", "video", "transformer", "model"):
+        if s[key] and Path(s[key]).expanduser().exists() and not (key == "model" and s[key] in H.TINY_MODELS):
+            s[key] = str(Path(s[key]).expanduser().resolve())
+    s["loras"] = [[str(Path(f).expanduser().resolve()) if Path(f).expanduser().exists() else f, scale]
+                  for f, scale in s["loras"]]
     H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]))  # checks name and threshold
     if not 1 <= s["fps"] <= MAX_FPS:
         raise H.HunyuanVideoError(f"--fps {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
@@ -316,11 +334,19 @@ def check_outputs(out, args, latents=True):
         folder = Path(args.frames_dir)
         if folder.exists() and not folder.is_dir():
             raise H.HunyuanVideoError(f"--frames-dir {folder} is a file: choose a folder.")
-        if any(folder.glob("frame_*.png")) and not args.overwrite:
+        if written_frames(folder) and not args.overwrite:
             raise H.HunyuanVideoError(f"{folder} already holds frames of an earlier run: pass --overwrite to replace "
                                       f"them, or choose another --frames-dir.")
         check_writable(folder / "frame_0000.png", True)
     return latents_file
+
+
+FRAME_NAME = re.compile(r"frame_\d{4,}\.png")  # what --frames-dir writes: frame_0000.png, ...
+
+
+def written_frames(folder):
+    """The PNG frames an earlier run wrote in folder (and nothing else of the user's there)."""
+    return {p.name for p in folder.glob("frame_*.png") if FRAME_NAME.fullmatch(p.name)}
 
 
 def preview_file(out):
@@ -336,9 +362,7 @@ def write_preview(out):
         frames = H.latent_preview(x0)
         strip = np.concatenate(list(frames[np.linspace(0, len(frames) - 1, min(len(frames), 8)).round().astype(int)]),
                                axis=1)  # (h, k w, 3)
-        tmp = out.with_name(f".{out.stem}.preview.partial.png")
-        Image.fromarray(strip).save(tmp)
-        tmp.replace(preview_file(out))
+        H.write_atomic(preview_file(out), lambda tmp: save_png(Image.fromarray(strip), tmp))
     return write
 
 
@@ -352,9 +376,10 @@ class Checkpoint:
     interrupted: the latents after the last step done, the step, the step cache's state, the work so far, the
     text encoders' outputs and the settings (a few MB, milliseconds next to a step)."""
 
-    def __init__(self, out, settings, text, every):
+    def __init__(self, out, settings, text, every, pipe):
         self.out, self.path, self.settings, self.text, self.every = out, partial_file(out), settings, text, every
         self.state, self.saved, self.last = None, 0, time.monotonic()
+        self.pipe, self.dit = pipe, None
 
     def __call__(self, state):
         self.state = state
@@ -367,13 +392,23 @@ class Checkpoint:
         arrays, numbers = self.state["cache"]
         tensors = {"latents": self.state["latents"], **dict(zip(("text_states", "text_mask", "pooled"), self.text)),
                    **{f"cache.{k}": v for k, v in arrays.items()}}
-        metadata = {"output": str(self.out.resolve()), "step": str(self.state["step"]),
+        self.dit = self.dit or dit_fingerprint(self.pipe.transformer_path)  # the DiT is on disk by now
+        metadata = {"output": str(self.out.resolve()), "step": str(self.state["step"]), "dit": self.dit,
                     "settings": json.dumps(self.settings), "cache": json.dumps(numbers),
                     "work": json.dumps(self.state["work"])}
-        tmp = self.path.with_name(f".{self.path.stem}.tmp.safetensors")
-        mx.save_safetensors(str(tmp), tensors, metadata=metadata)
-        tmp.replace(self.path)
+        H.write_atomic(self.path, lambda tmp: mx.save_safetensors(str(tmp), tensors, metadata=metadata))
         self.saved, self.last = self.state["step"], time.monotonic()
+
+
+def dit_fingerprint(path):
+    """What tells one DiT from another, read quickly: its weight files' names and sizes and their first MiB."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in H._component_files(path, "pass the DiT's files")[0]:
+        with open(f, "rb") as opened:
+            h.update(f"{f.name} {f.stat().st_size}".encode() + opened.read(2 ** 20))
+    return h.hexdigest()
 
 
 def read_checkpoint(args):
@@ -383,7 +418,7 @@ def read_checkpoint(args):
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
         settings, step = json.loads(meta["settings"]), int(meta["step"])
-        resume = dict(step=step, work=json.loads(meta["work"]), cache=(
+        resume = dict(step=step, work=json.loads(meta["work"]), dit=meta.get("dit"), cache=(
             {k[6:]: v for k, v in tensors.items() if k.startswith("cache.")}, json.loads(meta["cache"])))
         text = tensors["text_states"], tensors["text_mask"], tensors["pooled"]
         latents = tensors["latents"]
@@ -402,8 +437,8 @@ def read_checkpoint(args):
                                   f"start afresh.")
     refuse(args, RESUME_FLAGS | SETTINGS.keys() | flags.keys(),
            "--resume continues the run as it was; leave these out.")
-    if "model" in args.given:
-        settings["model"] = args.model  # a moved copy of the checkpoint
+    if "model" in args.given and args.model != settings["model"]:  # a moved copy of the checkpoint (main checks it)
+        settings["model"], resume["moved_from"] = args.model, settings["model"]
     return Path(meta["output"]), settings, text, resume, latents
 
 
@@ -411,13 +446,22 @@ def write_video(frames, path, settings, fps):
     """H.264 mp4 (yuv420p) with the settings in its metadata, written to a temporary name and renamed."""
     import imageio.v2 as iio
 
-    tmp = path.with_name(f".{path.stem}.partial.mp4")
-    writer = iio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
-                            macro_block_size=16, output_params=["-metadata", "comment=" + json.dumps(settings)])
-    for frame in frames:
-        writer.append_data(frame)
-    writer.close()
-    tmp.replace(path)
+    def write(tmp):
+        writer = iio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
+                                macro_block_size=16, output_params=["-metadata", "comment=" + json.dumps(settings)])
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+    H.write_atomic(path, write)
+
+
+def save_png(image, path):
+    """A PIL image as PNG, through a file we close ourselves (a failed write is raised here, not printed by PIL
+    as an ignored exception)."""
+    with open(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def write_extras(frames, path, args, settings):
@@ -427,25 +471,22 @@ def write_extras(frames, path, args, settings):
 
     written = []
     sidecar = path.with_suffix(".json")
-    sidecar.with_suffix(".json.partial").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
-    sidecar.with_suffix(".json.partial").replace(sidecar)
+    text = json.dumps(settings, indent=2, ensure_ascii=False, allow_nan=False)  # JSON has no NaN
+    H.write_atomic(sidecar, lambda tmp: tmp.write_text(text))
     written.append(sidecar)
     if args.frames_dir:
         folder = Path(args.frames_dir)
         folder.mkdir(parents=True, exist_ok=True)
         names = [f"frame_{i:04d}.png" for i in range(len(frames))]
         for name, frame in zip(names, frames):
-            tmp = folder / f".{Path(name).stem}.partial.png"
-            Image.fromarray(frame).save(tmp)
-            tmp.replace(folder / name)
-        for old in set(p.name for p in folder.glob("frame_*.png")) - set(names):  # an earlier, longer run's
+            H.write_atomic(folder / name, lambda tmp, frame=frame: save_png(Image.fromarray(frame), tmp))
+        for old in written_frames(folder) - set(names):  # an earlier, longer run's
             (folder / old).unlink()
         written.append(folder)
     if args.gif:
         gif = path.with_suffix(".gif")
-        tmp = gif.with_name(f".{gif.stem}.partial.gif")
-        iio.mimsave(tmp, list(frames), format="GIF", duration=1000 / settings["fps"], loop=0)
-        tmp.replace(gif)
+        H.write_atomic(gif, lambda tmp: iio.mimsave(tmp, list(frames), format="GIF", duration=1000 / settings["fps"],
+                                                    loop=0))
         written.append(gif)
     return written
 
@@ -467,7 +508,8 @@ class Progress:
             return
         self.shown = now
         per = (now - self.start) / done if done else 0.0
-        bar = "#" * (24 * done // total) + "-" * (24 - 24 * done // total)
+        filled = 24 * done // total if total else 24  # nothing to do (video to video at strength 0) is done
+        bar = "#" * filled + "-" * (24 - filled)
         unit = self.UNITS.get(what)
         rate = f"  {per:.2f} s/{unit}" if unit and done else ""
         print(f"\r  {what} [{bar}] {done}/{total}{rate}  ETA {per * (total - done):.0f} s", end="", file=sys.stderr,
@@ -531,7 +573,7 @@ def main(argv=None):
     warnings.showwarning = lambda message, *_, **__: bar.close() or print(f"warning: {message}", file=sys.stderr)
     args = parse_args(argv)
     t0 = time.perf_counter()
-    latents_file, phase, checkpoint = None, "loading", None
+    latents_file, phase, checkpoint, settings = None, "loading", None, {}
     try:
         if args.checkpoint_every < 0:
             raise H.HunyuanVideoError(f"--checkpoint-every {args.checkpoint_every}: use 0 or more seconds.")
@@ -549,6 +591,11 @@ def main(argv=None):
         new_latents = check_outputs(out, args, latents=not args.decode_latents)
         pipe = load_pipeline(settings, args)
         pipe.progress = bar
+        if args.resume and resume.get("moved_from") and (pipe.hub or pipe.transformer_hub or not resume["dit"] or
+                                                         dit_fingerprint(pipe.transformer_path) != resume["dit"]):
+            raise H.HunyuanVideoError(f"--model {args.model} is not the model this run started with "
+                                      f"({resume['moved_from']}): its DiT differs; leave --model out, or give the "
+                                      f"folder where that checkpoint now is.")
         if not args.decode_latents:
             settings["version"] = H.__version__
             condition = pipe.image_condition()
@@ -603,7 +650,7 @@ def main(argv=None):
                 phase = "encoding the image"
                 image = pipe.encode_image(image, settings["height"], settings["width"])
             phase = "denoising"
-            checkpoint = Checkpoint(out, settings, text, args.checkpoint_every)
+            checkpoint = Checkpoint(out, settings, text, args.checkpoint_every, pipe)
             latents = pipe.denoise(*(t[:1] for t in text), settings["height"], settings["width"], settings["frames"],
                                    settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
                                    latents=start, cache=settings["cache"], cache_threshold=settings["cache_threshold"],
@@ -616,9 +663,8 @@ def main(argv=None):
             settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents
-            tmp = out.with_name(f".{out.stem}.latents.partial.safetensors")
-            mx.save_safetensors(str(tmp), {"latents": latents}, metadata={"settings": json.dumps(settings)})
-            tmp.replace(latents_file)
+            H.write_atomic(latents_file, lambda tmp: mx.save_safetensors(
+                str(tmp), {"latents": latents}, metadata={"settings": json.dumps(settings)}))
             checkpoint.path.unlink(missing_ok=True)  # the latents file now holds all of it
         phase = "decoding"
         frames = pipe.decode(latents)
@@ -627,7 +673,11 @@ def main(argv=None):
         if latents_file is not None:
             latents_file.unlink()
     except H.HunyuanVideoError as e:
-        return fail(bar, f"error: {e}", latents_file)
+        message = str(e)
+        if H.is_tiny(settings.get("model", "")):  # built here, not downloaded
+            message = re.sub(r"(the download is incomplete; )?download (it|the checkpoint) again",
+                             "the tiny demo is built on this machine: delete its folder and it is built anew", message)
+        return fail(bar, f"error: {message}", latents_file, checkpoint=checkpoint)
     except KeyboardInterrupt:
         if checkpoint is not None and checkpoint.state is not None and latents_file is None:
             checkpoint.save()
@@ -653,13 +703,16 @@ def main(argv=None):
 
 
 def command():
-    """How the user ran this: the installed command, or the script."""
-    return f"python {sys.argv[0]}" if sys.argv[0].endswith("hunyuan_apple.py") else "hunyuan-apple"
+    """How the user ran this: the installed command, or the script with the interpreter running it."""
+    return f"{sys.executable} {sys.argv[0]}" if sys.argv[0].endswith("hunyuan_apple.py") else "hunyuan-apple"
 
 
-def fail(bar, message, latents_file, code=2):
+def fail(bar, message, latents_file, code=2, checkpoint=None):
     bar.close()
     print(message, file=sys.stderr)
+    if latents_file is None and checkpoint is not None and checkpoint.saved and checkpoint.path.exists():
+        print(f"the run can go on from step {checkpoint.saved}: {command()} --resume {checkpoint.path}",
+              file=sys.stderr)
     if latents_file is not None and latents_file.exists():
         print(f"the denoised latents are saved in {latents_file}: decode them with\n"
               f"  {command()} --decode-latents {latents_file}", file=sys.stderr)

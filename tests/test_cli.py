@@ -3,6 +3,7 @@ back; the settings round trip; recovery from a failed decode; and one clear sent
 
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -85,10 +86,12 @@ def test_generate_writes_what_it_says(env, tmp_path):
     r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "short.mp4", "--frames", "5", "--frames-dir",
             "frames")
     assert r.returncode == 2 and "frames already holds frames of an earlier run" in r.stderr, r.stderr
+    (tmp_path / "frames" / "frame_notes.png").write_bytes(b"the user's own file")  # not a name this tool writes
     r = run(env, tmp_path, "--from-metadata", "v/cat.json", "--output", "short.mp4", "--frames", "5", "--frames-dir",
             "frames", "--overwrite", "--no-prompt-cache")
     assert r.returncode == 0 and "loading the LLM" in r.stderr, r.stderr
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_{i:04d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame_{i:04d}.png" for i in range(5)] + \
+        ["frame_notes.png"]
 
 
 def test_failed_decode_keeps_the_latents(env, tmp_path, monkeypatch, capsys):
@@ -139,7 +142,7 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--resolution", "540", "960"], "multiples of 16"),
     (["--aspect-ratio", "5:4"], "invalid choice: '5:4'"),
     (["--quantization", "fp16"], "invalid choice: 'fp16'"),
-    (["--steps", "0"], "at least 1"),
+    (["--steps", "0"], "use 1 to 1000"),
     (["--prompt", "  "], "prompt is empty"),
     (["--frobnicate"], "unrecognized arguments"),
     (["--model", "missing/model/folder"], "does not exist"),
@@ -150,7 +153,14 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--seed", "99999999999999999999"], "seed 99999999999999999999: use a whole number from 0 to 2**64 - 1"),
     (["--frames", "200"], "4n+1 (1, 5, 9, ... 129); try 129"),
     (["--quantize", "8", "--quantization", "int4"], "--quantize 8 and --quantization int4 disagree"),
-    (["--guidance", "-5"], "guidance -5.0: the embedded guidance scale cannot be negative"),
+    (["--guidance", "-5"], "guidance -5.0: the embedded guidance scale is a number of 0 or more"),
+    (["--guidance", "nan"], "guidance nan: the embedded guidance scale is a number of 0 or more"),
+    (["--guidance", "inf"], "guidance inf: the embedded guidance scale is a number of 0 or more"),
+    (["--shift", "0"], "flow shift 0.0: use a number above 0"),
+    (["--shift", "-1"], "flow shift -1.0: use a number above 0"),
+    (["--shift", "nan"], "flow shift nan: use a number above 0"),
+    (["--steps", "100000000", "--force"], "100000000 steps: use 1 to 1000"),
+    (["--preset", "skyreels-i2v"], "--preset skyreels-i2v makes video from an image: give --image FILE"),
     (["--fps", "1000"], "--fps 1000: use a frame rate from 1 to 120"),
     (["--fps", "0"], "--fps 0: use a frame rate from 1 to 120"),
     (["--output", "mine.mp4"], "mine.json already exists"),  # the sidecar is not overwritten either
@@ -209,6 +219,7 @@ def test_truncated_weights_are_named_by_the_plan(env, tmp_path):
         r = run(env, tmp_path, "--model", tiny, "--prompt", "a cat", "--resolution", "48", "64", "--frames", "5")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert f"{f} could not be read as safetensors" in r.stderr and "probably truncated" in r.stderr, r.stderr
+        assert "the tiny demo is built on this machine: delete its folder" in r.stderr, r.stderr  # not downloaded
         f.write_bytes(data)
 
 
@@ -224,7 +235,17 @@ def test_warnings_and_help(env, tmp_path):
     r = run(env, tmp_path, "--help")
     assert r.returncode == 0 and "16:9 544x960" in r.stdout and "4:3 832x1104" in r.stdout
     assert "denoising steps (default 50)" in r.stdout and "(default 24)" in r.stdout
+    assert "text to video, and image or video to video" in r.stdout
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--cfg-scale", "0.5", "--output", "half.mp4")
+    assert r.returncode == 0 and "warning: a true CFG scale of 0.5 has no effect" in r.stderr, r.stderr
 
+
+def test_frames_far_too_many_are_refused_at_once(env, tmp_path):
+    """The plan finds the longest clip that fits by bisection: 100001 frames are answered in seconds."""
+    start = time.monotonic()
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--frames", "100001")
+    assert r.returncode == 2 and re.search(r"try --frames \d+", r.stderr), r.stderr
+    assert time.monotonic() - start < 60 and "Traceback" not in r.stderr
 
 @pytest.mark.parametrize("args, size", [
     ([], (544, 960)), (["--aspect-ratio", "9:16"], (960, 544)), (["--quality", "720p"], (720, 1280)),
@@ -245,6 +266,11 @@ def test_tiny_demo_is_small_unless_told(env, tmp_path):
     assert (s["height"], s["width"], s["frames"], s["steps"]) == (96, 160, 9, 8)
     s = cli.resolve(cli.parse_args(["--prompt", "x", "--model", "tiny", "--frames", "5", "--aspect-ratio", "1:1"]))
     assert (s["height"], s["width"], s["frames"], s["steps"]) == (720, 720, 5, 8)
+    copy = H.build_tiny_checkpoint(tmp_path / "copied")  # a demo under another name: still the demo's sizes
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--model", str(copy)]))
+    assert (s["height"], s["width"], s["frames"], s["steps"]) == (96, 160, 9, 8)
+    s = cli.resolve(cli.parse_args(["--prompt", "x", "--model", "tiny", "--preset", "skyreels"]))
+    assert (s["frames"], s["steps"], s["height"]) == (9, 30, 96)  # the preset's steps, not its 97 frames
     r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": "1e-6"}, tmp_path, "--model", "tiny", "--prompt", "a cat", "--frames",
             "13", "--steps", "50", "--quality", "540p")
     assert r.returncode == 2 and "height 544, width 960, 13 frames, 50 steps" in r.stderr, r.stderr
@@ -275,11 +301,12 @@ def test_latents_and_frames_are_written_under_temporary_names(env, tmp_path, mon
 
     monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
     monkeypatch.chdir(tmp_path)
+    H.tiny_checkpoint()  # built (in its own temporary folder) before the writers are watched: alone, it is not yet
     written = []
     save_latents, save_png = mx.save_safetensors, PIL.Image.Image.save
     monkeypatch.setattr(mx, "save_safetensors", lambda f, *a, **k: written.append(Path(f)) or save_latents(f, *a, **k))
-    monkeypatch.setattr(PIL.Image.Image, "save", lambda self, f, *a, **k: written.append(Path(f)) or
-                        save_png(self, f, *a, **k))
+    monkeypatch.setattr(PIL.Image.Image, "save", lambda self, f, *a, **k: written.append(Path(getattr(f, "name", f)))
+                        or save_png(self, f, *a, **k))  # a path, or a file opened on one
     assert cli.main(["--prompt", "a fox", *SMALL, "--output", "fox.mp4", "--frames-dir", "png"]) == 0
     assert written and all(f.name.startswith(".") and ".partial" in f.name for f in written), written
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"frame_{i:04d}.png" for i in range(9)]
@@ -337,8 +364,10 @@ def test_interrupted_run_resumes_to_the_same_video(env, tmp_path):
     import signal
     args = ["--model", "tiny", "--prompt", "a cat", "--steps", "60", "--seed", "5", "--cache", "teacache"]
     assert run(env, tmp_path, *args, "--output", "full.mp4").returncode == 0
+    # a shell started as a background job ignores SIGINT, and its children inherit that: the child restores it
     p = subprocess.Popen([sys.executable, str(ROOT / "hunyuan_apple.py"), *args, "--output", "cut.mp4",
-                          "--checkpoint-every", "0"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+                          "--checkpoint-every", "0"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (tmp_path / "cut.partial.safetensors").exists() and p.poll() is None:
         time.sleep(0.002)
     p.send_signal(signal.SIGINT)
@@ -350,7 +379,12 @@ def test_interrupted_run_resumes_to_the_same_video(env, tmp_path):
 
     r = run(env, tmp_path, "--resume", "cut.partial.safetensors", "--steps", "50")
     assert r.returncode == 2 and "--steps 50 (the checkpoint: 60): a resumed run keeps" in r.stderr, r.stderr
-    r = run(env, tmp_path, "--resume", "cut.partial.safetensors")
+    other = H.build_tiny_checkpoint(tmp_path / "other", seed=1)  # the same shapes, other weights
+    r = run(env, tmp_path, "--resume", "cut.partial.safetensors", "--model", other)
+    assert r.returncode == 2 and f"--model {other} is not the model this run started with (tiny)" in r.stderr, r.stderr
+    moved = tmp_path / "moved"  # a copy of the checkpoint the run started with, elsewhere: accepted
+    shutil.copytree(Path(env["HUNYUAN_APPLE_CACHE"]) / f"tiny-{H.__version__}", moved)
+    r = run(env, tmp_path, "--resume", "cut.partial.safetensors", "--model", moved)
     assert r.returncode == 0 and f"resuming after step {step} of 60" in r.stderr, r.stderr
     assert np.array_equal(read_frames(tmp_path / "cut.mp4"), read_frames(tmp_path / "full.mp4"))
     work = [json.loads((tmp_path / f"{name}.json").read_text())["work"] for name in ("cut", "full")]
@@ -422,10 +456,11 @@ def test_lora_negative_prompt_and_video_to_video(env, tmp_path):
     assert "true CFG 6.0 (batched), LoRA style.safetensors x0.5" in r.stderr
     s = json.loads((tmp_path / "l.json").read_text())
     assert (s["loras"], s["negative_prompt"], s["cfg_scale"], s["work"]["forwards"]) == (
-        [["style.safetensors", 0.5]], "blurry", 6.0, 4)
+        [[str(tmp_path / "style.safetensors"), 0.5]], "blurry", 6.0, 4)  # inputs by absolute path
     assert not np.array_equal(read_frames(tmp_path / "l.mp4"), read_frames(tmp_path / "plain.mp4"))
-    assert run(env, tmp_path, "--from-metadata", "l.json", "--output", "again.mp4").returncode == 0
-    assert np.array_equal(read_frames(tmp_path / "again.mp4"), read_frames(tmp_path / "l.mp4"))
+    (tmp_path / "elsewhere").mkdir()  # repeated from another folder: the LoRA is still found
+    assert run(env, tmp_path / "elsewhere", "--from-metadata", "../l.json", "--output", "again.mp4").returncode == 0
+    assert np.array_equal(read_frames(tmp_path / "elsewhere" / "again.mp4"), read_frames(tmp_path / "l.mp4"))
 
     iio.mimsave(tmp_path / "in.mp4", list(np.random.default_rng(0).integers(0, 255, (10, 40, 72, 3), np.uint8)),
                 fps=8, macro_block_size=8)
@@ -435,6 +470,11 @@ def test_lora_negative_prompt_and_video_to_video(env, tmp_path):
     s = json.loads((tmp_path / "v.json").read_text())
     assert (s["frames"], s["height"], s["width"], s["strength"], s["work"]["forwards"]) == (9, 48, 80, 0.5, 2)
     assert read_frames(tmp_path / "v.mp4").shape == (9, 48, 80, 3)
+    assert s["video"] == str(tmp_path / "in.mp4")
+    r = run(env, tmp_path, "--prompt", "a cat", "--model", "tiny", "--steps", "4", "--video", "in.mp4",
+            "--strength", "0", "--output", "kept.mp4")  # nothing to denoise: the encoded video, decoded
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads((tmp_path / "kept.json").read_text())["work"]["forwards"] == 0
 
 
 @pytest.mark.parametrize("args, words", [
@@ -450,6 +490,10 @@ def test_lora_negative_prompt_and_video_to_video(env, tmp_path):
     (["--strength", "0.5"], "--strength applies to video to video: give --video too"),
     (["--cfg-scale", "-2", "--negative-prompt", "x"], "true CFG scale -2.0: use a number of 0 or more"),
     (["--video", "in.mp4", "--output", "in.mp4"], "in.mp4 is the --video input"),
+    (["--lora", "style.safetensors", "--lora", "style.safetensors:0.5"], "the LoRA style.safetensors is given twice"),
+    (["--lora", "int.safetensors"], "the LoRA int.safetensors holds integer tensors"),
+    (["--video", "still.png"], "the video still.png has 1 frame: video to video starts from a video of 5 frames"),
+    (["--video", "short.mp4"], "the video short.mp4 has 3 frames: video to video starts from a video of 5 frames"),
 ])
 def test_bad_lora_video_and_guidance_one_sentence(env, tmp_path, args, words):
     from safetensors.numpy import save_file
@@ -461,6 +505,11 @@ def test_bad_lora_video_and_guidance_one_sentence(env, tmp_path, args, words):
     save_file({"lora_unet_down_blocks_0_proj_in.lora_down.weight": np.zeros((4, 8), np.float32)},
               tmp_path / "other.safetensors")
     iio.mimsave(tmp_path / "in.mp4", [np.zeros((48, 64, 3), np.uint8)] * 5, fps=8)
+    iio.mimsave(tmp_path / "short.mp4", [np.zeros((48, 64, 3), np.uint8)] * 3, fps=8)
+    iio.imwrite(tmp_path / "still.png", np.zeros((48, 64, 3), np.uint8))
+    save_file({"diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight": np.ones((4, 64), np.int32),
+               "diffusion_model.double_blocks.0.img_attn_qkv.lora_B.weight": np.ones((192, 4), np.int32)},
+              tmp_path / "int.safetensors")
     r = run(env, tmp_path, "--prompt", "a cat", "--model", "tiny", "--steps", "1", *[a for a in args])
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "memory plan" not in r.stderr  # refused before anything loads
@@ -481,3 +530,18 @@ def test_skyreels_preset_and_guidance_settings():
         cli.resolve(cli.parse_args(["--prompt", "x", "--negative-prompt", "y", "--cfg-scale", "1"]))
     assert H.parse_lora("a:b/c.safetensors") == ["a:b/c.safetensors", 1.0]
     assert H.parse_lora("style.safetensors:0.25") == ["style.safetensors", 0.25]
+
+
+def test_a_cache_folder_that_cannot_be_made_and_weights_that_give_nan(env, tmp_path):
+    """HUNYUAN_APPLE_CACHE naming a file: one sentence on where to build the demo. A LoRA of NaNs: the run stops at
+    the first step in one sentence naming the phase, and writes no (black) video."""
+    from safetensors.numpy import save_file
+    (tmp_path / "afile").write_text("")
+    r = run({**env, "HUNYUAN_APPLE_CACHE": str(tmp_path / "afile")}, tmp_path, "--prompt", "a cat", *SMALL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot build the tiny demo checkpoint" in r.stderr and "set HUNYUAN_APPLE_CACHE" in r.stderr, r.stderr
+    lora = mx.load(str(tiny_lora(tmp_path / "x.safetensors")))
+    save_file({k: np.full(v.shape, np.nan, np.float32) for k, v in lora.items()}, tmp_path / "nan.safetensors")
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--lora", "nan.safetensors", "--output", "nan.mp4")
+    assert r.returncode == 2 and "error: denoising gave NaN or infinite latents at step 1" in r.stderr, r.stderr
+    assert not (tmp_path / "nan.mp4").exists() and "Traceback" not in r.stderr

@@ -3,9 +3,10 @@ variant) with LLaVA's vision tower, and SkyReels-V1 I2V; tiny random checkpoints
 transformers (a tiny LlavaForConditionalGeneration with a CLIP vision tower at 336 x 336, the real Llama-3
 vocabulary with <image>), saved in the diffusers layout and read by our from_pretrained.
 
-Tolerances (relative error = max |ours - ref| / max |ref|, float32): CLIP's image preprocessing 1e-6 absolute;
-the prompt+image states (valid positions), mask (equal) and pooled vector against the pipeline's encode_prompt
-1e-4; whole runs from the same initial noise: latents 1e-3, frames within 2 levels of 255.
+Tolerances (relative error = max |ours - ref| / max |ref|, float32), each about 5-10x what was measured on this
+project's Linux machine: CLIP's image preprocessing 1e-6 absolute; the prompt+image states (valid positions) 5e-6
+(measured 6.7e-7 to 8.5e-7), mask equal, pooled vector 2e-6 (1.8e-7); whole runs from the same initial noise:
+latents per case (below, with what was measured), frames within 2 levels of 255 (0.5).
 """
 
 import mlx.core as mx
@@ -22,8 +23,8 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLI
 
 import HunyuanVideo_Apple as H
 
-F32_TOL = 1e-4
-LATENT_TOL = 1e-3
+STATES_TOL = 5e-6
+POOLED_TOL = 2e-6
 FRAME_LEVELS = 2
 PROMPT = "A cat wearing sunglasses walks along the beach at sunset."
 TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=2,
@@ -110,14 +111,17 @@ def test_prompt_and_image_states_match_encode_prompt(parts, size):
         valid = mask.numpy()[0].astype(bool)
         err = rel_err(np.array(mine)[0][valid], states.numpy()[0][valid])
         print(f"{size}, interleave {interleave}: states {err:.2e}")
-        assert err <= F32_TOL, f"states: relative error {err:.2e} > {F32_TOL}"
-        assert rel_err(np.array(my_pooled), pooled.numpy()) <= F32_TOL
+        assert err <= STATES_TOL, f"states: relative error {err:.2e} > {STATES_TOL}"
+        assert rel_err(np.array(my_pooled), pooled.numpy()) <= POOLED_TOL
 
 
-@pytest.mark.parametrize("kind, size, cfg", [("token_replace", (80, 64), False), ("latent_concat", (50, 70), False),
-                                             ("skyreels", (64, 48), False), ("token_replace", (64, 64), True),
-                                             ("skyreels", (72, 40), True)])
-def test_image_to_video_matches_diffusers(parts, kind, size, cfg, monkeypatch):
+@pytest.mark.parametrize("kind, size, cfg, bound", [  # bound: about 6x the latents' measured error
+    ("token_replace", (80, 64), False, 3e-4),  # measured 4.8e-5
+    ("latent_concat", (50, 70), False, 2e-5),  # 2.3e-6
+    ("skyreels", (64, 48), False, 5e-5),  # 6.9e-6
+    ("token_replace", (64, 64), True, 2e-4),  # 2.8e-5
+    ("skyreels", (72, 40), True, 5e-5)])  # 7.7e-6
+def test_image_to_video_matches_diffusers(parts, kind, size, cfg, bound, monkeypatch):
     """Whole runs from the same initial noise against HunyuanVideoImageToVideoPipeline (both conditionings) and
     HunyuanSkyreelsImageToVideoPipeline, with and without true CFG (HunyuanVideo-I2V reads the negative prompt with a
     black image). SkyReels' pipeline samples the image's posterior; ours takes its mean, so the reference is run with
@@ -147,7 +151,7 @@ def test_image_to_video_matches_diffusers(parts, kind, size, cfg, monkeypatch):
         latents = latents[:, 1:]
     err = rel_err(latents, ref_latents)
     print(f"{kind}{' with true CFG' if cfg else ''}: latents {err:.2e}")
-    assert err <= LATENT_TOL, f"{kind}: final latents relative error {err:.2e} > {LATENT_TOL}"
+    assert err <= bound, f"{kind}: final latents relative error {err:.2e} > {bound}"
     frames = ours(PROMPT, image=image, latents=mine, guidance_scale=guidance, **kw)
     assert frames.shape == ref_frames.shape == (F - 4 if kind == "latent_concat" else F, Hh, W, 3)
     levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
@@ -174,7 +178,7 @@ def test_the_command_line_with_an_image(parts, tmp_path):
     small = ["--model", folder, "--resolution", "48", "64", "--frames", "9", "--steps", "2", "--seed", "1"]
     r = run_cli(tmp_path, "--prompt", "a cat", "--image", "cat.png", *small, "--output", "a.mp4")
     assert r.returncode == 0, r.stderr
-    assert "image cat.png" in r.stderr and "prompt cache" not in r.stderr
+    assert f"image {tmp_path / 'cat.png'}" in r.stderr and "prompt cache" not in r.stderr
     r = run_cli(tmp_path, "--prompt", "a cat", "--image", "cat.png", *small, "--output", "b.mp4",
                 "--negative-prompt", "blurry")
     assert r.returncode == 0 and "the prompt's encoding comes from the prompt cache" not in r.stderr, r.stderr
@@ -186,6 +190,9 @@ def test_the_command_line_with_an_image(parts, tmp_path):
     picture(8, 6, seed=5).save(tmp_path / "tiny.png")
     with pytest.warns(UserWarning, match="the image is 8 x 6, far smaller than the 64 x 48 video"):
         cli.resolve(cli.parse_args(["--prompt", "a cat", "--image", str(tmp_path / "tiny.png"), *map(str, small)]))
+    picture(600, 30, seed=5).save(tmp_path / "wide.png")  # 20:1 into 4:3: stretched, said so
+    with pytest.warns(UserWarning, match="the image is 600 x 30 and the video 64 x 48: the image is stretched"):
+        cli.resolve(cli.parse_args(["--prompt", "a cat", "--image", str(tmp_path / "wide.png"), *map(str, small)]))
 
     (tmp_path / "notes.png").write_text("not an image")
     for args, words in ((["--image", "absent.png"], "the image absent.png does not exist"),
@@ -197,6 +204,24 @@ def test_the_command_line_with_an_image(parts, tmp_path):
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = run_cli(tmp_path, "--prompt", "a cat", "--image", "cat.png", "--model", "tiny", "--steps", "1")
     assert r.returncode == 2 and "is a text-to-video checkpoint, which takes no image" in r.stderr, r.stderr
+
+
+def test_the_tiny_image_to_video_demo(tmp_path, monkeypatch):
+    """--model tiny-i2v, built here without a download: HunyuanVideo-I2V's token replace on tiny random weights
+    (a tiny LLaVA reads the prompt with the image). The first latent frame is the image's latents, to the bit, and
+    the command line makes its video."""
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))
+    pipe = H.HunyuanVideoPipeline.from_pretrained("tiny-i2v")
+    assert pipe.image_condition() == "token_replace"
+    image = picture(90, 70, seed=2)
+    latents = pipe(PROMPT, image=image, height=48, width=64, num_frames=9, num_inference_steps=2, seed=0,
+                   output_type="latent")
+    assert np.array_equal(np.array(latents[:, :1]), np.array(pipe.encode_image(image, 48, 64)))
+    assert not np.array_equal(np.array(latents[:, 1:2]), np.array(latents[:, :1]))
+    image.save(tmp_path / "cat.png")
+    r = run_cli(tmp_path, "--model", "tiny-i2v", "--image", "cat.png", "--prompt", "a cat", "--output", "c.mp4")
+    assert r.returncode == 0 and "height 96, width 160, 9 frames, 8 steps" in r.stderr, r.stderr
+    assert (tmp_path / "c.mp4").stat().st_size > 0
 
 
 def test_api_images_of_any_kind_and_bad_requests(parts):

@@ -183,13 +183,16 @@ def test_comfyui_bias_deltas_are_added(dit, tmp_path):
     assert err <= F32_TOL, f"relative error {err:.2e} > {F32_TOL}"
 
 
-def test_on_an_int8_checkpoint_the_lora_is_a_branch(dit, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout, branches", [("original", 6), ("diffusers", 5)])
+def test_on_an_int8_checkpoint_the_lora_is_a_branch(dit, tmp_path, monkeypatch, layout, branches):
     """On a converted int8 checkpoint the LoRA stays beside the quantized layers (no dequantized copy): the output
-    is within int8's bound of diffusers with the LoRA, and the memory held grows by the LoRA's matrices only."""
+    is within int8's bound of diffusers with the LoRA, and the memory held grows by the LoRA's matrices only. In the
+    diffusers layout the LoRA addresses slices of fused layers (q, k apart in img_attn_qkv; v alone in txt_attn_qkv;
+    q, k, v and proj_mlp in single blocks' linear1): each slice's branch adds to its rows only."""
     root, ref = dit
     H.save_transformer(H.load_transformer(root / "transformer", dtype=mx.float32, quantization="int8"), tmp_path / "q8")
     lora = tmp_path / "lora.safetensors"
-    save_file(original_lora(original_matrices(seed=14, r=4)), lora)
+    save_file(original_lora(original_matrices(seed=14, r=4)) if layout == "original" else diffusers_lora(14, 4), lora)
     inputs = make_inputs(CFG)
     pipe = reference_with(ref, [(lora, 1.0)], monkeypatch)
     expected = run_reference(pipe.transformer, inputs)
@@ -208,7 +211,7 @@ def test_on_an_int8_checkpoint_the_lora_is_a_branch(dit, tmp_path, monkeypatch):
     print(f"held {held_plain} B without the LoRA, {held} B with it; the LoRA file {lora_bytes} B")
     assert held - held_plain <= lora_bytes
     branched = [m for _, m in model.named_modules() if isinstance(m, H.LoRAQuantizedLinear)]
-    assert len(branched) == 6 and all(m.weight.dtype == mx.uint32 for m in branched)  # modulation: merged (float)
+    assert len(branched) == branches and all(m.weight.dtype == mx.uint32 for m in branched)  # modulation: merged
     err = rel_err(run_ours(model, inputs), expected)
     print(f"int8 + LoRA branch vs diffusers float32 with the LoRA: {err:.2e}")
     assert err <= BOUNDS["int8"], f"int8 + LoRA: relative error {err:.2e} > {BOUNDS['int8']}"

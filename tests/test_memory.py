@@ -3,10 +3,17 @@ over budget refused before any weights load (with what would fit, changes combin
 --force, --low-memory (streaming, the cache limit), and memory given back between phases.
 
 Stated margin (CPU backend, where the tests run): each phase's estimate is at least its measured peak
-(mx.get_peak_memory) and at most 1.2x it for the DiT and the VAE, 1.3x for the text encoders, for every
+(mx.get_peak_memory) and at most 1.2x it for the DiT and the VAE, 1.4x for the text encoders, for every
 width below, at two sizes, with the default precisions (DiT bf16, VAE and text encoders fp16) and in float32.
 Nothing in the estimate was fitted to these runs: it counts the tensors the code allocates (see
 estimate_memory), and the widths differ in every component.
+
+The text encoders' bound is set from measured runs, quiet and under load: the measured peak is not the same
+from run to run. On the widest checkpoint (LLM width 256, default precisions, 64x96x5) eight quiet runs measured
+7.76 to 7.85 MB against an estimate of 9.79 MB (1.25x to 1.26x), and with three busy processes beside them one
+run in eight measured 7.27 MB (1.35x): some of a layer's arrays are released by MLX's CPU worker thread, and how
+many are alive at once at the peak moves by a few hundred KB with thread scheduling (sleeping between layers does
+not change it). 1.3 failed a CI run under load (1.33x); 1.4 holds with that spread.
 """
 
 import json
@@ -28,7 +35,7 @@ import HunyuanVideo_Apple as H
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = " ".join(["a red fox runs through the snow in the forest at night"] * 40)  # fills the 256 text tokens
-MARGIN = {"text encoders": 1.3, "denoise": 1.2, "decode": 1.2}
+MARGIN = {"text encoders": 1.4, "denoise": 1.2, "decode": 1.2}  # see above for the text encoders' 1.4
 # (DiT heads x head width, LLM width, VAE block_out): three checkpoints whose every component differs
 WIDTHS = [((2, 32), 64, (8, 8, 16, 16)), ((4, 32), 128, (8, 16, 16, 16)), ((2, 64), 256, (16, 16, 32, 32))]
 

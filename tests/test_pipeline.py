@@ -2,9 +2,11 @@
 with diffusers and transformers (real vocabularies), saved in the diffusers layout, read by our
 from_pretrained, and both pipelines started from the same initial latents. float32, and the default precisions.
 
-Tolerances: final latents, relative error (max |ours - ref| / max |ref|) 1e-3; frames, 2 levels of 255. In the
-default precisions (DiT bf16, VAE and text encoders fp16, both pipelines): latents 6e-2, frames 20 levels.
-The sampler alone: the scheduler's sigmas and timesteps, 1e-6 absolute.
+Tolerances, about 2-10x what was measured on this project's Linux machine: final latents, relative error
+(max |ours - ref| / max |ref|) 3e-4 (measured 2.3e-5 to 4.9e-5: text to video, with a LoRA, video to video), with
+true CFG 5e-5 (3.4e-6 to 7.6e-6); frames, 2 levels of 255 (0.51). In the default precisions (DiT bf16, VAE and
+text encoders fp16, both pipelines): latents 6e-2 (3.2e-2), frames 20 levels (9.8). The sampler alone: the
+scheduler's sigmas and timesteps, 1e-6 absolute.
 """
 
 import os
@@ -21,7 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
 import HunyuanVideo_Apple as H
 
-LATENT_TOL = 1e-3
+LATENT_TOL = 3e-4
+CFG_LATENT_TOL = 5e-5
 FRAME_LEVELS = 2
 BF16_LATENT_TOL = 6e-2
 BF16_FRAME_LEVELS = 20
@@ -85,7 +88,7 @@ def test_end_to_end_matches_diffusers(checkpoint):
 
 def test_end_to_end_in_the_default_precisions_matches_diffusers(checkpoint):
     """Both pipelines in the precisions they run by default (DiT bf16, VAE and text encoders fp16), from the same
-    initial latents. Bounds: final latents BF16_LATENT_TOL (measured 2.5e-2: diffusers rounds its latents to
+    initial latents. Bounds: final latents BF16_LATENT_TOL (measured 2.5e-2 to 3.2e-2: diffusers rounds its latents to
     bf16 after every step, we keep them in float32), frames BF16_FRAME_LEVELS of 255 (measured 9.8). A slip in
     what depends on the DiT's dtype shows far above them: guidance made in float32 (6000 rather than the
     reference's bf16 6016) is 0.38 away."""
@@ -126,7 +129,7 @@ def test_callback_sees_each_step_and_can_cancel(checkpoint):
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(num_frames=12), "4n+1"), (dict(height=540), "multiples of 16"), (dict(num_inference_steps=0), "at least 1"),
+    (dict(num_frames=12), "4n+1"), (dict(height=540), "multiples of 16"), (dict(num_inference_steps=0), "use 1 to 1000"),
     (dict(prompt=" "), "prompt is empty"), (dict(output_type="pil"), "output_type"),
     (dict(latents=mx.zeros((1, 3, 4, 4, 16))), "pass latents of shape (1, 2, 4, 4, 16)"),
 ])
@@ -251,7 +254,7 @@ def test_true_cfg_matches_diffusers(checkpoint, guidance_embeds, monkeypatch):
                        force=budget is not None, **kw)
         err = rel_err(np.array(latents), ref_latents)
         print(f"true CFG ({mode}, guidance embedding {guidance_embeds}): latents {err:.2e}")
-        assert err <= LATENT_TOL, f"{mode}: final latents relative error {err:.2e} > {LATENT_TOL}"
+        assert err <= CFG_LATENT_TOL, f"{mode}: final latents relative error {err:.2e} > {CFG_LATENT_TOL}"
         assert ours.stats["work"]["forwards"] == 2 * steps
     monkeypatch.undo()
     if guidance_embeds:
@@ -325,6 +328,26 @@ def random_video(frames, height, width, seed=0):
     return np.clip(video, 0, 255).astype(np.uint8)  # (F, H, W, 3): smooth enough to survive a resize
 
 
+def diffusers_fit(frames, height, width):
+    """Frames resized to cover height x width and cropped at the centre by diffusers' own image processor
+    (VaeImageProcessor.resize, resize_mode "crop", Lanczos)."""
+    from diffusers.video_processor import VideoProcessor
+    from PIL import Image
+
+    processor = VideoProcessor(vae_scale_factor=8)
+    return np.stack([np.asarray(processor.resize(Image.fromarray(f), height, width, resize_mode="crop"))
+                     for f in frames])
+
+
+@pytest.mark.parametrize("source", [(40, 72), (72, 40), (48, 64), (30, 600), (97, 131)])
+def test_video_fitting_matches_diffusers_resize_and_crop(source):
+    """Cover and centre crop, wider, taller, the same size, far wider and odd sizes: equal to diffusers' frames."""
+    video = random_video(3, *source)
+    ours = H.fit_frames(video, 48, 64, 2)
+    assert ours.shape == (2, 48, 64, 3)
+    assert np.array_equal(ours, diffusers_fit(video[:2], 48, 64))
+
+
 def test_video_to_video(checkpoint):
     """The encode is the VAE's tiled encoder (against diffusers' with the same tiles); the whole run equals
     diffusers' pipeline started from the noised video on the schedule's tail (its own sigmas argument); strength
@@ -333,8 +356,7 @@ def test_video_to_video(checkpoint):
     (F, Hh, W), steps, tile, stride = (9, 48, 64), 6, (4, 32, 32), (4, 24, 24)
     video = random_video(13, 40, 72)  # another size and aspect ratio: resized to cover, cropped at the centre
     ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
-    frames = H.fit_frames(video, Hh, W, F)
-    assert frames.shape == (F, Hh, W, 3)
+    frames = diffusers_fit(video[:F], Hh, W)  # the reference's frames, not ours
     z = ours.encode_video(video, Hh, W, F, tile=tile, stride=stride)
     x = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, F, H, W)
     settings = dict(vars(ref.vae))
@@ -346,7 +368,7 @@ def test_video_to_video(checkpoint):
         ref_z = ref.vae.encode(x).latent_dist.mean * ref.vae.config.scaling_factor
     vars(ref.vae).update(settings)  # the fixture's VAE as it was
     print(f"video encode, tiled: {rel_err(np.array(z), ref_z.permute(0, 2, 3, 4, 1).numpy()):.2e}")
-    assert rel_err(np.array(z), ref_z.permute(0, 2, 3, 4, 1).numpy()) <= 1e-4
+    assert rel_err(np.array(z), ref_z.permute(0, 2, 3, 4, 1).numpy()) <= 1e-5  # measured 1.3e-6
     assert rel_err(np.array(z), whole.permute(0, 2, 3, 4, 1).numpy()) > 1e-3  # the tiles did something
 
     kw = dict(height=Hh, width=W, num_frames=F, num_inference_steps=steps, seed=4, output_type="latent")

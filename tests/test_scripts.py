@@ -159,6 +159,30 @@ def test_bench_refuses_flags_it_would_ignore():
     assert r.returncode == 2 and "--model and --quantizations go with --phases" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--sizes", "abc"], "size 'abc': write HEIGHTxWIDTHxFRAMES"), (["--repeat", "0"], "--repeat 0"),
+    (["--repeat", "-1"], "each is a count of 1 or more"), (["--sizes", "0x0x1"], "size 0x0x1: height and width"),
+])
+def test_bench_bad_arguments_one_sentence(args, words):
+    r = run("bench_hunyuan_apple.py", *args)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_output_into_a_reader_that_stops_early():
+    """`--plan | head -3`: the reader closes the pipe; the benchmark stops quietly, no BrokenPipeError."""
+    p = subprocess.Popen(f"{sys.executable} {ROOT / 'bench_hunyuan_apple.py'} --plan | head -3", shell=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    out, err = p.communicate(timeout=300)
+    assert len(out.splitlines()) == 3 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("output, words", [("", "--output is empty"), ("/proc/x", "cannot write /proc/x")])
+def test_convert_to_a_folder_it_cannot_write(output, words, tmp_path):
+    r = run("convert_weights.py", "--model", "tiny", "--output", output,
+            env={**os.environ, "HUNYUAN_APPLE_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_bench_work_table(tmp_path):
     """Full size: the uncached count (4.29 PFLOP a forward at 544x960x129, 50 of them) and the published
     speed-ups applied; --tiny: measured, the ledger's figures (forwards + skipped = the steps)."""

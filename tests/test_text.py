@@ -1,7 +1,9 @@
 """Text encoding against diffusers' HunyuanVideoPipeline.encode_prompt, run live on the same random tiny
 encoders, with the real vocabularies (see conftest.py).
 
-Tolerance: relative error (max |ours - ref| / max |ref|) 1e-4 in float32, over valid positions; masks equal.
+Tolerances, float32, relative error (max |ours - ref| / max |ref|) over valid positions, about 10x what was measured
+on this project's Linux machine: the LLM's states 1e-5 (measured 8.1e-7 to 1.2e-6), CLIP's pooled vector and
+last states 2e-6 (1.4e-7 to 3.0e-7); masks equal.
 """
 
 import mlx.core as mx
@@ -15,7 +17,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 import HunyuanVideo_Apple as H
 from safetensors.torch import load_file, save_file
 
-F32_TOL = 1e-4
+STATES_TOL = 1e-5
+POOLED_TOL = 2e-6
 PROMPTS = [
     "A cat walks on the grass, realistic style.",
     "Ein Hund läuft über die Straße — 東京の夜景、ネオンの光が雨に映る。",
@@ -71,10 +74,10 @@ def test_encode_prompt_matches_diffusers(checkpoint):
     assert mask[3].sum() < 10 and mask[4].sum() == 256  # 'cat' is short; the long prompt fills all 256
     valid = mask.astype(bool)
     err = rel_err(np.array(states)[valid], ref_states[valid])
-    assert err <= F32_TOL, f"LLM states: relative error {err:.2e} > {F32_TOL}"
+    assert err <= STATES_TOL, f"LLM states: relative error {err:.2e} > {STATES_TOL}"
     assert not np.array(states)[~valid].any(), "padded positions are zero"
     err = rel_err(np.array(pooled), ref_pooled)
-    assert err <= F32_TOL, f"CLIP pooled: relative error {err:.2e} > {F32_TOL}"
+    assert err <= POOLED_TOL, f"CLIP pooled: relative error {err:.2e} > {POOLED_TOL}"
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:4])
@@ -84,8 +87,8 @@ def test_single_prompts_match_diffusers(checkpoint, prompt):
     ref_states, ref_mask, ref_pooled = reference(checkpoint, prompt)
     valid = np.array(mask).astype(bool)
     assert np.array_equal(np.array(mask), ref_mask)
-    assert rel_err(np.array(states)[valid], ref_states[valid]) <= F32_TOL
-    assert rel_err(np.array(pooled), ref_pooled) <= F32_TOL
+    assert rel_err(np.array(states)[valid], ref_states[valid]) <= STATES_TOL
+    assert rel_err(np.array(pooled), ref_pooled) <= POOLED_TOL
 
 
 def test_crop_start_is_95_with_the_llama3_vocabulary(checkpoint):
@@ -115,7 +118,7 @@ def test_clip_end_token_rule(checkpoint, tmp_path):
         ref = clip(ids).pooler_output.numpy()
     clip.config.eos_token_id = clip.eos_token_id = 2
     out = H.load_clip_text_encoder(tmp_path / "text_encoder_2", dtype=mx.float32)(mx.array(ids.numpy()))
-    assert rel_err(np.array(out), ref) <= F32_TOL
+    assert rel_err(np.array(out), ref) <= POOLED_TOL
 
 
 def test_wrong_folders_are_named(checkpoint):

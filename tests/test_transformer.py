@@ -1,8 +1,10 @@
 """The DiT against diffusers' HunyuanVideoTransformer3DModel, run live on the same random weights.
 
-Tolerances (relative error = max |ours - ref| / max |ref|):
-  float32: 1e-4, every config and layout;
-  bfloat16 (ours) against float32 (reference): 3e-2.
+Tolerances (relative error = max |ours - ref| / max |ref|), about 3-10x what was measured on this project's
+Linux machine:
+  float32: 1e-4 (measured 2.6e-5 to 3.6e-5: two configs, the layouts, the real-width blocks); the config whose
+    error is far smaller has its own bound, 2e-5 (measured 2.2e-6);
+  bfloat16 (ours) against float32 (reference): 3e-2 (measured 1.0e-2).
 """
 
 import inspect
@@ -87,7 +89,8 @@ def test_diffusers_folder_float32(name, tmp_path):
     inputs = make_inputs(cfg)
     ours = H.load_transformer(tmp_path / "transformer", dtype=mx.float32)
     err = rel_err(run_ours(ours, inputs), run_reference(ref, inputs))
-    assert err <= F32_TOL, f"{name}: relative error {err:.2e} > {F32_TOL}"
+    bound = 2e-5 if name == "uneven-rope-no-guidance" else F32_TOL  # measured 2.2e-6; the others 2.6e-5, 2.7e-5
+    assert err <= bound, f"{name}: relative error {err:.2e} > {bound}"
 
 
 def test_bfloat16_default_close_to_float32(tmp_path):
@@ -246,6 +249,23 @@ def test_strict_report_names_keys(saved_tiny, tmp_path):
         H.load_transformer(tmp_path)
     assert_one_sentence(e, "1 missing keys (final_layer.linear.bias)", "1 unexpected keys (extra.weight)",
                         "final_layer.adaLN_modulation.1.weight")
+
+
+def test_a_wrong_shaped_part_of_a_fused_layer_is_named(saved_tiny, tmp_path):
+    """diffusers' q, k, v are fused into one layer here: a part of the wrong shape is named with the shapes of the
+    parts, in one sentence, by the loader and by convert_weights.py, not a concatenation error."""
+    sd = {k: v for k, v in mx.load(str(next(saved_tiny.glob("*.safetensors")))).items()}
+    q = sd["transformer_blocks.0.attn.to_q.weight"]
+    sd["transformer_blocks.0.attn.to_q.weight"] = q[:, : q.shape[1] // 2]
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), sd)
+    (tmp_path / "config.json").write_text((saved_tiny / "config.json").read_text())
+    with pytest.raises(H.HunyuanVideoError) as e:
+        H.load_transformer(tmp_path)
+    d = q.shape[0]
+    assert_one_sentence(e, f"transformer_blocks.0.attn.to_q.weight ({d}, {d // 2})",
+                        f"transformer_blocks.0.attn.to_k.weight ({d}, {d})")
+    import convert_weights
+    assert convert_weights.main(["--model", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
 
 
 def test_pt_without_torch(tmp_path, monkeypatch):

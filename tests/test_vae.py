@@ -1,8 +1,9 @@
 """The causal 3D VAE against diffusers' AutoencoderKLHunyuanVideo, run live on the same random weights.
 
-Tolerances (relative error = max |ours - ref| / max |ref|):
-  float32 decode and encode, untiled and tiled: 1e-4;
-  fp16 decode (ours, the default) against float32 (reference): 2.5 levels of 255.
+Tolerances (relative error = max |ours - ref| / max |ref|), about 6-10x what was measured on this project's Linux
+machine:
+  float32 decode and encode, untiled and tiled: 3e-5 (measured 3.7e-6 to 5.3e-6); the tiled encode 1e-5 (1.4e-6);
+  fp16 decode (ours, the default) against float32 (reference): 2.5 levels of 255 (1.4 to 2.0).
 """
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 
 import HunyuanVideo_Apple as H
 
-F32_TOL = 1e-4
+F32_TOL = 3e-5
 FP16_LEVELS = 2.5
 TINY = dict(block_out_channels=(8, 16, 16, 24), layers_per_block=1, norm_num_groups=4)
 TILE, STRIDE = (8, 32, 32), (4, 24, 24)  # (frames, height, width) in pixels: smaller than the clips on every axis
@@ -98,7 +99,8 @@ def test_encode(reference, vae_folder, tiled):
     out = np.array(ours.encode(to_mx(x), tile=tile, stride=stride))
     assert out.shape == (1, 5, 6, 10, 16)
     err = rel_err(out, ref_encode(reference, x, tile, stride))
-    assert err <= F32_TOL, f"encode (tiled={tiled}): relative error {err:.2e} > {F32_TOL}"
+    bound = 1e-5 if tiled else F32_TOL  # measured 1.4e-6 tiled, 4.7e-6 untiled
+    assert err <= bound, f"encode (tiled={tiled}): relative error {err:.2e} > {bound}"
 
 
 def test_fp16_default_decode_close_to_float32(reference, vae_folder):
