@@ -1939,10 +1939,11 @@ def read_loras(loras, layers, dim, ignore_unmatched=False):
     out, seen = {}, set()
     for item in loras:
         path, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
-        if Path(path).expanduser().resolve() in seen:
-            raise HunyuanVideoError(f"the LoRA {Path(path).name} is given twice: give it once, with the sum of the "
-                                    f"scales if that is what you want.")
-        seen.add(Path(path).expanduser().resolve())
+        where = Path(path).expanduser().resolve()
+        if where in seen:
+            raise HunyuanVideoError(f"the LoRA {where.name} is given twice: give it once, with the sum of the scales "
+                                    f"if that is what you want.")
+        seen.add(where)
         for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched).items():
             out.setdefault(layer, []).extend(parts)
     return out
