@@ -11,6 +11,7 @@
     python bench_hunyuan_apple.py --phases --model tiny  # the whole pipeline on the tiny demo checkpoint
     python bench_hunyuan_apple.py --work                 # DiT forwards and PFLOP a generation: caches, FastHunyuan
     python bench_hunyuan_apple.py --work --tiny          # the same measured on the tiny model (random weights)
+    python bench_hunyuan_apple.py --page                 # the web page's own cost a step (needs gradio)
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
 linear layers and attention of the 60 blocks (the embedders and the refiner are negligible). Each figure is
@@ -342,6 +343,51 @@ def print_work(args, sizes):
             print(f"{s:>12} {name:>28} {forwards:>8.1f} {forwards * flops:>8.1f} {label:>8}")
 
 
+# sustained rates a step's time is set against: Apple silicon running a video DiT in MLX (mlx-serve, "at
+# roofline, ~13.5 TFLOP/s"; ../shared/notes/speed-and-family.md) and an H100's dense bf16 peak (NVIDIA's
+# datasheet, 989 TFLOP/s: no step can be shorter)
+STEP_RATES = {"Apple silicon, 13.5 TFLOP/s": 13.5e12, "H100 peak, 989 TFLOP/s": 989e12}
+
+
+def bench_page(args, sizes):
+    """The web page's own work a denoising step, at full-size latents (random): on the run's thread the
+    progress report and the preview strip made from the step's x0; on the page's thread the progress bars'
+    HTML and the strip encoded as Gradio sends it (JPEG). Set against a step's time at STEP_RATES."""
+    try:
+        import gradio as gr
+    except ImportError:
+        print('error: --page measures the web page, which needs Gradio: pip install "hunyuan-apple[ui]".',
+              file=sys.stderr)
+        return 2
+    import hunyuan_apple_ui as ui
+
+    image = gr.Image(format="jpeg")  # as the page shows it
+    print(f"the page's work a step, mean of {args.repeat} after one warm-up (ms), and its share of a step")
+    print(f"{'size':>14} {'run thread':>11} {'page thread':>12} " + " ".join(f"{k:>28}" for k in STEP_RATES))
+    for s in sizes:
+        h, w, f = parse_size(s)
+        shape = (1, (f - 1) // 4 + 1, h // 8, w // 8, 16)
+        x, v = mx.random.normal(shape), mx.random.normal(shape)
+        mx.eval(x, v)
+        job = ui.Job([], None, None)
+        ours, page = [], []
+        for i in range(args.repeat + 1):
+            t0 = time.perf_counter()
+            job.progress("denoising", i + 1, 50)
+            job.preview(i + 1, 50, x - 0.5 * v)  # x0 = x - sigma v, made lazily as the loop makes it
+            t1 = time.perf_counter()
+            job.progress_html()
+            image.postprocess(job.strip)  # written into Gradio's cache, as a yield sends it
+            t2 = time.perf_counter()
+            if i:
+                ours.append(t1 - t0)
+                page.append(t2 - t1)
+        per = np.mean(ours) + np.mean(page)
+        step = H.dit_flops(tokens(h, w, f))
+        print(f"{s:>14} {np.mean(ours) * 1e3:>11.1f} {np.mean(page) * 1e3:>12.1f} " +
+              " ".join(f"{f'{per * rate / step:.3%} of {step / rate:.3g} s':>28}" for rate in STEP_RATES.values()))
+
+
 PLAN = [("544x960x129", None, False), ("720x1280x129", None, False), ("480x848x25", "int8", False),
         ("480x848x25", "int8", True), ("544x960x129", "int8", False), ("720x1280x129", "int8", False),
         ("544x960x97", None, False, "batched"), ("544x960x97", None, False, "sequential"),
@@ -366,6 +412,7 @@ def main(argv=None):
     ap.add_argument("--parity", action="store_true", help="one double and one single block vs diffusers, bf16")
     ap.add_argument("--vae", action="store_true", help="our tiled VAE decode vs diffusers' on the same device")
     ap.add_argument("--work", action="store_true", help="DiT forwards and PFLOP of a generation per cache and preset")
+    ap.add_argument("--page", action="store_true", help="the web page's own work a step (progress, preview)")
     args = ap.parse_args(argv)
     try:
         return run(ap, args)
@@ -409,6 +456,8 @@ def run(ap, args):
         return print_work(args, args.sizes or (["96x160x9"] if args.tiny else WORK_SIZES))
     if args.plan:
         return print_plan(PLAN)
+    if args.page:
+        return bench_page(args, args.sizes or ["544x960x61", "720x1280x129"])
     if args.parity:
         return check_parity(args)
     if args.vae:

@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import warnings
+from collections import namedtuple
 from functools import lru_cache
 from pathlib import Path
 
@@ -353,15 +354,20 @@ def preview_file(out):
     return out.with_name(out.stem + ".preview.png")
 
 
+def preview_strip(x0):
+    """A step's clean-latent estimate -> up to 8 of its frames side by side, 1/8 of the video's size, uint8
+    (h, k w, 3): what --preview writes and the page shows."""
+    t = x0.shape[1]
+    chosen = mx.array(np.linspace(0, t - 1, min(t, 8)).round().astype(np.int32))  # only those frames are mapped
+    return np.concatenate(list(H.latent_preview(x0[:, chosen])), axis=1)  # (h, k w, 3)
+
+
 def write_preview(out):
-    """--preview: after each step, a strip of up to 8 frames (1/8 of the video's size) of what the step predicts,
-    written under a temporary name and renamed."""
+    """--preview: after each step, the preview strip, written under a temporary name and renamed."""
     from PIL import Image
 
     def write(step, steps, x0):
-        frames = H.latent_preview(x0)
-        strip = np.concatenate(list(frames[np.linspace(0, len(frames) - 1, min(len(frames), 8)).round().astype(int)]),
-                               axis=1)  # (h, k w, 3)
+        strip = preview_strip(x0)
         H.write_atomic(preview_file(out), lambda tmp: save_png(Image.fromarray(strip), tmp))
     return write
 
@@ -374,15 +380,18 @@ def partial_file(out):
 class Checkpoint:
     """Saves what --resume needs, atomically, at most every `every` seconds of denoising and once more when
     interrupted: the latents after the last step done, the step, the step cache's state, the work so far, the
-    text encoders' outputs and the settings (a few MB, milliseconds next to a step)."""
+    text encoders' outputs and the settings (a few MB, milliseconds next to a step). stop() returning True
+    after a step interrupts the run there, as Ctrl-C does."""
 
-    def __init__(self, out, settings, text, every, pipe):
+    def __init__(self, out, settings, text, every, pipe, stop=None):
         self.out, self.path, self.settings, self.text, self.every = out, partial_file(out), settings, text, every
         self.state, self.saved, self.last = None, 0, time.monotonic()
-        self.pipe, self.dit = pipe, None
+        self.pipe, self.dit, self.stop = pipe, None, stop
 
     def __call__(self, state):
         self.state = state
+        if self.stop is not None and self.stop():
+            raise KeyboardInterrupt  # saved by the run's handler, with the way to resume
         if time.monotonic() - self.last >= self.every:
             self.save()
 
@@ -525,18 +534,18 @@ class Progress:
             self.open = False
 
 
-def report(pipe, files, seconds):
-    print("done in {:.1f} s".format(seconds))
+def summary(pipe, files, seconds):
+    """What a finished run did: its time, each phase's seconds and peak memory, the DiT's work, the files."""
+    lines = ["done in {:.1f} s".format(seconds)]
     for name in ("text encoders", "denoise", "decode"):
         if name in pipe.stats:
             sec, peak = pipe.stats[name]
-            print(f"  {name:<14} {sec:8.1f} s   peak {H.gib(peak * H.GB)}")
+            lines.append(f"  {name:<14} {sec:8.1f} s   peak {H.gib(peak * H.GB)}")
     if "work" in pipe.stats:  # what the DiT did, and what it cost
         work = pipe.stats["work"]
-        print(f"  DiT forwards: {work['forwards']} computed, {work['skipped']} skipped ({work['cache'] or 'no cache'}),"
-              f" {work['pflop']:.3g} PFLOP")
-    for f in files:
-        print(f"  wrote {f}")
+        lines.append(f"  DiT forwards: {work['forwards']} computed, {work['skipped']} skipped "
+                     f"({work['cache'] or 'no cache'}), {work['pflop']:.3g} PFLOP")
+    return lines + [f"  wrote {f}" for f in files]
 
 
 def load_pipeline(settings, args):
@@ -568,10 +577,53 @@ def decode_saved(args):
     return out, settings, latents
 
 
-def main(argv=None):
-    bar = Progress()
-    warnings.showwarning = lambda message, *_, **__: bar.close() or print(f"warning: {message}", file=sys.stderr)
-    args = parse_args(argv)
+# what a generation will do, known before any weights load (see plan)
+Plan = namedtuple("Plan", "cfg mode line memory problem")
+
+
+def plan(pipe, settings):
+    """A generation's plan, before any weights load: whether true CFG runs (cfg) and how (mode: "batched" or
+    "sequential"), a line that tells the run, the memory plan's peaks, and problem: None, or the plan's sentence
+    when it will not fit. Settings the checkpoint cannot take raise HunyuanVideoError."""
+    condition = pipe.image_condition()
+    if condition and not settings.get("image"):
+        raise H.HunyuanVideoError(f"{settings['model']} is an image-to-video checkpoint: give --image FILE.")
+    if settings.get("image") and not condition:
+        raise H.HunyuanVideoError(f"{settings['model']} is a text-to-video checkpoint, which takes no image: "
+                                  f"leave --image out, or use an image-to-video one (HunyuanVideo-I2V, "
+                                  f"--preset skyreels-i2v).")
+    if condition == "latent_concat" and settings["frames"] < 5:
+        raise H.HunyuanVideoError(f"--frames {settings['frames']}: this checkpoint's video leaves out its first 4 "
+                                  f"frames; ask for 5 or more (4n+1).")
+    size = settings["height"], settings["width"], settings["frames"]
+    cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
+    mode = pipe.cfg_mode(*size, settings["cache"], settings["steps"]) if cfg else None
+    line = (f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
+            f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
+            + (f", transformer {settings['transformer']}" if settings.get("transformer") else "")
+            + (f", cache {settings['cache']}" if settings["cache"] else "")
+            + (f", true CFG {settings['cfg_scale']} ({mode})" if cfg else "")
+            + "".join(f", LoRA {Path(f).name} x{s:g}" for f, s in settings.get("loras") or ())
+            + (f", video {settings['video']} at strength {settings['strength']:g}" if settings.get("video") else "")
+            + (f", image {settings['image']}" if settings.get("image") else ""))
+    try:
+        return Plan(cfg, mode, line, pipe.check_memory(*size, settings["cache"], settings["steps"], mode), None)
+    except H.HunyuanVideoError as e:
+        return Plan(cfg, mode, line, None, str(e))
+
+
+# what a run ended with: the exit code; the message (an error, or how to resume); the files written; the
+# settings; the pipeline; seconds; and, when it stopped after a step, (the step, its checkpoint file)
+Outcome = namedtuple("Outcome", "code message files settings pipe seconds stopped",
+                     defaults=((), None, None, 0.0, None))
+
+
+def run(args, bar, say, load=None, preview=None, stop=None):
+    """One generation (or a decode of saved latents, or a resumed run) from parsed flags, as an Outcome: the
+    command line's whole work, shared by the web page. bar(what, done, total) follows each activity; say(text)
+    tells what is about to happen; load(settings, args) gives the pipeline (load_pipeline by default; the page
+    keeps one); preview(step, steps, x0) gets each step's clean-latent estimate; stop() returning True stops the
+    run after the current step, leaving its checkpoint for --resume (as Ctrl-C does)."""
     t0 = time.perf_counter()
     latents_file, phase, checkpoint, settings = None, "loading", None, {}
     try:
@@ -589,7 +641,7 @@ def main(argv=None):
         if out.suffix != ".mp4":
             raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
         new_latents = check_outputs(out, args, latents=not args.decode_latents)
-        pipe = load_pipeline(settings, args)
+        pipe = (load or load_pipeline)(settings, args)
         pipe.progress = bar
         if args.resume and resume.get("moved_from") and (pipe.hub or pipe.transformer_hub or not resume["dit"] or
                                                          dit_fingerprint(pipe.transformer_path) != resume["dit"]):
@@ -598,49 +650,29 @@ def main(argv=None):
                                       f"folder where that checkpoint now is.")
         if not args.decode_latents:
             settings["version"] = H.__version__
-            condition = pipe.image_condition()
-            if condition and not settings.get("image"):
-                raise H.HunyuanVideoError(f"{settings['model']} is an image-to-video checkpoint: give --image FILE.")
-            if settings.get("image") and not condition:
-                raise H.HunyuanVideoError(f"{settings['model']} is a text-to-video checkpoint, which takes no image: "
-                                          f"leave --image out, or use an image-to-video one (HunyuanVideo-I2V, "
-                                          f"--preset skyreels-i2v).")
-            if condition == "latent_concat":
-                if settings["frames"] < 5:
-                    raise H.HunyuanVideoError(f"--frames {settings['frames']}: this checkpoint's video leaves out its "
-                                              f"first 4 frames; ask for 5 or more (4n+1).")
-                print(f"this checkpoint's video leaves out its first 4 frames, as the reference's: "
-                      f"{settings['frames'] - 4} frames", file=sys.stderr)
-            cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
-            mode = pipe.cfg_mode(settings["height"], settings["width"], settings["frames"], settings["cache"],
-                                 settings["steps"]) if cfg else None
-            print(f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
-                  f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
-                  + (f", transformer {settings['transformer']}" if settings.get("transformer") else "")
-                  + (f", cache {settings['cache']}" if settings["cache"] else "")
-                  + (f", true CFG {settings['cfg_scale']} ({mode})" if cfg else "")
-                  + "".join(f", LoRA {Path(f).name} x{s:g}" for f, s in settings.get("loras") or ())
-                  + (f", video {settings['video']} at strength {settings['strength']:g}" if settings.get("video")
-                     else "") + (f", image {settings['image']}" if settings.get("image") else ""), file=sys.stderr)
-            try:  # before any weights load
-                est = pipe.check_memory(settings["height"], settings["width"], settings["frames"], settings["cache"],
-                                        settings["steps"], mode)
-                print("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in est.items()), file=sys.stderr)
-            except H.HunyuanVideoError as e:
+            p = plan(pipe, settings)
+            if pipe.image_condition() == "latent_concat":
+                say(f"this checkpoint's video leaves out its first 4 frames, as the reference's: "
+                    f"{settings['frames'] - 4} frames")
+            say(p.line)
+            if p.problem:
                 if not args.force:
-                    raise
-                warnings.warn(f"{e} (--force: running anyway)")
+                    raise H.HunyuanVideoError(p.problem)
+                warnings.warn(f"{p.problem} (--force: running anyway)")
+            else:
+                say("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in p.memory.items()))
+            cfg, mode = p.cfg, p.mode
             image = H.read_image(settings["image"]) if settings.get("image") else None
             if args.resume:
-                print(f"resuming after step {resume['step']} of {settings['steps']}", file=sys.stderr)
+                say(f"resuming after step {resume['step']} of {settings['steps']}")
             else:
                 phase = "encoding the prompt"
                 requests = pipe.prompt_requests([settings["prompt"]], [settings["negative_prompt"]] if cfg else [],
                                                 image, settings["height"], settings["width"])
                 text, resume, start = pipe.encode_prompt(requests), None, None  # rows: the prompt, the negative one
                 if pipe.prompt_hit:
-                    print("the prompt's encoding comes from the prompt cache (--no-prompt-cache runs the text "
-                          "encoders)", file=sys.stderr)
+                    say("the prompt's encoding comes from the prompt cache (--no-prompt-cache runs the text "
+                        "encoders)")
             video = None
             if settings.get("video") and not args.resume:
                 phase = "encoding the video"
@@ -650,12 +682,13 @@ def main(argv=None):
                 phase = "encoding the image"
                 image = pipe.encode_image(image, settings["height"], settings["width"])
             phase = "denoising"
-            checkpoint = Checkpoint(out, settings, text, args.checkpoint_every, pipe)
+            checkpoint = Checkpoint(out, settings, text, args.checkpoint_every, pipe, stop)
+            previews = [f for f in (write_preview(out) if args.preview else None, preview) if f]
             latents = pipe.denoise(*(t[:1] for t in text), settings["height"], settings["width"], settings["frames"],
                                    settings["steps"], settings["guidance"], settings["shift"], settings["seed"],
                                    latents=start, cache=settings["cache"], cache_threshold=settings["cache_threshold"],
                                    checkpoint=checkpoint, resume=resume,
-                                   preview=write_preview(out) if args.preview else None,
+                                   preview=(lambda *a: [f(*a) for f in previews]) if previews else None,
                                    negative=tuple(t[1:] for t in text) if cfg else None,
                                    true_cfg_scale=settings.get("cfg_scale", 1.0), cfg_batched=mode == "batched",
                                    video_latents=video, strength=settings["strength"] if video is not None else 1.0,
@@ -677,29 +710,39 @@ def main(argv=None):
         if H.is_tiny(settings.get("model", "")):  # built here, not downloaded
             message = re.sub(r"(the download is incomplete; )?download (it|the checkpoint) again",
                              "the tiny demo is built on this machine: delete its folder and it is built anew", message)
-        return fail(bar, f"error: {message}", latents_file, checkpoint=checkpoint)
+        return fail(f"error: {message}", latents_file, settings, checkpoint=checkpoint)
     except KeyboardInterrupt:
         if checkpoint is not None and checkpoint.state is not None and latents_file is None:
             checkpoint.save()
-            bar.close()
-            print(f"interrupted after step {checkpoint.saved} of {settings['steps']}: continue with\n"
-                  f"  {command()} --resume {checkpoint.path}", file=sys.stderr)
-            return 130
-        return fail(bar, "interrupted.", latents_file, 130)
+            return Outcome(130, f"interrupted after step {checkpoint.saved} of {settings['steps']}: continue with\n"
+                                f"  {command()} --resume {checkpoint.path}", settings=settings,
+                           stopped=(checkpoint.saved, checkpoint.path))
+        return fail("interrupted.", latents_file, settings, 130)
     except Exception as e:
         # MLX reports an allocation that failed as a RuntimeError
         if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and re.search(r"alloc|memory", str(e), re.I):
             what = (str(e).splitlines() or [type(e).__name__])[0][:120]
-            return fail(bar, f"error: ran out of memory while {phase} ({what}): try --low-memory, --quantization "
-                             f"int8, fewer --frames or a smaller --resolution; close other programs, or set "
-                             f"HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the memory plan "
-                             f"refuses what will not fit.", latents_file)
+            return fail(f"error: ran out of memory while {phase} ({what}): try --low-memory, --quantization int8, "
+                        f"fewer --frames or a smaller --resolution; close other programs, or set "
+                        f"HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so that the memory plan refuses "
+                        f"what will not fit.", latents_file, settings)
         if latents_file is None:  # after denoising, never lose the latents to an unexpected failure
-            bar.close()
             raise
-        return fail(bar, f"error: {type(e).__name__}: {e}", latents_file)
-    report(pipe, files, time.perf_counter() - t0)
-    return 0
+        return fail(f"error: {type(e).__name__}: {e}", latents_file, settings)
+    return Outcome(0, "", files, settings, pipe, time.perf_counter() - t0)
+
+
+def main(argv=None):
+    bar = Progress()
+    warnings.showwarning = lambda message, *_, **__: bar.close() or print(f"warning: {message}", file=sys.stderr)
+    args = parse_args(argv)
+    try:
+        done = run(args, bar, lambda text: bar.close() or print(text, file=sys.stderr))
+    finally:
+        bar.close()
+    print(*(summary(done.pipe, done.files, done.seconds) if done.code == 0 else [done.message]), sep="\n",
+          file=sys.stdout if done.code == 0 else sys.stderr)
+    return done.code
 
 
 def command():
@@ -707,16 +750,16 @@ def command():
     return f"{sys.executable} {sys.argv[0]}" if sys.argv[0].endswith("hunyuan_apple.py") else "hunyuan-apple"
 
 
-def fail(bar, message, latents_file, code=2, checkpoint=None):
-    bar.close()
-    print(message, file=sys.stderr)
+def fail(message, latents_file, settings, code=2, checkpoint=None):
+    """The Outcome of a run that failed: the message, and how to go on from what it kept."""
+    lines, stopped = [message], None
     if latents_file is None and checkpoint is not None and checkpoint.saved and checkpoint.path.exists():
-        print(f"the run can go on from step {checkpoint.saved}: {command()} --resume {checkpoint.path}",
-              file=sys.stderr)
+        lines.append(f"the run can go on from step {checkpoint.saved}: {command()} --resume {checkpoint.path}")
+        stopped = (checkpoint.saved, checkpoint.path)
     if latents_file is not None and latents_file.exists():
-        print(f"the denoised latents are saved in {latents_file}: decode them with\n"
-              f"  {command()} --decode-latents {latents_file}", file=sys.stderr)
-    return code
+        lines.append(f"the denoised latents are saved in {latents_file}: decode them with\n"
+                     f"  {command()} --decode-latents {latents_file}")
+    return Outcome(code, "\n".join(lines), settings=settings, stopped=stopped)
 
 
 if __name__ == "__main__":

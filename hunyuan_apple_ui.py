@@ -1,0 +1,545 @@
+"""HunyuanVideo on MLX: the web page (Gradio), on this machine.
+
+    pip install ".[ui]"
+    hunyuan-apple-ui                                  # then open http://127.0.0.1:7860
+    hunyuan-apple-ui --models ~/models --outputs ~/videos --model tiny
+
+The page is the command line with a form in front of it: each generation is the command line's own run (the
+same checks, files and messages; hunyuan_apple.run), with the form's settings as its flags. It adds no model
+logic. One generation runs at a time; the others wait in the queue. The pipeline stays loaded between
+generations of the same model (and the prompt cache serves a prompt seen before).
+
+Safe by default: it listens on 127.0.0.1 only; --listen opens it to the network, with --auth asking for a
+login. A path typed into the page (a model's folder, a LoRA) must lie in the --models folder; videos are
+written to and read from the --outputs folder.
+"""
+
+import argparse
+import html
+import inspect
+import json
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import namedtuple
+from pathlib import Path
+
+import HunyuanVideo_Apple as H
+import hunyuan_apple as C
+
+NONE = "none"  # the dropdowns' "no preset / quantization / cache"
+SIZES = ["model default", *C.BUCKETS, "custom"]  # "model default": 540p, or the tiny demo's 96 x 160
+# the form's fields, in the order the handlers take them (and gradio_client names them)
+FIELDS = ("prompt", "negative_prompt", "model", "preset", "size", "aspect_ratio", "height", "width", "frames",
+          "steps", "guidance", "cfg_scale", "shift", "random_seed", "seed", "quantization", "cache",
+          "cache_threshold", "loras", "lora_files", "lora_scales", "image", "video", "strength", "low_memory", "force")
+Folders = namedtuple("Folders", "models outputs uploads")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The form's settings -> the command line's flags. Paths are checked here: the page reads only what lies in the
+# models folder, the outputs folder, or Gradio's folder of files uploaded through the page.
+
+class Refused(Exception):
+    """A setting the page does not take; its message is one sentence."""
+
+
+def confined(path, folders, what):
+    """path, resolved, if it lies in one of the folders; else Refused."""
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(f) for f in folders):
+        raise Refused(f"{what} {path} lies outside the folders this page reads ({', '.join(map(str, folders))}): "
+                      f"put it in the models folder, or upload it.")
+    return resolved
+
+
+def model_argument(name, folders):
+    """The --model for a model named in the page: a demo, a folder in the models folder, or a hub id."""
+    name = (name or "").strip()
+    if name in H.TINY_MODELS:
+        return name
+    local = folders.models / name
+    if name and local.exists():
+        return str(confined(local, [folders.models], "the model"))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists():
+        return name  # a hub id
+    raise Refused(f"the model {name!r} is neither a folder in {folders.models}, a hub id (owner/name) nor "
+                  f"{' or '.join(H.TINY_MODELS)}: choose one of the list.")
+
+
+def flags(v, folders):
+    """The form's values (a dict by FIELDS) -> the command line's flags. Empty fields are left out, so that
+    the command line's defaults (and the tiny demo's sizes) apply."""
+    argv = ["--prompt", v["prompt"] or "", "--model", model_argument(v["model"], folders)]
+    if v["negative_prompt"]:
+        argv += ["--negative-prompt", v["negative_prompt"]]
+    if v["preset"] and v["preset"] != NONE:
+        argv += ["--preset", v["preset"]]
+    if v["size"] in C.BUCKETS:
+        argv += ["--quality", v["size"], "--aspect-ratio", v["aspect_ratio"]]
+    elif v["size"] == "custom":
+        if v["height"] is None or v["width"] is None:
+            raise Refused("a custom size needs a height and a width (multiples of 16).")
+        argv += ["--resolution", str(int(v["height"])), str(int(v["width"]))]
+    for key in ("frames", "steps", "guidance", "cfg_scale", "shift", "cache_threshold"):
+        text = str(v[key] if v[key] is not None else "").strip()
+        if text:
+            kind = int if key in ("frames", "steps") else float
+            try:
+                kind(text)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise Refused(f"{key.replace('_', ' ')} {text!r}: type {what}, or leave it empty for the "
+                              f"default.") from None
+            argv += [C.flag(key), text]
+    if not v["random_seed"] and v["seed"] is not None:
+        argv += ["--seed", str(int(v["seed"]))]
+    for key in ("quantization", "cache"):
+        if v[key] and v[key] != NONE:
+            argv += [C.flag(key), v[key]]
+    files = [confined(folders.models / f, [folders.models], "the LoRA") for f in v["loras"] or ()] + \
+            [confined(f, list(folders), "the LoRA") for f in v["lora_files"] or ()]
+    scales = [s for s in re.split(r"[,\s]+", v["lora_scales"] or "") if s]
+    if len(scales) > len(files):
+        raise Refused(f"{len(scales)} LoRA scales for {len(files)} LoRA file{'s' * (len(files) != 1)}: give one "
+                      f"scale a LoRA (1 when left out).")
+    for f, scale in zip(files, scales + ["1"] * (len(files) - len(scales))):
+        argv += ["--lora", f"{f}:{scale}"]
+    if v["image"]:
+        argv += ["--image", str(confined(v["image"], list(folders), "the image"))]
+    if v["video"]:
+        argv += ["--video", str(confined(v["video"], list(folders), "the video")), "--strength", str(v["strength"])]
+    return argv + ["--low-memory"] * bool(v["low_memory"]) + ["--force"] * bool(v["force"])
+
+
+def parse(argv):
+    """The command line's parse_args, with its complaint as Refused instead of an exit."""
+    try:
+        return C.parse_args(argv)
+    except SystemExit:
+        raise Refused(f"the settings do not make a valid command line: {' '.join(argv)}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A generation: the command line's run in a thread, followed by the page. Its progress, preview and messages
+# are kept here for the page to show; one runs at a time.
+
+# where a thread's warnings go: the job's log (its run), the plan (its checks), else the server's stderr
+heard = threading.local()
+
+
+def show_warning(message, *_, **__):
+    lines = getattr(heard, "lines", None)
+    if lines is None:
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        lines.append(f"warning: {message}")
+
+
+class Job:
+    """One run of hunyuan_apple.run. progress(what, done, total) keeps each activity's count and times;
+    preview(...) keeps the latest step's strip (made on the run's thread: it is a few milliseconds, and MLX
+    arrays stay on the thread that computes them); stop (an Event) ends the run after the current step."""
+
+    def __init__(self, argv, session, load):
+        self.argv, self.session, self.load = argv, session, load
+        self.phases, self.strip, self.lines, self.outcome = {}, None, [], None
+        self.stop, self.thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+
+    def progress(self, what, done, total):
+        now = time.perf_counter()
+        start = now if done == 0 or what not in self.phases else self.phases[what][2]
+        self.phases[what] = (done, total, start, now)
+
+    def preview(self, step, steps, x0):
+        self.strip = C.preview_strip(x0)
+
+    def _run(self):
+        heard.lines = self.lines  # this thread's warnings go to the job's log
+        try:
+            self.outcome = C.run(parse(self.argv), self.progress, self.lines.append, self.load, self.preview,
+                                 self.stop.is_set)
+        except Refused as e:
+            self.outcome = C.Outcome(2, f"error: {e}")
+        except Exception as e:  # the page keeps serving; the message says what broke
+            self.outcome = C.Outcome(1, f"error: {type(e).__name__}: {e}")
+
+    def progress_html(self):
+        """One bar an activity: its count, seconds a unit and the time left."""
+        rows = []
+        for what, (done, total, start, now) in self.phases.items():
+            per = (now - start) / done if done else 0.0
+            unit = C.Progress.UNITS.get(what, "")
+            rate = f", {per:.2f} s/{unit}" if unit and done else ""
+            rows.append(f'<div class="phase"><span>{html.escape(what)}</span> <progress value="{done}" '
+                        f'max="{max(total, 1)}"></progress> {done}/{total}{rate}, {per * (total - done):.0f} s left'
+                        f'</div>')
+        return '<div id="phases">' + "".join(rows) + "</div>"
+
+
+# the command line's flags that its messages name, as the page names them
+PAGE_WORDS = {"--force": "the box \"Run even if the plan says it will not fit\"", "--resolution": "the custom size",
+              "--low-memory": "Low memory", "--quantization": "Quantization", "--frames": "Frames", "--steps": "Steps",
+              "--image FILE": "an image", "--image": "an image", "--cfg-scale": "True CFG scale", "--negative-prompt": "a negative prompt",
+              "--model": "Model", "--preset": "Preset", "--cache-threshold": "Cache threshold", "--cache": "Step cache"}
+
+
+def in_page_words(message):
+    """A message of the command line, with its flags named as the page names them."""
+    return re.sub("|".join(sorted(map(re.escape, PAGE_WORDS), key=len, reverse=True)),
+                  lambda m: PAGE_WORDS[m.group(0)], message)
+
+
+class Page:
+    """The page's state on the server: its folders, the one pipeline it keeps loaded, the running job."""
+
+    def __init__(self, folders, model):
+        self.folders, self.model = folders, model
+        self.lock, self.job = threading.Lock(), None
+        self.pipe_key, self.pipe = None, None
+
+    def load(self, settings, args):
+        """The command line's load_pipeline, kept while the model and what loading it takes are the same."""
+        key = (repr(sorted((k, settings.get(k)) for k in ("model", "transformer", "quantization", "loras",
+                                                          "quantize_modulation", "lora_ignore_unmatched",
+                                                          *C.COMPONENT))), args.low_memory)
+        if key != self.pipe_key:
+            self.pipe_key, self.pipe = None, None  # the old one goes first
+            self.pipe, self.pipe_key = C.load_pipeline(settings, args), key
+        return self.pipe
+
+    def output(self, seed):
+        """A new mp4's name in the outputs folder: the command line's <time>_<seed>, never one already there."""
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}_{seed}"
+        for n in range(1000):
+            out = self.folders.outputs / (base + (f"-{n}" if n else "") + ".mp4")
+            if not any(f.exists() for f in (out, out.with_suffix(".json"), C.partial_file(out))):
+                return out
+        raise Refused(f"{self.folders.outputs} has too many videos named {base}: wait a second.")
+
+    def plan(self, v):
+        """The plan shown above the Generate button: what the run will be and whether it fits, or what to
+        change, in a sentence."""
+        heard.lines = said = []  # the warnings the settings raise (a small image, a high guidance), shown too
+        try:
+            args = parse(flags(v, self.folders))
+            if not args.prompt:
+                args.prompt = "x"  # the plan does not depend on the words
+            settings = C.resolve(args)
+            p = C.plan(self.load(settings, args), settings)
+        except (Refused, H.HunyuanVideoError) as e:
+            return f"**Check the settings**: {in_page_words(str(e))}"
+        finally:
+            heard.lines = None
+        if p.problem:
+            return f"**Will not fit**: {in_page_words(p.problem)}"
+        line = re.sub(r", seed \d+", "", p.line) if v["random_seed"] or v["seed"] is None else p.line
+        return (f"**Plan**: {line}. Memory, each phase's peak: " +
+                ", ".join(f"{k} {H.gib(v)}" for k, v in p.memory.items()) +
+                f" of {H.gib(H.available_memory())} available: it fits." +
+                "".join(f"\n\n**Warning**: {in_page_words(w.removeprefix('warning: '))}" for w in said))
+
+    def start(self, argv, session):
+        self.job = Job(argv, session, self.load)
+        self.job.thread.start()
+        return self.job
+
+    def follow(self, argv, session, outputs):
+        """The generator behind Generate and Resume: waits its turn, runs the job, and yields the page's
+        updates (progress and preview twice a second, then the outcome)."""
+        import gradio as gr
+
+        with self.lock:  # one generation at a time, whatever Gradio's queue does
+            job = self.start(argv, session)
+            try:
+                shown = None
+                while job.thread.is_alive():
+                    job.thread.join(0.5)
+                    strip = job.strip
+                    yield {outputs["progress"]: job.progress_html(), outputs["log"]: "\n".join(job.lines),
+                           outputs["preview"]: strip if strip is not shown else gr.skip()}
+                    shown = strip
+            finally:
+                job.stop.set()  # the page went away: stop after the step, the checkpoint kept
+                job.thread.join()
+        yield self.finished(job, outputs)
+
+    def finished(self, job, outputs):
+        """The page's last update of a job: the video, its settings and ledger, or the message."""
+        done = job.outcome
+        log = job.lines + ([done.message] if done.code else [])  # the message whole: how to go on, where said
+        out = {outputs["progress"]: job.progress_html(), outputs["log"]: "\n".join(log),
+               outputs["gallery"]: gallery(self.folders.outputs), outputs["resume"]: None}
+        error = in_page_words(done.message.splitlines()[0].removeprefix("error: ")) if done.message else ""
+        if done.code == 0:
+            video = Path(next(f for f in done.files if str(f).endswith(".mp4")))
+            ledger = "```\n" + "\n".join(C.summary(done.pipe, done.files, done.seconds)) + "\n```"
+            return {**out, outputs["video"]: str(video), outputs["ledger"]: ledger,
+                    outputs["settings"]: json.loads(video.with_suffix(".json").read_text()),
+                    outputs["message"]: f"Done: {video.name}, seed {done.settings['seed']}."}
+        if done.stopped:  # cancelled (or failed) after a step: its checkpoint continues it
+            step, path = done.stopped
+            return {**out, outputs["resume"]: str(path), outputs["video"]: None, outputs["message"]: (
+                f"Cancelled after step {step} of {done.settings['steps']}: Resume finishes it." if done.code == 130
+                else f"{error} Resume goes on from step {step}.")}
+        return {**out, outputs["video"]: None, outputs["message"]: error}
+
+    def cancel(self, session):
+        job = self.job
+        if job is not None and job.thread.is_alive() and job.session == session:
+            job.stop.set()
+            return "Cancelling after the current step..."
+        return "Nothing of this page is running."
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The gallery: earlier videos in the outputs folder, read from their sidecars.
+
+def gallery(outputs):
+    """[(mp4, caption)], newest first, for each sidecar whose video is there."""
+    items = []
+    for sidecar in sorted(outputs.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True):
+        mp4 = sidecar.with_suffix(".mp4")
+        try:
+            settings = C.read_metadata(sidecar)
+        except H.HunyuanVideoError:
+            continue
+        if mp4.exists():
+            items.append((str(mp4), f"{settings['prompt'][:60]} (seed {settings.get('seed')})"))
+    return items
+
+
+def form_values(settings, folders):
+    """A video's settings (its sidecar) -> the form's values: "use these settings"."""
+    model = settings.get("model", "")
+    if Path(model).is_absolute() and Path(model).resolve().is_relative_to(folders.models):
+        model = str(Path(model).resolve().relative_to(folders.models))
+    prefix = H.PRESETS.get(settings.get("preset"), {}).get("prompt_prefix", "")
+    loras = [str(Path(f).resolve().relative_to(folders.models)) for f, _ in settings.get("loras") or ()
+             if Path(f).resolve().is_relative_to(folders.models)]
+    text = {k: "" if settings.get(k) is None else str(settings[k])
+            for k in ("frames", "steps", "guidance", "cfg_scale", "shift", "cache_threshold")}
+    return dict(prompt=settings["prompt"].removeprefix(prefix), negative_prompt=settings.get("negative_prompt") or "",
+                model=model, preset=settings.get("preset") or NONE, size="custom", height=settings.get("height"),
+                width=settings.get("width"), **text, random_seed=False, seed=settings.get("seed"),
+                quantization=settings.get("quantization") or NONE, cache=settings.get("cache") or NONE, loras=loras,
+                lora_scales=", ".join(f"{s:g}" for f, s in settings.get("loras") or ()
+                                      if Path(f).resolve().is_relative_to(folders.models)),
+                strength=settings.get("strength") or 0.8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The page itself.
+
+def models_in(folder):
+    """Checkpoint folders (diffusers layout) and LoRA files in the models folder, by their relative names."""
+    found = [p for p in sorted(folder.rglob("model_index.json"))][:50]
+    loras = [p for p in sorted(folder.rglob("*.safetensors")) if "lora" in p.name.lower()][:200]
+    return [str(p.parent.relative_to(folder)) for p in found], [str(p.relative_to(folder)) for p in loras]
+
+
+def build(page):
+    """The Gradio Blocks of the page."""
+    import gradio as gr
+
+    folders = page.folders
+    checkpoints, lora_names = models_in(folders.models)
+    with gr.Blocks(title="HunyuanVideo on MLX") as demo:
+        gr.Markdown(f"# HunyuanVideo on MLX\nText, image or video to video, on this machine. Videos are saved in "
+                    f"`{folders.outputs}` with their settings, as the command line saves them.")
+        f = {}
+        with gr.Row():
+            with gr.Column(scale=3):
+                f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                         placeholder="a cat walks on the grass, realistic style")
+                f["negative_prompt"] = gr.Textbox("", label="Negative prompt (true CFG: two DiT forwards a step)",
+                                                  elem_id="negative_prompt")
+                with gr.Row():
+                    f["model"] = gr.Dropdown([*H.TINY_MODELS, H.DEFAULT_MODEL, *checkpoints], value=page.model,
+                                             label="Model", allow_custom_value=True, elem_id="model")
+                    f["preset"] = gr.Dropdown([NONE, *H.PRESETS], value=NONE, label="Preset", elem_id="preset")
+                with gr.Row():
+                    f["size"] = gr.Dropdown(SIZES, value=SIZES[0], label="Size", elem_id="size")
+                    f["aspect_ratio"] = gr.Dropdown(list(C.BUCKETS["540p"]), value="16:9", label="Aspect ratio")
+                    f["height"] = gr.Number(544, label="Height (custom)", precision=0, elem_id="height")
+                    f["width"] = gr.Number(960, label="Width (custom)", precision=0, elem_id="width")
+                with gr.Row():  # text, not numbers: left empty, the command line's default applies
+                    for key, label in (("frames", "Frames (4n+1)"), ("steps", "Steps"), ("guidance", "Guidance"),
+                                       ("cfg_scale", "True CFG scale"), ("shift", "Flow shift")):
+                        f[key] = gr.Textbox("", label=label, placeholder="default", elem_id=key)
+                with gr.Row():
+                    f["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                    f["random_seed"] = gr.Checkbox(True, label="Random seed", elem_id="random_seed")
+                with gr.Row():
+                    f["quantization"] = gr.Dropdown([NONE, *H.QUANTIZATIONS], value=NONE, label="Quantization")
+                    f["cache"] = gr.Dropdown([NONE, *H.CACHES], value=NONE, label="Step cache")
+                    f["cache_threshold"] = gr.Textbox("", label="Cache threshold", placeholder="default",
+                                                      elem_id="cache_threshold")
+                with gr.Accordion("LoRAs, image to video, video to video, memory", open=False, elem_id="more"):
+                    with gr.Row():
+                        f["loras"] = gr.Dropdown(lora_names, value=[], multiselect=True,
+                                                 label=f"LoRAs in {folders.models}")
+                        f["lora_files"] = gr.File(file_count="multiple", file_types=[".safetensors"],
+                                                  label="or upload LoRAs", elem_id="lora_files")
+                        f["lora_scales"] = gr.Textbox("", label="LoRA scales, in order (1 when left out)")
+                    with gr.Row():
+                        f["image"] = gr.File(label="Image (image to video: an I2V checkpoint)", type="filepath",
+                                             file_types=["image"], elem_id="image")
+                        f["video"] = gr.File(label="Video (video to video)", type="filepath", file_types=["video"],
+                                             elem_id="video")
+                        f["strength"] = gr.Slider(0, 1, 0.8, step=0.05, label="Strength (video to video)")
+                    with gr.Row():
+                        f["low_memory"] = gr.Checkbox(False, label="Low memory (slower)")
+                        f["force"] = gr.Checkbox(False, label="Run even if the plan says it will not fit")
+                plan = gr.Markdown(elem_id="plan")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", elem_id="cancel")
+                    resume = gr.Button("Resume", elem_id="resume")
+                message = gr.Markdown(elem_id="message")
+            with gr.Column(scale=2):
+                progress = gr.HTML(elem_id="progress")
+                preview = gr.Image(label="Preview: what the current step predicts", interactive=False,
+                                   format="jpeg", height=140, elem_id="preview")  # 10x quicker than PNG
+                video = gr.Video(label="Video", interactive=False, elem_id="video_out")
+                ledger = gr.Markdown(elem_id="ledger")
+                log = gr.Textbox(label="Log", lines=4, interactive=False, elem_id="log")
+                settings = gr.JSON(label="Settings", elem_id="settings")
+        with gr.Accordion("Earlier videos", open=False, elem_id="earlier"):
+            gallery_view = gr.Gallery(gallery(folders.outputs), label=f"In {folders.outputs}", columns=4,
+                                      elem_id="gallery")
+            chosen = gr.JSON(label="Its settings", elem_id="chosen")
+            use = gr.Button("Use these settings", elem_id="use")
+        resume_state = gr.State(None)
+        fields = [f[k] for k in FIELDS]
+        outputs = dict(progress=progress, preview=preview, video=video, settings=settings, ledger=ledger,
+                       message=message, log=log, gallery=gallery_view, resume=resume_state)
+
+        def values(args):
+            return dict(zip(FIELDS, args))
+
+        def on_generate(request: gr.Request, *args):
+            v = values(args)
+            try:
+                argv = flags(v, folders)
+                seed = parse(argv).seed
+                if seed is None:  # chosen now, for the file's name and to show it
+                    seed = int.from_bytes(os.urandom(4), "little") >> 1
+                argv += ["--seed", str(seed), "--output", str(page.output(seed))]
+            except Refused as e:
+                yield {message: str(e)}
+                return
+            yield from page.follow(argv, request.session_hash, outputs)
+
+        def on_resume(path, request: gr.Request):
+            found = path or max(map(str, folders.outputs.glob("*.partial.safetensors")), default=None,
+                                key=lambda p: Path(p).stat().st_mtime)
+            if not found:
+                yield {message: "Nothing to resume: a run that was cancelled leaves its checkpoint to resume."}
+                return
+            yield from page.follow(["--resume", str(confined(found, [folders.outputs], "the checkpoint"))],
+                                   request.session_hash, outputs)
+
+        # Gradio names an endpoint's parameters after its function's: the API takes the form's fields by name
+        on_generate.__signature__ = inspect.Signature(
+            [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)] +
+            [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in FIELDS])
+        # one generation at a time; a request waiting for its turn shows its place in the queue by the message
+        gen = dict(outputs=list(outputs.values()), concurrency_id="generation", concurrency_limit=1,
+                   show_progress="full", show_progress_on=[progress])
+        generate.click(on_generate, fields, api_name="generate", **gen)
+        resume.click(on_resume, [resume_state], api_name="resume", **gen)
+
+        def on_cancel(request: gr.Request):
+            return page.cancel(request.session_hash)
+
+        cancel.click(on_cancel, None, message, queue=False, api_name="cancel")
+        for field in fields:
+            field.change(lambda *args: page.plan(values(args)), fields, plan, queue=False, show_progress="hidden")
+        demo.load(lambda *args: page.plan(values(args)), fields, plan, queue=False)
+
+        picked = gr.State(None)
+
+        def on_select(evt: gr.SelectData):
+            video = Path(gallery(folders.outputs)[evt.index][0])
+            return video, C.read_metadata(video.with_suffix(".json"))
+
+        gallery_view.select(on_select, None, [picked, chosen], queue=False)
+        def on_use(video):
+            if video is None:
+                return [gr.skip()] * len(FIELDS)
+            v = form_values(C.read_metadata(video.with_suffix(".json")), folders)
+            return [v.get(k, gr.skip()) for k in FIELDS]
+
+        use.click(on_use, picked, fields, queue=False)
+    return demo
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="hunyuan-apple-ui", description="HunyuanVideo on MLX: the web page, on "
+                                 "http://127.0.0.1:PORT (this machine only, unless --listen).")
+    ap.add_argument("--models", default="models", help="the folder of checkpoints and LoRAs the page may read "
+                    "(default ./models); hub ids and the tiny demos need no folder")
+    ap.add_argument("--outputs", default="outputs", help="where videos are written, and the gallery read (default "
+                                                         "./outputs)")
+    ap.add_argument("--model", default=H.DEFAULT_MODEL, help=f"the model the page starts with (default "
+                    f"{H.DEFAULT_MODEL}; 'tiny' for the offline demo)")
+    ap.add_argument("--port", type=int, default=7860, help="default 7860")
+    ap.add_argument("--listen", nargs="?", const="0.0.0.0", metavar="ADDRESS", help="serve other machines too: on "
+                    "ADDRESS (default 0.0.0.0, every address of this machine); pair it with --auth")
+    ap.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login before the page opens")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page tells no one it runs
+    try:
+        from gradio.utils import get_upload_folder
+    except ImportError:
+        print('error: the page needs Gradio: pip install "hunyuan-apple[ui]" (or pip install gradio).',
+              file=sys.stderr)
+        return 2
+    auth = None
+    if args.auth is not None:
+        user, _, password = args.auth.partition(":")
+        if not user or not password:
+            print("error: --auth takes USER:PASSWORD, both non-empty.", file=sys.stderr)
+            return 2
+        auth = (user, password)
+    if args.listen and auth is None:
+        print(f"warning: --listen {args.listen} without --auth: anyone who can reach this machine can use the page "
+              f"and its folders; add --auth USER:PASSWORD.", file=sys.stderr)
+    folders = []
+    for name, path in (("--models", args.models), ("--outputs", args.outputs)):
+        path = Path(path).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: {name} {path}: cannot make the folder ({e.strerror}); choose another.", file=sys.stderr)
+            return 2
+        folders.append(path.resolve())
+    page = Page(Folders(*folders, Path(get_upload_folder()).resolve()), args.model)
+    warnings.showwarning = show_warning
+    warnings.filterwarnings("always", module="HunyuanVideo_Apple|hunyuan_apple")  # each run's, not once a server
+    demo = build(page)
+    demo.queue(default_concurrency_limit=1)
+    print(f"HunyuanVideo on MLX: http://{args.listen or '127.0.0.1'}:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        demo.launch(server_name=args.listen or "127.0.0.1", server_port=args.port, auth=auth, ssr_mode=False,
+                    allowed_paths=[str(page.folders.outputs)], show_error=True, quiet=True, css=CSS)
+    except OSError as e:
+        print(f"error: cannot serve on {args.listen or '127.0.0.1'}:{args.port} ({str(e).splitlines()[0][:80]}): "
+              f"choose another --port.", file=sys.stderr)
+        return 2
+    return 0
+
+
+CSS = ("#phases .phase { display: flex; gap: 0.5em; align-items: center } #phases progress { flex: 1 } "
+       "#preview img { image-rendering: pixelated; object-fit: contain } #message { min-height: 2.5em }")
+
+if __name__ == "__main__":
+    sys.exit(main())
