@@ -1,6 +1,7 @@
 """HunyuanVideo (Tencent's 13B text-to-video model, and its image-to-video variants) in plain MLX.
 
 One module, in the order data flows through the model:
+  0. the optional prompt rewrite: a short prompt written out by a small local instruct model (mlx-lm);
   1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector); for image to video,
      LLaVA's CLIP vision tower and projector, the image read with the prompt;
   2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
@@ -82,6 +83,115 @@ def write_atomic(path, write):
             raise HunyuanVideoError(f"could not write {path} ({why}): free some disk space, or write elsewhere; "
                                     f"the earlier file of that name, if any, is as it was.") from None
         raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt rewrite (optional): a short prompt written out as the long captions HunyuanVideo learned from
+# ---------------------------------------------------------------------------------------------------
+# Tencent rewrites prompts with a Hunyuan-Large fine-tune, in a "normal" and a "master" mode; a small local
+# instruct model run by mlx-lm (the ".[rewrite]" extra) stands in for it here, told the two modes' rules in our
+# own words. Greedy decoding by default, so that a prompt gives the same rewrite every time; rewrites are kept
+# in cache_dir() / "rewrites", keyed by everything that makes them.
+
+REWRITE_MODEL = "mlx-community/Qwen2.5-3B-Instruct-4bit"  # Qwen2.5-3B-Instruct in 4 bits: about 1.7 GB
+REWRITE_MAX_TOKENS = 240  # the LLM text encoder reads 256 tokens; a rewrite not finished by then is not used
+REWRITE_RULES = (
+    "You turn a short idea for a video into the prompt a text-to-video model reads. Keep everything the user "
+    "asked for: every subject, action, object, number, colour and word of text, and add nothing that contradicts "
+    "it. Whatever language the user writes in, write in English. Describe what the camera sees, in the present "
+    "tense, as one paragraph of plain prose: no title, no list, no quotation marks, no comment about the task.")
+REWRITE_MODES = {
+    "normal": "Add what the idea leaves open, chosen to suit it: the setting, the lighting, the style and the mood. "
+              "A word or two becomes one or two sentences; a longer prompt keeps its length, clarified.",
+    "master": "Write it as a cinematographer would: describe each visual element with care (subjects and their "
+              "look, their motion, the place, light and colour, composition, camera angle and movement, texture "
+              "and atmosphere) so that the video has a distinct, refined look. Three to five sentences.",
+}
+
+
+def rewrite_messages(prompt, mode):
+    """The chat messages a rewrite sends: our instructions for the mode, then the user's prompt."""
+    if mode not in REWRITE_MODES:
+        raise HunyuanVideoError(f"rewrite {mode!r}: use one of {', '.join(REWRITE_MODES)}.")
+    return [{"role": "system", "content": f"{REWRITE_RULES} {REWRITE_MODES[mode]}"},
+            {"role": "user", "content": prompt}]
+
+
+def _rewrite_file(prompt, mode, model, temperature, seed, max_tokens):
+    """Where the rewrite of these settings is kept: a hash of the prompt, the instructions, the model (a local
+    folder by its files' names, sizes and times) and the sampling."""
+    what = [prompt, rewrite_messages("", mode), str(model), float(temperature), seed, max_tokens]
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        what += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+    return cache_dir() / "rewrites" / f"{hashlib.sha256(json.dumps(what).encode()).hexdigest()}.json"
+
+
+def generate_rewrite(llm, tokenizer, messages, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
+                     progress=None):
+    """What the model writes for the messages, through mlx-lm's chat template and sampler: (text, finished),
+    finished False when max_tokens ran out first. temperature 0 is greedy; seed makes sampling repeatable."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if seed is not None:
+        mx.random.seed(seed)
+    out, reason = "", None
+    for i, r in enumerate(stream_generate(llm, tokenizer, text, max_tokens=max_tokens,
+                                          sampler=make_sampler(temp=temperature))):
+        out, reason = out + r.text, r.finish_reason
+        if progress:
+            progress(i + 1, max_tokens)
+    return out, reason == "stop"
+
+
+def rewrite_prompt(prompt, mode="normal", model=None, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
+                   cache=True, progress=None):
+    """The prompt rewritten in mode ("normal" or "master") by a local instruct model (REWRITE_MODEL, or model: a
+    hub id or a folder in mlx-lm's layout): (rewritten prompt, whether it came from the cache). A rewrite that
+    is empty or not finished within max_tokens gives the original prompt back, with a warning. The model is
+    loaded only on a cache miss, and freed before this returns."""
+    model = model or REWRITE_MODEL
+    messages = rewrite_messages(prompt, mode)
+    if not 0 <= temperature < math.inf:
+        raise HunyuanVideoError(f"rewrite temperature {temperature}: use 0 (the same rewrite every time) or more.")
+    path = _rewrite_file(prompt, mode, model, temperature, seed, max_tokens)
+    if cache and path.is_file():
+        try:
+            return json.loads(path.read_text())["rewritten"], True
+        except (OSError, ValueError, KeyError):
+            warnings.warn(f"the kept rewrite {path} could not be read: the prompt is rewritten again.")
+    try:
+        import mlx_lm
+    except ImportError:
+        raise HunyuanVideoError('prompt rewrite runs a small language model through mlx-lm: pip install '
+                                '"hunyuan-apple[rewrite]" (or pip install mlx-lm), or leave rewrite out.') from None
+    try:
+        llm, tokenizer = mlx_lm.load(str(Path(model).expanduser()) if Path(model).expanduser().exists() else model)
+    except Exception as e:
+        raise HunyuanVideoError(f"the rewrite model {model} could not be loaded ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:100] if str(e) else ''}): give a hub id or a folder of an "
+                                f"instruct model in mlx-lm's layout (the default is {REWRITE_MODEL}).") from None
+    try:
+        text, finished = generate_rewrite(llm, tokenizer, messages, temperature, seed, max_tokens, progress)
+    finally:
+        del llm
+        gc.collect()
+        mx.clear_cache()
+    text = text.strip()
+    if not text or not finished:
+        warnings.warn(f"the rewrite was {'empty' if not text else f'longer than {max_tokens} tokens'}: the prompt "
+                      f"is used as written.")
+        return prompt, False
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"prompt": prompt, "mode": mode, "model": model,
+                                                                      "rewritten": text})))
+        except (OSError, HunyuanVideoError) as e:
+            warnings.warn(f"the rewrite could not be kept ({e}); it is used all the same.")
+    return text, False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2847,6 +2957,7 @@ class HunyuanVideoPipeline:
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
         self.prompt_hit = False  # whether the last encode_prompt read all its prompts from the prompt cache
+        self.rewrite_hit, self.prompts = False, []  # the last rewrite came from its cache; the prompts __call__ read
         # the DiT's adaLN modulation computed for all steps before the first, its weights never held (see
         # HunyuanVideoTransformer.precompute_modulation); False computes it at every step from the weights
         self.precompute_modulation = True
@@ -2927,12 +3038,13 @@ class HunyuanVideoPipeline:
         posterior, the mean is taken: the deterministic choice)."""
         return self._vae_encode("encode image", vae_pixels(image, height, width))
 
-    def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None):
+    def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None, rewrite=None):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit. cfg: None,
-        or how true CFG runs its two branches, "batched" or "sequential" (cfg_mode)."""
+        or how true CFG runs its two branches, "batched" or "sequential" (cfg_mode). rewrite: (model, prompt) when
+        the prompt is rewritten first."""
         return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
                             self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache, steps=steps, cfg=cfg,
-                            transformer=(self.transformer, self.transformer_hub))
+                            transformer=(self.transformer, self.transformer_hub), rewrite=rewrite)
 
     def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
         """How true CFG runs its two DiT forwards a step: "batched" (one forward of batch 2) when the memory plan
@@ -2953,10 +3065,11 @@ class HunyuanVideoPipeline:
         if self.transformer_hub:
             self.transformer, self.transformer_hub = _download(self.transformer_hub, transformer_only=True), None
 
-    def _phase(self, name, work):
+    def _phase(self, name, work, download=True):
         """work() as one phase: timed, its peak recorded, and its memory given back before the next phase. The
         phase's models are work()'s locals, gone once it returns, so the cache is cleared after that."""
-        self.download()
+        if download:
+            self.download()
         mx.reset_peak_memory()
         limit = mx.set_cache_limit(0) if self.low_memory else None  # give freed buffers back at once
         start = time.perf_counter()
@@ -2968,6 +3081,15 @@ class HunyuanVideoPipeline:
             if limit is not None:
                 mx.set_cache_limit(limit)
             mx.clear_cache()
+
+    def rewrite(self, prompt, mode="normal", model=None, temperature=0.0, seed=None):
+        """The prompt rewritten by a small local instruct model before the text encoders read it (see
+        rewrite_prompt; its cache is the prompt cache's setting), as a phase of its own, "rewrite", before any
+        of the checkpoint's weights are fetched. self.rewrite_hit: whether it came from the cache."""
+        progress = self._report("rewriting the prompt")
+        text, self.rewrite_hit = self._phase("rewrite", lambda: rewrite_prompt(
+            prompt, mode, model, temperature, seed, cache=self.prompt_cache, progress=progress), download=False)
+        return text
 
     def _prompt_entry(self, prompt, image=None, interleave=None):
         """The prompt cache's file for a prompt (and an image read with it): named by a hash of all that changes
@@ -3240,7 +3362,8 @@ class HunyuanVideoPipeline:
     def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
                  flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
                  cache_threshold=None, preview=None, negative_prompt=None, true_cfg_scale=1.0, video=None,
-                 strength=1.0, image=None):
+                 strength=1.0, image=None, rewrite=None, rewrite_model=None, rewrite_temperature=0.0,
+                 rewrite_seed=None):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
         A request that the memory plan says would not fit is refused before anything loads, unless force.
         cache, cache_threshold: a step cache; preview(step, steps, x0): the clean latents each step predicts (see
@@ -3248,7 +3371,9 @@ class HunyuanVideoPipeline:
         names (it runs when the scale is above 1 and a negative prompt is given). video (frames or a file),
         strength: video to video (see encode_video and denoise). image (a file, a PIL image or a uint8 array):
         image to video, for the checkpoints that take one (image_condition); a latent-concat checkpoint's video
-        is num_frames - 4 frames long, as the reference's (decode drops them; "latent" gives all)."""
+        is num_frames - 4 frames long, as the reference's (decode drops them; "latent" gives all). rewrite:
+        "normal" or "master" rewrites each prompt first (see rewrite; rewrite_model, _temperature, _seed: its
+        settings), and self.prompts holds what the text encoders read."""
         problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale,
                                 flow_shift) or \
             check_guidance(negative_prompt, true_cfg_scale, prompt) or \
@@ -3273,10 +3398,16 @@ class HunyuanVideoPipeline:
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
         cfg = negative_prompt is not None and true_cfg_scale > 1
         mode = self.cfg_mode(height, width, num_frames, cache, num_inference_steps) if cfg else None
-        if not force:
-            self.check_memory(height, width, num_frames, cache, num_inference_steps, mode)
-        self.stats = {}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if rewrite is not None:
+            rewrite_messages("", rewrite)  # a mode that is not one: refused now
+        if not force:
+            self.check_memory(height, width, num_frames, cache, num_inference_steps, mode,
+                              (rewrite_model, max(prompts, key=len)) if rewrite else None)
+        self.stats = {}
+        if rewrite is not None:
+            prompts = [self.rewrite(p, rewrite, rewrite_model, rewrite_temperature, rewrite_seed) for p in prompts]
+        self.prompts = prompts
         negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)) \
             if cfg else []
         states, mask, pooled = self.encode_prompt(self.prompt_requests(prompts, negatives, image, height, width))
@@ -3740,23 +3871,61 @@ def available_memory():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def estimate_rewrite(model=None, prompt="", max_tokens=REWRITE_MAX_TOKENS, backend=None):
+    """Estimated peak bytes of the prompt rewrite (rewrite_prompt): the model's weights, read from its
+    safetensors' headers (a hub model's from the hub's list of files, nothing downloaded), one layer's
+    activations over the instructions and the prompt (taken as a token every 2 bytes of UTF-8: BPE vocabularies
+    give English about 4 bytes a token, Chinese about 3), the KV cache of every layer over those and
+    max_tokens, and a step's logits in float32."""
+    model = model or REWRITE_MODEL
+    folder, cpu = Path(model).expanduser(), (backend or _backend()) == "cpu"
+    try:
+        if folder.is_dir():
+            config = json.loads((folder / "config.json").read_text())
+            weights = sum(np.prod(shape, dtype=np.int64) * _DTYPES[dtype].size for f in folder.glob("*.safetensors")
+                          for shape, dtype, _ in _safetensors_header(f)[0].values())
+        else:
+            from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+            try:  # downloaded before: its files, without asking the hub
+                return estimate_rewrite(snapshot_download(model, local_files_only=True), prompt, max_tokens, backend)
+            except Exception:
+                pass
+            config = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+            files = HfApi().model_info(model, files_metadata=True).siblings
+            weights = sum(f.size or 0 for f in files if f.rfilename.endswith(".safetensors"))
+    except HunyuanVideoError:
+        raise
+    except Exception as e:
+        raise HunyuanVideoError(f"the rewrite model {model} could not be sized ({type(e).__name__}): give a folder "
+                                f"of an instruct model in mlx-lm's layout, or a hub id reachable from here.") from None
+    config = config.get("text_config", config)
+    W, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    tokens = (len(rewrite_messages(prompt, "master")[0]["content"].encode()) + len(prompt.encode())) // 2 + 64
+    kv = 2 * layers * (tokens + max_tokens) * config.get("head_dim", W // heads) * kv_heads * 2
+    return int(weights + _llm_activations(tokens, W, config["intermediate_size"], heads, kv_heads, 2, cpu) + kv +
+               2 * config["vocab_size"] * 4)
+
+
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
-                 budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None)):
+                 budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None),
+                 rewrite=None):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
     would fit: the fewest changes that do (a quantization, --low-memory, a smaller size), together where no
     single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
-    is loaded."""
+    is loaded. rewrite: (model, prompt) when the prompt is rewritten first, a phase of its own (estimate_rewrite)."""
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
                    modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps,
                    cfg=cfg, transformer=transformer)
-    est = estimate_memory(folder, **request)
+    first = {"rewrite": estimate_rewrite(*rewrite)} if rewrite else {}
+    est = {**first, **estimate_memory(folder, **request)}
     phase = max(est, key=est.get)
     if est[phase] <= 0.9 * budget:
         return est
 
     def fits(change):
-        return max(estimate_memory(folder, **{**request, **change}).values()) <= 0.9 * budget
+        return max({**first, **estimate_memory(folder, **{**request, **change})}.values()) <= 0.9 * budget
 
     bits = QUANTIZATIONS.get(quantization, {"bits": 16})["bits"]
     levers = [(f"--quantization {q}", dict(quantization=q)) for q in ("int8", "int4")

@@ -40,7 +40,8 @@ SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift"
             "frames": int, "model": str, "quantization": str, "quantize_modulation": bool, "dit_dtype": str,
             "vae_dtype": str, "text_dtype": str, "fps": int, "preset": str, "cache": str, "cache_threshold": float,
             "negative_prompt": str, "cfg_scale": float, "loras": list, "lora_ignore_unmatched": bool,
-            "transformer": str, "video": str, "strength": float, "image": str}
+            "transformer": str, "video": str, "strength": float, "image": str, "original_prompt": str,
+            "rewrite": str, "rewrite_model": str, "rewrite_temperature": float, "rewrite_seed": int}
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
@@ -80,6 +81,14 @@ def parse_args(argv):
     ap.add_argument("--frames", type=int, help=f"4n+1 frames (default 13; {H.MAX_FRAMES} is the model's longest)")
     ap.add_argument("--steps", type=int, help="denoising steps (default 50)")
     ap.add_argument("--guidance", type=float, help="embedded guidance scale, 0 or more (default 6.0)")
+    ap.add_argument("--rewrite", choices=list(H.REWRITE_MODES), help="first rewrite the prompt with a small local "
+                    "language model (mlx-lm; pip install \".[rewrite]\"): normal adds setting, light, style and "
+                    "mood; master a richer cinematographic description. In English, whatever the prompt's language")
+    ap.add_argument("--rewrite-model", metavar="ID", help=f"the rewrite's instruct model: a hub id or a folder in "
+                    f"mlx-lm's layout (default {H.REWRITE_MODEL})")
+    ap.add_argument("--rewrite-temperature", type=float, metavar="T", help="0 (default): the same rewrite every "
+                    "time; above 0 samples, for variety")
+    ap.add_argument("--rewrite-seed", type=int, metavar="N", help="the rewrite's sampling seed (with a temperature)")
     ap.add_argument("--negative-prompt", metavar="TEXT", help="what the video should not show: true classifier-free "
                     "guidance, two DiT forwards a step (with --cfg-scale; 6 by default when this is given)")
     ap.add_argument("--cfg-scale", type=float, metavar="X", help="true CFG scale, above 1 to guide (SkyReels-V1: 6); "
@@ -228,11 +237,22 @@ def resolve(args):
                        ("fps", args.fps), ("cache", args.cache), ("cache_threshold", args.cache_threshold),
                        ("negative_prompt", args.negative_prompt), ("cfg_scale", args.cfg_scale),
                        ("transformer", args.transformer), ("video", args.video), ("strength", args.strength),
-                       ("image", args.image),
+                       ("image", args.image), ("rewrite", args.rewrite), ("rewrite_model", args.rewrite_model),
+                       ("rewrite_temperature", args.rewrite_temperature), ("rewrite_seed", args.rewrite_seed),
                        ("lora_ignore_unmatched", args.lora_ignore_unmatched), ("loras", []),
                        *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
         if key not in s or key in given or (key == "quantization" and "quantize" in given):
             s[key] = value
+    if "prompt" in given or "original_prompt" not in s:  # a new prompt: rewritten (if asked) afresh
+        s["original_prompt"] = None
+    elif "rewrite" in given and s.get("original_prompt"):  # an earlier run's prompt, rewritten in the mode asked now
+        s["prompt"], s["original_prompt"] = s["original_prompt"], None
+    if s.get("rewrite_temperature") is not None and not 0 <= s["rewrite_temperature"] < float("inf"):
+        raise H.HunyuanVideoError(f"--rewrite-temperature {s['rewrite_temperature']}: use 0 (the same rewrite every "
+                                  f"time) or more.")
+    if not s.get("rewrite") and ({"rewrite_model", "rewrite_temperature", "rewrite_seed"} & given):
+        raise H.HunyuanVideoError("--rewrite-model, --rewrite-temperature and --rewrite-seed set the prompt rewrite: "
+                                  "give --rewrite normal or master too.")
     if args.video and "frames" not in given:  # the video's length, up to 129 frames
         n = len(video_frames(args.video))
         if n < 5:
@@ -503,7 +523,7 @@ def write_extras(frames, path, args, settings):
 class Progress:
     """One line per activity on stderr (loading, encoding, denoising, decoding): a bar, the count, seconds
     per step where a step means something, and the time left. Redrawn at most 10 times a second."""
-    UNITS = {"denoising": "step", "decoding": "tile", "encoding the prompt": "layer"}
+    UNITS = {"denoising": "step", "decoding": "tile", "encoding the prompt": "layer", "rewriting the prompt": "token"}
 
     def __init__(self):
         self.what, self.start, self.shown, self.open = None, 0.0, 0.0, False
@@ -537,7 +557,7 @@ class Progress:
 def summary(pipe, files, seconds):
     """What a finished run did: its time, each phase's seconds and peak memory, the DiT's work, the files."""
     lines = ["done in {:.1f} s".format(seconds)]
-    for name in ("text encoders", "denoise", "decode"):
+    for name in ("rewrite", "text encoders", "denoise", "decode"):
         if name in pipe.stats:
             sec, peak = pipe.stats[name]
             lines.append(f"  {name:<14} {sec:8.1f} s   peak {H.gib(peak * H.GB)}")
@@ -577,6 +597,12 @@ def decode_saved(args):
     return out, settings, latents
 
 
+def rewriting(settings):
+    """Whether the run rewrites its prompt first: asked to, and not already done (a resumed run, or settings
+    read back from an earlier run, keep the rewritten prompt)."""
+    return bool(settings.get("rewrite")) and not settings.get("original_prompt")
+
+
 # what a generation will do, known before any weights load (see plan)
 Plan = namedtuple("Plan", "cfg mode line memory problem")
 
@@ -596,6 +622,7 @@ def plan(pipe, settings):
         raise H.HunyuanVideoError(f"--frames {settings['frames']}: this checkpoint's video leaves out its first 4 "
                                   f"frames; ask for 5 or more (4n+1).")
     size = settings["height"], settings["width"], settings["frames"]
+    rewrite = (settings.get("rewrite_model"), settings["prompt"]) if rewriting(settings) else None
     cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
     mode = pipe.cfg_mode(*size, settings["cache"], settings["steps"]) if cfg else None
     line = (f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
@@ -605,9 +632,11 @@ def plan(pipe, settings):
             + (f", true CFG {settings['cfg_scale']} ({mode})" if cfg else "")
             + "".join(f", LoRA {Path(f).name} x{s:g}" for f, s in settings.get("loras") or ())
             + (f", video {settings['video']} at strength {settings['strength']:g}" if settings.get("video") else "")
-            + (f", image {settings['image']}" if settings.get("image") else ""))
+            + (f", image {settings['image']}" if settings.get("image") else "")
+            + (f", the prompt rewritten first ({settings['rewrite']})" if rewrite else ""))
     try:
-        return Plan(cfg, mode, line, pipe.check_memory(*size, settings["cache"], settings["steps"], mode), None)
+        return Plan(cfg, mode, line, pipe.check_memory(*size, settings["cache"], settings["steps"], mode, rewrite),
+                    None)
     except H.HunyuanVideoError as e:
         return Plan(cfg, mode, line, None, str(e))
 
@@ -662,6 +691,16 @@ def run(args, bar, say, load=None, preview=None, stop=None):
             else:
                 say("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in p.memory.items()))
             cfg, mode = p.cfg, p.mode
+            if rewriting(settings):
+                phase = "rewriting the prompt"
+                prefix = H.PRESETS.get(settings.get("preset"), {}).get("prompt_prefix", "")  # kept as it is
+                text = prefix + pipe.rewrite(settings["prompt"].removeprefix(prefix), settings["rewrite"],
+                                             settings.get("rewrite_model"), settings.get("rewrite_temperature") or 0.0,
+                                             settings.get("rewrite_seed"))
+                settings["original_prompt"], settings["prompt"] = settings["prompt"], text
+                say(f"the prompt, rewritten ({settings['rewrite']}, "
+                    f"{settings.get('rewrite_model') or H.REWRITE_MODEL}"
+                    f"{'; kept from an earlier rewrite' if pipe.rewrite_hit else ''}): {text}")
             image = H.read_image(settings["image"]) if settings.get("image") else None
             if args.resume:
                 say(f"resuming after step {resume['step']} of {settings['steps']}")

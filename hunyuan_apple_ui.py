@@ -30,10 +30,10 @@ from pathlib import Path
 import HunyuanVideo_Apple as H
 import hunyuan_apple as C
 
-NONE = "none"  # the dropdowns' "no preset / quantization / cache"
+NONE = "none"  # the dropdowns' "no rewrite / preset / quantization / cache"
 SIZES = ["model default", *C.BUCKETS, "custom"]  # "model default": 540p, or the tiny demo's 96 x 160
 # the form's fields, in the order the handlers take them (and gradio_client names them)
-FIELDS = ("prompt", "negative_prompt", "model", "preset", "size", "aspect_ratio", "height", "width", "frames",
+FIELDS = ("prompt", "rewrite", "negative_prompt", "model", "preset", "size", "aspect_ratio", "height", "width", "frames",
           "steps", "guidance", "cfg_scale", "shift", "random_seed", "seed", "quantization", "cache",
           "cache_threshold", "loras", "lora_files", "lora_scales", "image", "video", "strength", "low_memory", "force")
 Folders = namedtuple("Folders", "models outputs uploads")
@@ -70,10 +70,12 @@ def model_argument(name, folders):
                   f"{' or '.join(H.TINY_MODELS)}: choose one of the list.")
 
 
-def flags(v, folders):
+def flags(v, folders, rewrite_model=None):
     """The form's values (a dict by FIELDS) -> the command line's flags. Empty fields are left out, so that
-    the command line's defaults (and the tiny demo's sizes) apply."""
+    the command line's defaults (and the tiny demo's sizes) apply. rewrite_model: the server's --rewrite-model."""
     argv = ["--prompt", v["prompt"] or "", "--model", model_argument(v["model"], folders)]
+    if v["rewrite"] and v["rewrite"] != NONE:
+        argv += ["--rewrite", v["rewrite"]] + (["--rewrite-model", rewrite_model] if rewrite_model else [])
     if v["negative_prompt"]:
         argv += ["--negative-prompt", v["negative_prompt"]]
     if v["preset"] and v["preset"] != NONE:
@@ -196,8 +198,8 @@ def in_page_words(message):
 class Page:
     """The page's state on the server: its folders, the one pipeline it keeps loaded, the running job."""
 
-    def __init__(self, folders, model):
-        self.folders, self.model = folders, model
+    def __init__(self, folders, model, rewrite_model=None):
+        self.folders, self.model, self.rewrite_model = folders, model, rewrite_model
         self.lock, self.job = threading.Lock(), None
         self.pipe_key, self.pipe = None, None
 
@@ -225,7 +227,7 @@ class Page:
         change, in a sentence."""
         heard.lines = said = []  # the warnings the settings raise (a small image, a high guidance), shown too
         try:
-            args = parse(flags(v, self.folders))
+            args = parse(flags(v, self.folders, self.rewrite_model))
             if not args.prompt:
                 args.prompt = "x"  # the plan does not depend on the words
             settings = C.resolve(args)
@@ -322,7 +324,9 @@ def form_values(settings, folders):
              if Path(f).resolve().is_relative_to(folders.models)]
     text = {k: "" if settings.get(k) is None else str(settings[k])
             for k in ("frames", "steps", "guidance", "cfg_scale", "shift", "cache_threshold")}
-    return dict(prompt=settings["prompt"].removeprefix(prefix), negative_prompt=settings.get("negative_prompt") or "",
+    prompt = settings.get("original_prompt") or settings["prompt"]  # a rewritten prompt: the words typed
+    return dict(prompt=prompt.removeprefix(prefix), rewrite=settings.get("rewrite") or NONE,
+                negative_prompt=settings.get("negative_prompt") or "",
                 model=model, preset=settings.get("preset") or NONE, size="custom", height=settings.get("height"),
                 width=settings.get("width"), **text, random_seed=False, seed=settings.get("seed"),
                 quantization=settings.get("quantization") or NONE, cache=settings.get("cache") or NONE, loras=loras,
@@ -355,6 +359,8 @@ def build(page):
             with gr.Column(scale=3):
                 f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                          placeholder="a cat walks on the grass, realistic style")
+                f["rewrite"] = gr.Dropdown([NONE, *H.REWRITE_MODES], value=NONE, elem_id="rewrite",
+                                           label="Rewrite the prompt first (a small local language model, mlx-lm)")
                 f["negative_prompt"] = gr.Textbox("", label="Negative prompt (true CFG: two DiT forwards a step)",
                                                   elem_id="negative_prompt")
                 with gr.Row():
@@ -424,7 +430,7 @@ def build(page):
         def on_generate(request: gr.Request, *args):
             v = values(args)
             try:
-                argv = flags(v, folders)
+                argv = flags(v, folders, page.rewrite_model)
                 seed = parse(argv).seed
                 if seed is None:  # chosen now, for the file's name and to show it
                     seed = int.from_bytes(os.urandom(4), "little") >> 1
@@ -487,6 +493,8 @@ def parse_args(argv):
                                                          "./outputs)")
     ap.add_argument("--model", default=H.DEFAULT_MODEL, help=f"the model the page starts with (default "
                     f"{H.DEFAULT_MODEL}; 'tiny' for the offline demo)")
+    ap.add_argument("--rewrite-model", metavar="ID", help=f"the instruct model of the page's prompt rewrite: a hub id or "
+                    f"a folder in mlx-lm's layout (default {H.REWRITE_MODEL})")
     ap.add_argument("--port", type=int, default=7860, help="default 7860")
     ap.add_argument("--listen", nargs="?", const="0.0.0.0", metavar="ADDRESS", help="serve other machines too: on "
                     "ADDRESS (default 0.0.0.0, every address of this machine); pair it with --auth")
@@ -522,7 +530,7 @@ def main(argv=None):
             print(f"error: {name} {path}: cannot make the folder ({e.strerror}); choose another.", file=sys.stderr)
             return 2
         folders.append(path.resolve())
-    page = Page(Folders(*folders, Path(get_upload_folder()).resolve()), args.model)
+    page = Page(Folders(*folders, Path(get_upload_folder()).resolve()), args.model, args.rewrite_model)
     warnings.showwarning = show_warning
     warnings.filterwarnings("always", module="HunyuanVideo_Apple|hunyuan_apple")  # each run's, not once a server
     demo = build(page)

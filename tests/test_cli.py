@@ -55,7 +55,9 @@ def test_generate_writes_what_it_says(env, tmp_path):
                                             "vae_dtype": "fp16", "text_dtype": "fp16", "fps": 24, "cache": None,
                                             "cache_threshold": None, "version": None, "negative_prompt": None,
                                             "cfg_scale": 1.0, "loras": [], "lora_ignore_unmatched": False,
-                                            "transformer": None, "video": None, "strength": None, "image": None}
+                                            "transformer": None, "video": None, "strength": None, "image": None,
+                                            "original_prompt": None, "rewrite": None, "rewrite_model": None,
+                                            "rewrite_temperature": None, "rewrite_seed": None}
     assert work["forwards"] == 2 and work["skipped"] == 0 and work["steps"] == [True, True] and work["pflop"] > 0
     assert f"DiT forwards: 2 computed, 0 skipped (no cache), {work['pflop']:.3g} PFLOP" in r.stdout
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))

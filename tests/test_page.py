@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import HunyuanVideo_Apple as H
 import hunyuan_apple as cli
 import hunyuan_apple_ui as ui
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_GB = "8"  # what the page's server may use: 720p x 129 frames of the tiny model plans 53 GiB, 96 x 160 0.4 GiB
 # every field of the page's form, as gradio_client names them: a small, quick text-to-video request
-FORM = dict(prompt="a red fox runs through snow", negative_prompt="", model="tiny", preset="none", size="custom",
+FORM = dict(prompt="a red fox runs through snow", rewrite="none", negative_prompt="", model="tiny", preset="none", size="custom",
             aspect_ratio="16:9", height=32, width=48, frames="5", steps="4", guidance="", cfg_scale="", shift="",
             random_seed=False, seed=3, quantization="none", cache="none", cache_threshold="", loras=[],
             lora_files=None, lora_scales="", image=None, video=None, strength=0.8, low_memory=False, force=False)
@@ -55,9 +56,12 @@ class Server:
         self.env = {**os.environ, "HUNYUAN_APPLE_CACHE": str(root / "cache"), "HUNYUAN_APPLE_MEMORY_GB": MEMORY_GB,
                     "GRADIO_TEMP_DIR": str(root / "uploads")}
         self.log = root / "server.log"
+        from test_rewrite import instruct_models  # a tiny instruct model for the page's prompt rewrite
+        self.rewriter = instruct_models(root / "instruct")["finishes"]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "hunyuan_apple_ui.py"), "--models", "models",
-                                          "--outputs", "outputs", "--model", "tiny", "--port", str(self.port)],
+                                          "--outputs", "outputs", "--model", "tiny", "--port", str(self.port),
+                                          "--rewrite-model", str(self.rewriter)],
                                          cwd=root, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while True:
@@ -185,6 +189,20 @@ def test_a_generation_from_the_page_is_the_command_lines(server, monkeypatch, tm
     again = dict(zip(OUTPUTS, client.predict(**{**form, "seed": 4}, api_name="/generate")))
     assert "the prompt's encoding comes from the prompt cache" in again["log"]
     assert any(item["caption"].startswith(form["prompt"]) for item in again["gallery"])
+
+
+def test_the_page_rewrites_the_prompt_first(server, monkeypatch):
+    from gradio_client import Client
+
+    from test_rewrite import PROMPT
+
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(server.root / "elsewhere"))  # not the server's rewrite cache
+    expected, _ = H.rewrite_prompt(PROMPT, "normal", model=str(server.rewriter))
+    done = dict(zip(OUTPUTS, Client(server.url, verbose=False).predict(**{**FORM, "prompt": PROMPT,
+                                                                           "rewrite": "normal"},
+                                                                        api_name="/generate")))
+    assert (done["settings"]["prompt"], done["settings"]["original_prompt"]) == (expected, PROMPT) != (PROMPT,) * 2
+    assert f"the prompt, rewritten (normal, {server.rewriter}): {expected}" in done["log"]
 
 
 def test_one_generation_at_a_time_and_cancel_leaves_a_checkpoint(server):
@@ -388,6 +406,13 @@ def test_use_these_settings_gives_back_the_same_run(tmp_path, monkeypatch):
                                         f"{folders.models / 'loras/a_lora.safetensors'}:0.7"]))
     again = cli.resolve(ui.parse(ui.flags({**FORM, **ui.form_values(saved, folders)}, folders)))
     assert {**again, "seed": saved["seed"]} == saved and again["seed"] == 11
+    # a rewritten prompt: the form gets the words typed and the mode, and the run rewrites them again
+    rewritten = {**saved, "prompt": "A crane wades through a misty marsh at dawn.", "original_prompt": "a crane",
+                 "rewrite": "normal"}
+    form = ui.form_values(rewritten, folders)
+    assert (form["prompt"], form["rewrite"]) == ("a crane", "normal")
+    again = cli.resolve(ui.parse(ui.flags({**FORM, **form}, folders)))
+    assert (again["prompt"], again["original_prompt"], again["rewrite"]) == ("a crane", None, "normal")
 
 
 def test_the_page_keeps_its_pipeline_while_the_model_is_the_same(tmp_path, monkeypatch):
