@@ -33,8 +33,8 @@ import hunyuan_apple as C
 NONE = "none"  # the dropdowns' "no rewrite / preset / quantization / cache"
 SIZES = ["model default", *C.BUCKETS, "custom"]  # "model default": 540p, or the tiny demo's 96 x 160
 # the form's fields, in the order the handlers take them (and gradio_client names them)
-FIELDS = ("prompt", "rewrite", "negative_prompt", "model", "preset", "size", "aspect_ratio", "height", "width", "frames",
-          "steps", "guidance", "cfg_scale", "shift", "random_seed", "seed", "quantization", "cache",
+FIELDS = ("prompt", "rewrite", "negative_prompt", "model", "preset", "size", "aspect_ratio", "height", "width",
+          "frames", "steps", "guidance", "cfg_scale", "shift", "random_seed", "seed", "quantization", "cache",
           "cache_threshold", "loras", "lora_files", "lora_scales", "image", "video", "strength", "low_memory", "force")
 Folders = namedtuple("Folders", "models outputs uploads")
 
@@ -185,14 +185,15 @@ class Job:
 # the command line's flags that its messages name, as the page names them
 PAGE_WORDS = {"--force": "the box \"Run even if the plan says it will not fit\"", "--resolution": "the custom size",
               "--low-memory": "Low memory", "--quantization": "Quantization", "--frames": "Frames", "--steps": "Steps",
-              "--image FILE": "an image", "--image": "an image", "--cfg-scale": "True CFG scale", "--negative-prompt": "a negative prompt",
+              "--image FILE": "an image", "--image": "an image", "--cfg-scale": "True CFG scale",
+              "--negative-prompt": "a negative prompt",
               "--model": "Model", "--preset": "Preset", "--cache-threshold": "Cache threshold", "--cache": "Step cache"}
 
 
 def in_page_words(message):
     """A message of the command line, with its flags named as the page names them."""
-    return re.sub("|".join(sorted(map(re.escape, PAGE_WORDS), key=len, reverse=True)),
-                  lambda m: PAGE_WORDS[m.group(0)], message)
+    return re.sub("(" + "|".join(sorted(map(re.escape, PAGE_WORDS), key=len, reverse=True)) + r")(?![\w-])",
+                  lambda m: PAGE_WORDS[m.group(0)], message)  # whole flags: --cache, not --cache-threshold's
 
 
 class Page:
@@ -493,8 +494,8 @@ def parse_args(argv):
                                                          "./outputs)")
     ap.add_argument("--model", default=H.DEFAULT_MODEL, help=f"the model the page starts with (default "
                     f"{H.DEFAULT_MODEL}; 'tiny' for the offline demo)")
-    ap.add_argument("--rewrite-model", metavar="ID", help=f"the instruct model of the page's prompt rewrite: a hub id or "
-                    f"a folder in mlx-lm's layout (default {H.REWRITE_MODEL})")
+    ap.add_argument("--rewrite-model", metavar="ID", help=f"the instruct model of the page's prompt rewrite: a hub id "
+                    f"or a folder in mlx-lm's layout (default {H.REWRITE_MODEL})")
     ap.add_argument("--port", type=int, default=7860, help="default 7860")
     ap.add_argument("--listen", nargs="?", const="0.0.0.0", metavar="ADDRESS", help="serve other machines too: on "
                     "ADDRESS (default 0.0.0.0, every address of this machine); pair it with --auth")

@@ -25,9 +25,9 @@ import hunyuan_apple_ui as ui
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_GB = "8"  # what the page's server may use: 720p x 129 frames of the tiny model plans 53 GiB, 96 x 160 0.4 GiB
 # every field of the page's form, as gradio_client names them: a small, quick text-to-video request
-FORM = dict(prompt="a red fox runs through snow", rewrite="none", negative_prompt="", model="tiny", preset="none", size="custom",
-            aspect_ratio="16:9", height=32, width=48, frames="5", steps="4", guidance="", cfg_scale="", shift="",
-            random_seed=False, seed=3, quantization="none", cache="none", cache_threshold="", loras=[],
+FORM = dict(prompt="a red fox runs through snow", rewrite="none", negative_prompt="", model="tiny", preset="none",
+            size="custom", aspect_ratio="16:9", height=32, width=48, frames="5", steps="4", guidance="", cfg_scale="",
+            shift="", random_seed=False, seed=3, quantization="none", cache="none", cache_threshold="", loras=[],
             lora_files=None, lora_scales="", image=None, video=None, strength=0.8, low_memory=False, force=False)
 # the page's outputs, in the order gradio_client returns them (the resume state stays in the page)
 OUTPUTS = ("progress", "preview", "video", "settings", "ledger", "message", "log", "gallery")
