@@ -4,17 +4,20 @@ One module, in the order data flows through the model:
   0. the optional prompt rewrite: a short prompt written out by a small local instruct model (mlx-lm);
   1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector); for image to video,
      LLaVA's CLIP vision tower and projector, the image read with the prompt;
-  2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, 20 double-stream and
-     40 single-stream blocks (token replace: the image's first frame modulated at timestep 0), final layer;
+  2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, Radial Attention (sparse attention
+     between far frames, only the kept blocks computed), 20 double-stream and 40 single-stream blocks (token
+     replace: the image's first frame modulated at timestep 0), final layer;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
-  4. quantization of the DiT's blocks and the LLM (int8, int4, fp8);
+  4. quantization of the DiT's blocks and the LLM (int8, int4, fp8), the DiT's layers multiplying by MLX's kernel
+     or on weights dequantized a block at a time;
   5. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as
      their makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own
      precision (DiT bf16, VAE and text encoders fp16); LoRAs in four key layouts, merged before quantizing
      or as low-rank branches beside quantized layers;
-  6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache:
-     fewer DiT forwards) and its live preview, and the pipeline that runs it all in phases: the adaLN
-     modulation precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan,
+  6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache,
+     TaylorSeer: fewer DiT forwards), the pieces its loop calls (start_latents, GuidedDiT, sampler_step, the
+     work ledger) and its live preview, and the pipeline that runs it all in phases: the adaLN modulation
+     precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan, AccVideo,
      SkyReels-V1), true classifier-free guidance with a negative prompt, video to video, image to video
      (HunyuanVideo-I2V's token replace and latent concat, SkyReels-V1 I2V);
   7. the offline demos: tiny random checkpoints in the real layout (text to video, and image to video);
@@ -617,9 +620,12 @@ def _query_chunk(batch, heads, queries, keys, head_dim):
     return max(1, min(queries, int(ATTENTION_FLOP // per_query)))
 
 
-def _attention(q, k, v, mask):
+def _attention(q, k, v, mask, radial=None):
     """q, k, v (B, heads, N, head_dim); mask None or bool (B, 1, 1|N, N), True = attend -> (B, N, D). Over
-    query chunks when one call would exceed ATTENTION_FLOP: each query's result is the same either way."""
+    query chunks when one call would exceed ATTENTION_FLOP: each query's result is the same either way.
+    radial: a RadialAttention for the video's blocks (the DiT's blocks, on its sparse steps), or None (dense)."""
+    if radial is not None:
+        return radial.attend(q, k, v, mask)
     B, H, N, Dh = q.shape
     rows = _query_chunk(B, H, N, k.shape[2], Dh)
     parts = []
@@ -657,6 +663,178 @@ def _rope_table(grid, axes_dim, theta, n_text):
     cos = np.concatenate([np.cos(angles), np.ones((n_text, angles.shape[1]), np.float32)])
     sin = np.concatenate([np.sin(angles), np.zeros((n_text, angles.shape[1]), np.float32)])
     return mx.array(cos)[..., None], mx.array(sin)[..., None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: Radial Attention (the video's attention between far frames made sparse)
+# ---------------------------------------------------------------------------------------------------
+# Radial Attention (mit-han-lab/radial-attention, NeurIPS 2025, built on diffusers' HunyuanVideoPipeline): a
+# static mask over blocks of 128 video tokens whose window shrinks as the distance between the query's frame and
+# the key's grows, training-free. Its rule (radial_attn/attn_mask.py, gen_log_mask_shrinked), for each pair of
+# latent frames (i queries, j keys), tokens per frame f: frame 0 is an attention sink, kept whole; frames at most 1
+# apart keep everything; farther pairs keep the band |r - c| <= max(2^bits(f) / 2^bits(|i-j|) * decay, block),
+# and only when d = 2^bits(f) / 2^bits(|i-j|) < block, only the pairs with |i-j| a multiple of int(block / d)
+# (the reference fixes that threshold at 128, its block size; here it is the block size). Each pair's token
+# mask, at its offset in a block-aligned canvas, becomes blocks: a block is kept when more than 60% of its
+# non-empty columns are over a third full. Text keys and queries, and the video tokens of a last partial block,
+# stay dense (as the reference keeps the block that holds the video/text border); text padding is masked as in
+# dense attention. The FLOPs really drop: for each run of query blocks keeping the same key blocks, those blocks
+# are gathered and given to the fused attention with the keys every video query sees; nothing is masked away.
+# Dense for the first steps (the reference: 12 of 50, kept as that fraction of the steps) and for the first
+# `dense_layers` blocks (double blocks 0..19, then the single blocks 20 on).
+
+RADIAL_DENSE_STEPS = 12 / 50  # scripts/hunyuan_t2v_inference.sh: dense_timesteps 12 of 50 steps
+RADIAL_DEFAULTS = dict(dense_steps=None, dense_layers=0, decay=1.0, block=128)  # None: RADIAL_DENSE_STEPS
+ATTENTIONS = ("dense", "radial")
+
+
+@lru_cache(maxsize=4096)
+def _radial_blocks(per_frame, window, row_offset, col_offset, block):
+    """The reference's shrinkMaskStrict of one frame pair's band |r - c| <= window (math.inf: all), placed at
+    (row_offset, col_offset) in a canvas of n = ceil(per_frame / block) blocks a side (cut there, as the reference
+    cuts it): (n, n) bool. Counted per column rather than drawn: O(n x per_frame)."""
+    n = -(-per_frame // block)
+    R = np.arange(n)[:, None]
+    a = np.clip(R * block - row_offset, 0, per_frame)  # the frame's rows in block row R: [a, b)
+    b = np.clip((R + 1) * block - row_offset, 0, per_frame)
+    c = np.arange(per_frame)[None]
+    if window == math.inf:
+        count = np.broadcast_to(b - a, (n, per_frame))
+    else:  # rows r with c - window <= r <= c + window
+        count = np.clip(np.minimum(b, np.floor(c + window).astype(int) + 1) - np.maximum(a, np.ceil(c - window)
+                                                                                           .astype(int)), 0, None)
+    canvas = np.zeros((n, n * block), np.int64)  # (block rows, canvas columns) of row counts
+    cols = min(per_frame, n * block - col_offset)
+    canvas[:, col_offset:col_offset + cols] = count[:, :cols]
+    canvas = canvas.reshape(n, n, block)
+    high = (3 * canvas > block).sum(-1)  # columns over a third full (count / block > 1/3, exactly)
+    nonzero = (canvas > 0).sum(-1)
+    return 5 * high > 3 * nonzero  # more than 60% of the non-empty columns
+
+
+def radial_block_mask(frames, per_frame, block=128, decay=1.0):
+    """Which blocks of `block` video tokens Radial Attention keeps: (n, n) bool over the n = frames x per_frame //
+    block whole blocks of the video (tokens frame-major, per_frame tokens a latent frame)."""
+    n = frames * per_frame // block
+    out = np.zeros((n, n), bool)
+    bits = 2 ** per_frame.bit_length()
+    for i, j in itertools.product(range(frames), repeat=2):
+        dist = abs(i - j)
+        d = bits / 2 ** dist.bit_length()
+        if j == 0:  # the attention sink
+            window = math.inf
+        else:
+            if d < block and dist % int(block / d):  # the diagonal split: this frame pair is dropped
+                continue
+            window = math.inf if dist <= 1 else max(d * decay, block)
+        kept = _radial_blocks(per_frame, window, i * per_frame % block, j * per_frame % block, block)
+        r, c = i * per_frame // block, j * per_frame // block
+        part = out[r:r + kept.shape[0], c:c + kept.shape[1]]
+        part |= kept[:part.shape[0], :part.shape[1]]
+    return out
+
+
+def attention_pattern(attention, radial, grid, steps):
+    """None (dense attention), or the RadialAttention of a generation over the latent grid (t, h, w) of patches,
+    with radial = {dense_steps, dense_layers, decay, block} over RADIAL_DEFAULTS; bad settings in one sentence."""
+    if attention not in ATTENTIONS:
+        raise HunyuanVideoError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}.")
+    radial = dict(radial or {})
+    if attention == "dense":
+        if radial:
+            raise HunyuanVideoError(f"Radial Attention's {', '.join(sorted(radial))} with dense attention: choose "
+                                    f"radial attention too, or leave them out.")
+        return None
+    unknown = set(radial) - set(RADIAL_DEFAULTS)
+    if unknown:
+        raise HunyuanVideoError(f"Radial Attention has no {', '.join(sorted(unknown))}: its settings are "
+                                f"{', '.join(RADIAL_DEFAULTS)}.")
+    o = {**RADIAL_DEFAULTS, **{k: v for k, v in radial.items() if v is not None}}
+    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    if o["dense_steps"] is not None and not (whole(o["dense_steps"]) and 0 <= o["dense_steps"] <= steps):
+        raise HunyuanVideoError(f"Radial Attention's dense steps {o['dense_steps']}: use 0 to {steps} (the steps); "
+                                f"its default is {RADIAL_DENSE_STEPS:.0%} of them "
+                                f"({int(RADIAL_DENSE_STEPS * steps + 0.5)}).")
+    if not (whole(o["dense_layers"]) and o["dense_layers"] >= 0):
+        raise HunyuanVideoError(f"Radial Attention's dense layers {o['dense_layers']}: use a whole number of 0 or more "
+                                f"(the blocks from the first, double then single, left dense; its default is 0).")
+    if not (isinstance(o["decay"], (int, float)) and 0 < o["decay"] <= 4):
+        raise HunyuanVideoError(f"Radial Attention's decay {o['decay']}: use a number above 0 and at most 4 (it scales "
+                                f"the windows of far frames; the reference uses 1).")
+    if not (whole(o["block"]) and 8 <= o["block"] <= 1024 and o["block"] & (o["block"] - 1) == 0):
+        raise HunyuanVideoError(f"Radial Attention's block {o['block']}: use a power of two from 8 to 1024 (the "
+                                f"reference's is 128).")
+    if grid[0] * grid[1] * grid[2] < o["block"]:
+        raise HunyuanVideoError(f"Radial Attention at this size: the video has {grid[0] * grid[1] * grid[2]} tokens, "
+                                f"less than one block of {o['block']}; use dense attention (or a smaller block).")
+    return RadialAttention(grid, steps, **o)
+
+
+class RadialAttention:
+    """One generation's Radial Attention over a latent grid (t, h, w) of patches: its block mask, the steps and
+    layers it leaves dense, and the sparse attention itself (attend)."""
+
+    def __init__(self, grid, steps, dense_steps=None, dense_layers=0, decay=1.0, block=128):
+        self.frames, self.per_frame = grid[0], grid[1] * grid[2]
+        self.video = self.frames * self.per_frame
+        self.dense_steps = int(RADIAL_DENSE_STEPS * steps + 0.5) if dense_steps is None else dense_steps
+        self.dense_layers, self.decay, self.block = dense_layers, decay, block
+        self.mask = radial_block_mask(self.frames, self.per_frame, block, decay)
+        self.sparse = self.mask.shape[0] * block  # the video tokens in whole blocks; the rest are dense
+        # runs of query blocks that keep the same key blocks: (first, end, kept key blocks)
+        self.runs = [(s, e, np.nonzero(self.mask[s])[0]) for s, e in _runs(self.mask)]
+
+    @property
+    def density(self):
+        """The share of the video-video blocks kept."""
+        return float(self.mask.mean()) if self.mask.size else 1.0
+
+    def at(self, step):
+        """self for a step that runs sparse, or None (dense)."""
+        return self if step >= self.dense_steps else None
+
+    def pairs(self, n_text):
+        """Query-key pairs that attend computes over the video and n_text text tokens (dense: N^2)."""
+        n = self.video + n_text
+        rest = n - self.sparse  # the keys every video query sees, and the queries that see every key
+        return int(self.mask.sum()) * self.block ** 2 + self.sparse * rest + rest * n
+
+    def attend(self, q, k, v, mask):
+        """_attention's result with the radial mask: q, k, v (B, heads, N, head_dim), N = video + text tokens;
+        mask None or (B, 1, 1, N) bool over the keys. Runs of query blocks each take their kept key blocks
+        (gathered) and the rest; the dense rows go through _attention. Evaluated every ATTENTION_FLOP (the
+        watchdog) or whenever the keys gathered since reach k's size (memory: at most about twice k and v)."""
+        B, H, N, Dh = q.shape
+        S, bs = self.sparse, self.block
+        kb, vb = (a[:, :, :S].reshape(B, H, S // bs, bs, Dh) for a in (k, v))  # (B, heads, blocks, bs, hd)
+        parts, budget, gathered = [], 0, 0
+        for first, end, cols in self.runs:
+            idx = mx.array(cols)
+            keys, values = (mx.concatenate([mx.take(blocks, idx, axis=2).reshape(B, H, -1, Dh), a[:, :, S:]], axis=2)
+                            for blocks, a in ((kb, k), (vb, v)))  # (B, heads, kept blocks x bs + N - S, hd)
+            m = None if mask is None else mx.concatenate(
+                [mx.ones((B, 1, 1, len(cols) * bs), mx.bool_), mask[..., S:]], axis=-1)
+            rows = _query_chunk(B, H, (end - first) * bs, keys.shape[2], Dh)
+            gathered += keys.size
+            for s in range(first * bs, end * bs, rows):
+                o = mx.fast.scaled_dot_product_attention(q[:, :, s:min(s + rows, end * bs)], keys, values,
+                                                         scale=Dh ** -0.5, mask=m)
+                parts.append(o.transpose(0, 2, 1, 3).reshape(B, -1, H * Dh))  # (B, heads, n, hd) -> (B, n, D)
+                budget += 4 * B * H * o.shape[2] * keys.shape[2] * Dh
+                if budget >= ATTENTION_FLOP or gathered >= k.size:
+                    mx.eval(parts)
+                    budget = gathered = 0
+        if S < N:
+            parts.append(_attention(q[:, :, S:], k, v, mask))
+        return mx.concatenate(parts, axis=1)
+
+
+def _runs(mask):
+    """[(first, end)] of the runs of equal consecutive rows of a 2-D bool array."""
+    if not mask.shape[0]:
+        return []
+    starts = [0] + [r for r in range(1, mask.shape[0]) if not np.array_equal(mask[r], mask[r - 1])]
+    return list(zip(starts, starts[1:] + [mask.shape[0]]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -828,23 +1006,24 @@ class DoubleBlock(nn.Module):
         y = getattr(self, f"{s}_mlp")(_modulate_split(x, shift2, scale2, first[3:5], n))
         return _gated_split(x, gate2, y, first[5], n)
 
-    def __call__(self, img, txt, vec, rope, mask, replace=None):
+    def __call__(self, img, txt, vec, rope, mask, replace=None, radial=None):
         """img (B, Ni, D), txt (B, Nt, D), vec (B, D); rope = (cos, sin) for the Ni video tokens. replace: token
-        replace's (timestep-0 vector (B, D), n): the first n video tokens are modulated by it."""
+        replace's (timestep-0 vector (B, D), n): the first n video tokens are modulated by it. radial: see
+        _attention."""
         img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
         first, n = (self.img_mod(replace[0], first=True), replace[1]) if replace else (None, 0)
-        attn = self._attend(img, txt, img_mod, txt_mod, rope, mask, first, n)
+        attn = self._attend(img, txt, img_mod, txt_mod, rope, mask, first, n, radial)
         ni = img.shape[1]
         return self._rest("img", img, attn[:, :ni], img_mod, first, n), self._rest("txt", txt, attn[:, ni:], txt_mod)
 
-    def _attend(self, img, txt, img_mod, txt_mod, rope, mask, first=None, n=0):
+    def _attend(self, img, txt, img_mod, txt_mod, rope, mask, first=None, n=0, radial=None):
         """The joint attention over [video ; text], evaluated on its own: its q, k, v, norms and rotations (this
         function's) are freed before the MLPs run, which lowers the block's peak (the plan counts the halves)."""
         qi, ki, vi = self._qkv("img", img, img_mod, first, n)
         qi, ki = _rope(qi, *rope), _rope(ki, *rope)  # RoPE on video only
         qt, kt, vt = self._qkv("txt", txt, txt_mod)
         attn = _attention(mx.concatenate([qi, qt], axis=2), mx.concatenate([ki, kt], axis=2),
-                          mx.concatenate([vi, vt], axis=2), mask)
+                          mx.concatenate([vi, vt], axis=2), mask, radial)
         mx.eval(attn)
         return attn
 
@@ -862,20 +1041,20 @@ class SingleBlock(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.modulation = Modulation(dim, 3)
 
-    def __call__(self, x, vec, rope, mask, replace=None):
-        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows. replace: as DoubleBlock's."""
+    def __call__(self, x, vec, rope, mask, replace=None, radial=None):
+        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows. replace, radial: as DoubleBlock's."""
         shift, scale, gate = self.modulation(vec)
         first, n = (self.modulation(replace[0], first=True), replace[1]) if replace else ([None] * 3, 0)
-        attn, mlp = self._attend(x, shift, scale, rope, mask, first[:2], n)
+        attn, mlp = self._attend(x, shift, scale, rope, mask, first[:2], n, radial)
         return _gated_split(x, gate, self.linear2(mx.concatenate([attn, mlp], axis=-1)), first[2], n)
 
-    def _attend(self, x, shift, scale, rope, mask, first=None, n=0):
+    def _attend(self, x, shift, scale, rope, mask, first=None, n=0, radial=None):
         """Attention and the GELU of the MLP branch, evaluated on their own: linear1's output and the q, k, v
         made from it (this function's) are freed before linear2 runs (the plan counts the two halves)."""
         h = self.linear1(_modulate_split(x, shift, scale, first, n))  # (B, N, 3D + mlp)
         q, k, v = _heads(h, 3, self.heads, self.dim)  # views of h
         q, k = _rope(self.q_norm(q), *rope), _rope(self.k_norm(k), *rope)
-        out = _attention(q, k, v, mask), nn.gelu_approx(h[..., 3 * self.dim:])
+        out = _attention(q, k, v, mask, radial), nn.gelu_approx(h[..., 3 * self.dim:])
         mx.eval(out)
         return out
 
@@ -933,6 +1112,7 @@ class HunyuanVideoTransformer(nn.Module):
     # used by the block and dropped after it.
     stream = None
     modulation_step = None  # set by precompute_modulation
+    radial = None  # the step's RadialAttention (the sampler sets it), or None: dense attention
 
     @property
     def dtype(self):
@@ -1008,7 +1188,11 @@ class HunyuanVideoTransformer(nn.Module):
         attn_mask = None
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
-        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace)
+        radial = self.radial
+        if radial is not None and radial.video != ni:
+            raise HunyuanVideoError(f"Radial Attention was set up for {radial.video} video tokens, not {ni}: make it "
+                                    f"for this video's size.")
+        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace, radial)
 
     def conditioning(self, timestep, pooled, guidance=None):
         """The conditioning vector (B, D) of every adaLN modulation: time_in(t) + guidance_in(g) +
@@ -1047,14 +1231,17 @@ class HunyuanVideoTransformer(nn.Module):
         txt = tokens.txt if txt is None else txt
         cos, sin = tokens.rope
         ni = img.shape[1]
+        radial = tokens.radial  # sparse from layer radial.dense_layers on (double blocks first, then single)
+        sparse = lambda layer: radial if radial is not None and layer >= radial.dense_layers else None  # noqa: E731
         for i in range(first, len(self.double_blocks) if last is None else last):
             img, txt = self._run("double_blocks", i, img, txt, tokens.vec, (cos[:ni], sin[:ni]), tokens.mask,
-                                 tokens.replace)
+                                 tokens.replace, sparse(i))
         if last is not None:
             return img, txt
         x = mx.concatenate([img, txt], axis=1)  # (B, Ni + Nt, D)
         for i in range(len(self.single_blocks)):
-            x = self._run("single_blocks", i, x, tokens.vec, (cos, sin), tokens.mask, tokens.replace)
+            x = self._run("single_blocks", i, x, tokens.vec, (cos, sin), tokens.mask, tokens.replace,
+                          sparse(len(self.double_blocks) + i))
         return x[:, :ni], x[:, ni:]
 
     def final(self, img, tokens):
@@ -1066,22 +1253,41 @@ class HunyuanVideoTransformer(nn.Module):
         x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # (B, T', pt, H', ph, W', pw, C)
         return x.reshape(B, T, H, W, self.out_channels)
 
-    def flops(self, tokens, double=None, single=None):
-        """FLOP of a forward over `tokens` that runs `double` and `single` blocks (all by default): dit_flops."""
+    def work(self, tokens, double=None, single=None, radial=None):
+        """(attention, linear) FLOP of a forward over `tokens` that runs `double` and `single` blocks (all by
+        default), with Radial Attention's kept pairs in its sparse layers: dit_work."""
         d, _, mlp_ratio = self.block_args
-        return dit_flops(tokens, d, int(d * mlp_ratio), len(self.double_blocks) if double is None else double,
-                         len(self.single_blocks) if single is None else single)
+        double = len(self.double_blocks) if double is None else double
+        single = len(self.single_blocks) if single is None else single
+        sparse, pairs = 0, None
+        if radial is not None:  # the layers run from radial.dense_layers on (double blocks, then single)
+            dense = radial.dense_layers
+            sparse = max(0, double - dense) + max(0, single - max(0, dense - len(self.double_blocks)))
+            pairs = radial.pairs(tokens - radial.video)
+        return dit_work(tokens, d, int(d * mlp_ratio), double, single, pairs, sparse)
+
+    def flops(self, tokens, double=None, single=None, radial=None):
+        """FLOP of such a forward: the sum of work's."""
+        return sum(self.work(tokens, double, single, radial))
+
+
+def dit_work(tokens, dim=3072, mlp=12288, double=20, single=40, pairs=None, sparse=0):
+    """(attention, linear) FLOP of the DiT's blocks over `tokens` (video + valid text): their token-wise linear
+    layers (2 per multiply-add) and attention (Q K^T and A V: 4 x dim per query-key pair; tokens^2 pairs, or
+    `pairs` in `sparse` of the layers). The embedders, the refiner and the final layer are under 0.1% at real
+    sizes and not counted. 544x960x129 (N = 67,576 with 256 text tokens): 4.3 PFLOP a forward, 78.5% attention."""
+    linear = double * (4 * dim * dim + 2 * dim * mlp) + single * (dim * (3 * dim + mlp) + (dim + mlp) * dim)
+    layers = double + single
+    attention = 4 * dim * (tokens * tokens * (layers - sparse) + (pairs or 0) * sparse)
+    return attention, 2 * tokens * linear
 
 
 def dit_flops(tokens, dim=3072, mlp=12288, double=20, single=40):
-    """FLOP of the DiT's blocks over `tokens` (video + valid text): their token-wise linear layers (2 per
-    multiply-add) and attention (Q K^T and A V). The embedders, the refiner and the final layer are under 0.1%
-    at real sizes and not counted. 544x960x129 (N = 67,576 with 256 text tokens): 4.3 PFLOP a forward."""
-    linear = double * (4 * dim * dim + 2 * dim * mlp) + single * (dim * (3 * dim + mlp) + (dim + mlp) * dim)
-    return 2 * tokens * linear + 4 * tokens * tokens * dim * (double + single)
+    """FLOP of a dense forward of the DiT's blocks: dit_work's sum."""
+    return sum(dit_work(tokens, dim, mlp, double, single))
 
 
-Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace")  # what DiT.embed gives its blocks
+Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace radial")  # what DiT.embed gives its blocks
 
 
 class _Step:
@@ -1443,6 +1649,51 @@ def _is_modulation(name):
     return bool(_MODULATION.match(name) or re.match(r"(img_mod|txt_mod|modulation)\.linear\.", name))
 
 
+# Two ways to multiply by a quantized weight. MLX's kernel (mx.quantized_matmul) reads the packed weights; the other
+# way dequantizes the layer's weight to the activations' dtype just before its matmul, inside the block's own graph
+# (so one block's weights at a time, freed once the block is evaluated) and multiplies in bf16. FastVideo measured
+# on an M4 Max (PR #1788, MLX 0.31.2) that for activations of 768 rows and more the second is faster (int8 11.6%,
+# int4 10.7% less time, bit-exact), and that on M1/M2 a 4-bit matmul runs about 30% below bf16; an M3 Ultra shows
+# no penalty, and M5's matrix units make the kernel pay. The rule (matmul "auto"): dequantized on an Apple GPU other
+# than an M5 when the activations have 768 rows or more (the DiT's always do: rows are video tokens), the kernel
+# elsewhere (the CPU and CUDA backends: nothing measured). The results agree to the dtype's rounding.
+QUANTIZED_MATMULS = ("auto", "kernel", "dequantized")
+DEQUANTIZE_ROWS = 768
+
+
+def dequantize_matmul(rows, choice="auto"):
+    """Whether the DiT's quantized layers run on dequantized weights (True) or MLX's kernel (False): choice
+    "kernel" or "dequantized", or "auto" by the rule above for activations of `rows` rows."""
+    if choice not in QUANTIZED_MATMULS:
+        raise HunyuanVideoError(f"quantized matmul {choice!r}: use one of {', '.join(QUANTIZED_MATMULS)}.")
+    if choice != "auto":
+        return choice == "dequantized"
+    name = mx.device_info().get("device_name", "") if mx.metal.is_available() else ""
+    return bool(name) and "M5" not in name and rows >= DEQUANTIZE_ROWS
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """A DiT block's quantized Linear layer: MLX's kernel, or (dequantized True) a matmul on its weight dequantized
+    to the activations' dtype just in time (see dequantize_matmul)."""
+
+    dequantized = False
+
+    def __call__(self, x):
+        if not self.dequantized:
+            return super().__call__(x)
+        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+                          mode=self.mode)
+        y = x @ w.astype(x.dtype).T
+        return y + self["bias"] if "bias" in self else y
+
+
+def set_quantized_matmul(model, dequantized):
+    """Every quantized layer of the DiT `model` runs its matmul dequantized (True) or by the kernel (False)."""
+    for _, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            module.dequantized = dequantized
+
+
 def quantize(model, quantization, modulation=False):
     """Quantize model's large Linear layers in place: a HunyuanVideoTransformer (or one of its blocks), a
     LlamaTextEncoder, or a LlavaTextEncoder's language model. Lazy, like everything in MLX: a weight is
@@ -1463,6 +1714,10 @@ def quantize(model, quantization, modulation=False):
         return True
 
     nn.quantize(model, class_predicate=wanted, **spec)
+    if isinstance(model, HunyuanVideoTransformer) or block:  # the DiT's layers can also run dequantized
+        for _, module in model.named_modules():
+            if type(module) is nn.QuantizedLinear:
+                module.__class__ = QuantizedLinear  # the same object and parameters; only its call changes
     model.quantization, model.quantized_modulation = quantization, modulation
     return model
 
@@ -2083,7 +2338,7 @@ def merge_lora(weights, lora):
     return branches
 
 
-class LoRAQuantizedLinear(nn.QuantizedLinear):
+class LoRAQuantizedLinear(QuantizedLinear):
     """A quantized Linear layer with LoRA branches beside it: y = layer(x) + (x down^T) up^T on each part's rows.
     The branches are held under _lora, which is not a parameter: the layer's parameters keep their names, so
     streamed blocks (--low-memory) update them as before. Memory: the LoRA's matrices, in the layer's dtype."""
@@ -2433,9 +2688,10 @@ def euler_step(latents, velocity, sigma, sigma_next):
 # computed instead of running the 60 blocks, whenever its rule predicts the change to be small. Each cache
 # is one object per generation (its state is gone with it) called in place of the DiT at every step; it
 # returns the velocity and how many double and single blocks it ran. Each follows its reference exactly:
-# First-Block Cache and MagCache as diffusers' hooks (FirstBlockCacheConfig, MagCacheConfig), TeaCache and
-# EasyCache as their authors' HunyuanVideo scripts. At threshold 0 no rule skips a step, and what is
-# computed is what the uncached sampler computes, to the bit.
+# First-Block Cache, MagCache and TaylorSeer (lite) as diffusers' hooks (FirstBlockCacheConfig, MagCacheConfig,
+# TaylorSeerCacheConfig), TeaCache and EasyCache as their authors' HunyuanVideo scripts. At threshold 0 (for
+# TaylorSeer, interval 1) no rule skips a step, and what is computed is what the uncached sampler computes, to
+# the bit.
 
 # MagCache's magnitude ratios for HunyuanVideo's 50 steps, calibrated by its authors at 544p and 720p
 # (MagCache4HunyuanVideo): the mean ratio of a step's residual norm to the previous step's, token by token
@@ -2590,6 +2846,51 @@ class EasyCache:
         return out, model.depth
 
 
+class TaylorSeer:
+    """Forecast the DiT's output by a Taylor expansion in the forward count from the outputs of the forwards
+    that ran, as diffusers' TaylorSeerCacheConfig(use_lite_mode=True) hooks it (TaylorSeer, Liu et al. 2025): its
+    lite mode skips every block on a forecast forward and forecasts only the final projection's output, so it
+    holds order + 1 arrays of the velocity's size (not every module's features). Forward s (counted from 0, as
+    the hook counts its calls) runs in full when s < warmup or (s - warmup - 1) is a multiple of `interval`;
+    each full forward updates f_0 = its output and f_(k+1) = (f_k - f_k of the previous full forward) / (s - its
+    s), up to `order`; a forecast forward gives sum_k f_k (s - s_last)^k / k!. The factors are kept in float32
+    (diffusers' default is bf16; they are 64 numbers a token)."""
+
+    default = None  # no threshold: interval, order and warmup instead
+    options = dict(interval=5, order=1, warmup=3)  # diffusers' defaults (cache_interval, max_order,
+    #                                                disable_cache_before_step)
+
+    def __init__(self, threshold, steps, size, interval=5, order=1, warmup=3):
+        self.interval, self.order, self.warmup = interval, order, warmup
+        self.count, self.last = -1, None  # the forward now; the last one run in full
+
+    def computes(self, s):
+        """Whether forward s runs in full (the hook's rule)."""
+        return s < self.warmup or (s - self.warmup - 1) % self.interval == 0
+
+    def __call__(self, model, args, i, steps):
+        self.count += 1
+        s = self.count
+        if self.computes(s):
+            out = model(*args)
+            factors = [out.astype(mx.float32)]
+            for k in range(self.order):
+                previous = getattr(self, f"factor{k}", None)
+                if self.last is None or previous is None:
+                    break
+                factors.append((factors[k] - previous) / (s - self.last))
+            for k, f in enumerate(factors):
+                setattr(self, f"factor{k}", f)
+            mx.eval(factors)
+            self.last = s
+            return out, model.depth
+        out, k = 0, 0
+        while hasattr(self, f"factor{k}"):
+            out = out + getattr(self, f"factor{k}") * ((s - self.last) ** k / math.factorial(k))
+            k += 1
+        return out.astype(model.dtype), (0, 0)
+
+
 def cache_state(forward):
     """What a step cache has learnt so far, to continue its generation in another process (resume): its arrays,
     and its numbers as [value, type name]. Its settings (thresholds, MagCache's ratios) come from its name."""
@@ -2627,25 +2928,149 @@ def _split_cache_state(state, branches):
     return [(part(arrays, bool(b)), part(numbers, bool(b))) for b in range(branches)]
 
 
-STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache}
+STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache,
+               "taylorseer": TaylorSeer}
 CACHES = {name: cache.default for name, cache in STEP_CACHES.items()}  # their published HunyuanVideo defaults
 
 
-def step_cache(name, threshold, steps, size):
+def step_cache(name, threshold, steps, size, options=None):
     """The forward of one generation: the whole DiT (name None), or a fresh cache at threshold (None: its
-    published default). size: the video's (height, width)."""
+    published default). size: the video's (height, width). options: TaylorSeer's {interval, order, warmup}."""
+    options = dict(options or {})
     if name is None:
-        if threshold is not None:
-            raise HunyuanVideoError("a cache threshold without a cache: name the cache too (one of "
-                                    f"{', '.join(CACHES)}).")
+        if threshold is not None or options:
+            raise HunyuanVideoError(f"a cache {'threshold' if threshold is not None else 'option'} without a cache: "
+                                    f"name the cache too (one of {', '.join(CACHES)}).")
         return _full
     if name not in CACHES:
         raise HunyuanVideoError(f"cache {name!r}: use one of {', '.join(CACHES)}, or none.")
+    known = getattr(STEP_CACHES[name], "options", {})
+    if set(options) - set(known):
+        raise HunyuanVideoError(f"cache options {', '.join(sorted(set(options) - set(known)))}: "
+                                + (f"{name} takes {', '.join(known)}." if known else
+                                   f"{name} takes a threshold only (interval, order and warmup are TaylorSeer's)."))
+    if CACHES[name] is None:
+        if threshold is not None:
+            raise HunyuanVideoError(f"{name} has no threshold: set its interval, order or warmup instead.")
+        options = {**known, **options}
+        bad = [k for k, v in options.items() if not isinstance(v, (int, np.integer)) or v < (0 if k == "warmup" else 1)
+               or k == "order" and v > 4]
+        if bad:
+            raise HunyuanVideoError(f"{name}'s {bad[0]} {options[bad[0]]}: use a whole number "
+                                    + ("of 0 or more (its default 3)." if bad[0] == "warmup" else
+                                       "from 1 to 4 (its default 1)." if bad[0] == "order" else
+                                       "of 1 or more (its default 5; 1 computes every step)."))
+        return STEP_CACHES[name](None, steps, size, **options)
     threshold = CACHES[name] if threshold is None else threshold
     if not 0 <= threshold < math.inf:
         raise HunyuanVideoError(f"cache threshold {threshold}: use 0 or more (0 never skips; {name}'s published "
                                 f"default is {CACHES[name]}).")
     return STEP_CACHES[name](threshold, steps, size)
+
+
+# The sampler's pieces, which denoise's loop calls in turn: the starting latents, the guided DiT (its branches,
+# caches and attention pattern for the step), the Euler step, and the ledger of the work done.
+
+def start_latents(shape, seed, latents, video_latents, sigma, image, condition, resume):
+    """The latents the first step starts from, float32 (B, t, h, w, C): seeded noise; for video to video the video
+    noised to sigma (flow matching's forward process: sigma noise + (1 - sigma) video); or the latents given
+    (resume's, or the caller's). HunyuanVideo-I2V's start as the reference's: 0.999 x + 0.001 image."""
+    if latents is None:
+        x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
+        if video_latents is not None:
+            s = float(sigma)
+            x = s * x + (1 - s) * mx.broadcast_to(video_latents.astype(mx.float32), shape)
+    elif tuple(latents.shape) != shape:
+        raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit this video: pass latents of "
+                                f"shape {shape} (frames, height and width as the request's).")
+    else:
+        x = latents.astype(mx.float32)
+    if condition in ("token_replace", "latent_concat") and not resume:
+        t = np.float32(0.999)
+        x = x * float(t) + mx.broadcast_to(image, shape) * float(np.float32(1) - t)
+    return x
+
+
+def sampler_step(x, v, sigma, sigma_next, image=None):
+    """One Euler step of all frames; with token replace (image: the clean first frame's latents) the first frame
+    stays the image's and the others step."""
+    if image is None:
+        return euler_step(x, v, sigma, sigma_next)
+    return mx.concatenate([image, euler_step(x[:, 1:], v[:, 1:], sigma, sigma_next)], axis=1)
+
+
+def new_ledger(cache=None, attention="dense", resume=None):
+    """The work ledger of a generation (pipe.stats["work"], the log line, the video's metadata): DiT forwards
+    computed and skipped, which steps ran in full, how quantized layers multiplied (matmul: None when the DiT is
+    not quantized, "kernel" or "dequantized"), and the PFLOP computed (pflop, as attention_pflop +
+    linear_pflop) and skipped (by step caches and sparse attention, against dense full forwards). resume: a
+    checkpoint's ledger to go on from."""
+    ledger = dict(cache=cache, attention=attention, matmul=None, forwards=0, skipped=0, pflop=0.0, attention_pflop=0.0,
+                  linear_pflop=0.0, skipped_attention_pflop=0.0, skipped_linear_pflop=0.0, steps=[])
+    if resume:
+        ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
+    return ledger
+
+
+def _record(ledger, model, videos, tokens, ran, radial):
+    """Add a forward over `videos` videos of `tokens` tokens that ran `ran` (double, single) blocks to the ledger."""
+    full, done = model.work(tokens), model.work(tokens, *ran, radial=radial)
+    ledger["forwards" if ran == model.depth else "skipped"] += videos
+    for name, f, d in zip(("attention", "linear"), full, done):
+        ledger[f"{name}_pflop"] += videos * d / 1e15
+        ledger[f"skipped_{name}_pflop"] += videos * (f - d) / 1e15
+    ledger["pflop"] += videos * sum(done) / 1e15
+
+
+class GuidedDiT:
+    """The DiT as the sampler calls it at step i: the prompt's branch alone, or with true CFG the negative
+    prompt's too (one forward of batch 2, or one after the other, each through its own step cache), at the step's
+    modulation row and attention pattern; the guided velocity, float32, and the ledger kept."""
+
+    def __init__(self, model, states, mask, pooled, guidance_scale, sigmas, B, cfg_scale, batched, forwards,
+                 sparse, condition, precompute, video_tokens):
+        self.model, self.mask, self.B, self.cfg_scale, self.forwards = model, mask, B, cfg_scale, forwards
+        self.sparse, self.steps, self.batched = sparse, len(sigmas) - 1, batched
+        self.sigmas = sigmas
+        n = states.shape[0]  # B, or 2B with true CFG
+        # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
+        self.guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
+        self.states, self.vector = states.astype(model.dtype), pooled.astype(model.dtype)
+        if precompute:  # every step's modulation now, and its weights dropped
+            first_frame = model.first_frame_conditioning(self.vector) if condition == "token_replace" else None
+            model.precompute_modulation(mx.stack([model.conditioning(timestep(s, n), self.vector, self.guidance)
+                                                  for s in sigmas[:-1]]), first_frame)
+        self.branches = [slice(None)] if batched or cfg_scale is None else [slice(0, B), slice(B, 2 * B)]
+        counts = mask.sum(axis=1)
+        self.tokens = [video_tokens + int(counts[rows].max().item()) for rows in self.branches]  # video + text
+
+    def __call__(self, inputs, i, ledger):
+        model, B = self.model, self.B
+        if model.modulation_step:
+            model.modulation_step.i = i
+        model.radial = self.sparse.at(i) if self.sparse else None
+        velocities, full = [], True
+        k = B * (2 if self.batched else 1)
+        for rows, forward, tokens in zip(self.branches, self.forwards, self.tokens):
+            if model.modulation_step:
+                model.modulation_step.rows = rows
+            args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(self.sigmas[i], k),
+                    self.states[rows], self.mask[rows], self.vector[rows],
+                    None if self.guidance is None else self.guidance[rows])
+            v, ran = forward(model, args, i, self.steps)
+            mx.eval(v)  # what made it is freed before the other branch runs
+            velocities.append(v)
+            full = full and ran == model.depth
+            _record(ledger, model, k // B, tokens, ran, model.radial)
+        ledger["steps"].append(full)
+        model.radial = None
+        if self.batched:
+            velocities = mx.split(velocities[0], 2, axis=0)
+        v = velocities[0].astype(mx.float32)
+        if self.cfg_scale is not None:
+            v_neg = velocities[1].astype(mx.float32)
+            v = v_neg + self.cfg_scale * (v - v_neg)
+        return v
 
 
 # Live preview: the video the current step predicts, without the VAE. The step's estimate of the clean latents
@@ -2875,6 +3300,13 @@ PRESETS = {
     "fasthunyuan": dict(model="FastVideo/FastHunyuan-diffusers", steps=6, shift=17.0, guidance=6.0,
                         about="FastVideo's step-distilled HunyuanVideo: 6 steps instead of 50, flow shift 17, "
                               "embedded guidance 6 (its model card: 6 or more)"),
+    # AccVideo (aejion/AccVideo): a 5-step distillation; its DiT is one Tencent-layout .pt file in that repository.
+    # Its README runs 544x960x93, embedded guidance 6, flow shift 7, no CFG; the 5 steps are every 10th of the
+    # 50-step schedule (its pipeline's start_latent_list), which is the 5-step schedule itself
+    "accvideo": dict(model=DEFAULT_MODEL, transformer="aejion/AccVideo/accvideo-t2v-5-steps/diffusion_pytorch_model.pt",
+                     steps=5, shift=7.0, guidance=6.0, height=544, width=960, frames=93,
+                     about="AccVideo's 5-step distilled HunyuanVideo (its DiT from aejion/AccVideo, the rest "
+                           "HunyuanVideo's): 5 steps, flow shift 7, embedded guidance 6, 544x960, 93 frames"),
     # SkyReels-V1 ships its DiT alone (a diffusers transformer folder at the repository's root); the rest is
     # HunyuanVideo's. Its video_generate.py: true CFG 6 with this negative prompt, embedded guidance 1.0, 30 steps
     "skyreels": dict(model=DEFAULT_MODEL, transformer="Skywork/SkyReels-V1-Hunyuan-T2V", steps=30, guidance=1.0,
@@ -2890,21 +3322,50 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the names the CLI takes
 
 
+def _hub_file(spec):
+    """(repository id, path inside) of one hub file named as owner/name/path/in/repository (AccVideo's DiT), or
+    None for a repository id."""
+    parts = str(spec).split("/")
+    return ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else None
+
+
 def _download(repo_id, weights=True, transformer_only=False):
     """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress); without
     the weights, only what the memory plan reads (configs, indexes, tokenizers): a few MB. transformer_only:
-    a repository that holds a DiT alone, at its root (SkyReels-V1)."""
-    from huggingface_hub import snapshot_download
+    a repository that holds a DiT alone, at its root (SkyReels-V1), or one file of a repository (owner/name/path:
+    its local path; before the weights, where it will be)."""
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 
+    file = _hub_file(repo_id) if transformer_only else None
+    if file and not weights:
+        cached = try_to_load_from_cache(*file)
+        return Path(cached) if isinstance(cached, str) else Path(repo_id)  # not there yet: the plan asks the hub
     patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "image_processor/*"]
     patterns += [f"{c}/*" if weights else f"{c}/*.json" for c in COMPONENTS[:4]]
     if transformer_only:
         patterns = ["*.json"] + (["*.safetensors"] if weights else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(hf_hub_download(*file) if file else snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
         raise HunyuanVideoError(f"could not download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                                 f"check the network and the hub id, or pass a local folder.") from None
+
+
+@lru_cache(maxsize=8)
+def _hub_file_info(spec, folder, hub):
+    """{name: (shape, dtype)} of a DiT that is one hub file not downloaded yet: a safetensors file's header read
+    on the hub; a PyTorch file (AccVideo's, Tencent's layout) cannot be read without downloading it, so the plan
+    takes the checkpoint's own DiT for it (the same architecture; the load checks every shape)."""
+    repo, inside = _hub_file(spec)
+    if inside.endswith(".safetensors"):
+        from huggingface_hub import HfApi
+        try:
+            meta = HfApi().parse_safetensors_file_metadata(repo, inside)
+        except Exception as e:
+            raise HunyuanVideoError(f"could not read the sizes of {spec} from the hub ({type(e).__name__}): check "
+                                    f"the network, or pass a local file.") from None
+        return {k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()}
+    return _components(folder, hub, only=("transformer",))["transformer"][0]
 
 
 @lru_cache(maxsize=8)  # the plan asks again for each change it tries; the hub is asked once
@@ -2952,8 +3413,11 @@ class HunyuanVideoPipeline:
     function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
 
     def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None,
-                 prompt_cache=False, loras=(), lora_ignore_unmatched=False, transformer=None, transformer_hub=None):
+                 prompt_cache=False, loras=(), lora_ignore_unmatched=False, transformer=None, transformer_hub=None,
+                 quantized_matmul="auto"):
         self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
+        dequantize_matmul(0, quantized_matmul)  # a bad choice: refused now
+        self.quantized_matmul = quantized_matmul  # how the DiT's quantized layers multiply (dequantize_matmul)
         self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
         self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
         self.prompt_hit = False  # whether the last encode_prompt read all its prompts from the prompt cache
@@ -2974,7 +3438,7 @@ class HunyuanVideoPipeline:
     @classmethod
     def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
                         quantize_modulation=False, low_memory=False, prompt_cache=False, loras=(),
-                        lora_ignore_unmatched=False, transformer=None):
+                        lora_ignore_unmatched=False, transformer=None, quantized_matmul="auto"):
         """A local folder in the diffusers layout, a hub id, or "tiny" / "tiny-i2v" (the offline demos, see
         tiny_checkpoint). A hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first
         needs them, after the memory plan. dtype: one dtype for every component; dtypes: {"transformer" | "vae" |
@@ -2983,7 +3447,8 @@ class HunyuanVideoPipeline:
         streamed from disk (slower). prompt_cache: reuse the text encoders' outputs for a prompt seen before (see
         encode_prompt; the CLI turns it on). loras: [(file, scale) or file, ...] for the DiT (see
         load_transformer), checked against it now. transformer: the DiT from another checkpoint (a fine-tune such
-        as SkyReels-V1): its folder or single file, or a hub id whose root holds it."""
+        as SkyReels-V1): its folder or single file, or a hub id whose root holds it, or a file in a hub repository
+        (owner/name/path). quantized_matmul: "auto", "kernel" or "dequantized" (see dequantize_matmul)."""
         folder, hub = Path(path_or_hub_id).expanduser(), None
         if str(path_or_hub_id) in TINY_MODELS:  # the offline demos (a folder of that name: ./tiny)
             folder = tiny_checkpoint(str(path_or_hub_id))
@@ -3000,12 +3465,16 @@ class HunyuanVideoPipeline:
             raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
         transformer_hub = None
         if transformer is not None and not Path(transformer).expanduser().exists():
-            if re.fullmatch(r"[\w.-]+/[\w.-]+", str(transformer)) is None:
+            if re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)*", str(transformer)) is None:
                 raise HunyuanVideoError(f"the transformer {transformer} does not exist: pass a DiT's folder or file, "
-                                        f"or a hub id.")
+                                        f"a hub id, or a file in a hub repository (owner/name/path).")
             transformer, transformer_hub = _download(transformer, weights=False, transformer_only=True), transformer
+        if quantized_matmul != "auto" and quantization is None:
+            raise HunyuanVideoError(f"a {quantized_matmul} quantized matmul without quantization: quantize the DiT "
+                                    f"(int8, int4 or fp8), or leave the matmul's choice out.")
         pipe = cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub, prompt_cache,
-                   loras, lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub)
+                   loras, lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub,
+                   quantized_matmul)
         if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
             model = HunyuanVideoTransformer(**pipe._dit_sizes())  # built lazily: no weights are made
             read_loras(pipe.loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched)
@@ -3038,13 +3507,15 @@ class HunyuanVideoPipeline:
         posterior, the mean is taken: the deterministic choice)."""
         return self._vae_encode("encode image", vae_pixels(image, height, width))
 
-    def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None, rewrite=None):
+    def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None, rewrite=None,
+                     cache_options=None, attention="dense"):
         """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit. cfg: None,
         or how true CFG runs its two branches, "batched" or "sequential" (cfg_mode). rewrite: (model, prompt) when
-        the prompt is rewritten first."""
+        the prompt is rewritten first. cache_options, attention: as denoise's."""
         return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
                             self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache, steps=steps, cfg=cfg,
-                            transformer=(self.transformer, self.transformer_hub), rewrite=rewrite)
+                            transformer=(self.transformer, self.transformer_hub), rewrite=rewrite,
+                            cache_options=cache_options, attention=attention, quantized_matmul=self.quantized_matmul)
 
     def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
         """How true CFG runs its two DiT forwards a step: "batched" (one forward of batch 2) when the memory plan
@@ -3223,11 +3694,14 @@ class HunyuanVideoPipeline:
     def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
                 guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
                 cache_threshold=None, checkpoint=None, resume=None, preview=None, negative=None, true_cfg_scale=1.0,
-                cfg_batched=None, video_latents=None, strength=1.0, image_latents=None):
+                cfg_batched=None, video_latents=None, strength=1.0, image_latents=None, cache_options=None,
+                attention="dense", radial=None):
         """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
         step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
-        cache_threshold (None: its published default). self.stats["work"] counts the DiT forwards computed
-        and skipped and their PFLOP.
+        cache_threshold (None: its published default; cache_options: TaylorSeer's interval, order, warmup).
+        attention: "dense", or "radial" (Radial Attention; radial: its {dense_steps, dense_layers, decay, block},
+        RADIAL_DEFAULTS). self.stats["work"] is the ledger: the DiT forwards computed and skipped, and their
+        PFLOP, attention and linear apart (new_ledger).
         checkpoint(state) is called after each step with what continuing needs: {"step": steps done, "latents",
         "cache": cache_state(...), "work": the ledger so far}; resume=such a state (its latents passed as
         `latents`) continues from it, and gives what the uninterrupted run gives. preview(step, steps, x0) is
@@ -3247,10 +3721,12 @@ class HunyuanVideoPipeline:
         if (image_latents is None) != (condition is None):
             raise HunyuanVideoError("this checkpoint makes video from an image: pass image latents (encode_image)."
                                     if condition else "this checkpoint is text to video: it takes no image.")
+        grid = ((num_frames - 1) // 4 + 1, height // 16, width // 16)  # the DiT's patches (t, h, w)
+        sparse = attention_pattern(attention, radial, grid, num_inference_steps)
         if cfg_batched is None:
             cfg_batched = cfg and self.cfg_mode(height, width, num_frames, cache, num_inference_steps) == "batched"
         batched = cfg and cfg_batched and cache is None
-        forwards = [step_cache(cache, cache_threshold, num_inference_steps, (height, width))
+        forwards = [step_cache(cache, cache_threshold, num_inference_steps, (height, width), cache_options)
                     for _ in range(2 if cfg and not batched else 1)]
         if resume:
             for forward, state in zip(forwards, _split_cache_state(resume["cache"], len(forwards))):
@@ -3260,75 +3736,29 @@ class HunyuanVideoPipeline:
             text_states, text_mask, pooled = (mx.concatenate([a, b.astype(a.dtype)], axis=0) for a, b in
                                               zip((text_states, text_mask, pooled), negative))
         first = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        steps = range(resume["step"] if resume else first, num_inference_steps)
 
         def work():
             model = load_transformer(self.transformer_path, self.dtypes["transformer"], self.quantization,
                                      self.quantize_modulation, self.low_memory, self._report("loading the DiT"),
                                      lazy_modulation=self.precompute_modulation, loras=self.loras,
                                      lora_ignore_unmatched=self.lora_ignore_unmatched)
-            shape = (B, (num_frames - 1) // 4 + 1, height // 8, width // 8, model.out_channels)
+            shape = (B, grid[0], height // 8, width // 8, model.out_channels)
+            dequantized = dequantize_matmul(grid[0] * grid[1] * grid[2], self.quantized_matmul)
+            set_quantized_matmul(model, dequantized)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
-            if latents is None:
-                x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
-                if video_latents is not None:  # flow matching's forward process: sigma noise + (1 - sigma) video
-                    s = float(sigmas[first])
-                    x = s * x + (1 - s) * mx.broadcast_to(video_latents.astype(mx.float32), shape)
-            elif tuple(latents.shape) != shape:
-                raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit {num_frames} frames of "
-                                        f"{height} x {width}: pass latents of shape {shape}.")
-            else:
-                x = latents.astype(mx.float32)
             image = None if condition is None else mx.broadcast_to(image_latents.astype(mx.float32), (B, 1, *shape[2:]))
-            if condition in ("token_replace", "latent_concat") and not resume:  # as the reference starts it
-                t = np.float32(0.999)
-                x = x * float(t) + mx.broadcast_to(image, shape) * float(np.float32(1) - t)
+            x = start_latents(shape, seed, latents, video_latents, sigmas[first], image, condition, resume)
             extra = _image_channels(image, shape, condition)
-            n = text_states.shape[0]  # B, or 2B with true CFG
-            # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
-            guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
-            states, vector = text_states.astype(model.dtype), pooled.astype(model.dtype)
-            if self.precompute_modulation:  # every step's modulation now, and its weights dropped
-                first_frame = model.first_frame_conditioning(vector) if condition == "token_replace" else None
-                model.precompute_modulation(mx.stack([model.conditioning(timestep(s, n), vector, guidance)
-                                                      for s in sigmas[:-1]]), first_frame)
-            branches = [slice(None)] if batched or not cfg else [slice(0, B), slice(B, 2 * B)]
-            counts = text_mask.sum(axis=1)
-            tokens = [shape[1] * (shape[2] // 2) * (shape[3] // 2) + int(counts[rows].max().item())
-                      for rows in branches]
-            ledger = self.stats["work"] = dict(cache=cache, forwards=0, skipped=0, pflop=0.0, steps=[])
-            if resume:
-                ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
-            for i in _counted(range(resume["step"] if resume else first, num_inference_steps),
-                              self._report("denoising")):
-                if model.modulation_step:
-                    model.modulation_step.i = i
-                velocities, full = [], True
-                inputs = _image_input(x, image, extra, condition)
-                for rows, forward, n_tokens in zip(branches, forwards, tokens):
-                    if model.modulation_step:
-                        model.modulation_step.rows = rows
-                    k = B * (2 if batched else 1)
-                    args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(sigmas[i], k),
-                            states[rows], text_mask[rows], vector[rows], None if guidance is None else guidance[rows])
-                    v, (double, single) = forward(model, args, i, num_inference_steps)
-                    mx.eval(v)  # what made it is freed before the other branch runs
-                    velocities.append(v)
-                    full = full and (double, single) == model.depth
-                    ledger["forwards" if (double, single) == model.depth else "skipped"] += k // B
-                    ledger["pflop"] += k // B * model.flops(n_tokens, double, single) / 1e15
-                ledger["steps"].append(full)
-                if batched:
-                    velocities = mx.split(velocities[0], 2, axis=0)
-                v = velocities[0].astype(mx.float32)
-                if cfg:
-                    v_neg = velocities[1].astype(mx.float32)
-                    v = v_neg + true_cfg_scale * (v - v_neg)
-                if preview is not None:
-                    x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents
-                if condition == "token_replace":  # the first frame stays the image's; the others step
-                    x = mx.concatenate([image, euler_step(x[:, 1:], v[:, 1:], sigmas[i], sigmas[i + 1])], axis=1)
-                else:
-                    x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+            dit = GuidedDiT(model, text_states, text_mask, pooled, guidance_scale, sigmas, B, true_cfg_scale if cfg
+                            else None, batched, forwards, sparse, condition, self.precompute_modulation,
+                            grid[0] * grid[1] * grid[2])
+            ledger = self.stats["work"] = new_ledger(cache, attention, resume)
+            ledger["matmul"] = ("dequantized" if dequantized else "kernel") if self.quantization else None
+            for i in _counted(steps, self._report("denoising")):
+                v = dit(_image_input(x, image, extra, condition), i, ledger)  # the velocity, guided
+                x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents (the preview's)
+                x = sampler_step(x, v, sigmas[i], sigmas[i + 1], image if condition == "token_replace" else None)
                 mx.eval(x)
                 if not mx.isfinite(x).all().item():  # black frames later: stop now, naming the phase
                     raise HunyuanVideoError(f"denoising gave NaN or infinite latents at step {i + 1}: the DiT's "
@@ -3363,10 +3793,11 @@ class HunyuanVideoPipeline:
                  flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
                  cache_threshold=None, preview=None, negative_prompt=None, true_cfg_scale=1.0, video=None,
                  strength=1.0, image=None, rewrite=None, rewrite_model=None, rewrite_temperature=0.0,
-                 rewrite_seed=None):
+                 rewrite_seed=None, cache_options=None, attention="dense", radial=None):
         """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
         A request that the memory plan says would not fit is refused before anything loads, unless force.
-        cache, cache_threshold: a step cache; preview(step, steps, x0): the clean latents each step predicts (see
+        cache, cache_threshold, cache_options: a step cache; attention, radial: "dense" or "radial" attention (Radial
+        Attention, its settings; see denoise); preview(step, steps, x0): the clean latents each step predicts (see
         denoise and latent_preview). negative_prompt, true_cfg_scale: true classifier-free guidance, diffusers'
         names (it runs when the scale is above 1 and a negative prompt is given). video (frames or a file),
         strength: video to video (see encode_video and denoise). image (a file, a PIL image or a uint8 array):
@@ -3393,7 +3824,9 @@ class HunyuanVideoPipeline:
             raise HunyuanVideoError(f"{num_frames} frames: this checkpoint's video leaves out its first 4 frames; ask "
                                     f"for 5 or more (4n+1).")
         image = None if image is None else check_image(read_image(image), height, width)
-        step_cache(cache, cache_threshold, num_inference_steps, (height, width))  # a bad name: refused now
+        step_cache(cache, cache_threshold, num_inference_steps, (height, width), cache_options)  # refused now if bad
+        attention_pattern(attention, radial, ((num_frames - 1) // 4 + 1, height // 16, width // 16),
+                          num_inference_steps)
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
         cfg = negative_prompt is not None and true_cfg_scale > 1
@@ -3419,7 +3852,8 @@ class HunyuanVideoPipeline:
                                guidance_scale, flow_shift, seed, latents, callback, cache, cache_threshold,
                                preview=preview, negative=negative, true_cfg_scale=true_cfg_scale,
                                cfg_batched=mode == "batched", video_latents=video_latents, strength=strength,
-                               image_latents=image_latents)
+                               image_latents=image_latents, cache_options=cache_options, attention=attention,
+                               radial=radial)
         return latents if output_type == "latent" else self.decode(latents)
 
     def prompt_requests(self, prompts, negatives=(), image=None, height=544, width=960):
@@ -3737,7 +4171,10 @@ def _components(folder, hub=None, transformer=None, transformer_hub=None,
             if repo is None:
                 raise
             root = path.parent if inside else path
-            out[c] = (_hub_tensor_info(repo, root, inside), json.loads((path / "config.json").read_text()))
+            if c == "transformer" and _hub_file(repo):  # one file, not downloaded yet
+                out[c] = (_hub_file_info(repo, folder, hub), {})
+            else:
+                out[c] = (_hub_tensor_info(repo, root, inside), json.loads((path / "config.json").read_text()))
     return out
 
 
@@ -3759,14 +4196,18 @@ def _backend():
 
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
                     tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None, cache=None,
-                    steps=50, cfg=None, transformer=(None, None)):
+                    steps=50, cfg=None, transformer=(None, None), cache_options=None, attention="dense",
+                    quantized_matmul="auto"):
     """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
     dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
     two of them are in memory at once. hub: the hub id, to read the headers there before a download.
     cache: the step cache, whose kept tensors count too. steps: for the table of precomputed modulation (the
     modulation weights themselves are never held, see precompute_modulation). cfg: true CFG's two branches,
     "batched" (activations of two videos) or "sequential" (one at a time, a velocity kept); both hold two
-    modulation tables and, with a step cache, two caches. transformer: (path, hub id) of a DiT from elsewhere."""
+    modulation tables and, with a step cache, two caches. transformer: (path, hub id) of a DiT from elsewhere.
+    cache_options: TaylorSeer's (its order sets how many factors it keeps). attention: "radial" adds the key
+    blocks it gathers (at most twice the keys and values between evaluations). quantized_matmul: with quantization,
+    dequantized matmuls hold one block's weights in the DiT's dtype (dequantize_matmul decides "auto")."""
     folder, cpu = Path(folder), (backend or _backend()) == "cpu"
     size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
     parts = _components(folder, hub, *transformer)
@@ -3837,6 +4278,14 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     # latent-sized ones (64 values a token); one cache a branch
     denoise += branches * {"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D, "easycache": 4 * 64}.get(cache, 0) \
         * video * size["transformer"]
+    if cache == "taylorseer":  # order + 1 float32 factors of 64 values a token, twice while a full step updates them
+        order = {**TaylorSeer.options, **(cache_options or {})}["order"]
+        denoise += branches * (2 * (order + 1) * 4 + size["transformer"]) * 64 * video
+    if quantization and dequantize_matmul(video, quantized_matmul):  # one block's weights dequantized at a time
+        denoise += max(sum(math.prod(shape) for k, (shape, _) in dit_info.items() if k.startswith(p) and
+                           not _is_modulation(k)) for p in first) * size["transformer"]
+    if attention == "radial":  # the gathered keys and values: at most twice k and v of one attention
+        denoise += videos * 2 * 2 * (video + text_tokens) * D * size["transformer"]
     if cfg == "sequential":  # the prompt's velocity, kept while the negative prompt's is made, and in float32
         denoise += video * 64 * (size["transformer"] + 4)
 
@@ -3909,7 +4358,7 @@ def estimate_rewrite(model=None, prompt="", max_tokens=REWRITE_MAX_TOKENS, backe
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
                  budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None),
-                 rewrite=None):
+                 rewrite=None, cache_options=None, attention="dense", quantized_matmul="auto"):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
     would fit: the fewest changes that do (a quantization, --low-memory, a smaller size), together where no
     single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
@@ -3917,7 +4366,8 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
                    modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps,
-                   cfg=cfg, transformer=transformer)
+                   cfg=cfg, transformer=transformer, cache_options=cache_options, attention=attention,
+                   quantized_matmul=quantized_matmul)
     first = {"rewrite": estimate_rewrite(*rewrite)} if rewrite else {}
     est = {**first, **estimate_memory(folder, **request)}
     phase = max(est, key=est.get)

@@ -311,36 +311,87 @@ PUBLISHED_SPEEDUP = {"fbcache": 1.62, "teacache": 2.1, "magcache": 2.8, "easycac
 WORK_SIZES = ["544x960x61", "544x960x129"]
 
 
+def full_size_work(steps, cache=None, radial=None, h=544, w=960, f=129):
+    """The ledger (H.new_ledger, filled by the pipeline's own H._record) of a full-size generation without running
+    it: every step a full forward, or TaylorSeer's rule (which forwards it forecasts is fixed in advance), with
+    Radial Attention's mask for this size where radial is given ({} for its defaults)."""
+    model = H.HunyuanVideoTransformer()  # built lazily: no weights are made
+    grid = ((f - 1) // 4 + 1, h // 16, w // 16)
+    sparse = H.attention_pattern("radial", radial, grid, steps) if radial is not None else None
+    forward = H.step_cache(cache, None, steps, (h, w)) if cache == "taylorseer" else None
+    ledger = H.new_ledger(cache, "radial" if sparse else "dense")
+    for i in range(steps):
+        ran = model.depth if forward is None or forward.computes(i) else (0, 0)
+        H._record(ledger, model, 1, tokens(h, w, f), ran, sparse.at(i) if sparse else None)
+        ledger["steps"].append(ran == model.depth)
+    return ledger
+
+
+def print_radial(sizes):
+    """Radial Attention's mask at full size (the reference's defaults: 128-token blocks, decay 1, the first 12 of
+    50 steps dense): kept video-video blocks, the share of query-key pairs a sparse forward computes (256 text
+    tokens), and a sparse forward's attention and total PFLOP against a dense one's."""
+    print(f"{'size':>13} {'blocks':>9} {'kept':>7} {'pairs':>7} {'dense fwd':>10} {'sparse fwd':>11} {'attention':>10}"
+          f"   (PFLOP; the reference's count at 768x1280x117: 31.9% kept)")
+    model = H.HunyuanVideoTransformer()
+    for s in sizes:
+        h, w, f = parse_size(s)
+        grid = ((f - 1) // 4 + 1, h // 16, w // 16)
+        radial = H.RadialAttention(grid, 50)
+        n = tokens(h, w, f)
+        dense, sparse = model.work(n), model.work(n, radial=radial)
+        print(f"{s:>13} {radial.mask.shape[0]:>4}^2 {radial.density:>7.1%} {radial.pairs(256) / n ** 2:>7.1%} "
+              f"{sum(dense) / 1e15:>10.2f} {sum(sparse) / 1e15:>11.2f} {dense[0] / sum(dense):>5.0%}->"
+              f"{sparse[0] / sum(sparse):.0%}")
+
+
 def print_work(args, sizes):
-    """PFLOP and DiT forwards of one generation: 50 steps uncached, each cache at its default, FastHunyuan's
-    6 steps. Full size: the published speed-ups applied to the count. --tiny: measured on the tiny model."""
-    fast = H.PRESETS["fasthunyuan"]
-    settings = [("50 steps, no cache", None, 50, 7.0)] + [(f"50 steps, {c} {t}", c, 50, 7.0)
-                                                         for c, t in H.CACHES.items()]
-    settings.append((f"fasthunyuan, {fast['steps']} steps", None, fast["steps"], fast["shift"]))
+    """PFLOP (attention and linear) and DiT forwards of one generation: 50 steps uncached, each cache at its
+    default, Radial Attention, TaylorSeer and the step-distilled presets, and their combinations. Full size:
+    counted exactly where the forwards are fixed in advance (TaylorSeer, Radial, presets), the published speed-ups
+    applied where a threshold decides (marked publ.). --tiny: measured on the tiny model (random weights)."""
+    fast, acc = H.PRESETS["fasthunyuan"], H.PRESETS["accvideo"]
+    settings = [("50 steps, no cache", None, 50, 7.0, None)] + [
+        (f"50 steps, {c} {t if t is not None else ''}".rstrip(), c, 50, 7.0, None) for c, t in H.CACHES.items()]
+    settings += [("50 steps, radial", None, 50, 7.0, {}), ("50 steps, radial + taylorseer", "taylorseer", 50, 7.0, {}),
+                 ("50 steps, radial + magcache", "magcache", 50, 7.0, {}),
+                 (f"fasthunyuan, {fast['steps']} steps", None, fast["steps"], fast["shift"], None),
+                 ("fasthunyuan + radial", None, fast["steps"], fast["shift"], {}),
+                 (f"accvideo, {acc['steps']} steps", None, acc["steps"], acc["shift"], None),
+                 ("accvideo + radial", None, acc["steps"], acc["shift"], {})]
     if args.tiny:
         pipe = H.HunyuanVideoPipeline.from_pretrained("tiny")
         text = pipe.encode_prompt("a red fox runs through a snowy forest at dawn")
-        print(f"{'size':>12} {'setting':>28} {'forwards':>8} {'skipped':>7} {'PFLOP':>10} {'seconds':>8}"
-              f"   (measured, tiny model, RANDOM weights: says nothing of real ones)")
+        print(f"{'size':>12} {'setting':>30} {'forwards':>8} {'skipped':>7} {'PFLOP':>10} {'attention':>10} "
+              f"{'linear':>10} {'seconds':>8}   (measured, tiny model, RANDOM weights: says nothing of real ones)")
         for s in sizes:
             h, w, f = parse_size(s)
-            for name, cache, steps, shift in settings:
+            for name, cache, steps, shift, radial in settings:
                 t0 = time.perf_counter()
-                pipe.denoise(*text, h, w, f, steps, 6.0, shift, seed=0, cache=cache)
+                block = dict(block=8) if radial is not None else None  # the tiny sizes hold few 128-token blocks
+                pipe.denoise(*text, h, w, f, steps, 6.0, shift, seed=0, cache=cache, attention="radial" if block
+                             else "dense", radial=block)
                 work = pipe.stats["work"]
-                print(f"{s:>12} {name:>28} {work['forwards']:>8} {work['skipped']:>7} {work['pflop']:>10.3g} "
-                      f"{time.perf_counter() - t0:>8.2f}")
+                print(f"{s:>12} {name:>30} {work['forwards']:>8} {work['skipped']:>7} {work['pflop']:>10.3g} "
+                      f"{work['attention_pflop']:>10.3g} {work['linear_pflop']:>10.3g} {time.perf_counter() - t0:>8.2f}")
         return
-    print(f"{'size':>12} {'setting':>28} {'forwards':>8} {'PFLOP':>8} {'speed-up':>8}   (real model; cache rows: the "
-          f"published speed-ups, not measured here)")
+    print(f"{'size':>12} {'setting':>30} {'forwards':>8} {'PFLOP':>8} {'attention':>9} {'linear':>8} {'less work':>10}"
+          f"   (real model; publ.: a published speed-up applied, not measured here)")
     for s in sizes:
-        flops = forward_flops({}, tokens(*parse_size(s))) / 1e15
-        for name, cache, steps, _ in settings:
-            speedup = PUBLISHED_SPEEDUP[cache] if cache else 50 / steps
-            forwards = steps / PUBLISHED_SPEEDUP[cache] if cache else steps
-            label = f"{speedup:.2f}x" + (" publ." if cache else "")
-            print(f"{s:>12} {name:>28} {forwards:>8.1f} {forwards * flops:>8.1f} {label:>8}")
+        h, w, f = parse_size(s)
+        base = None
+        for name, cache, steps, shift, radial in settings:
+            exact = cache in (None, "taylorseer")
+            work = full_size_work(steps, cache if exact else None, radial, h, w, f)
+            scale = 1 / PUBLISHED_SPEEDUP[cache] if not exact else 1.0
+            pflop, att, lin = (scale * work[k] for k in ("pflop", "attention_pflop", "linear_pflop"))
+            base = base or pflop
+            label = f"{base / pflop:.2f}x" + ("" if exact else " publ.")
+            print(f"{s:>12} {name:>30} {scale * work['forwards']:>8.1f} {pflop:>8.1f} {att:>9.1f} {lin:>8.1f} "
+                  f"{label:>10}")
+    print("published, real weights: Radial Attention 1.9x end to end at 768x1280x117 (mit-han-lab/radial-attention); "
+          "TaylorSeer 4.65x latency at 480x640x65 (ywlq/TaylorSeer), 2.8x at PSNR 26.6 over 50 steps (ScalingCache's "
+          "table); AccVideo 8.5x at 720x1280x129, 7.7x at 544x960x93 on an A100 (aejion/AccVideo)")
 
 
 # sustained rates a step's time is set against: Apple silicon running a video DiT in MLX (mlx-serve, "at
@@ -413,6 +464,7 @@ def main(argv=None):
     ap.add_argument("--vae", action="store_true", help="our tiled VAE decode vs diffusers' on the same device")
     ap.add_argument("--work", action="store_true", help="DiT forwards and PFLOP of a generation per cache and preset")
     ap.add_argument("--page", action="store_true", help="the web page's own work a step (progress, preview)")
+    ap.add_argument("--radial", action="store_true", help="Radial Attention's mask at full size: kept blocks, FLOPs")
     args = ap.parse_args(argv)
     try:
         return run(ap, args)
@@ -456,6 +508,8 @@ def run(ap, args):
         return print_work(args, args.sizes or (["96x160x9"] if args.tiny else WORK_SIZES))
     if args.plan:
         return print_plan(PLAN)
+    if args.radial:
+        return print_radial(args.sizes or ["768x1280x117", "544x960x129", "720x1280x129"])
     if args.page:
         return bench_page(args, args.sizes or ["544x960x61", "720x1280x129"])
     if args.parity:

@@ -41,7 +41,12 @@ SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift"
             "vae_dtype": str, "text_dtype": str, "fps": int, "preset": str, "cache": str, "cache_threshold": float,
             "negative_prompt": str, "cfg_scale": float, "loras": list, "lora_ignore_unmatched": bool,
             "transformer": str, "video": str, "strength": float, "image": str, "original_prompt": str,
-            "rewrite": str, "rewrite_model": str, "rewrite_temperature": float, "rewrite_seed": int}
+            "rewrite": str, "rewrite_model": str, "rewrite_temperature": float, "rewrite_seed": int,
+            "cache_interval": int, "cache_order": int, "cache_warmup": int, "attention": str,
+            "radial_dense_steps": int, "radial_dense_layers": int, "radial_decay": float, "radial_block": int,
+            "quantized_matmul": str}
+CACHE_OPTIONS = ("interval", "order", "warmup")  # TaylorSeer's: --cache-interval, ...
+RADIAL_OPTIONS = ("dense_steps", "dense_layers", "decay", "block")  # Radial Attention's: --radial-dense-steps, ...
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
@@ -113,11 +118,30 @@ def parse_args(argv):
     ap.add_argument("--strength", type=float, help="with --video: how much to change it, 0 (keep) to 1 (text to video "
                     "from the same noise); the last strength x steps steps run (default 0.8)")
     ap.add_argument("--cache", choices=list(H.CACHES), help="skip DiT forwards that a step cache predicts (see the "
-                    "README): " + ", ".join(f"{k} (default threshold {v})" for k, v in H.CACHES.items()))
+                    "README): " + ", ".join(f"{k} (default threshold {v})" if v is not None else
+                                            f"{k} (interval 5, order 1, warmup 3)" for k, v in H.CACHES.items()))
     ap.add_argument("--cache-threshold", type=float, metavar="X", help="the cache's threshold: higher skips more; "
                                                                         "0 never skips")
+    ap.add_argument("--cache-interval", type=int, metavar="N", help="taylorseer: a full forward every N (default 5; "
+                    "1 computes every step)")
+    ap.add_argument("--cache-order", type=int, metavar="N", help="taylorseer: the Taylor expansion's order, 1 to 4 "
+                    "(default 1)")
+    ap.add_argument("--cache-warmup", type=int, metavar="N", help="taylorseer: the first N steps computed (default 3)")
+    ap.add_argument("--attention", choices=list(H.ATTENTIONS), help="dense (default), or radial: Radial Attention, "
+                    "sparse attention between far frames after the first steps (see the README)")
+    ap.add_argument("--radial-dense-steps", type=int, metavar="N", help="radial: the first N steps dense (default "
+                    f"{round(H.RADIAL_DENSE_STEPS * 100)}%% of the steps, the reference's 12 of 50)")
+    ap.add_argument("--radial-dense-layers", type=int, metavar="N", help="radial: the first N of the DiT's 60 blocks "
+                    "dense (default 0)")
+    ap.add_argument("--radial-decay", type=float, metavar="X", help="radial: scales the windows of far frames "
+                    "(default 1.0)")
+    ap.add_argument("--radial-block", type=int, metavar="N", help="radial: tokens a block, a power of two (default "
+                    "128)")
     ap.add_argument("--quantization", choices=list(H.QUANTIZATIONS), help="quantize the DiT's blocks and the LLM")
     ap.add_argument("--quantize", type=int, choices=sorted(QUANTIZE_BITS), help="the same as --quantization int8|int4")
+    ap.add_argument("--quantized-matmul", choices=list(H.QUANTIZED_MATMULS), help="with quantization: how the DiT's "
+                    "quantized layers multiply, by MLX's kernel or on weights dequantized a block at a time (auto, the "
+                    "default: dequantized on Apple GPUs but M5, as measured there; see the README)")
     ap.add_argument("--quantize-modulation", action="store_true",
                     help="also quantize the DiT's adaLN modulation (3.4B parameters, tabulated for all steps before "
                          "the first either way: no memory saved, may cost quality)")
@@ -240,6 +264,9 @@ def resolve(args):
                        ("image", args.image), ("rewrite", args.rewrite), ("rewrite_model", args.rewrite_model),
                        ("rewrite_temperature", args.rewrite_temperature), ("rewrite_seed", args.rewrite_seed),
                        ("lora_ignore_unmatched", args.lora_ignore_unmatched), ("loras", []),
+                       ("attention", args.attention or "dense"), ("quantized_matmul", args.quantized_matmul),
+                       *((f"cache_{k}", getattr(args, f"cache_{k}")) for k in CACHE_OPTIONS),
+                       *((f"radial_{k}", getattr(args, f"radial_{k}")) for k in RADIAL_OPTIONS),
                        *((k, getattr(args, k) or DEFAULT_DTYPES[k]) for k in DEFAULT_DTYPES)):
         if key not in s or key in given or (key == "quantization" and "quantize" in given):
             s[key] = value
@@ -305,13 +332,48 @@ def resolve(args):
             s[key] = str(Path(s[key]).expanduser().resolve())
     s["loras"] = [[str(Path(f).expanduser().resolve()) if Path(f).expanduser().exists() else f, scale]
                   for f, scale in s["loras"]]
-    H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]))  # checks name and threshold
+    if s.get("quantized_matmul") and not s["quantization"]:
+        raise H.HunyuanVideoError("--quantized-matmul chooses how quantized layers multiply: give --quantization (or "
+                                  "--quantize) too.")
+    radial_flags = [f"--radial-{k.replace('_', '-')}" for k in RADIAL_OPTIONS if s.get(f"radial_{k}") is not None]
+    if radial_flags and s["attention"] != "radial":
+        raise H.HunyuanVideoError(f"{', '.join(radial_flags)} set Radial Attention: give --attention radial too.")
+    cache_flags = [f"--cache-{k}" for k in CACHE_OPTIONS if s.get(f"cache_{k}") is not None]
+    if cache_flags and s["cache"] != "taylorseer":
+        raise H.HunyuanVideoError(f"{', '.join(cache_flags)} set the TaylorSeer cache: give --cache taylorseer too"
+                                  + (f" (--cache {s['cache']} takes --cache-threshold)." if s["cache"] else "."))
+    try:  # the cache's and the attention's settings checked now, in the flags' words
+        H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]), cache_options(s))
+        H.attention_pattern(s["attention"], radial_options(s), ((s["frames"] - 1) // 4 + 1, s["height"] // 16,
+                                                                  s["width"] // 16), s["steps"])
+    except H.HunyuanVideoError as e:
+        raise H.HunyuanVideoError(flag_words(str(e))) from None
     if not 1 <= s["fps"] <= MAX_FPS:
         raise H.HunyuanVideoError(f"--fps {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
     if s["guidance"] > 20:
         warnings.warn(f"guidance {s['guidance']} is far above what HunyuanVideo is run with (6.0 by default; its "
                       f"fine-tunes use 1 to 10).")
     return s
+
+
+def cache_options(s):
+    """TaylorSeer's settings given: {interval, order, warmup} from cache_interval, ... (None: its defaults)."""
+    return {k: s[f"cache_{k}"] for k in CACHE_OPTIONS if s.get(f"cache_{k}") is not None}
+
+
+def radial_options(s):
+    """Radial Attention's settings given: {dense_steps, dense_layers, decay, block} from radial_dense_steps, ..."""
+    return {k: s[f"radial_{k}"] for k in RADIAL_OPTIONS if s.get(f"radial_{k}") is not None}
+
+
+def flag_words(message):
+    """The module's words for cache and attention settings as the flags that set them."""
+    for k in CACHE_OPTIONS:
+        message = re.sub(rf"\b(taylorseer's |cache options? )?{k}\b", f"--cache-{k}", message, count=1)
+    message = message.replace("taylorseer has no threshold", "--cache taylorseer takes no --cache-threshold")
+    for k in RADIAL_OPTIONS:
+        message = message.replace(f"Radial Attention's {k.replace('_', ' ')}", f"--radial-{k.replace('_', '-')}")
+    return message.replace("Radial Attention's ", "").replace("with dense attention", "without --attention radial")
 
 
 @lru_cache(maxsize=2)
@@ -564,7 +626,10 @@ def summary(pipe, files, seconds):
     if "work" in pipe.stats:  # what the DiT did, and what it cost
         work = pipe.stats["work"]
         lines.append(f"  DiT forwards: {work['forwards']} computed, {work['skipped']} skipped "
-                     f"({work['cache'] or 'no cache'}), {work['pflop']:.3g} PFLOP")
+                     f"({work['cache'] or 'no cache'}, {work.get('attention', 'dense')} attention), "
+                     f"{work['pflop']:.3g} PFLOP (attention {work.get('attention_pflop', 0):.3g}, linear "
+                     f"{work.get('linear_pflop', 0):.3g}); skipped {work.get('skipped_attention_pflop', 0):.3g} "
+                     f"attention and {work.get('skipped_linear_pflop', 0):.3g} linear PFLOP")
     return lines + [f"  wrote {f}" for f in files]
 
 
@@ -576,7 +641,8 @@ def load_pipeline(settings, args):
                                                   low_memory=args.low_memory, prompt_cache=not args.no_prompt_cache,
                                                   loras=[tuple(lora) for lora in settings.get("loras") or ()],
                                                   lora_ignore_unmatched=settings.get("lora_ignore_unmatched", False),
-                                                  transformer=settings.get("transformer"))
+                                                  transformer=settings.get("transformer"),
+                                                  quantized_matmul=settings.get("quantized_matmul") or "auto")
 
 
 def decode_saved(args):
@@ -625,18 +691,20 @@ def plan(pipe, settings):
     rewrite = (settings.get("rewrite_model"), settings["prompt"]) if rewriting(settings) else None
     cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
     mode = pipe.cfg_mode(*size, settings["cache"], settings["steps"]) if cfg else None
+    attention = dict(cache_options=cache_options(settings), attention=settings.get("attention") or "dense")
     line = (f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
             f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
             + (f", transformer {settings['transformer']}" if settings.get("transformer") else "")
             + (f", cache {settings['cache']}" if settings["cache"] else "")
+            + (", Radial Attention" if settings.get("attention") == "radial" else "")
             + (f", true CFG {settings['cfg_scale']} ({mode})" if cfg else "")
             + "".join(f", LoRA {Path(f).name} x{s:g}" for f, s in settings.get("loras") or ())
             + (f", video {settings['video']} at strength {settings['strength']:g}" if settings.get("video") else "")
             + (f", image {settings['image']}" if settings.get("image") else "")
             + (f", the prompt rewritten first ({settings['rewrite']})" if rewrite else ""))
     try:
-        return Plan(cfg, mode, line, pipe.check_memory(*size, settings["cache"], settings["steps"], mode, rewrite),
-                    None)
+        return Plan(cfg, mode, line, pipe.check_memory(*size, settings["cache"], settings["steps"], mode, rewrite,
+                                                       **attention), None)
     except H.HunyuanVideoError as e:
         return Plan(cfg, mode, line, None, str(e))
 
@@ -731,7 +799,8 @@ def run(args, bar, say, load=None, preview=None, stop=None):
                                    negative=tuple(t[1:] for t in text) if cfg else None,
                                    true_cfg_scale=settings.get("cfg_scale", 1.0), cfg_batched=mode == "batched",
                                    video_latents=video, strength=settings["strength"] if video is not None else 1.0,
-                                   image_latents=image)
+                                   image_latents=image, cache_options=cache_options(settings),
+                                   attention=settings.get("attention") or "dense", radial=radial_options(settings))
             settings["work"] = {k: v for k, v in pipe.stats["work"].items() if k != "cache"}  # in the video's metadata
             # the denoised latents are the expensive part: keep them until the video is safely written
             latents_file = new_latents

@@ -84,3 +84,42 @@ def make_llama_tokenizer(folder):
                                   pad_token="<|end_of_text|>", padding_side="right")
     tok.save_pretrained(folder)
     return tok
+
+
+def dit_run_inputs(folder, frames, height, width, model_seed, input_seed):
+    """What a whole denoising run of the DiT alone needs (the step caches' and Radial Attention's tests): a tiny
+    random diffusers transformer (2 double, 2 single blocks, width 32) saved in folder/transformer, make() to build
+    it again for the reference, random text inputs (20 of 32 tokens valid, padding zeroed) and initial latents
+    (channels-first)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    make = lambda: randomize(HunyuanVideoTransformer3DModel(  # noqa: E731
+        num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32), seed=model_seed).eval()
+    make().save_pretrained(folder / "transformer")
+    g = torch.Generator().manual_seed(input_seed)
+    states, pooled = torch.randn(1, 32, 64, generator=g), torch.randn(1, 32, generator=g)
+    mask = torch.zeros(1, 32, dtype=torch.int64)
+    mask[:, :20] = 1
+    init = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=g)
+    return folder, make, states * mask[..., None], mask, pooled, init
+
+
+def denoise_with_diffusers(transformer, setup, frames, height, width, steps, step=None, **extra):
+    """diffusers' HunyuanVideoPipeline over `transformer` alone (no encoders, no VAE), from setup's text inputs
+    and initial latents (dit_run_inputs), embedded guidance 6, flow shift 7: the final latents, channels-last.
+    step: a one-item list set to the number of steps done, for hooks that follow the steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    _, _, states, mask, pooled, init = setup
+    step = [0] if step is None else step
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                tokenizer_2=None)
+
+    def next_step(pipe, i, t, kw):
+        step[0] = i + 1
+        return {}
+    with torch.no_grad():
+        latents = pipe(prompt_embeds=states, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, latents=init,
+                       height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=6.0,
+                       output_type="latent", return_dict=False, callback_on_step_end=next_step, **extra)[0]
+    return latents.permute(0, 2, 3, 4, 1).numpy()

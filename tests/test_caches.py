@@ -3,6 +3,7 @@ the same initial latents and text embeddings (no text encoders: the caches act o
 
 - First-Block Cache and MagCache against diffusers' own hooks (FirstBlockCacheConfig, MagCacheConfig with the
   same magnitude ratios) inside diffusers' HunyuanVideoPipeline.
+- TaylorSeer against diffusers' TaylorSeerCacheConfig(use_lite_mode=True) (its factors in float32).
 - TeaCache and EasyCache have no diffusers hook: their authors' HunyuanVideo rules are written below on
   diffusers' transformer (its blocks wrapped), from TeaCache4HunyuanVideo/teacache_sample_video.py and
   EasyCache4HunyuanVideo/easycache_sample_video.py.
@@ -16,9 +17,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, rel_err
-from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
+from conftest import denoise_with_diffusers, dit_run_inputs, rel_err
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
 import HunyuanVideo_Apple as H
 
@@ -29,55 +29,33 @@ F, HEIGHT, WIDTH, STEPS = 9, 48, 64, 10
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random transformer saved where our pipeline reads it, random text inputs (20 of 32 tokens
-    valid) and initial latents."""
-    folder = tmp_path_factory.mktemp("caches")
-    make = lambda: randomize(HunyuanVideoTransformer3DModel(  # noqa: E731
-        num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=2, num_single_layers=2,
-        num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32), seed=7).eval()
-    make().save_pretrained(folder / "transformer")
-    g = torch.Generator().manual_seed(11)
-    states, pooled = torch.randn(1, 32, 64, generator=g), torch.randn(1, 32, generator=g)
-    mask = torch.zeros(1, 32, dtype=torch.int64)
-    mask[:, :20] = 1
-    states = states * mask[..., None]
-    init = torch.randn(1, 16, (F - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8, generator=g)
-    return folder, make, states, mask, pooled, init
+    valid) and initial latents (conftest.dit_run_inputs)."""
+    return dit_run_inputs(tmp_path_factory.mktemp("caches"), F, HEIGHT, WIDTH, 7, 11)
 
 
 def reference(setup, wrap=None, **cache):
     """diffusers' pipeline over the transformer alone; `cache` enables a diffusers cache config, `wrap`
     patches the transformer with a reference rule. Returns the final latents (channels-last) and which steps
     ran the last block."""
-    folder, make, states, mask, pooled, init = setup
-    transformer = make()
+    transformer = setup[1]()  # make()
     ran, step = [], [0]
     transformer.single_transformer_blocks[-1].attn.register_forward_hook(lambda *a: ran.append(step[0]))
     if cache:
         transformer.enable_cache(*cache.values())
     rule = wrap(transformer) if wrap else None
-    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                tokenizer_2=None)
-
-    def next_step(pipe, i, t, kw):
-        step[0] = i + 1
-        return {}
-    with torch.no_grad():
-        latents = pipe(prompt_embeds=states, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, latents=init,
-                       height=HEIGHT, width=WIDTH, num_frames=F, num_inference_steps=STEPS, guidance_scale=6.0,
-                       output_type="latent", return_dict=False, callback_on_step_end=next_step)[0]
+    latents = denoise_with_diffusers(transformer, setup, F, HEIGHT, WIDTH, STEPS, step)
     computed = [i in ran for i in range(STEPS)]
     if rule is not None:
         assert rule.computed == computed  # the rule's own record agrees with what ran
-    return latents.permute(0, 2, 3, 4, 1).numpy(), computed
+    return latents, computed
 
 
-def ours(setup, cache=None, threshold=None):
+def ours(setup, cache=None, threshold=None, options=None, **kw):
     folder, _, states, mask, pooled, init = setup
     pipe = H.HunyuanVideoPipeline(folder, dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32))
     latents = pipe.denoise(mx.array(states.numpy()), mx.array(mask.numpy()), mx.array(pooled.numpy()), HEIGHT, WIDTH,
                            F, STEPS, 6.0, 7.0, latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), cache=cache,
-                           cache_threshold=threshold)
+                           cache_threshold=threshold, cache_options=options, **kw)
     return np.array(latents), pipe.stats["work"]
 
 
@@ -205,11 +183,23 @@ def test_easycache_follows_the_published_rule(setup):
     check(ours(setup, "easycache", threshold), reference(setup, wrap=lambda t: EasyCacheRule(t, threshold)))
 
 
+@pytest.mark.parametrize("interval, order, warmup", [(5, 1, 3), (3, 2, 2), (2, 3, 1)])
+def test_taylorseer_matches_diffusers_lite_hook(setup, interval, order, warmup):
+    """diffusers' defaults (interval 5, order 1, warmup 3: forwards 0, 1, 2, 4, 9 computed, 3 and 5 to 8
+    forecast) and two settings with higher orders; the skipped blocks and the forecast final projection."""
+    config = TaylorSeerCacheConfig(cache_interval=interval, max_order=order, disable_cache_before_step=warmup,
+                                   taylor_factors_dtype=torch.float32, use_lite_mode=True)
+    mine = ours(setup, "taylorseer", options=dict(interval=interval, order=order, warmup=warmup))
+    computed = [s < warmup or (s - warmup - 1) % interval == 0 for s in range(STEPS)]  # the hook's rule
+    assert mine[1]["steps"] == computed
+    check(mine, reference(setup, config=config))
+
+
 def test_threshold_zero_is_the_uncached_run_to_the_bit(setup):
     plain, work = ours(setup)
     assert work["skipped"] == 0 and work["forwards"] == STEPS
-    for cache in H.CACHES:
-        latents, work = ours(setup, cache, 0.0)
+    for cache, default in H.CACHES.items():  # TaylorSeer has no threshold: interval 1 computes every step
+        latents, work = ours(setup, cache, 0.0) if default is not None else ours(setup, cache, options=dict(interval=1))
         assert work["skipped"] == 0 and np.array_equal(latents, plain), cache
     # the work ledger: 10 full forwards over 3 x 3 x 4 video tokens and 20 valid text tokens
     model = H.load_transformer(setup[0] / "transformer", mx.float32)
@@ -220,6 +210,12 @@ def test_threshold_zero_is_the_uncached_run_to_the_bit(setup):
     (dict(cache="deepcache"), "cache 'deepcache': use one of fbcache, teacache, magcache, easycache"),
     (dict(cache="teacache", cache_threshold=-0.1), "cache threshold -0.1: use 0 or more"),
     (dict(cache_threshold=0.1), "a cache threshold without a cache"),
+    (dict(cache="taylorseer", cache_threshold=0.1), "taylorseer has no threshold: set its interval"),
+    (dict(cache="teacache", cache_options=dict(interval=2)), "teacache takes a threshold only"),
+    (dict(cache="taylorseer", cache_options=dict(interval=0)), "taylorseer's interval 0: use a whole number of 1"),
+    (dict(cache="taylorseer", cache_options=dict(order=7)), "taylorseer's order 7: use a whole number from 1 to 4"),
+    (dict(cache="taylorseer", cache_options=dict(depth=2)), "cache options depth: taylorseer takes interval, order"),
+    (dict(cache_options=dict(order=2)), "a cache option without a cache"),
 ])
 def test_bad_cache_requests(setup, kw, words):
     pipe = H.HunyuanVideoPipeline(setup[0])
@@ -229,8 +225,8 @@ def test_bad_cache_requests(setup, kw, words):
 
 def test_the_memory_plan_counts_what_a_cache_keeps(tmp_path):
     """At 544x960x129 (33 x 34 x 60 video tokens, width 3072, bf16), First-Block Cache and TeaCache keep two
-    video-token tensors between steps, MagCache one, and each the blocks' video input during a step; the plan
-    adds them to the denoising peak."""
+    video-token tensors between steps, MagCache one, and each the blocks' video input during a step, TaylorSeer
+    its factors; the plan adds them to the denoising peak."""
     import bench_hunyuan_apple as B
     folder = B.header_only_checkpoint(tmp_path)
     peak = lambda cache: H.estimate_memory(folder, 544, 960, 129, backend="gpu", cache=cache)["denoise"]  # noqa: E731
@@ -238,6 +234,13 @@ def test_the_memory_plan_counts_what_a_cache_keeps(tmp_path):
     assert (peak("fbcache") - peak(None), peak("teacache") - peak(None), peak("magcache") - peak(None)) == \
         (3 * one, 3 * one, 2 * one)
     assert 0 < peak("easycache") - peak(None) < one / 10
+    # TaylorSeer (lite): order + 1 float32 factors of 64 values a token, twice while a full step updates them, and
+    # the forecast velocity in bf16
+    video = 33 * 34 * 60
+    assert peak("taylorseer") - peak(None) == (2 * 2 * 4 + 2) * 64 * video
+    third = H.estimate_memory(folder, 544, 960, 129, backend="gpu", cache="taylorseer",
+                              cache_options=dict(order=3))["denoise"]
+    assert third - peak(None) == (2 * 4 * 4 + 2) * 64 * video
 
 
 # ---- the rules where they bind ----------------------------------------------------------------------------

@@ -57,9 +57,14 @@ def test_generate_writes_what_it_says(env, tmp_path):
                                             "cfg_scale": 1.0, "loras": [], "lora_ignore_unmatched": False,
                                             "transformer": None, "video": None, "strength": None, "image": None,
                                             "original_prompt": None, "rewrite": None, "rewrite_model": None,
-                                            "rewrite_temperature": None, "rewrite_seed": None}
+                                            "rewrite_temperature": None, "rewrite_seed": None, "attention": "dense",
+                                            "cache_interval": None, "cache_order": None, "cache_warmup": None,
+                                            "radial_dense_steps": None, "radial_dense_layers": None,
+                                            "radial_decay": None, "radial_block": None, "quantized_matmul": None}
     assert work["forwards"] == 2 and work["skipped"] == 0 and work["steps"] == [True, True] and work["pflop"] > 0
-    assert f"DiT forwards: 2 computed, 0 skipped (no cache), {work['pflop']:.3g} PFLOP" in r.stdout
+    assert f"DiT forwards: 2 computed, 0 skipped (no cache, dense attention), {work['pflop']:.3g} PFLOP (attention " \
+           f"{work['attention_pflop']:.3g}, linear {work['linear_pflop']:.3g}); skipped 0 attention and 0 linear PFLOP" \
+           in r.stdout
     assert not list((tmp_path / "v").glob("*.latents.safetensors")) and not list((tmp_path / "v").glob(".*"))
     for phase in ("text encoders", "denoise", "decode"):
         assert phase in r.stdout
@@ -174,16 +179,40 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--cache-threshold", "0.1"], "a cache threshold without a cache"),
     (["--preset", "fastest"], "invalid choice: 'fastest'"),
     (["--checkpoint-every", "-5"], "--checkpoint-every -5.0: use 0 or more seconds"),
+    (["--attention", "sparse"], "invalid choice: 'sparse'"),
+    (["--attention", "radial"], "the video has 36 tokens, less than one block of 128; use dense attention"),
+    (["--attention", "radial", "--radial-decay", "0"], "--radial-decay 0.0: use a number above 0 and at most 4"),
+    (["--radial-block", "64"], "--radial-block set Radial Attention: give --attention radial too"),
+    (["--cache", "taylorseer", "--cache-threshold", "0.1"], "--cache taylorseer takes no --cache-threshold"),
+    (["--cache", "teacache", "--cache-order", "2"], "--cache-order set the TaylorSeer cache: give --cache taylorseer"),
+    (["--quantized-matmul", "kernel"], "--quantized-matmul chooses how quantized layers multiply: give --quantization"),
 ])
-def test_bad_input_one_sentence(env, tmp_path, args, words):
-    """Refused in one sentence before any work (no memory plan printed, no weights loaded)."""
+def test_bad_input_one_sentence(tmp_path, monkeypatch, capsys, args, words):
+    """Refused in one sentence before any work (no memory plan printed, no weights loaded): the command line's main
+    in this process (an exception would fail the test; test_bad_input_in_a_real_process runs the script)."""
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     (tmp_path / "mine.json").write_text("{}")
     (tmp_path / "old.latents.safetensors").write_text("an earlier run's latents")
-    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, *args)
-    assert r.returncode == 2, r
-    assert words in r.stderr and "Traceback" not in r.stderr and "memory plan" not in r.stderr, r.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))
+    for name in ("load_transformer", "load_text_encoder", "load_clip_text_encoder", "load_vae"):
+        monkeypatch.setattr(H, name, lambda *a, **k: pytest.fail("weights were loaded"))
+    try:
+        code = cli.main(["--prompt", "a cat", *SMALL, *args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out = capsys.readouterr()
+    assert code == 2, out
+    assert words in out.err and "memory plan" not in out.err + out.out, out.err
     assert (tmp_path / "mine.json").read_text() == "{}" and not (tmp_path / "mine.mp4").exists()
+
+
+@pytest.mark.parametrize("args, words", [(["--frames", "12"], "4n+1"), (["--frobnicate"], "unrecognized arguments"),
+                                         (["--attention", "radial"], "less than one block of 128")])
+def test_bad_input_in_a_real_process(env, tmp_path, args, words):
+    """The script itself: exit status 2, the sentence on stderr, no traceback."""
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, *args)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, words", [
@@ -349,7 +378,7 @@ def test_cache_and_preset(env, tmp_path):
     assert r.returncode == 0, r.stderr
     work = json.loads((tmp_path / "c.json").read_text())["work"]
     assert work["skipped"] > 0 and work["forwards"] + work["skipped"] == 10, work  # MagCache's ratios decide alone
-    assert f"DiT forwards: {work['forwards']} computed, {work['skipped']} skipped (magcache)" in r.stdout
+    assert f"DiT forwards: {work['forwards']} computed, {work['skipped']} skipped (magcache, dense attention)" in r.stdout
     s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan"]))
     assert (s["model"], s["steps"], s["shift"], s["guidance"]) == ("FastVideo/FastHunyuan-diffusers", 6, 17.0, 6.0)
     s = cli.resolve(cli.parse_args(["--prompt", "x", "--preset", "fasthunyuan", "--model", "tiny", "--steps", "3"]))

@@ -82,8 +82,11 @@ def test_end_to_end_matches_diffusers(checkpoint):
     assert levels <= FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
     assert frames.std() > 5  # not a blank video
     assert set(ours.stats) == {"text encoders", "denoise", "decode", "work"}
-    assert ours.stats["work"] | {"pflop": 0} == dict(cache=None, forwards=steps, skipped=0, pflop=0,
-                                                     steps=[True] * steps)
+    work = ours.stats["work"]
+    computed = {k: work.pop(k) for k in ("pflop", "attention_pflop", "linear_pflop")}
+    assert work == dict(cache=None, attention="dense", matmul=None, forwards=steps, skipped=0,
+                        skipped_attention_pflop=0, skipped_linear_pflop=0, steps=[True] * steps)
+    assert computed["pflop"] == pytest.approx(computed["attention_pflop"] + computed["linear_pflop"], rel=1e-12)
 
 
 def test_end_to_end_in_the_default_precisions_matches_diffusers(checkpoint):
@@ -276,8 +279,9 @@ def test_true_cfg_keeps_the_branches_apart(checkpoint, tmp_path, monkeypatch):
               negative_prompt=NEGATIVE, true_cfg_scale=3.0)
     plain = ours(PROMPT, **kw)
     assert len(list((tmp_path / "cache" / "prompts").glob("*.safetensors"))) == 2 and not ours.prompt_hit
-    for cache in H.CACHES:
-        cached = ours(PROMPT, cache=cache, cache_threshold=0.0, **kw)
+    for cache, default in H.CACHES.items():  # TaylorSeer has no threshold: interval 1 computes every step
+        cached = ours(PROMPT, cache=cache, **kw, **(dict(cache_threshold=0.0) if default is not None else
+                                                     dict(cache_options=dict(interval=1))))
         assert ours.prompt_hit and np.array_equal(np.array(cached), np.array(plain)), cache
         assert ours.stats["work"]["forwards"] == 6
     with pytest.warns(UserWarning, match="has no effect"):

@@ -184,26 +184,36 @@ def test_convert_to_a_folder_it_cannot_write(output, words, tmp_path):
 
 
 def test_bench_work_table(tmp_path):
-    """Full size: the uncached count (4.29 PFLOP a forward at 544x960x129, 50 of them) and the published
-    speed-ups applied; --tiny: measured, the ledger's figures (forwards + skipped = the steps)."""
+    """Full size: the uncached count (4.29 PFLOP a forward at 544x960x129, 50 of them), attention and linear apart,
+    the published speed-ups applied to the threshold caches, TaylorSeer's 13 computed forwards of 50 (its rule),
+    Radial Attention cutting attention only, the presets' steps; --tiny: measured, the ledger's figures (forwards +
+    skipped = the steps)."""
     import re
 
     import bench_hunyuan_apple as B
     r = run("bench_hunyuan_apple.py", "--work", "--sizes", "544x960x129")
     assert r.returncode == 0, r.stderr
-    rows = {m[2]: (float(m[3]), float(m[4])) for line in r.stdout.splitlines()[2:]
-            for m in [re.match(r"\s*(\S+)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+x", line)]}
+    rows = {m[2]: tuple(float(m[i]) for i in (3, 4, 5, 6)) for line in r.stdout.splitlines()[2:]
+            for m in [re.match(r"\s*(\S+)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+x", line)] if m}
     per_forward = B.forward_flops({}, B.tokens(544, 960, 129)) / 1e15
-    assert rows["50 steps, no cache"] == (50, pytest.approx(50 * per_forward, abs=0.05))
-    assert rows["fasthunyuan, 6 steps"] == (6, pytest.approx(6 * per_forward, abs=0.05))
+    n = B.tokens(544, 960, 129)
+    attention = 4 * 3072 * n * n * 60 / 1e15  # a dense forward's attention; the rest is linear
+    assert rows["50 steps, no cache"] == pytest.approx((50, 50 * per_forward, 50 * attention,
+                                                        50 * (per_forward - attention)), abs=0.05)
+    computed = sum(s < 3 or (s - 4) % 5 == 0 for s in range(50))  # diffusers' TaylorSeer rule, its defaults
+    assert computed == 13 and rows["50 steps, taylorseer"][:2] == pytest.approx((13, 13 * per_forward), abs=0.05)
+    radial = rows["50 steps, radial"]
+    assert radial[0] == 50 and radial[3] == rows["50 steps, no cache"][3] and radial[2] < 0.5 * 50 * attention
+    assert rows["fasthunyuan, 6 steps"][:2] == pytest.approx((6, 6 * per_forward), abs=0.05)
+    assert rows["accvideo, 5 steps"][:2] == pytest.approx((5, 5 * per_forward), abs=0.05)
     assert rows["50 steps, magcache 0.24"][0] == pytest.approx(50 / 2.8, abs=0.05)
-    assert len(rows) == 6
+    assert len(rows) == 13
     env = {**os.environ, "HUNYUAN_APPLE_CACHE": str(tmp_path / "cache")}
     r = run("bench_hunyuan_apple.py", "--work", "--tiny", "--sizes", "32x48x5", env=env)
     assert r.returncode == 0 and "RANDOM weights" in r.stdout, r.stderr
     rows = [line.split() for line in r.stdout.splitlines()[2:]]
-    assert [int(row[-4]) + int(row[-3]) for row in rows] == [50] * 5 + [6]
-    assert all(float(row[-2]) > 0 and float(row[-1]) > 0 for row in rows)
+    assert [int(row[-6]) + int(row[-5]) for row in rows] == [50] * 9 + [6, 6, 5, 5]
+    assert all(float(row[-4]) == pytest.approx(float(row[-3]) + float(row[-2]), rel=1e-2) for row in rows)
 
 
 def test_convert_bakes_a_lora_in(tmp_path):

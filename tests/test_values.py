@@ -108,7 +108,8 @@ def test_preview_strip_is_comfyuis_map_of_the_final_latents(tiny, tmp_path, monk
 
 # ---- 2. resume from any step -----------------------------------------------------------------------------
 
-THRESHOLDS = {None: None, "fbcache": 0.3, "teacache": 0.3, "magcache": 0.24, "easycache": 0.3}
+THRESHOLDS = {None: None, "fbcache": 0.3, "teacache": 0.3, "magcache": 0.24, "easycache": 0.3, "taylorseer": None}
+OPTIONS = {"taylorseer": dict(interval=3, order=2, warmup=2)}  # computes forwards 0, 1, 2, 5, 8; forecasts 3, 4, 6...
 STEPS = 10
 
 
@@ -134,7 +135,8 @@ def test_resume_after_any_step_is_the_uninterrupted_run(tiny, tmp_path, cache, c
     folder, text = tiny
     pipe = H.HunyuanVideoPipeline(folder)
     prompt, kw = branches(text, cfg)
-    kw.update(SIZE, num_inference_steps=STEPS, seed=7, cache=cache, cache_threshold=THRESHOLDS[cache])
+    kw.update(SIZE, num_inference_steps=STEPS, seed=7, cache=cache, cache_threshold=THRESHOLDS[cache],
+              cache_options=OPTIONS.get(cache))
     states = []
     full = np.array(pipe.denoise(*prompt, checkpoint=lambda s: states.append(snapshot(s)), **kw))
     work = pipe.stats["work"]
@@ -165,7 +167,8 @@ def test_a_pipeline_generating_twice_gives_what_fresh_pipelines_give(tiny):
     for cache in THRESHOLDS:
         for cfg in (False, True):
             prompt, kw = branches(text, cfg)
-            kw.update(SIZE, num_inference_steps=STEPS, cache=cache, cache_threshold=THRESHOLDS[cache])
+            kw.update(SIZE, num_inference_steps=STEPS, cache=cache, cache_threshold=THRESHOLDS[cache],
+                      cache_options=OPTIONS.get(cache))
             pipe = H.HunyuanVideoPipeline(folder)
             pipe.denoise(*prompt, seed=1, **kw)
             second = np.array(pipe.denoise(*prompt, seed=2, **kw)), pipe.stats["work"]
@@ -202,6 +205,12 @@ def test_ledger_pflop_with_skipped_steps_follows_the_notes(tiny, cache):
     skipped_blocks = 1 if cache == "fbcache" else 0
     expected = sum(notes_flop(tokens, 64, 2 if full else skipped_blocks) for full in work["steps"]) / 1e15
     assert work["pflop"] == pytest.approx(expected, rel=1e-12)
+    # attention and linear apart (4 dim N^2 and 24 dim^2 N a block), and what the skipped blocks would have cost
+    blocks = sum(2 if full else skipped_blocks for full in work["steps"])
+    assert work["attention_pflop"] == pytest.approx(blocks * 4 * 64 * tokens ** 2 / 1e15, rel=1e-12)
+    assert work["linear_pflop"] == pytest.approx(blocks * 24 * 64 ** 2 * tokens / 1e15, rel=1e-12)
+    assert work["skipped_attention_pflop"] == pytest.approx((2 * STEPS - blocks) * 4 * 64 * tokens ** 2 / 1e15)
+    assert work["skipped_linear_pflop"] == pytest.approx((2 * STEPS - blocks) * 24 * 64 ** 2 * tokens / 1e15)
 
 
 # ---- 6. each component in its own precision --------------------------------------------------------------
@@ -283,7 +292,7 @@ def readme_presets():
     out = {}
     for name, checkpoint, settings in rows:
         ids = re.findall(r"`([\w.-]+/[\w.-]+)`", checkpoint)
-        dit = re.search(r"DiT `([\w.-]+/[\w.-]+)`", checkpoint)
+        dit = re.search(r"DiT `([\w.-]+/[\w.-]+(?:/[\w.-]+)*)`", checkpoint)  # a repository, or a file in one
         out[name] = ids[0], dit and dit.group(1), settings
     return out
 
@@ -309,6 +318,14 @@ def test_every_preset_resolves_to_what_the_readme_lists(tmp_path):
         prefix = re.search(r"prompts begin `([^`]+)`", text)
         assert s["prompt"] == (prefix.group(1) if prefix else "") + "a man walks", name
         assert (s["negative_prompt"] is not None) == ("negative prompt" in text), name
+
+
+def test_accvideo_steps_are_every_tenth_of_the_50_step_schedule():
+    """AccVideo's pipeline takes sigmas [0, 10, 20, 30, 40, 50] of the 50-step schedule (shift 7): the preset's 5
+    steps at shift 7 are those, and its DiT is the file in its repository."""
+    p = H.PRESETS["accvideo"]
+    assert np.abs(H.flow_sigmas(p["steps"], p["shift"]) - H.flow_sigmas(50, 7.0)[::10]).max() <= 1e-6
+    assert H._hub_file(p["transformer"]) == ("aejion/AccVideo", "accvideo-t2v-5-steps/diffusion_pytorch_model.pt")
 
 
 def test_each_field_of_the_prompt_cache_key_misses(tiny, monkeypatch):

@@ -1,0 +1,203 @@
+"""Radial Attention (mit-han-lab/radial-attention) against its reference, live, in float32:
+
+- the block mask against a transcription of the reference's gen_log_mask_shrinked (written below from its
+  radial_attn/attn_mask.py, drawing every frame pair's token mask as it does), at sizes with and without whole
+  frames per block, partial blocks and bands;
+- whole denoising runs against diffusers' HunyuanVideoPipeline whose attention processors AND that mask, as a
+  dense boolean token mask, into their attention mask on the sparse steps and layers (its dense first steps and
+  layers as the reference's processor decides them): the same latents within LATENT_TOL;
+- the FLOPs: the fused attention is called on the kept blocks' query-key pairs and no others (counted);
+- dense attention is untouched: attention="dense" and radial with every step dense equal the default run to the bit.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import denoise_with_diffusers, dit_run_inputs, rel_err
+
+import HunyuanVideo_Apple as H
+
+LATENT_TOL = 1e-4  # measured 1.9e-5 (one branch) and 2.5e-5 (true CFG) on this project's Linux machine
+F, HEIGHT, WIDTH, STEPS = 21, 48, 64, 5  # 6 latent frames of 3 x 4 patches: 72 video tokens, 4 blocks of 16 + 8
+RADIAL = dict(block=16, dense_steps=2, dense_layers=1)
+
+
+def reference_block_mask(frames, per_frame, block, decay=1.0):
+    """gen_log_mask_shrinked (model_type "hunyuan"), the video's whole blocks: each frame pair's token mask drawn
+    in full, placed in its padded canvas and shrunk by shrinkMaskStrict, OR-ed in. The diagonal split's
+    threshold is the block size (the reference's hard-coded 128 is its block size)."""
+    n = frames * per_frame // block
+    final = np.zeros((n + per_frame // block + 2, n + per_frame // block + 2), bool)
+    rows, cols = np.arange(per_frame)[:, None], np.arange(per_frame)[None]
+    for i in range(frames):
+        for j in range(frames):
+            dist = abs(i - j)
+            if j == 0:
+                local = np.ones((per_frame, per_frame), bool)
+            else:
+                decay_length = 2 ** per_frame.bit_length() / 2 ** dist.bit_length() * decay
+                width = per_frame if dist <= 1 else (decay_length if decay_length >= block else block)
+                local = np.abs(cols - rows) <= width
+                length = 2 ** per_frame.bit_length() / 2 ** dist.bit_length()
+                if length < block and dist % int(block / length) != 0:
+                    local = np.zeros_like(local)
+            rr, rc = i * per_frame % block, j * per_frame % block
+            padded = np.zeros((rr + ((per_frame - 1) // block + 1) * block,
+                               rc + ((per_frame - 1) // block + 1) * block), bool)
+            padded[rr:rr + per_frame, rc:rc + per_frame] = local
+            b = padded.shape[0] // block
+            density = padded[:b * block, :b * block].reshape(b, block, b, block).sum(axis=1) / block
+            frac = (density > 1 / 3).sum(-1) / ((density > 0).sum(-1) + 1e-9)
+            r0, c0 = i * per_frame // block, j * per_frame // block
+            final[r0:r0 + b, c0:c0 + b] |= frac > 0.6
+    return final[:n, :n]
+
+
+def token_mask(blocks, video, n, block):
+    """The dense (n, n) token mask of a block mask: video tokens in whole blocks follow it; the rest are dense."""
+    sparse = blocks.shape[0] * block
+    allowed = np.ones((n, n), bool)
+    allowed[:sparse, :sparse] = np.kron(blocks, np.ones((block, block), bool))
+    return allowed
+
+
+@pytest.mark.parametrize("frames, per_frame, block, decay", [
+    (6, 12, 16, 1.0), (8, 7, 8, 1.0), (5, 45, 16, 0.5), (9, 300, 128, 1.0), (12, 510, 128, 0.95), (8, 1020, 128, 1.0),
+    (33, 64, 32, 1.0)])
+def test_block_mask_is_the_references(frames, per_frame, block, decay):
+    mine = H.radial_block_mask(frames, per_frame, block, decay)
+    ref = reference_block_mask(frames, per_frame, block, decay)
+    assert np.array_equal(mine, ref)
+    assert 0 < ref.mean() < 1  # neither dense nor empty
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random transformer saved where our pipeline reads it, random text inputs (20 of 32 tokens
+    valid) and initial latents (conftest.dit_run_inputs)."""
+    return dit_run_inputs(tmp_path_factory.mktemp("radial"), F, HEIGHT, WIDTH, 3, 4)
+
+
+class MaskedProcessor:
+    """diffusers' attention processor with the radial token mask AND-ed into its attention mask from step
+    `dense_steps` and layer `dense_layers` on (double blocks 0, 1, then single blocks 2, 3), as the reference's
+    HunyuanVideoAttnSparseProcessor2_0 chooses between dense and radial attention."""
+
+    def __init__(self, processor, layer, allowed, step, dense_steps, dense_layers):
+        self.processor, self.layer, self.allowed, self.step = processor, layer, allowed, step
+        self.dense_steps, self.dense_layers = dense_steps, dense_layers
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if self.step[0] >= self.dense_steps and self.layer >= self.dense_layers:
+            n = attention_mask.shape[-1]
+            attention_mask = attention_mask & torch.from_numpy(self.allowed[:n, :n])[None, None]
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def reference(setup, radial, cfg=False):
+    _, make, states, mask, pooled, _ = setup
+    transformer, step = make(), [0]
+    grid = ((F - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16)
+    video = grid[0] * grid[1] * grid[2]
+    allowed = token_mask(reference_block_mask(grid[0], grid[1] * grid[2], radial["block"]), video, video + 32,
+                         radial["block"])
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    for layer, block in enumerate(blocks):
+        block.attn.set_processor(MaskedProcessor(block.attn.processor, layer, allowed, step, radial["dense_steps"],
+                                                 radial["dense_layers"]))
+    extra = dict(negative_prompt_embeds=states.flip(1).roll(20, 1), negative_prompt_attention_mask=mask,
+                 negative_pooled_prompt_embeds=-pooled, true_cfg_scale=3.0) if cfg else {}
+    return denoise_with_diffusers(transformer, setup, F, HEIGHT, WIDTH, STEPS, step, **extra)
+
+
+def ours(setup, cfg=False, pipe=None, **kw):
+    folder, _, states, mask, pooled, init = setup
+    pipe = pipe or H.HunyuanVideoPipeline(folder, dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32))
+    text = [mx.array(t.numpy()) for t in (states, mask, pooled)]
+    extra = dict(negative=(mx.array(states.flip(1).roll(20, 1).numpy()), text[1], -text[2]), true_cfg_scale=3.0,
+                 cfg_batched=False) \
+        if cfg else {}
+    latents = pipe.denoise(*text, HEIGHT, WIDTH, F, STEPS, 6.0, 7.0, latents=mx.array(init.permute(0, 2, 3, 4, 1)
+                                                                                         .numpy()), **extra, **kw)
+    return np.array(latents), pipe.stats["work"]
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["one-branch", "true-cfg"])
+def test_radial_runs_match_diffusers_with_the_references_mask(setup, cfg):
+    """Dense for 2 steps, then sparse from layer 1: the sparse layers differ from dense attention (checked), and
+    both pipelines give the same latents."""
+    latents, work = ours(setup, cfg, attention="radial", radial=RADIAL)
+    ref = reference(setup, RADIAL, cfg)
+    err = rel_err(latents, ref)
+    assert err <= LATENT_TOL, f"final latents: relative error {err:.2e} > {LATENT_TOL}"
+    dense = reference(setup, dict(RADIAL, dense_steps=STEPS), cfg)
+    assert rel_err(dense, ref) > 100 * LATENT_TOL  # the mask matters at this size
+    assert work["attention"] == "radial" and work["skipped_attention_pflop"] > 0 and work["skipped_linear_pflop"] == 0
+
+
+def test_the_fused_attention_runs_only_the_kept_pairs(setup, monkeypatch):
+    """Every call of mx.fast.scaled_dot_product_attention counted (batch x heads x queries x keys): a sparse layer
+    runs the kept blocks' pairs, the partial block's and the text's rows and columns densely, nothing else; the
+    ledger's attention PFLOP follows from the same count."""
+    grid = ((F - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16)
+    video, block, n = grid[0] * grid[1] * grid[2], 16, grid[0] * grid[1] * grid[2] + 20
+    kept = reference_block_mask(grid[0], grid[1] * grid[2], block)
+    sparse = kept.shape[0] * block
+    expected = int(kept.sum()) * block ** 2 + sparse * (n - sparse) + (n - sparse) * n
+    radial = H.RadialAttention(grid, STEPS, block=block)
+    assert radial.pairs(20) == expected < n * n
+    calls = []
+    real = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda q, k, v, **kw: calls.append(
+        q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]) or real(q, k, v, **kw))
+    q, k, v = (mx.random.normal((1, 2, n, 16), key=mx.random.key(s)) for s in range(3))
+    key_mask = mx.array(np.arange(n) < n - 3)[None, None, None]  # three padded text keys
+    out = radial.attend(q, k, v, key_mask)
+    assert sum(calls) == 2 * expected  # two heads
+    allowed = token_mask(kept, video, n, block) & np.array(key_mask)[0, 0]
+    logits = np.einsum("hqd,hkd->hqk", np.array(q[0]), np.array(k[0])) / 4.0
+    weights = np.exp(np.where(allowed, logits, -np.inf) - logits.max(-1, keepdims=True))
+    dense = np.einsum("hqk,hkd->qhd", weights / weights.sum(-1, keepdims=True), np.array(v[0])).reshape(n, 32)
+    assert np.abs(np.array(out[0]) - dense).max() <= 1e-5  # measured about 3e-7
+
+    calls.clear()
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", real)
+    _, work = ours(setup, attention="radial", radial=RADIAL)
+    model = H.load_transformer(setup[0] / "transformer", mx.float32)
+    tokens = video + 20
+    dense_layer, sparse_layer = 4 * 32 * tokens ** 2, 4 * 32 * H.RadialAttention(grid, STEPS, block=block).pairs(20)
+    steps_sparse = STEPS - RADIAL["dense_steps"]
+    expected_pflop = (STEPS * 4 * dense_layer - steps_sparse * 3 * (dense_layer - sparse_layer)) / 1e15
+    assert work["attention_pflop"] == pytest.approx(expected_pflop, rel=1e-12)
+    assert work["attention_pflop"] + work["skipped_attention_pflop"] == pytest.approx(
+        STEPS * model.work(tokens)[0] / 1e15, rel=1e-12)
+
+
+def test_dense_attention_is_untouched(setup):
+    """attention="dense" is the default run, and radial with every step dense is too, to the bit; a radial run
+    with a step cache at threshold 0 and with the DiT's blocks streamed (low memory) is the plain radial run."""
+    plain, _ = ours(setup)
+    assert np.array_equal(ours(setup, attention="dense")[0], plain)
+    assert np.array_equal(ours(setup, attention="radial", radial=dict(RADIAL, dense_steps=STEPS))[0], plain)
+    radial, _ = ours(setup, attention="radial", radial=RADIAL)
+    assert np.array_equal(ours(setup, attention="radial", radial=RADIAL, cache="fbcache", cache_threshold=0.0)[0],
+                          radial)
+    low = H.HunyuanVideoPipeline(setup[0], dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32), low_memory=True)
+    assert np.array_equal(ours(setup, pipe=low, attention="radial", radial=RADIAL)[0], radial)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(attention="sliding"), "attention 'sliding': use one of dense, radial"),
+    (dict(radial=dict(decay=0.5)), "Radial Attention's decay with dense attention"),
+    (dict(attention="radial", radial=dict(decay=0)), "decay 0: use a number above 0"),
+    (dict(attention="radial", radial=dict(block=100)), "block 100: use a power of two from 8 to 1024"),
+    (dict(attention="radial", radial=dict(dense_steps=9)), "dense steps 9: use 0 to 2"),
+    (dict(attention="radial", radial=dict(dense_layers=-1)), "dense layers -1: use a whole number of 0 or more"),
+    (dict(attention="radial", radial=dict(window=3)), "Radial Attention has no window"),
+    (dict(attention="radial"), "the video has 16 tokens, less than one block of 128; use dense attention"),
+])
+def test_bad_attention_requests(setup, kw, words):
+    pipe = H.HunyuanVideoPipeline(setup[0])
+    with pytest.raises(H.HunyuanVideoError, match=words):
+        pipe("a cat", 32, 64, 5, 2, **kw)
