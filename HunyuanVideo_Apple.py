@@ -734,9 +734,15 @@ def radial_block_mask(frames, per_frame, block=128, decay=1.0):
     return out
 
 
-def attention_pattern(attention, radial, grid, steps):
-    """None (dense attention), or the RadialAttention of a generation over the latent grid (t, h, w) of patches,
-    with radial = {dense_steps, dense_layers, decay, block} over RADIAL_DEFAULTS; bad settings in one sentence."""
+def patch_grid(height, width, num_frames):
+    """The DiT's patches of a video (t, h, w): its latent frames, and its height and width over 16 (the VAE's 8 times
+    the patch's 2)."""
+    return (num_frames - 1) // 4 + 1, height // 16, width // 16
+
+
+def check_attention(attention, radial, grid, steps):
+    """None (dense attention), or Radial Attention's settings over the latent grid (t, h, w) of patches: radial =
+    {dense_steps, dense_layers, decay, block} over RADIAL_DEFAULTS; bad settings in one sentence. Nothing is built."""
     if attention not in ATTENTIONS:
         raise HunyuanVideoError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}.")
     radial = dict(radial or {})
@@ -764,10 +770,17 @@ def attention_pattern(attention, radial, grid, steps):
     if not (whole(o["block"]) and 8 <= o["block"] <= 1024 and o["block"] & (o["block"] - 1) == 0):
         raise HunyuanVideoError(f"Radial Attention's block {o['block']}: use a power of two from 8 to 1024 (the "
                                 f"reference's is 128).")
-    if grid[0] * grid[1] * grid[2] < o["block"]:
-        raise HunyuanVideoError(f"Radial Attention at this size: the video has {grid[0] * grid[1] * grid[2]} tokens, "
+    if math.prod(grid) < o["block"]:
+        raise HunyuanVideoError(f"Radial Attention at this size: the video has {math.prod(grid)} tokens, "
                                 f"less than one block of {o['block']}; use dense attention (or a smaller block).")
-    return RadialAttention(grid, steps, **o)
+    return o
+
+
+def attention_pattern(attention, radial, grid, steps):
+    """None (dense attention), or the RadialAttention of a generation over the latent grid (t, h, w) of patches, its
+    settings checked by check_attention."""
+    settings = check_attention(attention, radial, grid, steps)
+    return None if settings is None else RadialAttention(grid, steps, **settings)
 
 
 class RadialAttention:
@@ -2860,7 +2873,7 @@ class TaylorSeer:
     options = dict(interval=5, order=1, warmup=3)  # diffusers' defaults (cache_interval, max_order,
     #                                                disable_cache_before_step)
 
-    def __init__(self, threshold, steps, size, interval=5, order=1, warmup=3):
+    def __init__(self, threshold, steps, size, interval, order, warmup):
         self.interval, self.order, self.warmup = interval, order, warmup
         self.count, self.last = -1, None  # the forward now; the last one run in full
 
@@ -2956,10 +2969,11 @@ def step_cache(name, threshold, steps, size, options=None):
         bad = [k for k, v in options.items() if not isinstance(v, (int, np.integer)) or v < (0 if k == "warmup" else 1)
                or k == "order" and v > 4]
         if bad:
-            raise HunyuanVideoError(f"{name}'s {bad[0]} {options[bad[0]]}: use a whole number "
-                                    + ("of 0 or more (its default 3)." if bad[0] == "warmup" else
-                                       "from 1 to 4 (its default 1)." if bad[0] == "order" else
-                                       "of 1 or more (its default 5; 1 computes every step)."))
+            k = bad[0]
+            raise HunyuanVideoError(f"{name}'s {k} {options[k]}: use a whole number "
+                                    + {"warmup": "of 0 or more", "order": "from 1 to 4"}.get(k, "of 1 or more")
+                                    + f" (its default {known[k]}" + ("; 1 computes every step)." if k == "interval"
+                                                                      else ")."))
         return STEP_CACHES[name](None, steps, size, **options)
     threshold = CACHES[name] if threshold is None else threshold
     if not 0 <= threshold < math.inf:
@@ -3721,7 +3735,7 @@ class HunyuanVideoPipeline:
         if (image_latents is None) != (condition is None):
             raise HunyuanVideoError("this checkpoint makes video from an image: pass image latents (encode_image)."
                                     if condition else "this checkpoint is text to video: it takes no image.")
-        grid = ((num_frames - 1) // 4 + 1, height // 16, width // 16)  # the DiT's patches (t, h, w)
+        grid = patch_grid(height, width, num_frames)
         sparse = attention_pattern(attention, radial, grid, num_inference_steps)
         if cfg_batched is None:
             cfg_batched = cfg and self.cfg_mode(height, width, num_frames, cache, num_inference_steps) == "batched"
@@ -3744,7 +3758,7 @@ class HunyuanVideoPipeline:
                                      lazy_modulation=self.precompute_modulation, loras=self.loras,
                                      lora_ignore_unmatched=self.lora_ignore_unmatched)
             shape = (B, grid[0], height // 8, width // 8, model.out_channels)
-            dequantized = dequantize_matmul(grid[0] * grid[1] * grid[2], self.quantized_matmul)
+            dequantized = dequantize_matmul(math.prod(grid), self.quantized_matmul)
             set_quantized_matmul(model, dequantized)
             sigmas = flow_sigmas(num_inference_steps, flow_shift)
             image = None if condition is None else mx.broadcast_to(image_latents.astype(mx.float32), (B, 1, *shape[2:]))
@@ -3752,7 +3766,7 @@ class HunyuanVideoPipeline:
             extra = _image_channels(image, shape, condition)
             dit = GuidedDiT(model, text_states, text_mask, pooled, guidance_scale, sigmas, B, true_cfg_scale if cfg
                             else None, batched, forwards, sparse, condition, self.precompute_modulation,
-                            grid[0] * grid[1] * grid[2])
+                            math.prod(grid))
             ledger = self.stats["work"] = new_ledger(cache, attention, resume)
             ledger["matmul"] = ("dequantized" if dequantized else "kernel") if self.quantization else None
             for i in _counted(steps, self._report("denoising")):
@@ -3825,8 +3839,7 @@ class HunyuanVideoPipeline:
                                     f"for 5 or more (4n+1).")
         image = None if image is None else check_image(read_image(image), height, width)
         step_cache(cache, cache_threshold, num_inference_steps, (height, width), cache_options)  # refused now if bad
-        attention_pattern(attention, radial, ((num_frames - 1) // 4 + 1, height // 16, width // 16),
-                          num_inference_steps)
+        check_attention(attention, radial, patch_grid(height, width, num_frames), num_inference_steps)
         if output_type not in ("np", "latent"):
             raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
         cfg = negative_prompt is not None and true_cfg_scale > 1
@@ -4254,7 +4267,7 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg, dit_info, _transformer_shapes,
                       transformer[0] or folder / "transformer", "transformer")
     heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
-    video = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    video = math.prod(patch_grid(height, width, num_frames))
     # the text tokens: LLaVA's image states (every 4th or 2nd; a negative prompt's every 2nd) before the prompt's
     condition = sizes.get("image_condition_type")
     text_tokens = TEXT_LENGTH - 4 + IMAGE_TOKENS // (2 if cfg else IMAGE_EMBED_INTERLEAVE[condition]) \

@@ -22,6 +22,7 @@ import argparse
 import gc
 import importlib
 import json
+import math
 import os
 import struct
 import sys
@@ -47,7 +48,7 @@ def parse_size(s):
 
 
 def tokens(h, w, f, text=256):
-    return ((f - 1) // 4 + 1) * (h // 16) * (w // 16) + text
+    return math.prod(H.patch_grid(h, w, f)) + text
 
 
 def forward_flops(cfg, n):
@@ -316,7 +317,7 @@ def full_size_work(steps, cache=None, radial=None, h=544, w=960, f=129):
     it: every step a full forward, or TaylorSeer's rule (which forwards it forecasts is fixed in advance), with
     Radial Attention's mask for this size where radial is given ({} for its defaults)."""
     model = H.HunyuanVideoTransformer()  # built lazily: no weights are made
-    grid = ((f - 1) // 4 + 1, h // 16, w // 16)
+    grid = H.patch_grid(h, w, f)
     sparse = H.attention_pattern("radial", radial, grid, steps) if radial is not None else None
     forward = H.step_cache(cache, None, steps, (h, w)) if cache == "taylorseer" else None
     ledger = H.new_ledger(cache, "radial" if sparse else "dense")
@@ -336,7 +337,7 @@ def print_radial(sizes):
     model = H.HunyuanVideoTransformer()
     for s in sizes:
         h, w, f = parse_size(s)
-        grid = ((f - 1) // 4 + 1, h // 16, w // 16)
+        grid = H.patch_grid(h, w, f)
         radial = H.RadialAttention(grid, 50)
         n = tokens(h, w, f)
         dense, sparse = model.work(n), model.work(n, radial=radial)

@@ -45,8 +45,8 @@ SETTINGS = {"prompt": str, "seed": int, "steps": int, "guidance": float, "shift"
             "cache_interval": int, "cache_order": int, "cache_warmup": int, "attention": str,
             "radial_dense_steps": int, "radial_dense_layers": int, "radial_decay": float, "radial_block": int,
             "quantized_matmul": str}
-CACHE_OPTIONS = ("interval", "order", "warmup")  # TaylorSeer's: --cache-interval, ...
-RADIAL_OPTIONS = ("dense_steps", "dense_layers", "decay", "block")  # Radial Attention's: --radial-dense-steps, ...
+CACHE_OPTIONS = tuple(H.TaylorSeer.options)  # interval, order, warmup: --cache-interval, ...
+RADIAL_OPTIONS = tuple(H.RADIAL_DEFAULTS)  # dense_steps, dense_layers, decay, block: --radial-dense-steps, ...
 COMPONENT = {"dit_dtype": "transformer", "vae_dtype": "vae", "text_dtype": "text_encoders"}  # --dit-dtype, ...
 DTYPE_NAMES = {dtype: name for name, dtype in H.DTYPES.items()}  # mx.bfloat16 -> "bf16"
 DEFAULT_DTYPES = {k: DTYPE_NAMES[H.DEFAULT_DTYPES[c]] for k, c in COMPONENT.items()}  # {"dit_dtype": "bf16", ...}
@@ -119,7 +119,8 @@ def parse_args(argv):
                     "from the same noise); the last strength x steps steps run (default 0.8)")
     ap.add_argument("--cache", choices=list(H.CACHES), help="skip DiT forwards that a step cache predicts (see the "
                     "README): " + ", ".join(f"{k} (default threshold {v})" if v is not None else
-                                            f"{k} (interval 5, order 1, warmup 3)" for k, v in H.CACHES.items()))
+                                            f"{k} ({', '.join(f'{o} {d}' for o, d in H.TaylorSeer.options.items())})"
+                                            for k, v in H.CACHES.items()))
     ap.add_argument("--cache-threshold", type=float, metavar="X", help="the cache's threshold: higher skips more; "
                                                                         "0 never skips")
     ap.add_argument("--cache-interval", type=int, metavar="N", help="taylorseer: a full forward every N (default 5; "
@@ -344,8 +345,8 @@ def resolve(args):
                                   + (f" (--cache {s['cache']} takes --cache-threshold)." if s["cache"] else "."))
     try:  # the cache's and the attention's settings checked now, in the flags' words
         H.step_cache(s["cache"], s["cache_threshold"], s["steps"], (s["height"], s["width"]), cache_options(s))
-        H.attention_pattern(s["attention"], radial_options(s), ((s["frames"] - 1) // 4 + 1, s["height"] // 16,
-                                                                  s["width"] // 16), s["steps"])
+        H.check_attention(s["attention"], radial_options(s), H.patch_grid(s["height"], s["width"], s["frames"]),
+                          s["steps"])
     except H.HunyuanVideoError as e:
         raise H.HunyuanVideoError(flag_words(str(e))) from None
     if not 1 <= s["fps"] <= MAX_FPS:
@@ -691,7 +692,7 @@ def plan(pipe, settings):
     rewrite = (settings.get("rewrite_model"), settings["prompt"]) if rewriting(settings) else None
     cfg = settings.get("negative_prompt") is not None and settings.get("cfg_scale", 1.0) > 1
     mode = pipe.cfg_mode(*size, settings["cache"], settings["steps"]) if cfg else None
-    attention = dict(cache_options=cache_options(settings), attention=settings.get("attention") or "dense")
+    work = dict(cache_options=cache_options(settings), attention=settings.get("attention") or "dense")
     line = (f"height {settings['height']}, width {settings['width']}, {settings['frames']} frames, "
             f"{settings['steps']} steps, seed {settings['seed']}, model {settings['model']}"
             + (f", transformer {settings['transformer']}" if settings.get("transformer") else "")
@@ -704,7 +705,7 @@ def plan(pipe, settings):
             + (f", the prompt rewritten first ({settings['rewrite']})" if rewrite else ""))
     try:
         return Plan(cfg, mode, line, pipe.check_memory(*size, settings["cache"], settings["steps"], mode, rewrite,
-                                                       **attention), None)
+                                                       **work), None)
     except H.HunyuanVideoError as e:
         return Plan(cfg, mode, line, None, str(e))
 
