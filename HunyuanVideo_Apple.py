@@ -1,34 +1,40 @@
 """HunyuanVideo (Tencent's 13B text-to-video model, and its image-to-video variants) in plain MLX.
 
-One module, in the order data flows through the model:
-  0. the optional prompt rewrite: a short prompt written out by a small local instruct model (mlx-lm);
+One module, in the order data flows. The model (arrays and numbers in, arrays out):
   1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector); for image to video,
      LLaVA's CLIP vision tower and projector, the image read with the prompt;
-  2. the diffusion transformer (DiT): embedders, token refiner, 3D RoPE, Radial Attention (sparse attention
-     between far frames, only the kept blocks computed), 20 double-stream and 40 single-stream blocks (token
-     replace: the image's first frame modulated at timestep 0), final layer;
+  2. the diffusion transformer (DiT): small fused pieces and attention, Radial Attention (sparse attention between
+     far frames, only the kept blocks computed), embedders, the token refiner, 20 double-stream and 40
+     single-stream blocks (token replace: the image's first frame modulated at timestep 0), the model, which takes
+     a step's state (its precomputed modulation rows, its attention pattern) as arguments;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
-  4. quantization of the DiT's blocks and the LLM (int8, int4, fp8), the DiT's layers multiplying by MLX's kernel
-     or on weights dequantized a block at a time;
-  5. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as
-     their makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own
-     precision (DiT bf16, VAE and text encoders fp16); LoRAs in four key layouts, merged before quantizing
-     or as low-rank branches beside quantized layers;
-  6. the flow-matching Euler sampler, its step caches (First-Block Cache, MagCache, TeaCache, EasyCache,
-     TaylorSeer: fewer DiT forwards), the pieces its loop calls (start_latents, GuidedDiT, sampler_step, the
-     work ledger) and its live preview, and the pipeline that runs it all in phases: the adaLN modulation
-     precomputed for all steps, a prompt cache, checkpoints to resume from, presets (FastHunyuan, AccVideo,
-     SkyReels-V1), true classifier-free guidance with a negative prompt, video to video, image to video
-     (HunyuanVideo-I2V's token replace and latent concat, SkyReels-V1 I2V);
-  7. the offline demos: tiny random checkpoints in the real layout (text to video, and image to video);
-  8. the memory plan: each phase's peak, derived from what this code allocates, before anything loads.
+  4. quantization of the DiT's blocks and the LLM (int8, int4, fp8), by MLX's kernel or on weights dequantized a
+     block at a time;
+  5. the flow-matching Euler sampler: its step caches (First-Block Cache, MagCache, TeaCache, EasyCache,
+     TaylorSeer), the pieces of its loop (start_latents, GuidedDiT, sampler_step, the work ledger) and the
+     latent preview.
+The application (files and settings in, a stream of events out):
+  6. files and folders: the cache folder, atomic writes;
+  7. loading: diffusers folders, Tencent's .pt state dicts, ComfyUI single files, fp8 files (dequantized as their
+     makers do) and converted MLX folders, strictly (keys, shapes, types), each component in its own precision;
+     LoRAs in four key layouts, merged before quantizing or as low-rank branches beside quantized layers;
+  8. checkpoints on the hub (their sizes read there, before a download), and the offline demos: tiny random
+     checkpoints in the real layout;
+  9. the inputs: an image or a video to start from, and the prompt's optional rewrite by a small local model;
+ 10. the request: every setting of a generation in one table (SETTINGS: the Python API's keywords, the command
+     line's flags, the page's fields and the sidecar are made from it), and its one check (check_request);
+ 11. the memory plan: each phase's peak, derived from what this code allocates, before anything loads;
+ 12. the pipeline: a request run as a stream of events (generate: the plan, the rewritten prompt, the text
+     encodings, each step, the final latents, the frames), phase by phase, each phase's weights freed before the
+     next; a prompt cache.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
 Tencent and ComfyUI files load by name and the diffusers layout needs a short renaming table.
-The reference for every number here is diffusers (its HunyuanVideo transformer, VAE and pipeline).
+The reference for every number here is diffusers (its HunyuanVideo transformer, VAE and pipelines).
 """
 
+import difflib
 import gc
 import hashlib
 import inspect
@@ -42,6 +48,7 @@ import sys
 import time
 import warnings
 from collections import namedtuple
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,8 +60,34 @@ from mlx.utils import tree_flatten, tree_unflatten
 __version__ = "0.2.0"
 
 
-class HunyuanVideoError(Exception):
+def worded(text, names=None):
+    """A sentence whose settings appear as {name} (names of SETTINGS or NAMES), each worded as names says (a table:
+    setting -> words, such as the command line's flags or the page's fields), else as NAMES says, else by its name."""
+    for p in (*SETTINGS, *NAMES):
+        text = text.replace("{" + p + "}", (names or {}).get(p) or NAMES.get(p, p))
+    return text
+
+
+class Worded:
+    """A message that names the settings it is about as {name}: str() words them as the Python API names them,
+    sentence(names) as a front end does (see worded)."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.text = text
+
+    def sentence(self, names=None):
+        return worded(self.text, names)
+
+    __str__ = sentence
+
+
+class HunyuanVideoError(Worded, Exception):
     """A problem the user can fix: the message is one sentence that says how."""
+
+
+class HunyuanVideoWarning(Worded, UserWarning):
+    """Something the user may want to change; the run goes on."""
 
 
 def _counted(items, progress):
@@ -67,134 +100,6 @@ def _counted(items, progress):
         yield item
         if progress:
             progress(i + 1, len(items))
-
-
-def write_atomic(path, write):
-    """write(tmp) to a hidden temporary file beside path, then rename it to path: path is always either the
-    earlier file or the whole new one. If writing fails (a full disk, say) the temporary file is removed and the
-    failure is one sentence naming the file; an interrupt removes it too."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        # MLX reports a failed write as a RuntimeError ("[write] Unable to write ...")
-        if isinstance(e, OSError) or isinstance(e, RuntimeError) and "write" in str(e).lower():
-            why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:120]
-            raise HunyuanVideoError(f"could not write {path} ({why}): free some disk space, or write elsewhere; "
-                                    f"the earlier file of that name, if any, is as it was.") from None
-        raise
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompt rewrite (optional): a short prompt written out as the long captions HunyuanVideo learned from
-# ---------------------------------------------------------------------------------------------------
-# Tencent rewrites prompts with a Hunyuan-Large fine-tune, in a "normal" and a "master" mode; a small local
-# instruct model run by mlx-lm (the ".[rewrite]" extra) stands in for it here, told the two modes' rules in our
-# own words. Greedy decoding by default, so that a prompt gives the same rewrite every time; rewrites are kept
-# in cache_dir() / "rewrites", keyed by everything that makes them.
-
-REWRITE_MODEL = "mlx-community/Qwen2.5-3B-Instruct-4bit"  # Qwen2.5-3B-Instruct in 4 bits: about 1.7 GB
-REWRITE_MAX_TOKENS = 240  # the LLM text encoder reads 256 tokens; a rewrite not finished by then is not used
-REWRITE_RULES = (
-    "You turn a short idea for a video into the prompt a text-to-video model reads. Keep everything the user "
-    "asked for: every subject, action, object, number, colour and word of text, and add nothing that contradicts "
-    "it. Whatever language the user writes in, write in English. Describe what the camera sees, in the present "
-    "tense, as one paragraph of plain prose: no title, no list, no quotation marks, no comment about the task.")
-REWRITE_MODES = {
-    "normal": "Add what the idea leaves open, chosen to suit it: the setting, the lighting, the style and the mood. "
-              "A word or two becomes one or two sentences; a longer prompt keeps its length, clarified.",
-    "master": "Write it as a cinematographer would: describe each visual element with care (subjects and their "
-              "look, their motion, the place, light and colour, composition, camera angle and movement, texture "
-              "and atmosphere) so that the video has a distinct, refined look. Three to five sentences.",
-}
-
-
-def rewrite_messages(prompt, mode):
-    """The chat messages a rewrite sends: our instructions for the mode, then the user's prompt."""
-    if mode not in REWRITE_MODES:
-        raise HunyuanVideoError(f"rewrite {mode!r}: use one of {', '.join(REWRITE_MODES)}.")
-    return [{"role": "system", "content": f"{REWRITE_RULES} {REWRITE_MODES[mode]}"},
-            {"role": "user", "content": prompt}]
-
-
-def _rewrite_file(prompt, mode, model, temperature, seed, max_tokens):
-    """Where the rewrite of these settings is kept: a hash of the prompt, the instructions, the model (a local
-    folder by its files' names, sizes and times) and the sampling."""
-    what = [prompt, rewrite_messages("", mode), str(model), float(temperature), seed, max_tokens]
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        what += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
-    return cache_dir() / "rewrites" / f"{hashlib.sha256(json.dumps(what).encode()).hexdigest()}.json"
-
-
-def generate_rewrite(llm, tokenizer, messages, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
-                     progress=None):
-    """What the model writes for the messages, through mlx-lm's chat template and sampler: (text, finished),
-    finished False when max_tokens ran out first. temperature 0 is greedy; seed makes sampling repeatable."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if seed is not None:
-        mx.random.seed(seed)
-    out, reason = "", None
-    for i, r in enumerate(stream_generate(llm, tokenizer, text, max_tokens=max_tokens,
-                                          sampler=make_sampler(temp=temperature))):
-        out, reason = out + r.text, r.finish_reason
-        if progress:
-            progress(i + 1, max_tokens)
-    return out, reason == "stop"
-
-
-def rewrite_prompt(prompt, mode="normal", model=None, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
-                   cache=True, progress=None):
-    """The prompt rewritten in mode ("normal" or "master") by a local instruct model (REWRITE_MODEL, or model: a
-    hub id or a folder in mlx-lm's layout): (rewritten prompt, whether it came from the cache). A rewrite that
-    is empty or not finished within max_tokens gives the original prompt back, with a warning. The model is
-    loaded only on a cache miss, and freed before this returns."""
-    model = model or REWRITE_MODEL
-    messages = rewrite_messages(prompt, mode)
-    if not 0 <= temperature < math.inf:
-        raise HunyuanVideoError(f"rewrite temperature {temperature}: use 0 (the same rewrite every time) or more.")
-    path = _rewrite_file(prompt, mode, model, temperature, seed, max_tokens)
-    if cache and path.is_file():
-        try:
-            return json.loads(path.read_text())["rewritten"], True
-        except (OSError, ValueError, KeyError):
-            warnings.warn(f"the kept rewrite {path} could not be read: the prompt is rewritten again.")
-    try:
-        import mlx_lm
-    except ImportError:
-        raise HunyuanVideoError('prompt rewrite runs a small language model through mlx-lm: pip install '
-                                '"hunyuan-apple[rewrite]" (or pip install mlx-lm), or leave rewrite out.') from None
-    try:
-        llm, tokenizer = mlx_lm.load(str(Path(model).expanduser()) if Path(model).expanduser().exists() else model)
-    except Exception as e:
-        raise HunyuanVideoError(f"the rewrite model {model} could not be loaded ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:100] if str(e) else ''}): give a hub id or a folder of an "
-                                f"instruct model in mlx-lm's layout (the default is {REWRITE_MODEL}).") from None
-    try:
-        text, finished = generate_rewrite(llm, tokenizer, messages, temperature, seed, max_tokens, progress)
-    finally:
-        del llm
-        gc.collect()
-        mx.clear_cache()
-    text = text.strip()
-    if not text or not finished:
-        warnings.warn(f"the rewrite was {'empty' if not text else f'longer than {max_tokens} tokens'}: the prompt "
-                      f"is used as written.")
-        return prompt, False
-    if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"prompt": prompt, "mode": mode, "model": model,
-                                                                      "rewritten": text})))
-        except (OSError, HunyuanVideoError) as e:
-            warnings.warn(f"the rewrite could not be kept ({e}); it is used all the same.")
-    return text, False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,6 +140,17 @@ class LlamaAttention(nn.Module):
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask="causal")
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class LlamaMLP(nn.Module):
@@ -446,6 +362,11 @@ class LlavaProjector(nn.Module):
 
     def __call__(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+def _hf_sizes(cls, config):
+    """The constructor keywords a transformers config.json gives (its names are the constructor's)."""
+    return {k: config[k] for k in inspect.signature(cls).parameters if k in config and config[k] is not None}
 
 
 class LlavaTextEncoder(nn.Module):
@@ -740,47 +661,12 @@ def patch_grid(height, width, num_frames):
     return (num_frames - 1) // 4 + 1, height // 16, width // 16
 
 
-def check_attention(attention, radial, grid, steps):
-    """None (dense attention), or Radial Attention's settings over the latent grid (t, h, w) of patches: radial =
-    {dense_steps, dense_layers, decay, block} over RADIAL_DEFAULTS; bad settings in one sentence. Nothing is built."""
-    if attention not in ATTENTIONS:
-        raise HunyuanVideoError(f"attention {attention!r}: use one of {', '.join(ATTENTIONS)}.")
-    radial = dict(radial or {})
-    if attention == "dense":
-        if radial:
-            raise HunyuanVideoError(f"Radial Attention's {', '.join(sorted(radial))} with dense attention: choose "
-                                    f"radial attention too, or leave them out.")
-        return None
-    unknown = set(radial) - set(RADIAL_DEFAULTS)
-    if unknown:
-        raise HunyuanVideoError(f"Radial Attention has no {', '.join(sorted(unknown))}: its settings are "
-                                f"{', '.join(RADIAL_DEFAULTS)}.")
-    o = {**RADIAL_DEFAULTS, **{k: v for k, v in radial.items() if v is not None}}
-    whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
-    if o["dense_steps"] is not None and not (whole(o["dense_steps"]) and 0 <= o["dense_steps"] <= steps):
-        raise HunyuanVideoError(f"Radial Attention's dense steps {o['dense_steps']}: use 0 to {steps} (the steps); "
-                                f"its default is {RADIAL_DENSE_STEPS:.0%} of them "
-                                f"({int(RADIAL_DENSE_STEPS * steps + 0.5)}).")
-    if not (whole(o["dense_layers"]) and o["dense_layers"] >= 0):
-        raise HunyuanVideoError(f"Radial Attention's dense layers {o['dense_layers']}: use a whole number of 0 or more "
-                                f"(the blocks from the first, double then single, left dense; its default is 0).")
-    if not (isinstance(o["decay"], (int, float)) and 0 < o["decay"] <= 4):
-        raise HunyuanVideoError(f"Radial Attention's decay {o['decay']}: use a number above 0 and at most 4 (it scales "
-                                f"the windows of far frames; the reference uses 1).")
-    if not (whole(o["block"]) and 8 <= o["block"] <= 1024 and o["block"] & (o["block"] - 1) == 0):
-        raise HunyuanVideoError(f"Radial Attention's block {o['block']}: use a power of two from 8 to 1024 (the "
-                                f"reference's is 128).")
-    if math.prod(grid) < o["block"]:
-        raise HunyuanVideoError(f"Radial Attention at this size: the video has {math.prod(grid)} tokens, "
-                                f"less than one block of {o['block']}; use dense attention (or a smaller block).")
-    return o
-
-
-def attention_pattern(attention, radial, grid, steps):
-    """None (dense attention), or the RadialAttention of a generation over the latent grid (t, h, w) of patches, its
-    settings checked by check_attention."""
-    settings = check_attention(attention, radial, grid, steps)
-    return None if settings is None else RadialAttention(grid, steps, **settings)
+def _runs(mask):
+    """[(first, end)] of the runs of equal consecutive rows of a 2-D bool array."""
+    if not mask.shape[0]:
+        return []
+    starts = [0] + [r for r in range(1, mask.shape[0]) if not np.array_equal(mask[r], mask[r - 1])]
+    return list(zip(starts, starts[1:] + [mask.shape[0]]))
 
 
 class RadialAttention:
@@ -842,14 +728,6 @@ class RadialAttention:
         return mx.concatenate(parts, axis=1)
 
 
-def _runs(mask):
-    """[(first, end)] of the runs of equal consecutive rows of a 2-D bool array."""
-    if not mask.shape[0]:
-        return []
-    starts = [0] + [r for r in range(1, mask.shape[0]) if not np.array_equal(mask[r], mask[r - 1])]
-    return list(zip(starts, starts[1:] + [mask.shape[0]]))
-
-
 # ---------------------------------------------------------------------------------------------------
 # DiT: embedders
 # ---------------------------------------------------------------------------------------------------
@@ -900,43 +778,18 @@ class MLPEmbedder(nn.Module):
         return second(nn.silu(first(x)))
 
 
-class MLP(nn.Module):
-    def __init__(self, dim, hidden, act):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.act = act
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Modulation(nn.Module):
-    """adaLN: SiLU -> Linear(D, n*D) of the conditioning vector, split into n (B, 1, D) pieces."""
+    """adaLN: SiLU -> Linear(D, n*D) of the conditioning vector, split into n (B, 1, D) pieces; or, given `row`, the
+    same pieces of its output computed ahead (a row of the tables of HunyuanVideoTransformer.modulation_tables)."""
 
     def __init__(self, dim, n):
         super().__init__()
         self.n = n
         self.linear = nn.Linear(dim, n * dim)
 
-    def __call__(self, vec, first=False):
-        """first: vec is token replace's timestep-0 vector (the same computation; see ModulationTable)."""
-        return mx.split(self.linear(nn.silu(vec))[:, None], self.n, axis=-1)
-
-
-class ModulationTable(nn.Module):
-    """A Modulation's outputs for every step of one generation, computed ahead from the steps' conditioning
-    vectors (HunyuanVideoTransformer.precompute_modulation): the weights are gone, and step.i picks the row
-    (step.rows, the videos of the batch); with token replace, first_table holds timestep 0's."""
-
-    def __init__(self, table, n, step, first_table=None):
-        super().__init__()
-        self.table, self.n, self._step = table, n, step  # table (steps, B, n*D)
-        self.first_table = first_table  # (B, n*D) or None
-
-    def __call__(self, vec, first=False):
-        row = self.first_table if first else self.table[self._step.i]
-        return mx.split(row[self._step.rows][:, None], self.n, axis=-1)
+    def __call__(self, vec, row=None):
+        row = self.linear(nn.silu(vec)) if row is None else row  # (B, n*D)
+        return mx.split(row[:, None], self.n, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -991,6 +844,13 @@ class TokenRefiner(nn.Module):
 # DiT: double-stream and single-stream blocks
 # ---------------------------------------------------------------------------------------------------
 
+def _modulation(module, vec, replace=None, rows=None):
+    """A block's modulation pieces at this step, and token replace's for the first frame (or None): from the step's
+    rows computed ahead, (row, first row), where given; else from the conditioning vectors, vec and replace[0]."""
+    row, first_row = rows or (None, None)
+    return module(vec, row), module(replace[0], first_row) if replace else None
+
+
 class DoubleBlock(nn.Module):
     """Video and text keep their own weights (img_* / txt_*) and meet in one joint attention."""
 
@@ -1019,12 +879,14 @@ class DoubleBlock(nn.Module):
         y = getattr(self, f"{s}_mlp")(_modulate_split(x, shift2, scale2, first[3:5], n))
         return _gated_split(x, gate2, y, first[5], n)
 
-    def __call__(self, img, txt, vec, rope, mask, replace=None, radial=None):
+    def __call__(self, img, txt, vec, rope, mask, replace=None, radial=None, rows=None):
         """img (B, Ni, D), txt (B, Nt, D), vec (B, D); rope = (cos, sin) for the Ni video tokens. replace: token
         replace's (timestep-0 vector (B, D), n): the first n video tokens are modulated by it. radial: see
-        _attention."""
-        img_mod, txt_mod = self.img_mod(vec), self.txt_mod(vec)
-        first, n = (self.img_mod(replace[0], first=True), replace[1]) if replace else (None, 0)
+        _attention. rows: {"img_mod", "txt_mod": (row, token replace's row)}, this step's modulation computed
+        ahead (HunyuanVideoTransformer.modulation_tables), or None: computed here from vec."""
+        img_mod, first = _modulation(self.img_mod, vec, replace, rows and rows["img_mod"])
+        txt_mod, _ = _modulation(self.txt_mod, vec, None, rows and rows["txt_mod"])
+        n = replace[1] if replace else 0
         attn = self._attend(img, txt, img_mod, txt_mod, rope, mask, first, n, radial)
         ni = img.shape[1]
         return self._rest("img", img, attn[:, :ni], img_mod, first, n), self._rest("txt", txt, attn[:, ni:], txt_mod)
@@ -1054,10 +916,11 @@ class SingleBlock(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.modulation = Modulation(dim, 3)
 
-    def __call__(self, x, vec, rope, mask, replace=None, radial=None):
-        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows. replace, radial: as DoubleBlock's."""
-        shift, scale, gate = self.modulation(vec)
-        first, n = (self.modulation(replace[0], first=True), replace[1]) if replace else ([None] * 3, 0)
+    def __call__(self, x, vec, rope, mask, replace=None, radial=None, rows=None):
+        """x (B, Ni + Nt, D); rope covers all tokens, identity on the text rows. replace, radial: as DoubleBlock's;
+        rows: {"modulation": (row, token replace's row)} or None, as DoubleBlock's."""
+        (shift, scale, gate), first = _modulation(self.modulation, vec, replace, rows and rows["modulation"])
+        first, n = (first, replace[1]) if replace else ([None] * 3, 0)
         attn, mlp = self._attend(x, shift, scale, rope, mask, first[:2], n, radial)
         return _gated_split(x, gate, self.linear2(mx.concatenate([attn, mlp], axis=-1)), first[2], n)
 
@@ -1086,6 +949,57 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # DiT: the model
 # ---------------------------------------------------------------------------------------------------
+
+_MODULATION = re.compile(r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\."
+                         r"(img_mod|txt_mod|modulation|norm1|norm1_context|norm)\.linear\.")
+
+
+def _is_modulation(name):
+    """Whether a DiT tensor (Tencent or diffusers name, whole model or one block) belongs to a block's adaLN
+    modulation: img_mod, txt_mod, modulation (diffusers: norm1, norm1_context, norm)."""
+    return bool(_MODULATION.match(name) or re.match(r"(img_mod|txt_mod|modulation)\.linear\.", name))
+
+
+# what DiT.embed gives its blocks: the tokens and vectors, and the step's modulation rows and attention pattern
+Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace radial modulation")
+
+
+class StepModulation(namedtuple("StepModulation", "tables step rows")):
+    def block(self, kind, i):
+        """Block i's rows at this step: {name: (row (b, n*D), token replace's row or None)}."""
+        firsts = self.tables.firsts.get((kind, i), {})
+        return {name: (table[self.step][self.rows], firsts[name][self.rows] if name in firsts else None)
+                for name, table in self.tables.tables[kind, i].items()}
+
+
+class ModulationTables:
+    """One generation's adaLN modulation, every block's for every step (HunyuanVideoTransformer.modulation_tables):
+    tables {(kind, i): {name: (steps, B, n*D)}}, and token replace's timestep-0 rows {(kind, i): {name: (B, n*D)}}."""
+
+    def __init__(self, tables, firsts):
+        self.tables, self.firsts = tables, firsts
+
+    def at(self, step, rows=slice(None)):
+        """What a forward at `step` over the batch's `rows` (true CFG's branches one after the other) takes."""
+        return StepModulation(self, step, rows)
+
+
+def dit_work(tokens, dim=3072, mlp=12288, double=20, single=40, pairs=None, sparse=0):
+    """(attention, linear) FLOP of the DiT's blocks over `tokens` (video + valid text): their token-wise linear
+    layers (2 per multiply-add) and attention (Q K^T and A V: 4 x dim per query-key pair; tokens^2 pairs, or
+    `pairs` in `sparse` of the layers). The embedders, the refiner and the final layer are under 0.1% at real
+    sizes and not counted. 544x960x129 (N = 67,576 with 256 text tokens): 4.3 PFLOP a forward, 78.5% attention."""
+    linear = double * (4 * dim * dim + 2 * dim * mlp) + single * (dim * (3 * dim + mlp) + (dim + mlp) * dim)
+    layers = double + single
+    attention = 4 * dim * (tokens * tokens * (layers - sparse) + (pairs or 0) * sparse)
+    return attention, 2 * tokens * linear
+
+
+def dit_flops(tokens, dim=3072, mlp=12288, double=20, single=40):
+    """FLOP of a dense forward of the DiT's blocks: dit_work's sum."""
+    return sum(dit_work(tokens, dim, mlp, double, single))
+
+
 
 class HunyuanVideoTransformer(nn.Module):
     """HYVideo-T/2-cfgdistill. The defaults are the real model; tests build smaller ones by keyword.
@@ -1121,11 +1035,12 @@ class HunyuanVideoTransformer(nn.Module):
         self.single_blocks = [SingleBlock(dim, num_attention_heads, mlp_ratio) for _ in range(num_single_layers)]
         self.final_layer = FinalLayer(dim, out_channels * self.patch[0] * self.patch[1] * self.patch[2])
 
-    # --low-memory: `stream` (set by load_transformer) gives a block's weights freshly read from disk; they are
-    # used by the block and dropped after it.
-    stream = None
-    modulation_step = None  # set by precompute_modulation
-    radial = None  # the step's RadialAttention (the sampler sets it), or None: dense attention
+    # Blocks whose weights stay on disk until used (set by load_transformer): read_block(kind, i, keep) gives a
+    # fresh block of that kind with the weights keep(name) admits read from disk now, prepared as at load. With
+    # `streamed` (low_memory) every block is read so when it runs and dropped after it; otherwise it serves
+    # modulation_tables, whose adaLN weights are read block by block and dropped (the model's own stay unread).
+    read_block = None
+    streamed = False
 
     @property
     def dtype(self):
@@ -1136,38 +1051,40 @@ class HunyuanVideoTransformer(nn.Module):
         """(double blocks, single blocks): what a full forward runs."""
         return len(self.double_blocks), len(self.single_blocks)
 
-    def _run(self, kind, i, *args, fn=None):
+    def _run(self, kind, i, *args, fn=None, read=None):
         """Call block i of `kind` (or fn(block, *args), for a part of it) and evaluate its output. One block's
         intermediates (half of them: a block evaluates its attention first) are then all that is alive (the
-        memory plan counts them) and no GPU command buffer spans more than a block. Streaming (--low-memory)
-        reads the block's weights just before and drops them just after."""
+        memory plan counts them) and no GPU command buffer spans more than a block. read(name): the weights to read
+        from disk just before (read_block) and drop just after, the block holding again what it held."""
         block = getattr(self, kind)[i]
-        if self.stream:
-            weights, empty = self.stream(kind, i)
-            if isinstance(getattr(block, "modulation", getattr(block, "img_mod", None)), ModulationTable):
-                weights, empty = ({k: v for k, v in tree.items() if k not in ("img_mod", "txt_mod", "modulation")}
-                                  for tree in (weights, empty))  # the tables stand in for them
-            block.update(weights)
+        held = None
+        if read is not None:
+            fresh = self.read_block(kind, i, read)
+            held = [(k, v) for k, v in tree_flatten(block.parameters()) if k in fresh]
+            block.update(tree_unflatten(list(fresh.items())))
         out = fn(block, *args) if fn else block(*args)
         mx.eval(out)
-        if self.stream:
-            block.update(empty)  # the weights just used are freed
+        if held is not None:  # placeholders, or weights never read: the ones just used are freed
+            block.update(tree_unflatten(held))
         return out
 
-    def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
+    def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None, modulation=None,
+                 radial=None):
         """latents (B, T, H, W, C) (with token replace, the first latent frame the clean image's); timestep (B,)
-        in 0..1000; text_states (B, L, text_dim);
-        text_mask (B, L), 1 = valid; pooled (B, pooled_dim); guidance (B,) already x1000, or None for
-        a checkpoint without a guidance embedding. Returns the velocity (B, T, H, W, C), model dtype.
-        In three parts, which the step caches call one by one: embed, blocks, final."""
-        tokens = self.embed(latents, timestep, text_states, text_mask, pooled, guidance)
+        in 0..1000; text_states (B, L, text_dim); text_mask (B, L), 1 = valid; pooled (B, pooled_dim); guidance
+        (B,) already x1000, or None for a checkpoint without a guidance embedding. The step's state, all of it
+        here: modulation, this step's rows of modulation_tables (their .at(step, rows)), or None: computed from
+        the weights; radial, the step's RadialAttention, or None: dense attention. Returns the velocity (B, T, H,
+        W, C), model dtype. In three parts, which the step caches call one by one: embed, blocks, final."""
+        tokens = self.embed(latents, timestep, text_states, text_mask, pooled, guidance, modulation, radial)
         img, txt = tokens.img, tokens.txt
         tokens = tokens._replace(img=None, txt=None)  # each block's input is freed once the next has run
         return self.final(self.blocks(tokens, img, txt)[0], tokens)
 
-    def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None):
+    def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None, modulation=None, radial=None):
         """The embedders and the token refiner: Tokens(img (B, Ni, D), txt (B, Nt, D), vec (B, D), the RoPE
-        tables, the attention mask or None, the latents' shape, token replace's (vector, n) or None)."""
+        tables, the attention mask or None, the latents' shape, token replace's (vector, n) or None, and the
+        step's modulation rows and attention pattern as given)."""
         B, T, H, W, C = latents.shape
         pt, ph, pw = self.patch
         if T % pt or H % ph or W % pw:
@@ -1187,7 +1104,7 @@ class HunyuanVideoTransformer(nn.Module):
         counts = mask.sum(axis=1)  # (B,)
 
         timestep = timestep.astype(mx.float32)
-        vec = self.conditioning(timestep, pooled, guidance)
+        vec = self.conditioning(timestep, pooled, guidance)  # the final layer's (and the blocks', unless tabulated)
         txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
         img = self.img_in(latents.astype(dtype))  # (B, Ni, D)
         replace = None
@@ -1201,11 +1118,10 @@ class HunyuanVideoTransformer(nn.Module):
         attn_mask = None
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
-        radial = self.radial
         if radial is not None and radial.video != ni:
             raise HunyuanVideoError(f"Radial Attention was set up for {radial.video} video tokens, not {ni}: make it "
                                     f"for this video's size.")
-        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace, radial)
+        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace, radial, modulation)
 
     def conditioning(self, timestep, pooled, guidance=None):
         """The conditioning vector (B, D) of every adaLN modulation: time_in(t) + guidance_in(g) +
@@ -1221,21 +1137,25 @@ class HunyuanVideoTransformer(nn.Module):
         t0 = self.time_in(mx.zeros((pooled.shape[0],), mx.float32), self.dtype)
         return t0 + self.vector_in(pooled.astype(self.dtype))
 
-    def precompute_modulation(self, vecs, first=None):
-        """vecs (steps, B, D), one conditioning vector per step (first (B, D): token replace's, or None). Every
-        block's adaLN modulation becomes a table of its outputs for those steps, built block by block; the
-        modulation weights (3.4 of the 12.8B parameters) are dropped as each table is made. Set
-        self.modulation_step.i to the step before each forward. A generation's tables: steps x B x 360 D values
-        (110 MB for 50 steps in bf16)."""
-        step = self.modulation_step = _Step()
+    def modulation_tables(self, vecs, first=None):
+        """Every block's adaLN modulation for every step of one generation, computed ahead from the steps'
+        conditioning vectors vecs (steps, B, D) (first (B, D): token replace's, or None): ModulationTables,
+        whose .at(step, rows) is a forward's `modulation`. Built block by block; where the model reads its
+        blocks from disk (read_block), each block's modulation weights (3.4 of the 12.8B parameters) are read
+        for its table and dropped, so that they are never all held. The model itself is not changed. The
+        tables: steps x B x 360 D values (110 MB for 50 steps in bf16)."""
         rows = vecs if first is None else mx.concatenate([vecs, first[None]], axis=0)  # first: the last row
+        tables, firsts = {}, {}
+        read = _is_modulation if self.read_block is not None else None  # its modulation layers, fresh from disk
         for kind, names in (("double_blocks", ("img_mod", "txt_mod")), ("single_blocks", ("modulation",))):
-            for i, block in enumerate(getattr(self, kind)):
-                tables = self._run(kind, i, rows, fn=lambda block, rows: [getattr(block, n).linear(nn.silu(rows))
-                                                                            for n in names])
-                for name, table in zip(names, tables):
-                    tr = table[-1] if first is not None and name != "txt_mod" else None
-                    setattr(block, name, ModulationTable(table[:len(vecs)], getattr(block, name).n, step, tr))
+            for i in range(len(getattr(self, kind))):
+                made = self._run(kind, i, rows, read=read,
+                                 fn=lambda block, rows: [getattr(block, n).linear(nn.silu(rows)) for n in names])
+                for name, t in zip(names, made):
+                    tables.setdefault((kind, i), {})[name] = t[:len(vecs)]
+                    if first is not None and name != "txt_mod":  # the text is never token replace's
+                        firsts.setdefault((kind, i), {})[name] = t[-1]
+        return ModulationTables(tables, firsts)
 
     def blocks(self, tokens, img=None, txt=None, first=0, last=None):
         """The double blocks from `first` (img and txt as they enter it) up to `last`, or else all of them and
@@ -1246,16 +1166,26 @@ class HunyuanVideoTransformer(nn.Module):
         ni = img.shape[1]
         radial = tokens.radial  # sparse from layer radial.dense_layers on (double blocks first, then single)
         sparse = lambda layer: radial if radial is not None and layer >= radial.dense_layers else None  # noqa: E731
+        rows = tokens.modulation.block if tokens.modulation is not None else lambda kind, i: None  # noqa: E731
+        read = None  # a streamed block's weights, all of them but the modulation when it is tabulated
+        if self.streamed:
+            read = (lambda name: True) if tokens.modulation is None else (lambda name: not _is_modulation(name))
         for i in range(first, len(self.double_blocks) if last is None else last):
             img, txt = self._run("double_blocks", i, img, txt, tokens.vec, (cos[:ni], sin[:ni]), tokens.mask,
-                                 tokens.replace, sparse(i))
+                                 tokens.replace, sparse(i), rows("double_blocks", i), read=read)
         if last is not None:
             return img, txt
         x = mx.concatenate([img, txt], axis=1)  # (B, Ni + Nt, D)
         for i in range(len(self.single_blocks)):
             x = self._run("single_blocks", i, x, tokens.vec, (cos, sin), tokens.mask, tokens.replace,
-                          sparse(len(self.double_blocks) + i))
+                          sparse(len(self.double_blocks) + i), rows("single_blocks", i), read=read)
         return x[:, :ni], x[:, ni:]
+
+    def block_modulation(self, kind, i, name, tokens):
+        """The modulation pieces of block i's `name` at the step tokens were embedded for (TeaCache's indicator)."""
+        rows = tokens.modulation.block(kind, i)[name] if tokens.modulation is not None else None
+        return self._run(kind, i, read=_is_modulation if self.streamed and rows is None else None,
+                         fn=lambda block: _modulation(getattr(block, name), tokens.vec, None, rows)[0])
 
     def final(self, img, tokens):
         """The final layer on the video tokens (B, Ni, D) -> the velocity (B, T, H, W, C)."""
@@ -1282,32 +1212,6 @@ class HunyuanVideoTransformer(nn.Module):
     def flops(self, tokens, double=None, single=None, radial=None):
         """FLOP of such a forward: the sum of work's."""
         return sum(self.work(tokens, double, single, radial))
-
-
-def dit_work(tokens, dim=3072, mlp=12288, double=20, single=40, pairs=None, sparse=0):
-    """(attention, linear) FLOP of the DiT's blocks over `tokens` (video + valid text): their token-wise linear
-    layers (2 per multiply-add) and attention (Q K^T and A V: 4 x dim per query-key pair; tokens^2 pairs, or
-    `pairs` in `sparse` of the layers). The embedders, the refiner and the final layer are under 0.1% at real
-    sizes and not counted. 544x960x129 (N = 67,576 with 256 text tokens): 4.3 PFLOP a forward, 78.5% attention."""
-    linear = double * (4 * dim * dim + 2 * dim * mlp) + single * (dim * (3 * dim + mlp) + (dim + mlp) * dim)
-    layers = double + single
-    attention = 4 * dim * (tokens * tokens * (layers - sparse) + (pairs or 0) * sparse)
-    return attention, 2 * tokens * linear
-
-
-def dit_flops(tokens, dim=3072, mlp=12288, double=20, single=40):
-    """FLOP of a dense forward of the DiT's blocks: dit_work's sum."""
-    return sum(dit_work(tokens, dim, mlp, double, single))
-
-
-Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace radial")  # what DiT.embed gives its blocks
-
-
-class _Step:
-    """The step a generation is at, shared by its ModulationTables, and the rows of the batch that the forward
-    runs (true CFG's branches one after the other)."""
-    i = 0
-    rows = slice(None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1652,24 +1556,12 @@ QUANTIZATIONS = {"int8": dict(mode="affine", bits=8, group_size=64),
                  "fp8": dict(mode="mxfp8", bits=8, group_size=32)}
 
 
-_MODULATION = re.compile(r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\."
-                         r"(img_mod|txt_mod|modulation|norm1|norm1_context|norm)\.linear\.")
-
-
-def _is_modulation(name):
-    """Whether a DiT tensor (Tencent or diffusers name, whole model or one block) belongs to a block's adaLN
-    modulation: img_mod, txt_mod, modulation (diffusers: norm1, norm1_context, norm)."""
-    return bool(_MODULATION.match(name) or re.match(r"(img_mod|txt_mod|modulation)\.linear\.", name))
-
-
 # Two ways to multiply by a quantized weight. MLX's kernel (mx.quantized_matmul) reads the packed weights; the other
 # way dequantizes the layer's weight to the activations' dtype just before its matmul, inside the block's own graph
-# (so one block's weights at a time, freed once the block is evaluated) and multiplies in bf16. FastVideo measured
-# on an M4 Max (PR #1788, MLX 0.31.2) that for activations of 768 rows and more the second is faster (int8 11.6%,
-# int4 10.7% less time, bit-exact), and that on M1/M2 a 4-bit matmul runs about 30% below bf16; an M3 Ultra shows
-# no penalty, and M5's matrix units make the kernel pay. The rule (matmul "auto"): dequantized on an Apple GPU other
-# than an M5 when the activations have 768 rows or more (the DiT's always do: rows are video tokens), the kernel
-# elsewhere (the CPU and CUDA backends: nothing measured). The results agree to the dtype's rounding.
+# (so one block's weights at a time, freed once the block is evaluated) and multiplies in bf16. The rule (matmul
+# "auto"), from measurements on Apple GPUs (docs/memory.md gives them and their sources): dequantized on an Apple
+# GPU other than an M5 when the activations have 768 rows or more (the DiT's always do: rows are video tokens), the
+# kernel elsewhere (the CPU and CUDA backends: nothing measured). The results agree to the dtype's rounding.
 QUANTIZED_MATMULS = ("auto", "kernel", "dequantized")
 DEQUANTIZE_ROWS = 768
 
@@ -1742,6 +1634,461 @@ def _quantization_record(model):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Sampler: flow matching, Euler
+# ---------------------------------------------------------------------------------------------------
+# The DiT predicts the velocity v = d(latents)/d(sigma) from noise (sigma 1) to video (sigma 0). The
+# schedule is linear in sigma, then shifted towards the noisy end; the model sees sigma x 1000 as its
+# timestep. Embedded guidance (the model was distilled with it) needs one forward per step.
+
+def flow_sigmas(steps, shift=7.0):
+    """steps + 1 noise levels from 1 to 0: s' = shift*s / (1 + (shift-1)*s), in float32 like the reference."""
+    s = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+    s = shift * s / (1 + (shift - 1) * s)
+    return np.append(s, np.float32(0.0)).astype(np.float32)
+
+
+def timestep(sigma, batch):
+    """The DiT's timestep for noise level sigma: sigma x 1000 in float32, one per video."""
+    return mx.full((batch,), np.float32(sigma) * np.float32(1000), dtype=mx.float32)
+
+
+def euler_step(latents, velocity, sigma, sigma_next):
+    """latents + (sigma_next - sigma) * velocity, in float32."""
+    return latents + float(np.float32(sigma_next) - np.float32(sigma)) * velocity.astype(mx.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampler: step caches (fewer DiT forwards)
+# ---------------------------------------------------------------------------------------------------
+# Neighbouring steps of a real model's trajectory change little, so a cache reuses what an earlier step
+# computed instead of running the 60 blocks, whenever its rule predicts the change to be small. Each cache
+# is one object per generation (its state is gone with it) called in place of the DiT at every step; it
+# returns the velocity and how many double and single blocks it ran. Each follows its reference exactly:
+# First-Block Cache, MagCache and TaylorSeer (lite) as diffusers' hooks (FirstBlockCacheConfig, MagCacheConfig,
+# TaylorSeerCacheConfig), TeaCache and EasyCache as their authors' HunyuanVideo scripts. At threshold 0 (for
+# TaylorSeer, interval 1) no rule skips a step, and what is computed is what the uncached sampler computes, to
+# the bit.
+
+# MagCache's magnitude ratios for HunyuanVideo's 50 steps, calibrated by its authors at 544p and 720p
+# (MagCache4HunyuanVideo): the mean ratio of a step's residual norm to the previous step's, token by token
+MAG_RATIOS = {
+    544: [1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632, 1.02974, 1.00984,
+          1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726, 1.03727, 1.01502, 1.00992,
+          1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461, 1.01152, 1.03082, 1.0061, 1.02162, 1.01999,
+          0.99063, 1.01186, 1.0217, 0.99947, 1.01711, 0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315,
+          0.97728, 0.91154, 0.86139, 0.76592],
+    720: [1.0, 1.0754, 1.27807, 1.11596, 1.09504, 1.05188, 1.00844, 1.05779, 1.00657, 1.04142, 1.03101, 1.00679,
+          1.02556, 1.00908, 1.06949, 1.05438, 1.02214, 1.02321, 1.03019, 1.00779, 1.03381, 1.01886, 1.01161,
+          1.02968, 1.00544, 1.02822, 1.00689, 1.02119, 1.0105, 1.01044, 1.01572, 1.02972, 1.0094, 1.02368, 1.0226,
+          0.98965, 1.01588, 1.02146, 1.0018, 1.01687, 0.99436, 1.00283, 1.01139, 0.97122, 0.98251, 0.94513,
+          0.97656, 0.90943, 0.85703, 0.75456],
+}
+
+
+def _mean_abs(a, b=None):
+    """mean |a - b| (or mean |a|) over every element, in float32."""
+    a = a.astype(mx.float32)
+    return mx.abs(a if b is None else a - b.astype(mx.float32)).mean().item()
+
+
+def _rel_l1(a, b):
+    """mean |a - b| / mean |b|: how much a step changed something."""
+    return _mean_abs(a, b) / _mean_abs(b)
+
+
+def _full(model, args, i, steps):
+    """No cache: the whole DiT."""
+    return model(*args), model.depth
+
+
+class FirstBlockCache:
+    """Run the first double block; if its video residual changed by at most `threshold` (relative mean
+    absolute difference) since the last step that ran in full, add the remaining blocks' cached residual to
+    its output instead of running them (diffusers' FirstBlockCacheConfig; ParaAttention's idea). The text
+    stream's residual, which diffusers also keeps, never reaches the output of a skipped step: not kept."""
+
+    default = 0.06  # ParaAttention's for HunyuanVideo
+
+    def __init__(self, threshold, steps, size):
+        self.threshold, self.head, self.tail = threshold, None, None
+
+    def __call__(self, model, args, i, steps):
+        tokens = model.embed(*args)
+        img, txt = model.blocks(tokens, last=1)
+        residual = img - tokens.img
+        if self.head is not None and _rel_l1(residual, self.head) <= self.threshold:
+            return model.final(img + self.tail, tokens), (1, 0)
+        self.head = residual
+        out, _ = model.blocks(tokens, img, txt, first=1)
+        self.tail = out - img
+        return model.final(out, tokens), model.depth
+
+
+class MagCache:
+    """From step int(0.2 steps + 0.5) on, accumulate the calibrated magnitude ratio of each step and the error
+    |1 - accumulated ratio|; while that error stays within `threshold` and at most K = 6 steps in a row were
+    skipped, the video tokens get the last computed residual of all blocks instead of running them (diffusers'
+    MagCacheConfig, with the 50-step ratios nearest-interpolated to the step count; the 544p or 720p table,
+    whichever is nearer the video's shorter side). Accumulated in float32, as diffusers does."""
+
+    default = 0.24  # MagCache4HunyuanVideo's, with K 6 and retention 0.2
+
+    def __init__(self, threshold, steps, size, K=6, retention=0.2):
+        table = np.array(MAG_RATIOS[min(MAG_RATIOS, key=lambda h: abs(h - min(size)))], dtype=np.float32)
+        index = [len(table) - 1] if steps == 1 else np.round(np.arange(steps) * (len(table) - 1) / (steps - 1))
+        self.ratios = table[np.asarray(index, dtype=int)]
+        self.threshold, self.K, self.start = np.float32(threshold), K, int(retention * steps + 0.5)
+        self.ratio, self.err, self.count, self.residual = np.float32(1), np.float32(0), 0, None
+
+    def __call__(self, model, args, i, steps):
+        tokens = model.embed(*args)
+        if i >= self.start:
+            self.ratio = self.ratio * self.ratios[i]  # since the last step run in full
+            self.count += 1
+            self.err = self.err + np.abs(np.float32(1) - self.ratio)
+            if self.residual is not None and self.err <= self.threshold and self.count <= self.K:
+                return model.final(tokens.img + self.residual, tokens), (0, 0)
+            self.ratio, self.err, self.count = np.float32(1), np.float32(0), 0
+        img, _ = model.blocks(tokens)
+        self.residual = img - tokens.img
+        return model.final(img, tokens), model.depth
+
+
+class TeaCache:
+    """The first double block's modulated video input (its LayerNorm, then img_mod's shift and scale) is the
+    indicator: its relative mean absolute change, rescaled by a polynomial fitted on HunyuanVideo, is
+    accumulated, and while the sum stays below `threshold` the video tokens get the last computed residual
+    of all blocks. As the authors' script counts steps (modulo steps - 1), the first and the last two steps
+    always run in full."""
+
+    COEFFICIENTS = [7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02]
+    default = 0.15  # TeaCache4HunyuanVideo's (0.1 is its slower, closer setting)
+
+    def __init__(self, threshold, steps, size):
+        self.threshold, self.acc, self.previous, self.residual = threshold, 0.0, None, None
+
+    def __call__(self, model, args, i, steps):
+        tokens = model.embed(*args)
+        shift, scale, *_ = model.block_modulation("double_blocks", 0, "img_mod", tokens)
+        modulated = _modulate(tokens.img, shift, scale)
+        skip = False
+        if i == 0 or i >= steps - 2:
+            self.acc = 0.0
+        else:
+            self.acc += float(np.polyval(self.COEFFICIENTS, _rel_l1(modulated, self.previous)))
+            skip = self.acc < self.threshold
+            if not skip:
+                self.acc = 0.0
+        self.previous = modulated
+        if skip:
+            return model.final(tokens.img + self.residual, tokens), (0, 0)
+        img, _ = model.blocks(tokens)
+        self.residual = img - tokens.img
+        return model.final(img, tokens), model.depth
+
+
+class EasyCache:
+    """The whole DiT's output change: between the last two steps that ran in full, the transformation rate
+    k = mean |delta output| / mean |delta input|; at a later step the predicted change k * mean |delta input|
+    / mean |last output| is accumulated, and while the sum stays below `threshold` the output is the input
+    plus the last computed (output - input), without running the DiT at all. The first 5 steps and the last
+    step always run in full (EasyCache4HunyuanVideo)."""
+
+    default = 0.025  # EasyCache4HunyuanVideo's
+
+    def __init__(self, threshold, steps, size, warmup=5):
+        self.threshold, self.warmup, self.acc, self.k = threshold, warmup, 0.0, None
+        self.input = self.computed_input = self.output = self.cache = None
+
+    def __call__(self, model, args, i, steps):
+        x = args[0]
+        skip = False
+        if i < self.warmup or i >= steps - 1:
+            self.acc = 0.0
+        elif self.input is not None and self.output is not None and self.k is not None:
+            self.acc += self.k * _mean_abs(x, self.input) / _mean_abs(self.output)
+            skip = self.acc < self.threshold
+            if not skip:
+                self.acc = 0.0
+        self.input = x
+        if skip:
+            return x + self.cache, (0, 0)
+        out = model(*args)
+        mx.eval(out)
+        self.cache = out - x
+        if self.output is not None and self.computed_input is not None:
+            self.k = _mean_abs(out, self.output) / _mean_abs(x, self.computed_input)
+        self.computed_input, self.output = x, out
+        return out, model.depth
+
+
+class TaylorSeer:
+    """Forecast the DiT's output by a Taylor expansion in the forward count from the outputs of the forwards
+    that ran, as diffusers' TaylorSeerCacheConfig(use_lite_mode=True) hooks it (TaylorSeer, Liu et al. 2025): its
+    lite mode skips every block on a forecast forward and forecasts only the final projection's output, so it
+    holds order + 1 arrays of the velocity's size (not every module's features). Forward s (counted from 0, as
+    the hook counts its calls) runs in full when s < warmup or (s - warmup - 1) is a multiple of `interval`;
+    each full forward updates f_0 = its output and f_(k+1) = (f_k - f_k of the previous full forward) / (s - its
+    s), up to `order`; a forecast forward gives sum_k f_k (s - s_last)^k / k!. The factors are kept in float32
+    (diffusers' default is bf16; they are 64 numbers a token)."""
+
+    default = None  # no threshold: interval, order and warmup instead
+    options = dict(interval=5, order=1, warmup=3)  # diffusers' defaults (cache_interval, max_order,
+    #                                                disable_cache_before_step)
+
+    def __init__(self, threshold, steps, size, interval, order, warmup):
+        self.interval, self.order, self.warmup = interval, order, warmup
+        self.count, self.last = -1, None  # the forward now; the last one run in full
+
+    def computes(self, s):
+        """Whether forward s runs in full (the hook's rule)."""
+        return s < self.warmup or (s - self.warmup - 1) % self.interval == 0
+
+    def __call__(self, model, args, i, steps):
+        self.count += 1
+        s = self.count
+        if self.computes(s):
+            out = model(*args)
+            factors = [out.astype(mx.float32)]
+            for k in range(self.order):
+                previous = getattr(self, f"factor{k}", None)
+                if self.last is None or previous is None:
+                    break
+                factors.append((factors[k] - previous) / (s - self.last))
+            for k, f in enumerate(factors):
+                setattr(self, f"factor{k}", f)
+            mx.eval(factors)
+            self.last = s
+            return out, model.depth
+        out, k = 0, 0
+        while hasattr(self, f"factor{k}"):
+            out = out + getattr(self, f"factor{k}") * ((s - self.last) ** k / math.factorial(k))
+            k += 1
+        return out.astype(model.dtype), (0, 0)
+
+
+def cache_state(forward):
+    """What a step cache has learnt so far, to continue its generation in another process (resume): its arrays,
+    and its numbers as [value, type name]. Its settings (thresholds, MagCache's ratios) come from its name."""
+    arrays, numbers = {}, {}
+    for k, v in vars(forward).items():  # the uncached forward, a function, has none
+        if isinstance(v, mx.array):
+            arrays[k] = v
+        elif v is None or isinstance(v, (bool, int, float, np.floating)):
+            numbers[k] = [None if v is None else v.item() if isinstance(v, np.floating) else v, type(v).__name__]
+    return arrays, numbers
+
+
+def _set_cache_state(forward, arrays, numbers):
+    for k, (v, kind) in numbers.items():
+        setattr(forward, k, np.float32(v) if kind == "float32" else v)
+    for k, v in arrays.items():
+        setattr(forward, k, v)
+
+
+def _joined_cache_state(forwards):
+    """cache_state of a generation's forwards: the prompt's branch as it is, the negative prompt's (true CFG) under
+    names that begin "uncond."."""
+    arrays, numbers = cache_state(forwards[0])
+    for a, n in (cache_state(f) for f in forwards[1:]):
+        arrays.update({f"uncond.{name}": v for name, v in a.items()})
+        numbers.update({f"uncond.{name}": v for name, v in n.items()})
+    return arrays, numbers
+
+
+def _split_cache_state(state, branches):
+    """The inverse of _joined_cache_state: [(arrays, numbers)] per branch."""
+    arrays, numbers = state
+    def part(d, uncond):
+        return {k.removeprefix("uncond."): v for k, v in d.items() if k.startswith("uncond.") == uncond}
+    return [(part(arrays, bool(b)), part(numbers, bool(b))) for b in range(branches)]
+
+
+STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache,
+               "taylorseer": TaylorSeer}
+CACHES = {name: cache.default for name, cache in STEP_CACHES.items()}  # their published HunyuanVideo defaults
+
+
+# The sampler's pieces, which the pipeline's denoising loop (HunyuanVideoPipeline._denoise) calls in turn: the
+# starting latents, the guided DiT (its branches, caches and attention pattern for the step), the Euler step, and
+# the ledger of the work done.
+
+def start_latents(shape, seed, latents, video_latents, sigma, image, condition, resume):
+    """The latents the first step starts from, float32 (B, t, h, w, C): seeded noise; for video to video the video
+    noised to sigma (flow matching's forward process: sigma noise + (1 - sigma) video); or the latents given
+    (resume's, or the caller's). HunyuanVideo-I2V's start as the reference's: 0.999 x + 0.001 image."""
+    if latents is None:
+        x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
+        if video_latents is not None:
+            s = float(sigma)
+            x = s * x + (1 - s) * mx.broadcast_to(video_latents.astype(mx.float32), shape)
+    elif tuple(latents.shape) != shape:
+        raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit this video: pass latents of "
+                                f"shape {shape} (frames, height and width as the request's).")
+    else:
+        x = latents.astype(mx.float32)
+    if condition in ("token_replace", "latent_concat") and not resume:
+        t = np.float32(0.999)
+        x = x * float(t) + mx.broadcast_to(image, shape) * float(np.float32(1) - t)
+    return x
+
+
+def sampler_step(x, v, sigma, sigma_next, image=None):
+    """One Euler step of all frames; with token replace (image: the clean first frame's latents) the first frame
+    stays the image's and the others step."""
+    if image is None:
+        return euler_step(x, v, sigma, sigma_next)
+    return mx.concatenate([image, euler_step(x[:, 1:], v[:, 1:], sigma, sigma_next)], axis=1)
+
+
+def new_ledger(cache=None, attention="dense", resume=None):
+    """The work ledger of a generation (pipe.stats["work"], the log line, the video's metadata): DiT forwards
+    computed and skipped, which steps ran in full, how quantized layers multiplied (matmul: None when the DiT is
+    not quantized, "kernel" or "dequantized"), and the PFLOP computed (pflop, as attention_pflop +
+    linear_pflop) and skipped (by step caches and sparse attention, against dense full forwards). resume: a
+    checkpoint's ledger to go on from."""
+    ledger = dict(cache=cache, attention=attention, matmul=None, forwards=0, skipped=0, pflop=0.0, attention_pflop=0.0,
+                  linear_pflop=0.0, skipped_attention_pflop=0.0, skipped_linear_pflop=0.0, steps=[])
+    if resume:
+        ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
+    return ledger
+
+
+def _record(ledger, model, videos, tokens, ran, radial):
+    """Add a forward over `videos` videos of `tokens` tokens that ran `ran` (double, single) blocks to the ledger."""
+    full, done = model.work(tokens), model.work(tokens, *ran, radial=radial)
+    ledger["forwards" if ran == model.depth else "skipped"] += videos
+    for name, f, d in zip(("attention", "linear"), full, done):
+        ledger[f"{name}_pflop"] += videos * d / 1e15
+        ledger[f"skipped_{name}_pflop"] += videos * (f - d) / 1e15
+    ledger["pflop"] += videos * sum(done) / 1e15
+
+
+class GuidedDiT:
+    """The DiT as the sampler calls it at step i: the prompt's branch alone, or with true CFG the negative
+    prompt's too (one forward of batch 2, or one after the other, each through its own step cache), at the step's
+    modulation row and attention pattern; the guided velocity, float32, and the ledger kept."""
+
+    def __init__(self, model, states, mask, pooled, guidance_scale, sigmas, B, cfg_scale, batched, forwards,
+                 sparse, condition, precompute, video_tokens):
+        self.model, self.mask, self.B, self.cfg_scale, self.forwards = model, mask, B, cfg_scale, forwards
+        self.sparse, self.steps, self.batched = sparse, len(sigmas) - 1, batched
+        self.sigmas = sigmas
+        n = states.shape[0]  # B, or 2B with true CFG
+        # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
+        self.guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
+        self.states, self.vector = states.astype(model.dtype), pooled.astype(model.dtype)
+        self.tables = None  # every step's modulation, computed now (its weights never all held), or at each step
+        if precompute:
+            first_frame = model.first_frame_conditioning(self.vector) if condition == "token_replace" else None
+            self.tables = model.modulation_tables(mx.stack([model.conditioning(timestep(s, n), self.vector,
+                                                                               self.guidance) for s in sigmas[:-1]]),
+                                                  first_frame)
+        self.branches = [slice(None)] if batched or cfg_scale is None else [slice(0, B), slice(B, 2 * B)]
+        counts = mask.sum(axis=1)
+        self.tokens = [video_tokens + int(counts[rows].max().item()) for rows in self.branches]  # video + text
+
+    def __call__(self, inputs, i, ledger):
+        model, B = self.model, self.B
+        radial = self.sparse.at(i) if self.sparse else None  # the step's attention pattern
+        velocities, full = [], True
+        k = B * (2 if self.batched else 1)
+        for rows, forward, tokens in zip(self.branches, self.forwards, self.tokens):
+            args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(self.sigmas[i], k),
+                    self.states[rows], self.mask[rows], self.vector[rows],
+                    None if self.guidance is None else self.guidance[rows],
+                    None if self.tables is None else self.tables.at(i, rows), radial)
+            v, ran = forward(model, args, i, self.steps)
+            mx.eval(v)  # what made it is freed before the other branch runs
+            velocities.append(v)
+            full = full and ran == model.depth
+            _record(ledger, model, k // B, tokens, ran, radial)
+        ledger["steps"].append(full)
+        if self.batched:
+            velocities = mx.split(velocities[0], 2, axis=0)
+        v = velocities[0].astype(mx.float32)
+        if self.cfg_scale is not None:
+            v_neg = velocities[1].astype(mx.float32)
+            v = v_neg + self.cfg_scale * (v - v_neg)
+        return v
+
+
+# Live preview: the video the current step predicts, without the VAE. The step's estimate of the clean latents
+# is x0 = x - sigma * v (flow matching: x = (1 - sigma) x0 + sigma noise, v = noise - x0), and a fixed linear
+# map from its 16 channels to RGB approximates the VAE's colours at 1/8 the size: ComfyUI's factors for
+# HunyuanVideo (comfy/latent_formats.py, HunyuanVideo.latent_rgb_factors and latent_rgb_factors_bias).
+LATENT_RGB = np.array([[-0.0395, -0.0331, 0.0445], [0.0696, 0.0795, 0.0518], [0.0135, -0.0945, -0.0282],
+                       [0.0108, -0.0250, -0.0765], [-0.0209, 0.0032, 0.0224], [-0.0804, -0.0254, -0.0639],
+                       [-0.0991, 0.0271, -0.0669], [-0.0646, -0.0422, -0.0400], [-0.0696, -0.0595, -0.0894],
+                       [-0.0799, -0.0208, -0.0375], [0.1166, 0.1627, 0.0962], [0.1165, 0.0432, 0.0407],
+                       [-0.2315, -0.1920, -0.1355], [-0.0270, 0.0401, -0.0821], [-0.0616, -0.0997, -0.0727],
+                       [0.0249, -0.0469, -0.1703]], dtype=np.float32)
+LATENT_RGB_BIAS = np.array([0.0259, -0.0192, -0.0761], dtype=np.float32)
+
+
+def latent_preview(latents):
+    """Latents in the DiT's space (B, t, h, w, 16) -> uint8 (t, h, w, 3) of the first video: ComfyUI's linear
+    latent-to-RGB preview, mapped from [-1, 1] as ComfyUI maps it."""
+    rgb = np.array(latents[0].astype(mx.float32)) @ LATENT_RGB + LATENT_RGB_BIAS  # (t, h, w, 3)
+    return (np.clip((rgb + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The application, from here on: files, folders and sizes
+# ---------------------------------------------------------------------------------------------------
+# Above: the model, what a generation computes (the encoders, the DiT, the VAE, quantization, the sampler), which
+# takes arrays and numbers. Below: what runs it for a person, which reads files and settings: checkpoints, the
+# offline demos, the inputs, the request and its check, the memory plan and the pipeline's stream.
+
+
+def cache_dir():
+    """Where this port keeps what it builds (the tiny checkpoint): $HUNYUAN_APPLE_CACHE, else
+    ~/.cache/hunyuan_apple. Hub downloads stay in the Hugging Face cache (~/.cache/huggingface, $HF_HOME)."""
+    return Path(os.environ.get("HUNYUAN_APPLE_CACHE") or Path.home() / ".cache" / "hunyuan_apple").expanduser()
+
+
+TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace"}  # the offline demos: text to video, image to video
+
+
+def is_tiny(model):
+    """Whether a model (a name or folder) is a tiny demo: "tiny", "tiny-i2v", or a folder built (or converted) from
+    one."""
+    if str(model) in TINY_MODELS:
+        return True
+    try:
+        return json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("tiny_demo") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_atomic(path, write):
+    """write(tmp) to a hidden temporary file beside path, then rename it to path: path is always either the
+    earlier file or the whole new one. If writing fails (a full disk, say) the temporary file is removed and the
+    failure is one sentence naming the file; an interrupt removes it too."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        # MLX reports a failed write as a RuntimeError ("[write] Unable to write ...")
+        if isinstance(e, OSError) or isinstance(e, RuntimeError) and "write" in str(e).lower():
+            why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise HunyuanVideoError(f"could not write {path} ({why}): free some disk space, or write elsewhere; "
+                                    f"the earlier file of that name, if any, is as it was.") from None
+        raise
+
+
+GB = 2 ** 30
+
+
+def gib(nbytes):
+    """Bytes as GiB, labelled, with three significant digits (so a tiny model's megabytes are not 0.0)."""
+    return f"{nbytes / GB:.3g} GiB"
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loading: files
 # ---------------------------------------------------------------------------------------------------
 # Safetensors are read lazily by MLX (a tensor is read from disk when it is evaluated); PyTorch pickles are
@@ -1755,6 +2102,13 @@ _DTYPES = {"F64": mx.float64, "F32": mx.float32, "F16": mx.float16, "BF16": mx.b
            "U8": mx.uint8, "BOOL": mx.bool_, "F8_E4M3": mx.uint8, "F8_E5M2": mx.uint8}  # fp8: the raw bytes
 _FP8_SCALES = ("scale_weight", "weight_scale")  # a layer's weight scale: ComfyUI's scaled fp8; newer layouts
 _FP8_UNUSED = ("scale_input", "input_scale", "scaled_fp8")  # scales of activations (fp8 matmuls), a marker
+
+
+def _again(path):
+    """How to get a broken checkpoint file back: download it again, or, a tiny demo's (built here), build it anew."""
+    if any(is_tiny(folder) for folder in Path(path).parents):
+        return "the tiny demo is built on this machine: delete its folder and it is built anew"
+    return "download it again"
 
 
 def _safetensors_header(f):
@@ -1776,7 +2130,7 @@ def _safetensors_header(f):
             raise ValueError(f"tensors of type {', '.join(unknown)}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise HunyuanVideoError(f"{f} could not be read as safetensors ({str(e)[:120]}); it is probably truncated "
-                                f"or corrupt: download it again.") from None
+                                f"or corrupt: {_again(f)}.") from None
     return tensors, 8 + n
 
 
@@ -1818,7 +2172,7 @@ def _read_safetensors(f):
             weights = mx.load(str(f))
         except Exception as e:  # MLX checks the header and that every tensor lies inside the file
             raise HunyuanVideoError(f"{f} could not be read as safetensors ({e}); it is probably truncated or "
-                                    f"corrupt: download it again.") from None
+                                    f"corrupt: {_again(f)}.") from None
     return _fp8_dequantized(weights, dtypes)
 
 
@@ -1897,17 +2251,17 @@ def _component_files(path, hint):
         try:
             config = json.loads((path / "config.json").read_text())
         except ValueError as e:
-            raise HunyuanVideoError(f"{path / 'config.json'} is not valid JSON ({e}): download it again.") from None
+            raise HunyuanVideoError(f"{path / 'config.json'} is not valid JSON ({e}): {_again(path)}.") from None
     index = sorted(path.glob("*.safetensors.index.json"))
     if index:
         try:
             shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as e:
-            raise HunyuanVideoError(f"{index[0]} is not a valid safetensors index ({e}): download it again.") from None
+            raise HunyuanVideoError(f"{index[0]} is not a valid safetensors index ({e}): {_again(path)}.") from None
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise HunyuanVideoError(f"{path} lacks {len(missing)} of the {len(shards)} shards its index lists "
-                                    f"({', '.join(missing[:3])}): the download is incomplete; download it again.")
+                                    f"({', '.join(missing[:3])}): it is incomplete; {_again(path)}.")
         return [path / s for s in shards], config
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("mp_rank_00_model_states.pt")) or \
         [f for f in sorted(path.glob("*.pt")) if not f.name.endswith("_map.pt")]  # an fp8 file's scales go with it
@@ -2108,6 +2462,11 @@ def _same_kind(a, b):
     return mx.issubdtype(a, mx.floating) and mx.issubdtype(b, mx.floating) or a == b
 
 
+def _cast(weights, dtype):
+    """Floating tensors to dtype; quantized data (integers) as it is. Lazy."""
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
 def _load_strict(model, weights, dtype, source, prepare=None, skip=lambda name: False, progress=None):
     """Put weights into model, refusing any missing, unexpected, mis-shaped or mis-typed key in one sentence. Then
     prepare(model) (quantization, say) and evaluate one tensor at a time: the model holds the only
@@ -2138,11 +2497,6 @@ def _load_strict(model, weights, dtype, source, prepare=None, skip=lambda name: 
     for p in _counted(read, progress):  # read from disk (and quantized) now, one tensor at a time
         mx.eval(p)
     return model
-
-
-def _cast(weights, dtype):
-    """Floating tensors to dtype; quantized data (integers) as it is. Lazy."""
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
 def _quantized_loading(config, quantization, modulation, source):
@@ -2235,7 +2589,13 @@ def parse_lora(text):
     path, sep, scale = text.rpartition(":")
     if not sep or Path(text).exists() or "/" in scale:
         return [text, 1.0]
-    return [path, _lora_scale(scale, f"--lora {text}")]
+    return [path, _lora_scale(scale, f"{{loras}} {text}")]
+
+
+def _linear_order(w):
+    """A Conv3d's weight (O, C, t, h, w), img_in's as checkpoints and LoRAs hold it, in the order of the Linear
+    layer that stands for it here, (O, t*h*w*C); anything else as it is."""
+    return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
 
 
 def read_lora(path, scale, layers, dim, ignore_unmatched=False):
@@ -2269,9 +2629,9 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
         said = (f"{len(unmatched)} of the {len(tensors)} keys of the LoRA {path.name} match no layer of the DiT "
                 f"({', '.join(sorted(unmatched)[:3])}{', ...' if len(unmatched) > 3 else ''})")
         if not ignore_unmatched:
-            raise HunyuanVideoError(f"{said}: it may be for another model; pass --lora-ignore-unmatched "
-                                    f"(ignore_unmatched=True) to load the rest anyway.")
-        warnings.warn(f"{said}: they are ignored (--lora-ignore-unmatched).")
+            raise HunyuanVideoError(f"{said}: it may be for another model; set {{lora_ignore_unmatched}} to load the "
+                                    f"rest anyway.")
+        warnings.warn(HunyuanVideoWarning(f"{said}: they are ignored ({{lora_ignore_unmatched}})."))
     lora = {}
     for (layer, start, stop, swap), t in modules.items():
         out, fan_in = layers[layer]
@@ -2304,12 +2664,6 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
             parts = [p._replace(up=mx.concatenate(mx.split(p.up, 2, axis=0)[::-1], axis=0)) for p in parts]
         lora.setdefault(layer, []).extend(parts)
     return lora
-
-
-def _linear_order(w):
-    """A Conv3d's weight (O, C, t, h, w), img_in's as checkpoints and LoRAs hold it, in the order of the Linear
-    layer that stands for it here, (O, t*h*w*C); anything else as it is."""
-    return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
 
 
 def read_loras(loras, layers, dim, ignore_unmatched=False):
@@ -2354,7 +2708,7 @@ def merge_lora(weights, lora):
 class LoRAQuantizedLinear(QuantizedLinear):
     """A quantized Linear layer with LoRA branches beside it: y = layer(x) + (x down^T) up^T on each part's rows.
     The branches are held under _lora, which is not a parameter: the layer's parameters keep their names, so
-    streamed blocks (--low-memory) update them as before. Memory: the LoRA's matrices, in the layer's dtype."""
+    streamed blocks (low_memory) update them as before. Memory: the LoRA's matrices, in the layer's dtype."""
 
     def __call__(self, x):
         y = super().__call__(x)
@@ -2384,14 +2738,9 @@ def attach_lora(model, branches, dtype):
 # decodes within 2 levels of 255 of float32 where bf16 is 10 to 14 levels away.
 
 DEFAULT_DTYPES = {"transformer": mx.bfloat16, "vae": mx.float16, "text_encoders": mx.float16}
-
-
-def _transformer_weights(source):
-    """A transformer checkpoint's tensors under Tencent's names (lazy for safetensors), and its config."""
-    weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
-                                            ".pt or ComfyUI .safetensors file")
-    _check_class(config, "HunyuanVideoTransformer3DModel", source, "transformer")
-    return _tencent_names(weights), config
+DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the precisions by name
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_DTYPE_SETTINGS = (("dit", "transformer"), ("vae", "vae"), ("text", "text_encoders"))  # dit_dtype: the DiT's, ...
 
 
 def _tencent_names(weights):
@@ -2402,6 +2751,52 @@ def _tencent_names(weights):
     return weights
 
 
+def _transformer_weights(source):
+    """A transformer checkpoint's tensors under Tencent's names (lazy for safetensors), and its config."""
+    weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
+                                            ".pt or ComfyUI .safetensors file")
+    _check_class(config, "HunyuanVideoTransformer3DModel", source, "transformer")
+    return _tencent_names(weights), config
+
+
+_BLOCK_KEY = re.compile(r"(?:.+\.)?(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+_BLOCK_KINDS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
+
+
+def _block_reader(files, model, dtype, structure, prepare, lora):
+    """read(kind, i, keep) -> {name in the block: array} of block i's weights whose names keep(name) admits, read
+    from disk now. The files are indexed once: a call reads only those tensors, each file opened and closed, then
+    names them, merges the LoRAs, casts and quantizes them as load_transformer does, through the same functions."""
+    index = {}  # (kind, i) -> {file: ({name: header entry}, data offset)}
+    for f in files:
+        tensors, start = _safetensors_header(f)
+        for name, entry in tensors.items():
+            if m := _BLOCK_KEY.match(name):
+                entries = index.setdefault((_BLOCK_KINDS.get(m[1], m[1]), int(m[2])), {})
+                entries.setdefault(f, ({}, start))[0][name] = entry
+    args = model.block_args
+
+    def read(kind, i, keep):
+        weights = {}
+        for f, (tensors, start) in index[(kind, i)].items():
+            wanted = {k: t for k, t in tensors.items()  # an fp8 layer's scales go with its weight
+                      if keep(k.rpartition(".")[0] + ".weight" if k.endswith(_FP8_SCALES + _FP8_UNUSED) else k)}
+            weights.update(_fp8_dequantized(_read_tensors(f, wanted, start), {k: t[1] for k, t in wanted.items()}))
+        prefix = f"{kind}.{i}."
+        weights = _tencent_names(weights)
+        merge_lora(weights, lora)  # the quantized layers' branches are attached to the model once, at load
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        block = (DoubleBlock if kind == "double_blocks" else SingleBlock)(*args)
+        if structure:
+            structure(block)
+        block.update(tree_unflatten(list(_cast(weights, dtype).items())))
+        if prepare:
+            prepare(block)
+        modules = {k.rpartition(".")[0] for k in weights}  # what was read (a quantized layer's scales too)
+        return {k: v for k, v in tree_flatten(block.parameters()) if k.rpartition(".")[0] in modules}
+    return read
+
+
 def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=None, quantize_modulation=False,
                      stream=False, progress=None, lazy_modulation=False, loras=(), lora_ignore_unmatched=False,
                      **sizes):
@@ -2410,9 +2805,9 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
 
     quantization: None, "int8", "int4" or "fp8" (see quantize); a converted folder loads as it was stored.
-    stream: leave the 60 blocks on disk and read each one when it runs (--low-memory; safetensors only).
+    stream: leave the 60 blocks on disk and read each one when it runs (low_memory; safetensors only).
     progress(done, total): after each tensor read (safetensors are read lazily: loading happens here).
-    lazy_modulation: leave the blocks' adaLN modulation weights unread, for precompute_modulation.
+    lazy_modulation: leave the blocks' adaLN modulation weights unread, for modulation_tables (safetensors).
     loras: [(file, scale) or file, ...] in any of the four layouts (see read_lora), merged into the weights before
     any quantization, or beside the layers of a converted quantized checkpoint as low-rank branches.
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
@@ -2433,58 +2828,22 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     if conv is not None and conv.ndim == 5:  # Conv3d (D, C, pt, ph, pw) -> Linear (D, pt*ph*pw*C)
         weights["img_in.proj.weight"] = _linear_order(conv)
     branches = merge_lora(weights, lora)
-    if not stream:
-        _load_strict(model, weights, dtype, source, prepare, _is_modulation if lazy_modulation else
-                     (lambda name: False), progress)
-        attach_lora(model, branches, dtype)
-        return model
     files, _ = _component_files(source, "")
-    if any(f.suffix != ".safetensors" for f in files):
+    on_disk = all(f.suffix == ".safetensors" for f in files)  # blocks can be read again, one at a time
+    if stream and not on_disk:
         raise HunyuanVideoError(f"{source}: streaming blocks from disk needs safetensors; convert it once with "
                                 f"convert_weights.py.")
     blocks = ("double_blocks.", "single_blocks.")
-    _load_strict(model, weights, dtype, source, prepare, lambda k: k.startswith(blocks), progress)  # blocks unread
-    empty = {k: mx.zeros(v.shape, v.dtype) for k, v in tree_flatten(model.parameters()) if k.startswith(blocks)}
-    model.update(tree_unflatten(list(empty.items())))  # placeholders (never evaluated): nothing stays open
-    model.stream = _block_streamer(files, model, dtype, structure, prepare, empty, lora)
+    unread = (lambda k: k.startswith(blocks)) if stream else _is_modulation if lazy_modulation and on_disk else \
+        (lambda k: False)
+    _load_strict(model, weights, dtype, source, prepare, unread, progress)
+    if stream:  # placeholders (never evaluated): nothing stays open
+        model.update(tree_unflatten([(k, mx.zeros(v.shape, v.dtype)) for k, v in tree_flatten(model.parameters())
+                                     if k.startswith(blocks)]))
+    if stream or lazy_modulation and on_disk:
+        model.read_block, model.streamed = _block_reader(files, model, dtype, structure, prepare, lora), stream
     attach_lora(model, branches, dtype)
     return model
-
-
-_BLOCK_KEY = re.compile(r"(?:.+\.)?(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
-_BLOCK_KINDS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}
-
-
-def _block_streamer(files, model, dtype, structure, prepare, empty, lora):
-    """stream(kind, i) -> (block i's weights read from disk now, its placeholders). The files are indexed once:
-    a call reads only that block's tensors, each file opened and closed, then names them, merges the LoRAs,
-    casts and quantizes them as load_transformer does, through the same functions."""
-    index = {}  # (kind, i) -> {file: ({name: header entry}, data offset)}
-    for f in files:
-        tensors, start = _safetensors_header(f)
-        for name, entry in tensors.items():
-            if m := _BLOCK_KEY.match(name):
-                entries = index.setdefault((_BLOCK_KINDS.get(m[1], m[1]), int(m[2])), {})
-                entries.setdefault(f, ({}, start))[0][name] = entry
-    args = model.block_args
-
-    def stream(kind, i):
-        weights = {}
-        for f, (tensors, start) in index[(kind, i)].items():
-            weights.update(_fp8_dequantized(_read_tensors(f, tensors, start), {k: t[1] for k, t in tensors.items()}))
-        prefix = f"{kind}.{i}."
-        weights = _tencent_names(weights)
-        merge_lora(weights, lora)  # the quantized layers' branches are attached to the model once, at load
-        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        block = (DoubleBlock if kind == "double_blocks" else SingleBlock)(*args)
-        if structure:
-            structure(block)
-        block.update(tree_unflatten(list(_cast(weights, dtype).items())))
-        if prepare:
-            prepare(block)
-        return block.parameters(), tree_unflatten([(k[len(prefix):], v) for k, v in empty.items()
-                                                   if k.startswith(prefix)])
-    return stream
 
 
 def _save_component(folder, weights, config, filename="model.safetensors"):
@@ -2542,32 +2901,31 @@ def load_vae(path, dtype=DEFAULT_DTYPES["vae"], **sizes):
     return _load_strict(model, weights, dtype, source)
 
 
-def _hf_sizes(cls, config):
-    """The constructor keywords a transformers config.json gives (its names are the constructor's)."""
-    return {k: config[k] for k in inspect.signature(cls).parameters if k in config and config[k] is not None}
+def _llava_name(name):
+    """A LLaVA tensor's name in transformers 5's layout (model.language_model.*, model.vision_tower.*) or 4's
+    (language_model.model.*, vision_tower.vision_model.*) -> this module's (language_model.*,
+    vision_tower.vision_model.*, multi_modal_projector.*)."""
+    name = name.removeprefix("model.").replace("language_model.model.", "language_model.")
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+    return name
 
 
-def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=None, progress=None):
-    """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel),
-    or one written by convert_weights.py; for image to video the whole LLaVA (LlavaForConditionalGeneration:
-    see load_llava). The last two layers and the final norm do not reach hidden_states[-3]: they are left on
-    disk. quantization: None, "int8", "int4" or "fp8". progress(done, total): after each tensor read."""
-    source = Path(path).expanduser()
-    weights, config = _read_weights(source, "pass the text_encoder/ folder of a diffusers HunyuanVideo checkpoint")
-    if config.get("model_type") == "llava":
-        return load_llava(source, weights, config, dtype, quantization, progress)
-    if config.get("model_type") != "llama":
-        raise HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
-                                f"LLaVA-Llama-3's language model (model_type llama) was expected: pass text_encoder/.")
-    if config.get("rope_scaling"):
-        raise HunyuanVideoError(f"{source} uses rope_scaling {config['rope_scaling']}, which HunyuanVideo's text "
-                                f"encoder does not: pass the checkpoint's own text_encoder/.")
-    model = LlamaTextEncoder(**_hf_sizes(LlamaTextEncoder, config))
-    structure, prepare = _quantized_loading(config, quantization, False, source)
-    if structure:
-        structure(model)
-    weights = {k: v for k, v in _strip_prefix(weights).items() if _llm_keeps(k, len(model.layers))}
-    return _load_strict(model, weights, dtype, source, prepare, progress=progress)
+def _llava_keeps(name, used):
+    """Whether a LLaVA tensor (this module's name) reaches the outputs used; used: {"language_model": layers,
+    "vision_tower": layers} that do."""
+    layer = re.match(r"(language_model|vision_tower)\..*layers\.(\d+)\.", name)
+    return not ((layer and int(layer[2]) >= used[layer[1]]) or name.endswith(("position_ids", "lm_head.weight"))
+                or name.startswith(("language_model.norm.", "vision_tower.vision_model.post_layernorm.")))
+
+
+def _llm_keeps(name, used):
+    """Whether the LLM's tensor `name` reaches hidden_states[-3]: not the layers from `used` on, the final norm
+    or the head."""
+    name = name.removeprefix("model.")
+    if name in ("norm.weight", "lm_head.weight"):
+        return False
+    return not (name.startswith("layers.") and int(name.split(".")[1]) >= used)
 
 
 def load_llava(source, weights, config, dtype, quantization=None, progress=None):
@@ -2603,31 +2961,27 @@ def load_llava(source, weights, config, dtype, quantization=None, progress=None)
     return _load_strict(model, out, dtype, source, prepare, progress=progress)
 
 
-def _llava_name(name):
-    """A LLaVA tensor's name in transformers 5's layout (model.language_model.*, model.vision_tower.*) or 4's
-    (language_model.model.*, vision_tower.vision_model.*) -> this module's (language_model.*,
-    vision_tower.vision_model.*, multi_modal_projector.*)."""
-    name = name.removeprefix("model.").replace("language_model.model.", "language_model.")
-    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
-        name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
-    return name
-
-
-def _llava_keeps(name, used):
-    """Whether a LLaVA tensor (this module's name) reaches the outputs used; used: {"language_model": layers,
-    "vision_tower": layers} that do."""
-    layer = re.match(r"(language_model|vision_tower)\..*layers\.(\d+)\.", name)
-    return not ((layer and int(layer[2]) >= used[layer[1]]) or name.endswith(("position_ids", "lm_head.weight"))
-                or name.startswith(("language_model.norm.", "vision_tower.vision_model.post_layernorm.")))
-
-
-def _llm_keeps(name, used):
-    """Whether the LLM's tensor `name` reaches hidden_states[-3]: not the layers from `used` on, the final norm
-    or the head."""
-    name = name.removeprefix("model.")
-    if name in ("norm.weight", "lm_head.weight"):
-        return False
-    return not (name.startswith("layers.") and int(name.split(".")[1]) >= used)
+def load_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"], quantization=None, progress=None):
+    """LLaVA-Llama-3-8B's language model from a diffusers text_encoder/ folder (transformers' LlamaModel),
+    or one written by convert_weights.py; for image to video the whole LLaVA (LlavaForConditionalGeneration:
+    see load_llava). The last two layers and the final norm do not reach hidden_states[-3]: they are left on
+    disk. quantization: None, "int8", "int4" or "fp8". progress(done, total): after each tensor read."""
+    source = Path(path).expanduser()
+    weights, config = _read_weights(source, "pass the text_encoder/ folder of a diffusers HunyuanVideo checkpoint")
+    if config.get("model_type") == "llava":
+        return load_llava(source, weights, config, dtype, quantization, progress)
+    if config.get("model_type") != "llama":
+        raise HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
+                                f"LLaVA-Llama-3's language model (model_type llama) was expected: pass text_encoder/.")
+    if config.get("rope_scaling"):
+        raise HunyuanVideoError(f"{source} uses rope_scaling {config['rope_scaling']}, which HunyuanVideo's text "
+                                f"encoder does not: pass the checkpoint's own text_encoder/.")
+    model = LlamaTextEncoder(**_hf_sizes(LlamaTextEncoder, config))
+    structure, prepare = _quantized_loading(config, quantization, False, source)
+    if structure:
+        structure(model)
+    weights = {k: v for k, v in _strip_prefix(weights).items() if _llm_keeps(k, len(model.layers))}
+    return _load_strict(model, weights, dtype, source, prepare, progress=progress)
 
 
 def load_clip_text_encoder(path, dtype=DEFAULT_DTYPES["text_encoders"]):
@@ -2671,499 +3025,258 @@ def load_tokenizer(path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampler: flow matching, Euler
+# Checkpoints on the hub
 # ---------------------------------------------------------------------------------------------------
-# The DiT predicts the velocity v = d(latents)/d(sigma) from noise (sigma 1) to video (sigma 0). The
-# schedule is linear in sigma, then shifted towards the noisy end; the model sees sigma x 1000 as its
-# timestep. Embedded guidance (the model was distilled with it) needs one forward per step.
 
-def flow_sigmas(steps, shift=7.0):
-    """steps + 1 noise levels from 1 to 0: s' = shift*s / (1 + (shift-1)*s), in float32 like the reference."""
-    s = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
-    s = shift * s / (1 + (shift - 1) * s)
-    return np.append(s, np.float32(0.0)).astype(np.float32)
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def timestep(sigma, batch):
-    """The DiT's timestep for noise level sigma: sigma x 1000 in float32, one per video."""
-    return mx.full((batch,), np.float32(sigma) * np.float32(1000), dtype=mx.float32)
+def _dtypes(dtype=None, dtypes=None):
+    """Each component's dtype: the defaults, then dtype for all of them, then dtypes={component: dtype}."""
+    dtypes = dict(dtypes or {})
+    unknown = set(dtypes) - set(DEFAULT_DTYPES)
+    if unknown:
+        raise HunyuanVideoError(f"dtypes for {', '.join(sorted(unknown))}: the components are "
+                                f"{', '.join(DEFAULT_DTYPES)}.")
+    out = {**DEFAULT_DTYPES, **({c: dtype for c in DEFAULT_DTYPES} if dtype is not None else {}), **dtypes}
+    if any(d not in DTYPES.values() for d in out.values()):
+        raise HunyuanVideoError("a component's dtype must be mx.bfloat16, mx.float16 or mx.float32.")
+    return out
 
 
-def euler_step(latents, velocity, sigma, sigma_next):
-    """latents + (sigma_next - sigma) * velocity, in float32."""
-    return latents + float(np.float32(sigma_next) - np.float32(sigma)) * velocity.astype(mx.float32)
+def _hub_file(spec):
+    """(repository id, path inside) of one hub file named as owner/name/path/in/repository (AccVideo's DiT), or
+    None for a repository id."""
+    parts = str(spec).split("/")
+    return ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sampler: step caches (fewer DiT forwards)
-# ---------------------------------------------------------------------------------------------------
-# Neighbouring steps of a real model's trajectory change little, so a cache reuses what an earlier step
-# computed instead of running the 60 blocks, whenever its rule predicts the change to be small. Each cache
-# is one object per generation (its state is gone with it) called in place of the DiT at every step; it
-# returns the velocity and how many double and single blocks it ran. Each follows its reference exactly:
-# First-Block Cache, MagCache and TaylorSeer (lite) as diffusers' hooks (FirstBlockCacheConfig, MagCacheConfig,
-# TaylorSeerCacheConfig), TeaCache and EasyCache as their authors' HunyuanVideo scripts. At threshold 0 (for
-# TaylorSeer, interval 1) no rule skips a step, and what is computed is what the uncached sampler computes, to
-# the bit.
+def _download(repo_id, weights=True, transformer_only=False):
+    """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress); without
+    the weights, only what the memory plan reads (configs, indexes, tokenizers): a few MB. transformer_only:
+    a repository that holds a DiT alone, at its root (SkyReels-V1), or one file of a repository (owner/name/path:
+    its local path; before the weights, where it will be)."""
+    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
 
-# MagCache's magnitude ratios for HunyuanVideo's 50 steps, calibrated by its authors at 544p and 720p
-# (MagCache4HunyuanVideo): the mean ratio of a step's residual norm to the previous step's, token by token
-MAG_RATIOS = {
-    544: [1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632, 1.02974, 1.00984,
-          1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726, 1.03727, 1.01502, 1.00992,
-          1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461, 1.01152, 1.03082, 1.0061, 1.02162, 1.01999,
-          0.99063, 1.01186, 1.0217, 0.99947, 1.01711, 0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315,
-          0.97728, 0.91154, 0.86139, 0.76592],
-    720: [1.0, 1.0754, 1.27807, 1.11596, 1.09504, 1.05188, 1.00844, 1.05779, 1.00657, 1.04142, 1.03101, 1.00679,
-          1.02556, 1.00908, 1.06949, 1.05438, 1.02214, 1.02321, 1.03019, 1.00779, 1.03381, 1.01886, 1.01161,
-          1.02968, 1.00544, 1.02822, 1.00689, 1.02119, 1.0105, 1.01044, 1.01572, 1.02972, 1.0094, 1.02368, 1.0226,
-          0.98965, 1.01588, 1.02146, 1.0018, 1.01687, 0.99436, 1.00283, 1.01139, 0.97122, 0.98251, 0.94513,
-          0.97656, 0.90943, 0.85703, 0.75456],
-}
+    file = _hub_file(repo_id) if transformer_only else None
+    if file and not weights:
+        cached = try_to_load_from_cache(*file)
+        return Path(cached) if isinstance(cached, str) else Path(repo_id)  # not there yet: the plan asks the hub
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "image_processor/*"]
+    patterns += [f"{c}/*" if weights else f"{c}/*.json" for c in COMPONENTS[:4]]
+    if transformer_only:
+        patterns = ["*.json"] + (["*.safetensors"] if weights else [])
+    try:
+        return Path(hf_hub_download(*file) if file else snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise HunyuanVideoError(f"could not download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                                f"check the network and the hub id, or pass a local folder.") from None
 
 
-def _mean_abs(a, b=None):
-    """mean |a - b| (or mean |a|) over every element, in float32."""
-    a = a.astype(mx.float32)
-    return mx.abs(a if b is None else a - b.astype(mx.float32)).mean().item()
+@lru_cache(maxsize=8)
+def _hub_file_info(spec, folder, hub):
+    """{name: (shape, dtype)} of a DiT that is one hub file not downloaded yet: a safetensors file's header read
+    on the hub; a PyTorch file (AccVideo's, Tencent's layout) cannot be read without downloading it, so the plan
+    takes the checkpoint's own DiT for it (the same architecture; the load checks every shape)."""
+    repo, inside = _hub_file(spec)
+    if inside.endswith(".safetensors"):
+        from huggingface_hub import HfApi
+        try:
+            meta = HfApi().parse_safetensors_file_metadata(repo, inside)
+        except Exception as e:
+            raise HunyuanVideoError(f"could not read the sizes of {spec} from the hub ({type(e).__name__}): check "
+                                    f"the network, or pass a local file.") from None
+        return {k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()}
+    return _components(folder, hub, only=("transformer",))["transformer"][0]
 
 
-def _rel_l1(a, b):
-    """mean |a - b| / mean |b|: how much a step changed something."""
-    return _mean_abs(a, b) / _mean_abs(b)
+@lru_cache(maxsize=8)  # the plan asks again for each change it tries; the hub is asked once
+def _hub_tensor_info(repo_id, folder, component):
+    """{name: (shape, dtype)} of a hub component's safetensors, from their headers on the hub (no download)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        index = sorted((folder / component).glob("*.safetensors.index.json"))  # component "": the root
+        inside = f"{component}/" if component else ""
+        files = sorted(set(json.loads(index[0].read_text())["weight_map"].values())) if index else \
+            [f[len(inside):] for f in api.list_repo_files(repo_id) if f.startswith(inside)
+             and "/" not in f[len(inside):] and f.endswith(".safetensors")]
+        info = {}
+        for f in files:
+            meta = api.parse_safetensors_file_metadata(repo_id, inside + f)
+            info.update({k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()})
+    except Exception as e:
+        raise HunyuanVideoError(f"could not read the sizes of {repo_id}'s {component} from the hub "
+                                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}): check the network, "
+                                f"or pass a local folder.") from None
+    return info
 
 
-def _full(model, args, i, steps):
-    """No cache: the whole DiT."""
-    return model(*args), model.depth
-
-
-class FirstBlockCache:
-    """Run the first double block; if its video residual changed by at most `threshold` (relative mean
-    absolute difference) since the last step that ran in full, add the remaining blocks' cached residual to
-    its output instead of running them (diffusers' FirstBlockCacheConfig; ParaAttention's idea). The text
-    stream's residual, which diffusers also keeps, never reaches the output of a skipped step: not kept."""
-
-    default = 0.06  # ParaAttention's for HunyuanVideo
-
-    def __init__(self, threshold, steps, size):
-        self.threshold, self.head, self.tail = threshold, None, None
-
-    def __call__(self, model, args, i, steps):
-        tokens = model.embed(*args)
-        img, txt = model.blocks(tokens, last=1)
-        residual = img - tokens.img
-        if self.head is not None and _rel_l1(residual, self.head) <= self.threshold:
-            return model.final(img + self.tail, tokens), (1, 0)
-        self.head = residual
-        out, _ = model.blocks(tokens, img, txt, first=1)
-        self.tail = out - img
-        return model.final(out, tokens), model.depth
-
-
-class MagCache:
-    """From step int(0.2 steps + 0.5) on, accumulate the calibrated magnitude ratio of each step and the error
-    |1 - accumulated ratio|; while that error stays within `threshold` and at most K = 6 steps in a row were
-    skipped, the video tokens get the last computed residual of all blocks instead of running them (diffusers'
-    MagCacheConfig, with the 50-step ratios nearest-interpolated to the step count; the 544p or 720p table,
-    whichever is nearer the video's shorter side). Accumulated in float32, as diffusers does."""
-
-    default = 0.24  # MagCache4HunyuanVideo's, with K 6 and retention 0.2
-
-    def __init__(self, threshold, steps, size, K=6, retention=0.2):
-        table = np.array(MAG_RATIOS[min(MAG_RATIOS, key=lambda h: abs(h - min(size)))], dtype=np.float32)
-        index = [len(table) - 1] if steps == 1 else np.round(np.arange(steps) * (len(table) - 1) / (steps - 1))
-        self.ratios = table[np.asarray(index, dtype=int)]
-        self.threshold, self.K, self.start = np.float32(threshold), K, int(retention * steps + 0.5)
-        self.ratio, self.err, self.count, self.residual = np.float32(1), np.float32(0), 0, None
-
-    def __call__(self, model, args, i, steps):
-        tokens = model.embed(*args)
-        if i >= self.start:
-            self.ratio = self.ratio * self.ratios[i]  # since the last step run in full
-            self.count += 1
-            self.err = self.err + np.abs(np.float32(1) - self.ratio)
-            if self.residual is not None and self.err <= self.threshold and self.count <= self.K:
-                return model.final(tokens.img + self.residual, tokens), (0, 0)
-            self.ratio, self.err, self.count = np.float32(1), np.float32(0), 0
-        img, _ = model.blocks(tokens)
-        self.residual = img - tokens.img
-        return model.final(img, tokens), model.depth
-
-
-class TeaCache:
-    """The first double block's modulated video input (its LayerNorm, then img_mod's shift and scale) is the
-    indicator: its relative mean absolute change, rescaled by a polynomial fitted on HunyuanVideo, is
-    accumulated, and while the sum stays below `threshold` the video tokens get the last computed residual
-    of all blocks. As the authors' script counts steps (modulo steps - 1), the first and the last two steps
-    always run in full."""
-
-    COEFFICIENTS = [7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02]
-    default = 0.15  # TeaCache4HunyuanVideo's (0.1 is its slower, closer setting)
-
-    def __init__(self, threshold, steps, size):
-        self.threshold, self.acc, self.previous, self.residual = threshold, 0.0, None, None
-
-    def __call__(self, model, args, i, steps):
-        tokens = model.embed(*args)
-        modulated = model._run("double_blocks", 0, tokens.img, tokens.vec,
-                               fn=lambda block, img, vec: _modulate(img, *block.img_mod(vec)[:2]))
-        skip = False
-        if i == 0 or i >= steps - 2:
-            self.acc = 0.0
+def _tensor_info(files):
+    """{name: (shape, safetensors dtype)} of weight files, read without their data (headers; a .pt is mapped)."""
+    info = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            info.update({k: (shape, dtype) for k, (shape, dtype, _) in _safetensors_header(f)[0].items()})
         else:
-            self.acc += float(np.polyval(self.COEFFICIENTS, _rel_l1(modulated, self.previous)))
-            skip = self.acc < self.threshold
-            if not skip:
-                self.acc = 0.0
-        self.previous = modulated
-        if skip:
-            return model.final(tokens.img + self.residual, tokens), (0, 0)
-        img, _ = model.blocks(tokens)
-        self.residual = img - tokens.img
-        return model.final(img, tokens), model.depth
+            torch = _torch()
+            names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+                     torch.float8_e5m2: "F8_E5M2"}
+            info.update({k: (tuple(v.shape), names.get(v.dtype, "F32")) for k, v in _load_pt(f).items()})
+    return info
 
 
-class EasyCache:
-    """The whole DiT's output change: between the last two steps that ran in full, the transformation rate
-    k = mean |delta output| / mean |delta input|; at a later step the predicted change k * mean |delta input|
-    / mean |last output| is accumulated, and while the sum stays below `threshold` the output is the input
-    plus the last computed (output - input), without running the DiT at all. The first 5 steps and the last
-    step always run in full (EasyCache4HunyuanVideo)."""
-
-    default = 0.025  # EasyCache4HunyuanVideo's
-
-    def __init__(self, threshold, steps, size, warmup=5):
-        self.threshold, self.warmup, self.acc, self.k = threshold, warmup, 0.0, None
-        self.input = self.computed_input = self.output = self.cache = None
-
-    def __call__(self, model, args, i, steps):
-        x = args[0]
-        skip = False
-        if i < self.warmup or i >= steps - 1:
-            self.acc = 0.0
-        elif self.input is not None and self.output is not None and self.k is not None:
-            self.acc += self.k * _mean_abs(x, self.input) / _mean_abs(self.output)
-            skip = self.acc < self.threshold
-            if not skip:
-                self.acc = 0.0
-        self.input = x
-        if skip:
-            return x + self.cache, (0, 0)
-        out = model(*args)
-        mx.eval(out)
-        self.cache = out - x
-        if self.output is not None and self.computed_input is not None:
-            self.k = _mean_abs(out, self.output) / _mean_abs(x, self.computed_input)
-        self.computed_input, self.output = x, out
-        return out, model.depth
+def _components(folder, hub=None, transformer=None, transformer_hub=None,
+                only=("transformer", "vae", "text_encoder", "text_encoder_2")):
+    """{component: (tensor info, config)} of a checkpoint in the diffusers layout, from its files' headers, or
+    for a hub checkpoint whose weights are not downloaded yet, from the hub's safetensors metadata. transformer:
+    the DiT's own file or folder when it comes from elsewhere (transformer_hub: its hub id, the DiT at its root).
+    only: the components to read."""
+    out = {}
+    for c in only:
+        path, repo, inside = (transformer, transformer_hub, "") if c == "transformer" and transformer else \
+            (folder / c, hub, c)
+        try:
+            files, config = _component_files(path, _again(path))
+            out[c] = (_tensor_info(files), config)
+        except HunyuanVideoError:
+            if repo is None:
+                raise
+            root = path.parent if inside else path
+            if c == "transformer" and _hub_file(repo):  # one file, not downloaded yet
+                out[c] = (_hub_file_info(repo, folder, hub), {})
+            else:
+                out[c] = (_hub_tensor_info(repo, root, inside), json.loads((path / "config.json").read_text()))
+    return out
 
 
-class TaylorSeer:
-    """Forecast the DiT's output by a Taylor expansion in the forward count from the outputs of the forwards
-    that ran, as diffusers' TaylorSeerCacheConfig(use_lite_mode=True) hooks it (TaylorSeer, Liu et al. 2025): its
-    lite mode skips every block on a forecast forward and forecasts only the final projection's output, so it
-    holds order + 1 arrays of the velocity's size (not every module's features). Forward s (counted from 0, as
-    the hook counts its calls) runs in full when s < warmup or (s - warmup - 1) is a multiple of `interval`;
-    each full forward updates f_0 = its output and f_(k+1) = (f_k - f_k of the previous full forward) / (s - its
-    s), up to `order`; a forecast forward gives sum_k f_k (s - s_last)^k / k!. The factors are kept in float32
-    (diffusers' default is bf16; they are 64 numbers a token)."""
-
-    default = None  # no threshold: interval, order and warmup instead
-    options = dict(interval=5, order=1, warmup=3)  # diffusers' defaults (cache_interval, max_order,
-    #                                                disable_cache_before_step)
-
-    def __init__(self, threshold, steps, size, interval, order, warmup):
-        self.interval, self.order, self.warmup = interval, order, warmup
-        self.count, self.last = -1, None  # the forward now; the last one run in full
-
-    def computes(self, s):
-        """Whether forward s runs in full (the hook's rule)."""
-        return s < self.warmup or (s - self.warmup - 1) % self.interval == 0
-
-    def __call__(self, model, args, i, steps):
-        self.count += 1
-        s = self.count
-        if self.computes(s):
-            out = model(*args)
-            factors = [out.astype(mx.float32)]
-            for k in range(self.order):
-                previous = getattr(self, f"factor{k}", None)
-                if self.last is None or previous is None:
-                    break
-                factors.append((factors[k] - previous) / (s - self.last))
-            for k, f in enumerate(factors):
-                setattr(self, f"factor{k}", f)
-            mx.eval(factors)
-            self.last = s
-            return out, model.depth
-        out, k = 0, 0
-        while hasattr(self, f"factor{k}"):
-            out = out + getattr(self, f"factor{k}") * ((s - self.last) ** k / math.factorial(k))
-            k += 1
-        return out.astype(model.dtype), (0, 0)
-
-
-def cache_state(forward):
-    """What a step cache has learnt so far, to continue its generation in another process (resume): its arrays,
-    and its numbers as [value, type name]. Its settings (thresholds, MagCache's ratios) come from its name."""
-    arrays, numbers = {}, {}
-    for k, v in vars(forward).items():  # the uncached forward, a function, has none
-        if isinstance(v, mx.array):
-            arrays[k] = v
-        elif v is None or isinstance(v, (bool, int, float, np.floating)):
-            numbers[k] = [None if v is None else v.item() if isinstance(v, np.floating) else v, type(v).__name__]
-    return arrays, numbers
-
-
-def _set_cache_state(forward, arrays, numbers):
-    for k, (v, kind) in numbers.items():
-        setattr(forward, k, np.float32(v) if kind == "float32" else v)
-    for k, v in arrays.items():
-        setattr(forward, k, v)
-
-
-def _joined_cache_state(forwards):
-    """cache_state of a generation's forwards: the prompt's branch as it is, the negative prompt's (true CFG) under
-    names that begin "uncond."."""
-    arrays, numbers = cache_state(forwards[0])
-    for a, n in (cache_state(f) for f in forwards[1:]):
-        arrays.update({f"uncond.{name}": v for name, v in a.items()})
-        numbers.update({f"uncond.{name}": v for name, v in n.items()})
-    return arrays, numbers
-
-
-def _split_cache_state(state, branches):
-    """The inverse of _joined_cache_state: [(arrays, numbers)] per branch."""
-    arrays, numbers = state
-    def part(d, uncond):
-        return {k.removeprefix("uncond."): v for k, v in d.items() if k.startswith("uncond.") == uncond}
-    return [(part(arrays, bool(b)), part(numbers, bool(b))) for b in range(branches)]
-
-
-STEP_CACHES = {"fbcache": FirstBlockCache, "teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache,
-               "taylorseer": TaylorSeer}
-CACHES = {name: cache.default for name, cache in STEP_CACHES.items()}  # their published HunyuanVideo defaults
-
-
-def step_cache(name, threshold, steps, size, options=None):
-    """The forward of one generation: the whole DiT (name None), or a fresh cache at threshold (None: its
-    published default). size: the video's (height, width). options: TaylorSeer's {interval, order, warmup}."""
-    options = dict(options or {})
-    if name is None:
-        if threshold is not None or options:
-            raise HunyuanVideoError(f"a cache {'threshold' if threshold is not None else 'option'} without a cache: "
-                                    f"name the cache too (one of {', '.join(CACHES)}).")
-        return _full
-    if name not in CACHES:
-        raise HunyuanVideoError(f"cache {name!r}: use one of {', '.join(CACHES)}, or none.")
-    known = getattr(STEP_CACHES[name], "options", {})
-    if set(options) - set(known):
-        raise HunyuanVideoError(f"cache options {', '.join(sorted(set(options) - set(known)))}: "
-                                + (f"{name} takes {', '.join(known)}." if known else
-                                   f"{name} takes a threshold only (interval, order and warmup are TaylorSeer's)."))
-    if CACHES[name] is None:
-        if threshold is not None:
-            raise HunyuanVideoError(f"{name} has no threshold: set its interval, order or warmup instead.")
-        options = {**known, **options}
-        bad = [k for k, v in options.items() if not isinstance(v, (int, np.integer)) or v < (0 if k == "warmup" else 1)
-               or k == "order" and v > 4]
-        if bad:
-            k = bad[0]
-            raise HunyuanVideoError(f"{name}'s {k} {options[k]}: use a whole number "
-                                    + {"warmup": "of 0 or more", "order": "from 1 to 4"}.get(k, "of 1 or more")
-                                    + f" (its default {known[k]}" + ("; 1 computes every step)." if k == "interval"
-                                                                      else ")."))
-        return STEP_CACHES[name](None, steps, size, **options)
-    threshold = CACHES[name] if threshold is None else threshold
-    if not 0 <= threshold < math.inf:
-        raise HunyuanVideoError(f"cache threshold {threshold}: use 0 or more (0 never skips; {name}'s published "
-                                f"default is {CACHES[name]}).")
-    return STEP_CACHES[name](threshold, steps, size)
-
-
-# The sampler's pieces, which denoise's loop calls in turn: the starting latents, the guided DiT (its branches,
-# caches and attention pattern for the step), the Euler step, and the ledger of the work done.
-
-def start_latents(shape, seed, latents, video_latents, sigma, image, condition, resume):
-    """The latents the first step starts from, float32 (B, t, h, w, C): seeded noise; for video to video the video
-    noised to sigma (flow matching's forward process: sigma noise + (1 - sigma) video); or the latents given
-    (resume's, or the caller's). HunyuanVideo-I2V's start as the reference's: 0.999 x + 0.001 image."""
-    if latents is None:
-        x = mx.random.normal(shape, key=mx.random.key(seed if seed is not None else time.time_ns() % 2**32))
-        if video_latents is not None:
-            s = float(sigma)
-            x = s * x + (1 - s) * mx.broadcast_to(video_latents.astype(mx.float32), shape)
-    elif tuple(latents.shape) != shape:
-        raise HunyuanVideoError(f"latents of shape {tuple(latents.shape)} do not fit this video: pass latents of "
-                                f"shape {shape} (frames, height and width as the request's).")
+def _sizes_of(cls, config, info=None, read=None, source=None, what=None):
+    """A model's constructor keywords as the loader finds them: from its tensors' shapes (info, by read) and
+    its config.json, its defaults (the real model's) for the rest. The shapes are lazy zeros, never made."""
+    if read is None:
+        found = _hf_sizes(cls, config)
     else:
-        x = latents.astype(mx.float32)
-    if condition in ("token_replace", "latent_concat") and not resume:
-        t = np.float32(0.999)
-        x = x * float(t) + mx.broadcast_to(image, shape) * float(np.float32(1) - t)
-    return x
+        shapes = {k: mx.zeros(shape, mx.bfloat16) for k, (shape, _) in info.items()}
+        found = _sizes(cls, read, _tencent_names(shapes) if cls is HunyuanVideoTransformer else _strip_prefix(shapes),
+                       config, source, what)
+    return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **found}
 
 
-def sampler_step(x, v, sigma, sigma_next, image=None):
-    """One Euler step of all frames; with token replace (image: the clean first frame's latents) the first frame
-    stays the image's and the others step."""
-    if image is None:
-        return euler_step(x, v, sigma, sigma_next)
-    return mx.concatenate([image, euler_step(x[:, 1:], v[:, 1:], sigma, sigma_next)], axis=1)
+# ---------------------------------------------------------------------------------------------------
+# The offline demo: a tiny random HunyuanVideo in the real layout
+# ---------------------------------------------------------------------------------------------------
+
+_TINY_WORDS = ("a an the and of in on at with to from by is are was cat dog fox bird fish horse person man woman "
+               "child car city street forest sea beach sky sun moon night rain snow water fire tree flower grass "
+               "mountain river house room light dark red blue green yellow white black small big old young walks "
+               "runs flies swims jumps sits looks plays dances smiles camera slow fast close wide shot view "
+               "realistic cinematic style video scene")
 
 
-def new_ledger(cache=None, attention="dense", resume=None):
-    """The work ledger of a generation (pipe.stats["work"], the log line, the video's metadata): DiT forwards
-    computed and skipped, which steps ran in full, how quantized layers multiplied (matmul: None when the DiT is
-    not quantized, "kernel" or "dequantized"), and the PFLOP computed (pflop, as attention_pflop +
-    linear_pflop) and skipped (by step caches and sparse attention, against dense full forwards). resume: a
-    checkpoint's ledger to go on from."""
-    ledger = dict(cache=cache, attention=attention, matmul=None, forwards=0, skipped=0, pflop=0.0, attention_pflop=0.0,
-                  linear_pflop=0.0, skipped_attention_pflop=0.0, skipped_linear_pflop=0.0, steps=[])
-    if resume:
-        ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
-    return ledger
+def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
+    """A word-level tokenizer in transformers' format (no network needed): words, then the special tokens,
+    so that the end token has the largest id as in CLIP's vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    PreTrainedTokenizerFast = _transformers().PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)) + specials)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.add_special_tokens(specials)
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if lowercase:
+        tk.normalizer = normalizers.Lowercase()
+    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(s, vocab[s]) for s in specials
+                                                                                      if s in template])
+    bos, eos = template.split()[0], specials[-1]
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=eos, unk_token="<unk>",
+                                  model_max_length=max_length, padding_side="right")
+    tok.save_pretrained(folder)
+    return len(vocab)
 
 
-def _record(ledger, model, videos, tokens, ran, radial):
-    """Add a forward over `videos` videos of `tokens` tokens that ran `ran` (double, single) blocks to the ledger."""
-    full, done = model.work(tokens), model.work(tokens, *ran, radial=radial)
-    ledger["forwards" if ran == model.depth else "skipped"] += videos
-    for name, f, d in zip(("attention", "linear"), full, done):
-        ledger[f"{name}_pflop"] += videos * d / 1e15
-        ledger[f"skipped_{name}_pflop"] += videos * (f - d) / 1e15
-    ledger["pflop"] += videos * sum(done) / 1e15
+def build_tiny_checkpoint(folder, seed=0, image_condition=None):
+    """A tiny random-weight HunyuanVideo in the diffusers layout, tokenizers included, built without torch or
+    network: every file the real checkpoint has, in the same format, so the whole path runs in seconds. Its
+    videos are noise. image_condition "token_replace": HunyuanVideo-I2V's kind instead, its text encoder a tiny
+    LLaVA (Llama and a CLIP vision tower at 336 x 336) with an image processor. Built in a temporary folder, then
+    renamed."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.random.seed(seed)
+    template = I2V_TEMPLATE if image_condition else PROMPT_TEMPLATE
+    words = re.findall(r"\w+|[^\w\s]", re.sub(r"<\|?\w+\|?>", " ", template)) + _TINY_WORDS.split()
+    llama_specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                      *(["<image>"] if image_condition else []), "<|begin_of_text|>", "<|end_of_text|>"]
+    n_llama = _word_tokenizer(words, llama_specials, "<|begin_of_text|> $A", False, 1024, tmp / "tokenizer")
+    n_clip = _word_tokenizer(words, ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", True,
+                             CLIP_LENGTH, tmp / "tokenizer_2")
+
+    # widths are multiples of 64, so that quantization has layers to quantize here too
+    llama_cfg = dict(vocab_size=n_llama, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0)
+    if image_condition:  # LLaVA: <image> and the end token (its padding) are the last two of the vocabulary
+        vision_cfg = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, image_size=336, patch_size=14, hidden_act="quick_gelu")
+        llava_cfg = dict(model_type="llava", text_config=dict(model_type="llama", **llama_cfg),
+                         vision_config=vision_cfg, image_token_index=n_llama - 3, pad_token_id=n_llama - 1,
+                         projector_hidden_act="gelu", vision_feature_layer=-2)
+        llava = LlavaTextEncoder(llava_cfg["text_config"], vision_cfg, n_llama - 3, n_llama - 1)
+        _save_component(tmp / "text_encoder", dict(tree_flatten(llava.parameters())), llava_cfg)
+        (tmp / "image_processor").mkdir()
+        (tmp / "image_processor" / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
+             "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}))
+    else:
+        llama = LlamaTextEncoder(**llama_cfg, skip_layers=0)  # all layers, as the real file has them
+        _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((64,))},
+                        {"model_type": "llama", "architectures": ["LlamaModel"], **llama_cfg})
+    clip_cfg = dict(vocab_size=n_clip, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu", eos_token_id=2)
+    clip = CLIPTextEncoder(**clip_cfg)
+    _save_component(tmp / "text_encoder_2", dict(tree_flatten(clip.parameters())),
+                    {"model_type": "clip_text_model", "architectures": ["CLIPTextModel"], **clip_cfg})
+
+    dit_cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+                   num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12],
+                   **({"image_condition_type": image_condition} if image_condition else {}))
+    dit = HunyuanVideoTransformer(**dit_cfg)
+    _save_component(tmp / "transformer", _to_diffusers(_checkpoint_weights(dit)),
+                    {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg}, "diffusion_pytorch_model.safetensors")
+    vae_cfg = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+    vae = HunyuanVideoVAE(**vae_cfg)
+    _save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout
+                                  for k, v in tree_flatten(vae.parameters())},
+                    {"_class_name": "AutoencoderKLHunyuanVideo", "scaling_factor": 0.476986, **vae_cfg},
+                    "diffusion_pytorch_model.safetensors")
+
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0}))
+    kind = "HunyuanVideoImageToVideoPipeline" if image_condition else "HunyuanVideoPipeline"
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": kind, "tiny_demo": True,
+                                                      "hunyuan_apple_version": __version__}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
 
 
-class GuidedDiT:
-    """The DiT as the sampler calls it at step i: the prompt's branch alone, or with true CFG the negative
-    prompt's too (one forward of batch 2, or one after the other, each through its own step cache), at the step's
-    modulation row and attention pattern; the guided velocity, float32, and the ledger kept."""
-
-    def __init__(self, model, states, mask, pooled, guidance_scale, sigmas, B, cfg_scale, batched, forwards,
-                 sparse, condition, precompute, video_tokens):
-        self.model, self.mask, self.B, self.cfg_scale, self.forwards = model, mask, B, cfg_scale, forwards
-        self.sparse, self.steps, self.batched = sparse, len(sigmas) - 1, batched
-        self.sigmas = sigmas
-        n = states.shape[0]  # B, or 2B with true CFG
-        # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
-        self.guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
-        self.states, self.vector = states.astype(model.dtype), pooled.astype(model.dtype)
-        if precompute:  # every step's modulation now, and its weights dropped
-            first_frame = model.first_frame_conditioning(self.vector) if condition == "token_replace" else None
-            model.precompute_modulation(mx.stack([model.conditioning(timestep(s, n), self.vector, self.guidance)
-                                                  for s in sigmas[:-1]]), first_frame)
-        self.branches = [slice(None)] if batched or cfg_scale is None else [slice(0, B), slice(B, 2 * B)]
-        counts = mask.sum(axis=1)
-        self.tokens = [video_tokens + int(counts[rows].max().item()) for rows in self.branches]  # video + text
-
-    def __call__(self, inputs, i, ledger):
-        model, B = self.model, self.B
-        if model.modulation_step:
-            model.modulation_step.i = i
-        model.radial = self.sparse.at(i) if self.sparse else None
-        velocities, full = [], True
-        k = B * (2 if self.batched else 1)
-        for rows, forward, tokens in zip(self.branches, self.forwards, self.tokens):
-            if model.modulation_step:
-                model.modulation_step.rows = rows
-            args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(self.sigmas[i], k),
-                    self.states[rows], self.mask[rows], self.vector[rows],
-                    None if self.guidance is None else self.guidance[rows])
-            v, ran = forward(model, args, i, self.steps)
-            mx.eval(v)  # what made it is freed before the other branch runs
-            velocities.append(v)
-            full = full and ran == model.depth
-            _record(ledger, model, k // B, tokens, ran, model.radial)
-        ledger["steps"].append(full)
-        model.radial = None
-        if self.batched:
-            velocities = mx.split(velocities[0], 2, axis=0)
-        v = velocities[0].astype(mx.float32)
-        if self.cfg_scale is not None:
-            v_neg = velocities[1].astype(mx.float32)
-            v = v_neg + self.cfg_scale * (v - v_neg)
-        return v
-
-
-# Live preview: the video the current step predicts, without the VAE. The step's estimate of the clean latents
-# is x0 = x - sigma * v (flow matching: x = (1 - sigma) x0 + sigma noise, v = noise - x0), and a fixed linear
-# map from its 16 channels to RGB approximates the VAE's colours at 1/8 the size: ComfyUI's factors for
-# HunyuanVideo (comfy/latent_formats.py, HunyuanVideo.latent_rgb_factors and latent_rgb_factors_bias).
-LATENT_RGB = np.array([[-0.0395, -0.0331, 0.0445], [0.0696, 0.0795, 0.0518], [0.0135, -0.0945, -0.0282],
-                       [0.0108, -0.0250, -0.0765], [-0.0209, 0.0032, 0.0224], [-0.0804, -0.0254, -0.0639],
-                       [-0.0991, 0.0271, -0.0669], [-0.0646, -0.0422, -0.0400], [-0.0696, -0.0595, -0.0894],
-                       [-0.0799, -0.0208, -0.0375], [0.1166, 0.1627, 0.0962], [0.1165, 0.0432, 0.0407],
-                       [-0.2315, -0.1920, -0.1355], [-0.0270, 0.0401, -0.0821], [-0.0616, -0.0997, -0.0727],
-                       [0.0249, -0.0469, -0.1703]], dtype=np.float32)
-LATENT_RGB_BIAS = np.array([0.0259, -0.0192, -0.0761], dtype=np.float32)
-
-
-def latent_preview(latents):
-    """Latents in the DiT's space (B, t, h, w, 16) -> uint8 (t, h, w, 3) of the first video: ComfyUI's linear
-    latent-to-RGB preview, mapped from [-1, 1] as ComfyUI maps it."""
-    rgb = np.array(latents[0].astype(mx.float32)) @ LATENT_RGB + LATENT_RGB_BIAS  # (t, h, w, 3)
-    return (np.clip((rgb + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
-
-
-MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop back to their start
-SEEDS = 2 ** 64  # a seed is a 64-bit key: 0 <= seed < 2**64
-
-
-MAX_STEPS = 1000  # the sampler's schedule has 1000 timesteps; the modulation table grows with the steps
-
-
-def check_request(height, width, num_frames, num_inference_steps=1, prompt="x", seed=None, guidance_scale=6.0,
-                  flow_shift=7.0):
-    """None, or one sentence naming what is wrong with a generation request and how to fix it. Warns when
-    the clip is longer than the model's longest."""
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        return f"height {height} and width {width} must be positive multiples of 16 (544 x 960 is HunyuanVideo's 540p)."
-    if num_frames < 1 or (num_frames - 1) % 4:
-        n = min(max(1, round((num_frames - 1) / 4)) * 4 + 1, MAX_FRAMES)
-        return f"{num_frames} frames: the frame count must be 4n+1 (1, 5, 9, ... {MAX_FRAMES}); try {n}."
-    if not 1 <= num_inference_steps <= MAX_STEPS:
-        return f"{num_inference_steps} steps: use 1 to {MAX_STEPS} (50 is the default)."
-    if seed is not None and not 0 <= seed < SEEDS:
-        return f"seed {seed}: use a whole number from 0 to 2**64 - 1 ({SEEDS - 1}), or leave it out for a random one."
-    if not 0 <= guidance_scale < math.inf:
-        return f"guidance {guidance_scale}: the embedded guidance scale is a number of 0 or more (6.0 is the default)."
-    if not 0 < flow_shift < math.inf:
-        return f"flow shift {flow_shift}: use a number above 0 (7.0 is the default; FastHunyuan uses 17)."
-    if not any(p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
-        return "the prompt is empty: describe the video to generate."
-    if num_frames > MAX_FRAMES:
-        warnings.warn(f"{num_frames} frames is more than HunyuanVideo's longest clip ({MAX_FRAMES}): past it the "
-                      f"video tends to loop back to its start.")
-    return None
-
-
-def check_guidance(negative_prompt, true_cfg_scale, prompt="x"):
-    """None, or one sentence on true CFG's settings; warns where they have no effect."""
-    if not math.isfinite(true_cfg_scale) or true_cfg_scale < 0:
-        return f"true CFG scale {true_cfg_scale}: use a number of 0 or more (above 1 to guide; SkyReels-V1 uses 6)."
-    if negative_prompt is not None:
-        n = 1 if isinstance(prompt, str) else len(prompt)
-        if not isinstance(negative_prompt, str) and len(negative_prompt) != n:
-            return f"{len(negative_prompt)} negative prompts for {n} prompts: give one, or one for each."
-        if true_cfg_scale <= 1:
-            warnings.warn(f"a negative prompt with a true CFG scale of {true_cfg_scale} has no effect: the negative "
-                          f"prompt is used above 1 (SkyReels-V1 uses 6).")
-    elif true_cfg_scale > 1:
-        warnings.warn(f"a true CFG scale of {true_cfg_scale} without a negative prompt has no effect (as in "
-                      f"diffusers): give a negative prompt, \"\" for the plain unconditional branch.")
-    elif true_cfg_scale != 1:
-        warnings.warn(f"a true CFG scale of {true_cfg_scale} has no effect: true CFG runs above 1, with a negative "
-                      f"prompt (SkyReels-V1 uses 6).")
-    return None
-
-
-def check_strength(strength):
-    """None, or one sentence on a video-to-video strength outside [0, 1]."""
-    if not 0 <= strength <= 1:
-        return f"strength {strength}: use a number from 0 (keep the video) to 1 (text to video from the same noise)."
-    return None
+def tiny_checkpoint(name="tiny"):
+    """The tiny demo checkpoint of this version ("tiny", or "tiny-i2v": image to video by token replace), built in
+    cache_dir() on first use (a few MB, seconds)."""
+    folder = cache_dir() / f"{name}-{__version__}"
+    if not (folder / "model_index.json").exists():
+        print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
+        try:
+            build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
+        except OSError as e:
+            raise HunyuanVideoError(f"cannot build the tiny demo checkpoint in {folder} ({e.strerror or e}): set "
+                                    f"HUNYUAN_APPLE_CACHE to a writable folder.") from None
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3174,7 +3287,7 @@ def check_strength(strength):
 # tower (clip_pixels); the DiT takes its latents as its checkpoint was trained to (_image_input).
 # Video to video: a video to start from is read whole, fitted to the size asked (resized to cover it, cropped
 # at the centre), and encoded by the VAE's tiled encoder (HunyuanVideoPipeline.encode_video); the sampler
-# noises it to where its schedule is cut (denoise's strength).
+# noises it to where its schedule is cut (the request's strength).
 
 def read_image(image):
     """A path, a PIL image or a uint8 array (H, W), (H, W, 3) or (H, W, 4) -> a PIL image in RGB (grayscale and
@@ -3205,12 +3318,13 @@ def read_image(image):
 def check_image(image, height, width):
     """The image, with a warning where it is far smaller than the video (stretched more than 4 times)."""
     if image.size[0] * 4 < width or image.size[1] * 4 < height:
-        warnings.warn(f"the image is {image.size[0]} x {image.size[1]}, far smaller than the {width} x {height} video: "
-                      f"it is stretched more than 4 times and the video will be blurred; give a larger image.")
+        warnings.warn(HunyuanVideoWarning(f"the image is {image.size[0]} x {image.size[1]}, far smaller than the "
+                                          f"{width} x {height} video: it is stretched more than 4 times and the video "
+                                          f"will be blurred; give a larger image."))
     if abs(math.log(image.size[0] / image.size[1] * height / width)) > math.log(1.25):
-        warnings.warn(f"the image is {image.size[0]} x {image.size[1]} and the video {width} x {height}: the image is "
-                      f"stretched to the video's shape (as the reference does); crop it, or choose a --resolution "
-                      f"of its aspect ratio.")
+        warnings.warn(HunyuanVideoWarning(f"the image is {image.size[0]} x {image.size[1]} and the video {width} x "
+                                          f"{height}: the image is stretched to the video's shape (as the reference "
+                                          f"does); crop it, or choose a {{resolution}} of its aspect ratio."))
     return image
 
 
@@ -3304,12 +3418,126 @@ def fit_frames(frames, height, width, num_frames):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pipeline: text (and video) to video in phases
+# Prompt rewrite (optional): a short prompt written out as the long captions HunyuanVideo learned from
 # ---------------------------------------------------------------------------------------------------
+# Tencent rewrites prompts with a Hunyuan-Large fine-tune, in a "normal" and a "master" mode; a small local
+# instruct model run by mlx-lm (the ".[rewrite]" extra) stands in for it here, told the two modes' rules in our
+# own words. Greedy decoding by default, so that a prompt gives the same rewrite every time; rewrites are kept
+# in cache_dir() / "rewrites", keyed by everything that makes them.
+
+REWRITE_MODEL = "mlx-community/Qwen2.5-3B-Instruct-4bit"  # Qwen2.5-3B-Instruct in 4 bits: about 1.7 GB
+REWRITE_MAX_TOKENS = 240  # the LLM text encoder reads 256 tokens; a rewrite not finished by then is not used
+REWRITE_RULES = (
+    "You turn a short idea for a video into the prompt a text-to-video model reads. Keep everything the user "
+    "asked for: every subject, action, object, number, colour and word of text, and add nothing that contradicts "
+    "it. Whatever language the user writes in, write in English. Describe what the camera sees, in the present "
+    "tense, as one paragraph of plain prose: no title, no list, no quotation marks, no comment about the task.")
+REWRITE_MODES = {
+    "normal": "Add what the idea leaves open, chosen to suit it: the setting, the lighting, the style and the mood. "
+              "A word or two becomes one or two sentences; a longer prompt keeps its length, clarified.",
+    "master": "Write it as a cinematographer would: describe each visual element with care (subjects and their "
+              "look, their motion, the place, light and colour, composition, camera angle and movement, texture "
+              "and atmosphere) so that the video has a distinct, refined look. Three to five sentences.",
+}
+
+
+def rewrite_messages(prompt, mode):
+    """The chat messages a rewrite sends: our instructions for the mode, then the user's prompt."""
+    if mode not in REWRITE_MODES:
+        raise HunyuanVideoError(f"rewrite {mode!r}: use one of {', '.join(REWRITE_MODES)}.")
+    return [{"role": "system", "content": f"{REWRITE_RULES} {REWRITE_MODES[mode]}"},
+            {"role": "user", "content": prompt}]
+
+
+def _rewrite_file(prompt, mode, model, temperature, seed, max_tokens):
+    """Where the rewrite of these settings is kept: a hash of the prompt, the instructions, the model (a local
+    folder by its files' names, sizes and times) and the sampling."""
+    what = [prompt, rewrite_messages("", mode), str(model), float(temperature), seed, max_tokens]
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        what += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+    return cache_dir() / "rewrites" / f"{hashlib.sha256(json.dumps(what).encode()).hexdigest()}.json"
+
+
+def generate_rewrite(llm, tokenizer, messages, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
+                     progress=None):
+    """What the model writes for the messages, through mlx-lm's chat template and sampler: (text, finished),
+    finished False when max_tokens ran out first. temperature 0 is greedy; seed makes sampling repeatable."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if seed is not None:
+        mx.random.seed(seed)
+    out, reason = "", None
+    for i, r in enumerate(stream_generate(llm, tokenizer, text, max_tokens=max_tokens,
+                                          sampler=make_sampler(temp=temperature))):
+        out, reason = out + r.text, r.finish_reason
+        if progress:
+            progress(i + 1, max_tokens)
+    return out, reason == "stop"
+
+
+def rewrite_prompt(prompt, mode="normal", model=None, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
+                   cache=True, progress=None):
+    """The prompt rewritten in mode ("normal" or "master") by a local instruct model (REWRITE_MODEL, or model: a
+    hub id or a folder in mlx-lm's layout): (rewritten prompt, whether it came from the cache). A rewrite that
+    is empty or not finished within max_tokens gives the original prompt back, with a warning. The model is
+    loaded only on a cache miss, and freed before this returns."""
+    model = model or REWRITE_MODEL
+    messages = rewrite_messages(prompt, mode)
+    if not 0 <= temperature < math.inf:
+        raise HunyuanVideoError(f"rewrite temperature {temperature}: use 0 (the same rewrite every time) or more.")
+    path = _rewrite_file(prompt, mode, model, temperature, seed, max_tokens)
+    if cache and path.is_file():
+        try:
+            return json.loads(path.read_text())["rewritten"], True
+        except (OSError, ValueError, KeyError):
+            warnings.warn(f"the kept rewrite {path} could not be read: the prompt is rewritten again.")
+    try:
+        import mlx_lm
+    except ImportError:
+        raise HunyuanVideoError('prompt rewrite runs a small language model through mlx-lm: pip install '
+                                '"hunyuan-apple[rewrite]" (or pip install mlx-lm), or leave rewrite out.') from None
+    try:
+        llm, tokenizer = mlx_lm.load(str(Path(model).expanduser()) if Path(model).expanduser().exists() else model)
+    except Exception as e:
+        raise HunyuanVideoError(f"the rewrite model {model} could not be loaded ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:100] if str(e) else ''}): give a hub id or a folder of an "
+                                f"instruct model in mlx-lm's layout (the default is {REWRITE_MODEL}).") from None
+    try:
+        text, finished = generate_rewrite(llm, tokenizer, messages, temperature, seed, max_tokens, progress)
+    finally:
+        del llm
+        gc.collect()
+        mx.clear_cache()
+    text = text.strip()
+    if not text or not finished:
+        warnings.warn(f"the rewrite was {'empty' if not text else f'longer than {max_tokens} tokens'}: the prompt "
+                      f"is used as written.")
+        return prompt, False
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"prompt": prompt, "mode": mode, "model": model,
+                                                                      "rewritten": text})))
+        except (OSError, HunyuanVideoError) as e:
+            warnings.warn(f"the rewrite could not be kept ({e}); it is used all the same.")
+    return text, False
+
+
+# ---------------------------------------------------------------------------------------------------
+# The request: every setting of a generation in one table, and its one check
+# ---------------------------------------------------------------------------------------------------
+# A generation is one flat set of named settings. The Python API takes them as keywords (from_pretrained those that
+# load the pipeline, generate and __call__ the rest), the command line as flags (--frames for frames), the page as
+# fields, and the video's sidecar records them: all four are made from SETTINGS, so a setting added here appears in
+# each. check_request is the one check: every rule is in it, applied before any work, and its sentences name the
+# settings as {name}, which each front end words as its own (HunyuanVideoError.sentence).
 
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo"
 # Checkpoints of the family that want their own settings, by name: the hub id, and the settings their makers
-# publish (the CLI's --preset; flags given explicitly win). Same architecture and layout as HunyuanVideo.
+# publish (settings given too win). Same architecture and layout as HunyuanVideo.
 PRESETS = {
     "fasthunyuan": dict(model="FastVideo/FastHunyuan-diffusers", steps=6, shift=17.0, guidance=6.0,
                         about="FastVideo's step-distilled HunyuanVideo: 6 steps instead of 50, flow shift 17, "
@@ -3330,692 +3558,359 @@ PRESETS = {
                      about="Skywork's SkyReels-V1 fine-tune (human-centric film): true CFG 6 with its negative "
                            "prompt, embedded guidance 1, 30 steps, 544x960, 97 frames, prompts begin 'FPS-24, '"),
 }
-PRESETS["skyreels-i2v"] = dict(PRESETS["skyreels"], transformer="Skywork/SkyReels-V1-Hunyuan-I2V",
-                               about="SkyReels-V1's image-to-video fine-tune (give --image), with its T2V settings")
-COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}  # the names the CLI takes
+PRESETS["skyreels-i2v"] = dict(PRESETS["skyreels"], transformer="Skywork/SkyReels-V1-Hunyuan-I2V", needs_image=True,
+                               about="SkyReels-V1's image-to-video fine-tune (give an image), with its T2V settings")
+TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)  # the offline demos run in seconds at this size
+MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop back to their start
+MAX_STEPS = 1000  # the sampler's schedule has 1000 timesteps; the modulation table grows with the steps
+SEEDS = 2 ** 64  # a seed is a 64-bit key: 0 <= seed < 2**64
+MAX_FPS = 120
+
+# default, kind (str, int, float, bool, list, or a tuple of the choices), group ("generation"; "loading": how the
+# pipeline loads, from_pretrained's; "video": the file's; "record": kept, never set), the page's label, the help
+Setting = namedtuple("Setting", "default kind group label help")
+SETTINGS = {
+    "prompt": Setting(None, str, "generation", "Prompt", "what the video shows"),
+    "negative_prompt": Setting(None, str, "generation", "Negative prompt", "what the video should not show: true "
+                               "classifier-free guidance, two DiT forwards a step (cfg_scale 6 unless given)"),
+    "rewrite": Setting(None, tuple(REWRITE_MODES), "generation", "Rewrite the prompt first", "first rewrite the "
+                       "prompt with a small local language model (mlx-lm): normal adds setting, light, style and "
+                       "mood; master a richer cinematographic description. In English, whatever the prompt's language"),
+    "rewrite_model": Setting(None, str, "generation", "Rewrite model", f"the rewrite's instruct model: a hub id or a "
+                             f"folder in mlx-lm's layout ({REWRITE_MODEL} when left out)"),
+    "rewrite_temperature": Setting(None, float, "generation", "Rewrite temperature", "0 (when left out): the same "
+                                   "rewrite every time; above 0 samples, for variety"),
+    "rewrite_seed": Setting(None, int, "generation", "Rewrite seed",
+                            "the rewrite's sampling seed (with a temperature)"),
+    "original_prompt": Setting(None, str, "record", None, "the prompt as typed, when it was rewritten"),
+    "image": Setting(None, str, "generation", "Image", "image to video, for the checkpoints that take one "
+                     "(HunyuanVideo-I2V and its 33-channel variant, SkyReels-V1 I2V): the video starts from it"),
+    "video": Setting(None, str, "generation", "Video", "video to video: start from this video (its own size rounded "
+                     "to 16 and its length, unless the size and the frames are given)"),
+    "strength": Setting(None, float, "generation", "Strength", "with a video: how much to change it, 0 (keep) to 1 "
+                        "(text to video from the same noise); the last strength x steps steps run (0.8 when left "
+                        "out)"),
+    "height": Setting(544, int, "generation", "Height", "the video's height, a multiple of 16"),
+    "width": Setting(960, int, "generation", "Width", "the video's width, a multiple of 16"),
+    "frames": Setting(13, int, "generation", "Frames", f"4n+1 frames ({MAX_FRAMES} is the model's longest)"),
+    "steps": Setting(50, int, "generation", "Steps", "denoising steps"),
+    "guidance": Setting(6.0, float, "generation", "Guidance", "embedded guidance scale, 0 or more"),
+    "cfg_scale": Setting(1.0, float, "generation", "True CFG scale", "true CFG scale, above 1 to guide (SkyReels-V1: "
+                         "6); without a negative prompt the negative prompt is empty"),
+    "shift": Setting(7.0, float, "generation", "Flow shift", "flow shift"),
+    "seed": Setting(None, int, "generation", "Seed", "0 to 2**64 - 1; random if left out (and saved with the video)"),
+    "cache": Setting(None, tuple(STEP_CACHES), "generation", "Step cache", "skip DiT forwards that a step cache "
+                     "predicts: " + ", ".join(f"{k} (threshold {c.default})" if c.default is not None else
+                                              f"{k} (interval, order, warmup)" for k, c in STEP_CACHES.items())),
+    "cache_threshold": Setting(None, float, "generation", "Cache threshold", "the cache's threshold: higher skips "
+                               "more; 0 never skips (its published default when left out)"),
+    **{f"cache_{k}": Setting(None, int, "generation", f"TaylorSeer {k}", f"taylorseer: {what} ({v} when left out)")
+       for (k, v), what in zip(TaylorSeer.options.items(), ("a full forward every N (1 computes every step)",
+                                                             "the Taylor expansion's order, 1 to 4",
+                                                             "the first N steps computed"))},
+    "attention": Setting("dense", ATTENTIONS, "generation", "Attention", "dense, or radial: Radial Attention, sparse "
+                         "attention between far frames after the first steps"),
+    **{f"radial_{k}": Setting(None, float if k == "decay" else int, "generation", f"Radial {k.replace('_', ' ')}",
+                              f"radial: {what}") for k, what in (
+        ("dense_steps", f"the first N steps dense ({RADIAL_DENSE_STEPS:.0%} of the steps when left out, the "
+                        f"reference's 12 of 50)"),
+        ("dense_layers", "the first N of the DiT's blocks dense (0 when left out)"),
+        ("decay", f"scales the windows of far frames ({RADIAL_DEFAULTS['decay']} when left out)"),
+        ("block", f"tokens a block, a power of two ({RADIAL_DEFAULTS['block']} when left out)"))},
+    "preset": Setting(None, tuple(PRESETS), "loading", "Preset", "a checkpoint of the family with its own settings: "
+                      + "; ".join(f"{k}: {p['about']}" for k, p in PRESETS.items()) + " (settings given too win)"),
+    "model": Setting(DEFAULT_MODEL, str, "loading", "Model", "a local folder in the diffusers layout, a hub id, or "
+                     "'tiny' / 'tiny-i2v' for the offline demos (text / image to video)"),
+    "transformer": Setting(None, str, "loading", "Transformer", "the DiT from another checkpoint (a fine-tune): its "
+                           "diffusers folder, a single .safetensors or .pt file, or a hub id; the rest from the model"),
+    "loras": Setting([], list, "loading", "LoRAs", "LoRAs for the DiT, [file, scale] each: diffusers, original, "
+                     "musubi/kohya and ComfyUI files"),
+    "lora_ignore_unmatched": Setting(False, bool, "loading", "Ignore a LoRA's unmatched keys", "load a LoRA even if "
+                                     "some of its keys match no layer (they are listed in a warning)"),
+    "quantization": Setting(None, tuple(QUANTIZATIONS), "loading", "Quantization", "quantize the DiT's blocks and "
+                            "the LLM"),
+    "quantized_matmul": Setting(None, QUANTIZED_MATMULS, "loading", "Quantized matmul", "with quantization: how the "
+                                "DiT's quantized layers multiply, by MLX's kernel or on weights dequantized a block at "
+                                "a time (auto: dequantized on Apple GPUs but M5, as measured there)"),
+    "quantize_modulation": Setting(False, bool, "loading", "Quantize the modulation", "also quantize the DiT's adaLN "
+                                   "modulation (3.4B parameters, tabulated for all steps before the first either way: "
+                                   "no memory saved, may cost quality)"),
+    **{f"{c}_dtype": Setting(DTYPE_NAMES[DEFAULT_DTYPES[component]], tuple(DTYPES), "loading", f"{what} precision",
+                             f"precision of the {what}") for c, component, what in (
+        ("dit", "transformer", "DiT"), ("vae", "vae", "VAE"), ("text", "text_encoders", "text encoders"))},
+    "low_memory": Setting(False, bool, "loading", "Low memory", "trade speed for memory: no buffer cache, the "
+                          "DiT's blocks read from disk as they run"),
+    "force": Setting(False, bool, "generation", "Force", "run even if the memory plan says it will not fit"),
+    "fps": Setting(24, int, "video", "Frame rate", f"frame rate of the video, 1 to {MAX_FPS}"),
+}
+UNSAVED = ("low_memory", "force")  # how to run, not what: not in the sidecar
+# words of the Python API for what its errors name besides the settings ({resolution}: a size to try)
+NAMES = {"resolution": "height and width"}
+Request = namedtuple("Request", SETTINGS)  # a checked request: check_request makes them
 
 
-def _hub_file(spec):
-    """(repository id, path inside) of one hub file named as owner/name/path/in/repository (AccVideo's DiT), or
-    None for a repository id."""
-    parts = str(spec).split("/")
-    return ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else None
+def check_kind(name, value):
+    """One sentence if value is not of the setting's kind (None is always allowed: left out)."""
+    kind = SETTINGS[name].kind
+    if value is None or name in ("image", "video") and not isinstance(value, str):  # in Python: an image or frames
+        return
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    ok = {str: lambda: isinstance(value, (str, Path))
+          or name in ("prompt", "negative_prompt") and isinstance(value, list)
+          and all(isinstance(p, str) for p in value),  # prompts: one, or one a video of the batch
+          int: lambda: whole, float: lambda: whole or isinstance(value, (float, np.floating)),
+          bool: lambda: isinstance(value, (bool, np.bool_)),
+          list: lambda: isinstance(value, (list, tuple))}.get(kind, lambda: value in kind)()
+    if not ok:
+        what = {str: "text", int: "a whole number", float: "a number", bool: "true or false", list: "a list"}.get(
+            kind) or f"one of {', '.join(map(str, kind))}"
+        shown = json.dumps(value) if isinstance(value, (str, int, float, list)) else repr(value)
+        raise HunyuanVideoError(f"{{{name}}} is {shown}, where {what} is expected.")
 
 
-def _download(repo_id, weights=True, transformer_only=False):
-    """The hub checkpoint's files that the pipeline reads, fetched once (resumable, with progress); without
-    the weights, only what the memory plan reads (configs, indexes, tokenizers): a few MB. transformer_only:
-    a repository that holds a DiT alone, at its root (SkyReels-V1), or one file of a repository (owner/name/path:
-    its local path; before the weights, where it will be)."""
-    from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
-
-    file = _hub_file(repo_id) if transformer_only else None
-    if file and not weights:
-        cached = try_to_load_from_cache(*file)
-        return Path(cached) if isinstance(cached, str) else Path(repo_id)  # not there yet: the plan asks the hub
-    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "image_processor/*"]
-    patterns += [f"{c}/*" if weights else f"{c}/*.json" for c in COMPONENTS[:4]]
-    if transformer_only:
-        patterns = ["*.json"] + (["*.safetensors"] if weights else [])
-    try:
-        return Path(hf_hub_download(*file) if file else snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
-        raise HunyuanVideoError(f"could not download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-                                f"check the network and the hub id, or pass a local folder.") from None
+@lru_cache(maxsize=2)
+def _read_video_once(path):
+    return read_video(path)
 
 
-@lru_cache(maxsize=8)
-def _hub_file_info(spec, folder, hub):
-    """{name: (shape, dtype)} of a DiT that is one hub file not downloaded yet: a safetensors file's header read
-    on the hub; a PyTorch file (AccVideo's, Tencent's layout) cannot be read without downloading it, so the plan
-    takes the checkpoint's own DiT for it (the same architecture; the load checks every shape)."""
-    repo, inside = _hub_file(spec)
-    if inside.endswith(".safetensors"):
-        from huggingface_hub import HfApi
-        try:
-            meta = HfApi().parse_safetensors_file_metadata(repo, inside)
-        except Exception as e:
-            raise HunyuanVideoError(f"could not read the sizes of {spec} from the hub ({type(e).__name__}): check "
-                                    f"the network, or pass a local file.") from None
-        return {k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()}
-    return _components(folder, hub, only=("transformer",))["transformer"][0]
+def _video_frames(video):
+    """A video's frames (F, H, W, 3) uint8: a file's, read once (its size and length set defaults, then the
+    pipeline encodes them), or the frames given."""
+    return _read_video_once(str(video)) if isinstance(video, (str, Path)) else np.asarray(video)
 
 
-@lru_cache(maxsize=8)  # the plan asks again for each change it tries; the hub is asked once
-def _hub_tensor_info(repo_id, folder, component):
-    """{name: (shape, dtype)} of a hub component's safetensors, from their headers on the hub (no download)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        index = sorted((folder / component).glob("*.safetensors.index.json"))  # component "": the root
-        inside = f"{component}/" if component else ""
-        files = sorted(set(json.loads(index[0].read_text())["weight_map"].values())) if index else \
-            [f[len(inside):] for f in api.list_repo_files(repo_id) if f.startswith(inside)
-             and "/" not in f[len(inside):] and f.endswith(".safetensors")]
-        info = {}
-        for f in files:
-            meta = api.parse_safetensors_file_metadata(repo_id, inside + f)
-            info.update({k: (tuple(t.shape), t.dtype) for k, t in meta.tensors.items()})
-    except Exception as e:
-        raise HunyuanVideoError(f"could not read the sizes of {repo_id}'s {component} from the hub "
-                                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}): check the network, "
-                                f"or pass a local folder.") from None
-    return info
+def radial_settings(request):
+    """Radial Attention's settings of a request (a Request, or its dict): {dense_steps, dense_layers, decay, block},
+    those left out at RADIAL_DEFAULTS (dense_steps: RADIAL_DENSE_STEPS of the steps)."""
+    get = request.get if isinstance(request, dict) else request._asdict().get
+    o = {k: get(f"radial_{k}") if get(f"radial_{k}") is not None else v for k, v in RADIAL_DEFAULTS.items()}
+    if o["dense_steps"] is None:
+        o["dense_steps"] = int(RADIAL_DENSE_STEPS * get("steps") + 0.5)
+    return o
 
 
-def _dtypes(dtype=None, dtypes=None):
-    """Each component's dtype: the defaults, then dtype for all of them, then dtypes={component: dtype}."""
-    dtypes = dict(dtypes or {})
-    unknown = set(dtypes) - set(DEFAULT_DTYPES)
-    if unknown:
-        raise HunyuanVideoError(f"dtypes for {', '.join(sorted(unknown))}: the components are "
-                                f"{', '.join(DEFAULT_DTYPES)}.")
-    out = {**DEFAULT_DTYPES, **({c: dtype for c in DEFAULT_DTYPES} if dtype is not None else {}), **dtypes}
-    if any(d not in DTYPES.values() for d in out.values()):
-        raise HunyuanVideoError("a component's dtype must be mx.bfloat16, mx.float16 or mx.float32.")
-    return out
+def cache_options(request):
+    """TaylorSeer's options of a request, {interval, order, warmup}, those left out at their defaults."""
+    return {k: v if getattr(request, f"cache_{k}") is None else getattr(request, f"cache_{k}")
+            for k, v in TaylorSeer.options.items()}
 
 
-class HunyuanVideoPipeline:
-    """Prompt (and an image or video to start from) in, frames out, in phases that each load what they need and
-    free it before the next: the text encoders (the LLM, 14 GB in fp16, or LLaVA with its vision tower, then
-    CLIP), the VAE's encoder (the image or video), the DiT, the VAE's decoder. Weights are read when their phase
-    starts. self.stats holds each phase's seconds and peak memory (GiB) of the last run, and under "work" the DiT
-    forwards it computed and skipped, which steps ran in full and the PFLOP they cost; set self.progress to a
-    function (what, done, total) to follow every activity: loading, encoding, denoising, decoding."""
+def step_cache(request):
+    """The forward of one generation, from a checked request's cache settings: the whole DiT (no cache), or a fresh
+    cache at its threshold (its published default when left out), TaylorSeer at its options."""
+    name, size = request.cache, (request.height, request.width)
+    if name is None:
+        return _full
+    if STEP_CACHES[name].default is None:
+        return STEP_CACHES[name](None, request.steps, size, **cache_options(request))
+    threshold = STEP_CACHES[name].default if request.cache_threshold is None else request.cache_threshold
+    return STEP_CACHES[name](threshold, request.steps, size)
 
-    def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None,
-                 prompt_cache=False, loras=(), lora_ignore_unmatched=False, transformer=None, transformer_hub=None,
-                 quantized_matmul="auto"):
-        self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
-        dequantize_matmul(0, quantized_matmul)  # a bad choice: refused now
-        self.quantized_matmul = quantized_matmul  # how the DiT's quantized layers multiply (dequantize_matmul)
-        self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
-        self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
-        self.prompt_hit = False  # whether the last encode_prompt read all its prompts from the prompt cache
-        self.rewrite_hit, self.prompts = False, []  # the last rewrite came from its cache; the prompts __call__ read
-        # the DiT's adaLN modulation computed for all steps before the first, its weights never held (see
-        # HunyuanVideoTransformer.precompute_modulation); False computes it at every step from the weights
-        self.precompute_modulation = True
-        self.loras, self.lora_ignore_unmatched = list(loras), lora_ignore_unmatched
-        # the DiT from elsewhere than folder/transformer (a fine-tune's): a local file or folder, or a hub id
-        self.transformer, self.transformer_hub = (Path(transformer) if transformer else None), transformer_hub
-        self.stats = {}
-        self.progress = None  # progress(what, done, total): each activity opens with done = 0
 
-    def _report(self, what):
-        """progress(done, total) for one activity ("loading the DiT", "denoising", ...), or None."""
-        return None if self.progress is None else lambda done, total: self.progress(what, done, total)
+def _resolved(given, pipe, text):
+    """check_request's defaults and rules for settings given as a dict: the resolved settings, a dict."""
+    for k, v in given.items():
+        if k not in SETTINGS:
+            close = difflib.get_close_matches(k, [*SETTINGS, "num_frames", "num_inference_steps", "guidance_scale",
+                                                  "flow_shift", "true_cfg_scale"], 1)
+            alias = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
+                     "flow_shift": "shift", "true_cfg_scale": "cfg_scale"}
+            raise HunyuanVideoError(f"{k} is not a setting: " + (f"did you mean {alias.get(close[0], close[0])}?" if
+                                    close else f"the settings are {', '.join(SETTINGS)}."))
+        check_kind(k, v)
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}  # None: left out
+    if pipe is not None:  # the pipeline's loading settings are what it loaded; given ones must agree (see above)
+        given = {**pipe.loading, **given}
+    preset = dict(PRESETS.get(given.get("preset"), {}))
+    model = given.get("model") or preset.get("model") or DEFAULT_MODEL
+    defaults = {k: s.default for k, s in SETTINGS.items()}
+    if is_tiny(model):  # the demo's own DiT and sizes, a preset's other settings
+        defaults.update(TINY_DEMO)
+        preset = {k: v for k, v in preset.items() if k not in ("height", "width", "frames", "transformer")}
+    defaults.update({k: v for k, v in preset.items() if k in SETTINGS})
+    video = given.get("video")
+    if video is not None:  # video to video: the video's own size and length, up to 129 frames
+        frames = _video_frames(video)
+        if "height" not in given and "width" not in given:
+            defaults["height"], defaults["width"] = video_size(frames)
+        if "frames" not in given:
+            n = len(frames)
+            if n < 5:
+                what = f"{{video}} {video}" if isinstance(video, (str, Path)) else "{video}"
+                raise HunyuanVideoError(f"{what} has {n} "
+                                        f"frame{'s' * (n != 1)}: video to video starts from a video of 5 frames or "
+                                        f"more (for an image, give {{image}} to an image-to-video checkpoint), or set "
+                                        f"{{frames}} 1.")
+            defaults["frames"] = min((n - 1) // 4 * 4 + 1, MAX_FRAMES)
+    s = {**defaults, **given}
 
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id=DEFAULT_MODEL, dtype=None, dtypes=None, quantization=None,
-                        quantize_modulation=False, low_memory=False, prompt_cache=False, loras=(),
-                        lora_ignore_unmatched=False, transformer=None, quantized_matmul="auto"):
-        """A local folder in the diffusers layout, a hub id, or "tiny" / "tiny-i2v" (the offline demos, see
-        tiny_checkpoint). A hub checkpoint's configs are fetched now, its weights (about 40 GB) when a phase first
-        needs them, after the memory plan. dtype: one dtype for every component; dtypes: {"transformer" | "vae" |
-        "text_encoders": dtype} (DEFAULT_DTYPES otherwise). quantization: None (as stored), "int8", "int4" or
-        "fp8" for the DiT's blocks and the LLM (see quantize). low_memory: no buffer cache, the DiT's blocks
-        streamed from disk (slower). prompt_cache: reuse the text encoders' outputs for a prompt seen before (see
-        encode_prompt; the CLI turns it on). loras: [(file, scale) or file, ...] for the DiT (see
-        load_transformer), checked against it now. transformer: the DiT from another checkpoint (a fine-tune such
-        as SkyReels-V1): its folder or single file, or a hub id whose root holds it, or a file in a hub repository
-        (owner/name/path). quantized_matmul: "auto", "kernel" or "dequantized" (see dequantize_matmul)."""
-        folder, hub = Path(path_or_hub_id).expanduser(), None
-        if str(path_or_hub_id) in TINY_MODELS:  # the offline demos (a folder of that name: ./tiny)
-            folder = tiny_checkpoint(str(path_or_hub_id))
-        elif not folder.exists():
-            if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_hub_id)) is None:
-                raise HunyuanVideoError(f"{folder} does not exist: pass a HunyuanVideo folder in the diffusers layout "
-                                        f"or a hub id such as {DEFAULT_MODEL}.")
-            folder, hub = _download(path_or_hub_id, weights=False), path_or_hub_id
-        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-        if missing:
-            raise HunyuanVideoError(f"{folder} lacks {', '.join(missing)}: pass a complete HunyuanVideo checkpoint "
-                                    f"in the diffusers layout (or download it again).")
-        if quantization not in (None, *QUANTIZATIONS):
-            raise HunyuanVideoError(f"quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}, or none.")
-        transformer_hub = None
-        if transformer is not None and not Path(transformer).expanduser().exists():
-            if re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)*", str(transformer)) is None:
-                raise HunyuanVideoError(f"the transformer {transformer} does not exist: pass a DiT's folder or file, "
-                                        f"a hub id, or a file in a hub repository (owner/name/path).")
-            transformer, transformer_hub = _download(transformer, weights=False, transformer_only=True), transformer
-        if quantized_matmul != "auto" and quantization is None:
-            raise HunyuanVideoError(f"a {quantized_matmul} quantized matmul without quantization: quantize the DiT "
-                                    f"(int8, int4 or fp8), or leave the matmul's choice out.")
-        pipe = cls(folder, _dtypes(dtype, dtypes), quantization, quantize_modulation, low_memory, hub, prompt_cache,
-                   loras, lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub,
-                   quantized_matmul)
-        if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
-            model = HunyuanVideoTransformer(**pipe._dit_sizes())  # built lazily: no weights are made
-            read_loras(pipe.loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched)
-        return pipe
+    # what the video shows
+    prompts = s["prompt"] if isinstance(s["prompt"], list) else [s["prompt"]]
+    if s["prompt"] is None and not text:
+        raise HunyuanVideoError("{prompt} is missing: describe the video to generate.")
+    if s["prompt"] is not None and not any(p.strip() for p in prompts):
+        raise HunyuanVideoError("{prompt} is empty: describe the video to generate.")
+    prefix = preset.get("prompt_prefix", "")
+    if s["prompt"] is not None and prefix:
+        s["prompt"] = [p if p.startswith(prefix) else prefix + p for p in prompts]
+        s["prompt"] = s["prompt"] if isinstance(given.get("prompt"), list) else s["prompt"][0]
+    if s["negative_prompt"] is not None and "cfg_scale" not in given and s["cfg_scale"] <= 1:
+        s["cfg_scale"] = 6.0  # a negative prompt alone: true CFG at SkyReels-V1's scale
+    elif s["cfg_scale"] > 1 and s["negative_prompt"] is None:
+        s["negative_prompt"] = ""  # a true CFG scale alone: the plain unconditional branch
+    if not 0 <= s["cfg_scale"] < math.inf:
+        raise HunyuanVideoError(f"{{cfg_scale}} {s['cfg_scale']}: use a number of 0 or more (above 1 to guide; "
+                                f"SkyReels-V1 uses 6).")
+    negatives = s["negative_prompt"]
+    if isinstance(negatives, list) and len(negatives) != len(prompts):
+        raise HunyuanVideoError(f"{len(negatives)} of the {{negative_prompt}} for {len(prompts)} of the {{prompt}}: "
+                                f"give one, or one for each.")
+    if negatives is not None and s["cfg_scale"] <= 1:
+        warnings.warn(HunyuanVideoWarning(f"{{negative_prompt}} with {{cfg_scale}} {s['cfg_scale']} has no "
+                                          f"effect: the negative prompt is used above 1 (SkyReels-V1 uses 6)."))
+    elif s["cfg_scale"] != 1 and s["cfg_scale"] <= 1:
+        warnings.warn(HunyuanVideoWarning(f"{{cfg_scale}} {s['cfg_scale']} has no effect: true CFG runs above 1, "
+                                          f"with a negative prompt (SkyReels-V1 uses 6)."))
+    if s["rewrite"] is None and any(k in given for k in ("rewrite_model", "rewrite_temperature", "rewrite_seed")):
+        raise HunyuanVideoError("{rewrite_model}, {rewrite_temperature} and {rewrite_seed} set the prompt rewrite: "
+                                "give {rewrite} normal or master too.")
+    if s["rewrite_temperature"] is not None and not 0 <= s["rewrite_temperature"] < math.inf:
+        raise HunyuanVideoError(f"{{rewrite_temperature}} {s['rewrite_temperature']}: use 0 (the same rewrite every "
+                                f"time) or more.")
 
-    @property
-    def transformer_path(self):
-        return self.transformer or self.folder / "transformer"
+    # its size and length, the sampler
+    h, w, f = s["height"], s["width"], s["frames"]
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise HunyuanVideoError(f"{{height}} {h} and {{width}} {w} must be positive multiples of 16 (544 x 960 is "
+                                f"HunyuanVideo's 540p).")
+    if f < 1 or (f - 1) % 4:
+        n = min(max(1, round((f - 1) / 4)) * 4 + 1, MAX_FRAMES)
+        raise HunyuanVideoError(f"{{frames}} {f}: the frame count must be 4n+1 (1, 5, 9, ... {MAX_FRAMES}); try {n}.")
+    if not 1 <= s["steps"] <= MAX_STEPS:
+        raise HunyuanVideoError(f"{{steps}} {s['steps']}: use 1 to {MAX_STEPS} (50 is the default).")
+    if s["seed"] is None:
+        s["seed"] = int.from_bytes(os.urandom(4), "little") >> 1  # chosen now: printed and saved with the video
+    if not 0 <= s["seed"] < SEEDS:
+        raise HunyuanVideoError(f"{{seed}} {s['seed']}: use a whole number from 0 to 2**64 - 1 ({SEEDS - 1}), or "
+                                f"leave it out for a random one.")
+    if not 0 <= s["guidance"] < math.inf:
+        raise HunyuanVideoError(f"{{guidance}} {s['guidance']}: the embedded guidance scale is a number of 0 or more "
+                                f"(6.0 is the default).")
+    if not 0 < s["shift"] < math.inf:
+        raise HunyuanVideoError(f"{{shift}} {s['shift']}: use a number above 0 (7.0 is the default; FastHunyuan uses "
+                                f"17).")
+    if not 1 <= s["fps"] <= MAX_FPS:
+        raise HunyuanVideoError(f"{{fps}} {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
+    if f > MAX_FRAMES:
+        warnings.warn(HunyuanVideoWarning(f"{{frames}} {f} is more than HunyuanVideo's longest clip ({MAX_FRAMES}): "
+                                          f"past it the video tends to loop back to its start."))
+    if s["guidance"] > 20:
+        warnings.warn(HunyuanVideoWarning(f"{{guidance}} {s['guidance']} is far above what HunyuanVideo is run with "
+                                          f"(6.0 by default; its fine-tunes use 1 to 10)."))
 
-    def _dit_sizes(self):
-        """The DiT's constructor keywords, from its files' headers (or the hub's), nothing loaded."""
-        info, config = _components(self.folder, self.hub, self.transformer, self.transformer_hub,
-                                   only=("transformer",))["transformer"]
-        return _sizes_of(HunyuanVideoTransformer, config, info, _transformer_shapes, self.transformer_path,
-                         "transformer")
+    # faster: a step cache, Radial Attention
+    options = [f"cache_{k}" for k in TaylorSeer.options if s[f"cache_{k}"] is not None]
+    named = ", ".join("{" + k + "}" for k in options)
+    if s["cache"] is None and s["cache_threshold"] is not None:
+        raise HunyuanVideoError(f"{{cache_threshold}} without {{cache}}: name the cache too (one of "
+                                f"{', '.join(STEP_CACHES)}).")
+    if s["cache"] != "taylorseer" and options:
+        raise HunyuanVideoError(f"{named} set the TaylorSeer cache: give {{cache}} taylorseer too" + (
+            f" ({{cache}} {s['cache']} takes {{cache_threshold}})." if s["cache"] else "."))
+    if s["cache"] == "taylorseer":
+        if s["cache_threshold"] is not None:
+            raise HunyuanVideoError("{cache} taylorseer takes no {cache_threshold}: set its {cache_interval}, "
+                                    "{cache_order} or {cache_warmup} instead.")
+        for k, default in TaylorSeer.options.items():
+            v, low = s[f"cache_{k}"], 0 if k == "warmup" else 1
+            if v is not None and not (low <= v and (k != "order" or v <= 4)):
+                raise HunyuanVideoError(f"{{cache_{k}}} {v}: use a whole number " + (
+                    "from 1 to 4" if k == "order" else f"of {low} or more") + f" (its default {default}" + (
+                    "; 1 computes every step)." if k == "interval" else ")."))
+    elif s["cache"] is not None and s["cache_threshold"] is not None and not 0 <= s["cache_threshold"] < math.inf:
+        raise HunyuanVideoError(f"{{cache_threshold}} {s['cache_threshold']}: use 0 or more (0 never skips; "
+                                f"{s['cache']}'s published default is {STEP_CACHES[s['cache']].default}).")
+    radial = [f"radial_{k}" for k in RADIAL_DEFAULTS if s[f"radial_{k}"] is not None]
+    if s["attention"] == "dense" and radial:
+        raise HunyuanVideoError(f"{', '.join('{' + k + '}' for k in radial)} set Radial Attention: give {{attention}} "
+                                f"radial too, or leave them out.")
+    if s["attention"] == "radial":
+        o = radial_settings(s)
+        if not 0 <= o["dense_steps"] <= s["steps"]:
+            raise HunyuanVideoError(f"{{radial_dense_steps}} {o['dense_steps']}: use 0 to {s['steps']} (the steps); "
+                                    f"its default is {RADIAL_DENSE_STEPS:.0%} of them "
+                                    f"({int(RADIAL_DENSE_STEPS * s['steps'] + 0.5)}).")
+        if o["dense_layers"] < 0:
+            raise HunyuanVideoError(f"{{radial_dense_layers}} {o['dense_layers']}: use a whole number of 0 or more "
+                                    f"(the blocks from the first, double then single, left dense; its default is 0).")
+        if not 0 < o["decay"] <= 4:
+            raise HunyuanVideoError(f"{{radial_decay}} {o['decay']}: use a number above 0 and at most 4 (it scales the "
+                                    f"windows of far frames; the reference uses {RADIAL_DEFAULTS['decay']}).")
+        if not (8 <= o["block"] <= 1024 and o["block"] & (o["block"] - 1) == 0):
+            raise HunyuanVideoError(f"{{radial_block}} {o['block']}: use a power of two from 8 to 1024 (the "
+                                    f"reference's is 128).")
+        tokens = math.prod(patch_grid(h, w, f))
+        if tokens < o["block"]:
+            raise HunyuanVideoError(f"{{attention}} radial at this size: the video has {tokens} tokens, less than one "
+                                    f"block of {o['block']}; use dense attention (or a smaller {{radial_block}}).")
 
-    def image_condition(self):
-        """How the checkpoint's DiT takes an image, read from its config and shapes: None (text to video),
-        "token_replace" or "latent_concat" (HunyuanVideo-I2V, and its 33-channel variant), or "concat"
-        (SkyReels-V1 I2V: twice the output's channels, the latents and the image's)."""
-        if not hasattr(self, "_condition"):
-            sizes = self._dit_sizes()
-            self._condition = sizes["image_condition_type"] or (
-                "concat" if sizes["in_channels"] == 2 * sizes["out_channels"] else None)
-        return self._condition
-
-    def encode_image(self, image, height, width):
-        """Image to video: an image (read_image's) -> its latents (1, 1, h, w, 16), the VAE's posterior mean
-        scaled by its scaling factor, as one frame of height x width (where SkyReels' pipeline samples the
-        posterior, the mean is taken: the deterministic choice)."""
-        return self._vae_encode("encode image", vae_pixels(image, height, width))
-
-    def check_memory(self, height, width, num_frames, cache=None, steps=50, cfg=None, rewrite=None,
-                     cache_options=None, attention="dense"):
-        """The memory plan for a request: its estimated peaks, or HunyuanVideoError if it would not fit. cfg: None,
-        or how true CFG runs its two branches, "batched" or "sequential" (cfg_mode). rewrite: (model, prompt) when
-        the prompt is rewritten first. cache_options, attention: as denoise's."""
-        return check_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                            self.low_memory, dtypes=self.dtypes, hub=self.hub, cache=cache, steps=steps, cfg=cfg,
-                            transformer=(self.transformer, self.transformer_hub), rewrite=rewrite,
-                            cache_options=cache_options, attention=attention, quantized_matmul=self.quantized_matmul)
-
-    def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
-        """How true CFG runs its two DiT forwards a step: "batched" (one forward of batch 2) when the memory plan
-        says the denoising phase fits so, else "sequential"; always sequential with a step cache, which keeps one
-        per branch."""
-        if cache is None:
-            est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                                  low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
-                                  cfg="batched", transformer=(self.transformer, self.transformer_hub))
-            if est["denoise"] <= 0.9 * available_memory():
-                return "batched"
-        return "sequential"
-
-    def download(self):
-        """Fetch a hub checkpoint's weights (once; the phases call this)."""
-        if self.hub:
-            self.folder, self.hub = _download(self.hub), None
-        if self.transformer_hub:
-            self.transformer, self.transformer_hub = _download(self.transformer_hub, transformer_only=True), None
-
-    def _phase(self, name, work, download=True):
-        """work() as one phase: timed, its peak recorded, and its memory given back before the next phase. The
-        phase's models are work()'s locals, gone once it returns, so the cache is cleared after that."""
-        if download:
-            self.download()
-        mx.reset_peak_memory()
-        limit = mx.set_cache_limit(0) if self.low_memory else None  # give freed buffers back at once
-        start = time.perf_counter()
-        try:
-            return work()
-        finally:
-            gc.collect()
-            self.stats[name] = (time.perf_counter() - start, mx.get_peak_memory() / GB)
-            if limit is not None:
-                mx.set_cache_limit(limit)
-            mx.clear_cache()
-
-    def rewrite(self, prompt, mode="normal", model=None, temperature=0.0, seed=None):
-        """The prompt rewritten by a small local instruct model before the text encoders read it (see
-        rewrite_prompt; its cache is the prompt cache's setting), as a phase of its own, "rewrite", before any
-        of the checkpoint's weights are fetched. self.rewrite_hit: whether it came from the cache."""
-        progress = self._report("rewriting the prompt")
-        text, self.rewrite_hit = self._phase("rewrite", lambda: rewrite_prompt(
-            prompt, mode, model, temperature, seed, cache=self.prompt_cache, progress=progress), download=False)
-        return text
-
-    def _prompt_entry(self, prompt, image=None, interleave=None):
-        """The prompt cache's file for a prompt (and an image read with it): named by a hash of all that changes
-        the text encoders' outputs (the prompt, the image's pixels and interleave, the template, the tokenizers'
-        files, the encoders' and image processor's configs and weight files by name, size and time, the dtype,
-        the quantization and this version)."""
-        what = [prompt, PROMPT_TEMPLATE, str(self.dtypes["text_encoders"]), self.quantization, __version__]
-        if image is not None:
-            what += [I2V_TEMPLATE, interleave, image.size, hashlib.sha256(image.tobytes()).hexdigest()]
-        h = hashlib.sha256(json.dumps(what).encode())
-        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_processor"):
-            if not (self.folder / part).is_dir():
-                continue
-            for f in sorted(p for p in (self.folder / part).iterdir() if p.is_file()):
-                small = part.startswith("tokenizer") or f.suffix == ".json"
-                h.update(f"{part}/{f.name}".encode())
-                h.update(f.read_bytes() if small else f"{f.stat().st_size} {f.stat().st_mtime_ns}".encode())
-        return cache_dir() / "prompts" / f"{h.hexdigest()}.safetensors"
-
-    def encode_prompt(self, prompt):
-        """text_states (B, L, 4096), text_mask (B, L), pooled (B, 768), as in encode_prompt, for a prompt or a
-        list of them (each encoded on its own, as the reference encodes a prompt and its negative; the shorter
-        right-padded, mask 0). For the I2V checkpoints' LLaVA a prompt is (prompt, image, interleave): a PIL image
-        read with it (encode_llava; L = 576 / interleave + 252). With the prompt cache on, each prompt seen
-        before is read back, and the text encoders load only for the others, which are stored (atomically; an
-        entry that cannot be written or read gives a warning, and the encoders run)."""
-        items = [prompt] if isinstance(prompt, (str, tuple)) else list(prompt)
-        items = [(p, None, None) if isinstance(p, str) else tuple(p) for p in items]
-        prompts = [(p, None if image is None else (image.size, hashlib.sha256(image.tobytes()).hexdigest()), interleave)
-                   for p, image, interleave in items]  # what identifies each, hashable
-        by_key = dict(zip(prompts, items))
-        entries = {k: self._prompt_entry(*by_key[k]) for k in prompts} if self.prompt_cache else {}
-
-        def work():
-            found = {}
-            for p, entry in entries.items():
-                if entry.exists():
-                    try:
-                        saved = mx.load(str(entry))
-                        found[p] = saved["states"], saved["mask"], saved["pooled"]
-                        mx.eval(found[p])
-                    except Exception as e:
-                        warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): "
-                                      f"encoding the prompt again.")
-                        found.pop(p, None)
-            missing = [p for p in dict.fromkeys(prompts) if p not in found]
-            encoded = self._encode([by_key[p] for p in missing]) if missing else []
-            return found, missing, dict(zip(missing, encoded))
-
-        if self.prompt_cache:
-            self.download()
-        found, missing, encoded = self._phase("text encoders", work)
-        self.prompt_hit = not missing
-        for p in missing if self.prompt_cache else ():
-            entry = entries[p]
-            try:
-                entry.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(entry, lambda tmp: mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"),
-                                                                                      encoded[p]))))
-            except (OSError, HunyuanVideoError) as e:
-                warnings.warn(f"the prompt cache cannot be written in {entry.parent} "
-                              f"({getattr(e, 'strerror', None) or e}): going on without it (set HUNYUAN_APPLE_CACHE "
-                              f"to a writable folder, or pass --no-prompt-cache).")
-        outs = [{**found, **encoded}[p] for p in prompts]
-        longest = max(states.shape[1] for states, _, _ in outs)
-        pad = lambda a: mx.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-        return tuple(mx.concatenate([pad(a) if i < 2 else a for a in parts], axis=0)
-                     for i, parts in enumerate(zip(*outs)))
-
-    def _encode(self, items):
-        """The text encoders, inside the text encoders' phase: [(states, mask, pooled)] for [(prompt, image or
-        None, interleave)], each on its own, the LLM (LLaVA with its vision tower for the I2V checkpoints) loaded
-        once and gone before CLIP loads."""
-        tokenizer = load_tokenizer(self.folder / "tokenizer")
-        llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
-                                self._report("loading the LLM"))
-        llava = isinstance(llm, LlavaTextEncoder)
-        # the template's tokens before the prompt: 95 (T2V) or 103 (I2V, <image> once) with Llama-3's vocabulary
-        crop_start = len(tokenizer((I2V_TEMPLATE if llava else PROMPT_TEMPLATE).split("{}")[0]).input_ids)
-        if llava and any(image is None for _, image, _ in items):
-            raise HunyuanVideoError(f"{self.folder / 'text_encoder'} is LLaVA, which reads the prompt with an image: "
-                                    f"pass the image with the prompt.")
-        if not llava and any(image is not None for _, image, _ in items):
-            raise HunyuanVideoError(f"{self.folder / 'text_encoder'} reads no image (it is not LLaVA): use an "
-                                    f"image-to-video checkpoint's text encoder.")
-        out = []
-        for p, image, interleave in items:
-            report = self._report("encoding the prompt")
-            if llava:
-                pixels = clip_pixels(image, self._image_processor())
-                out.append(encode_llava(p, pixels, tokenizer, llm, interleave, crop_start=crop_start, progress=report))
-            else:
-                out.append(encode_llama(p, tokenizer, llm, crop_start=crop_start, progress=report))
-            mx.eval(out[-1])
-        del llm
-        gc.collect()
-        mx.clear_cache()
-        clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
-        tokenizer_2 = load_tokenizer(self.folder / "tokenizer_2")
-        for i, (p, _, _) in enumerate(items):
-            out[i] = (*out[i], encode_clip(p, tokenizer_2, clip))
-            mx.eval(out[i])
-        return out
-
-    def _image_processor(self):
-        """The checkpoint's CLIP image processor settings (image_processor/preprocessor_config.json), or CLIP's."""
-        f = self.folder / "image_processor" / "preprocessor_config.json"
-        try:
-            return json.loads(f.read_text()) if f.exists() else {}
-        except ValueError as e:
-            raise HunyuanVideoError(f"{f} is not valid JSON ({e}): download it again.") from None
-
-    def encode_video(self, video, height, width, num_frames, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
-        """Video to video: frames (F, H, W, 3) uint8 (or a file imageio reads) -> the DiT's latents (1, t, h, w,
-        16): the first num_frames frames, fitted to height x width (fit_frames), encoded by the VAE's tiled encoder
-        (the posterior's mean) and scaled by its scaling factor."""
-        frames = fit_frames(read_video(video) if isinstance(video, (str, Path)) else video, height, width, num_frames)
-        x = mx.array(frames)[None].astype(mx.float32) / 127.5 - 1  # (1, F, H, W, 3) in [-1, 1]
-        return self._vae_encode("encode video", x, tile, stride)
-
-    def _vae_encode(self, name, pixels, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
-        """The VAE's encoder as the phase `name`: pixels (1, F, H, W, 3) in [-1, 1] -> the posterior's mean times
-        the scaling factor, float32 (the DiT's latents)."""
-        def work():
-            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
-            z = vae.encode(pixels, tile, stride) * vae.scaling_factor
-            mx.eval(z)
-            return z.astype(mx.float32)
-        return self._phase(name, work)
-
-    def denoise(self, text_states, text_mask, pooled, height=544, width=960, num_frames=13, num_inference_steps=50,
-                guidance_scale=6.0, flow_shift=7.0, seed=None, latents=None, callback=None, cache=None,
-                cache_threshold=None, checkpoint=None, resume=None, preview=None, negative=None, true_cfg_scale=1.0,
-                cfg_batched=None, video_latents=None, strength=1.0, image_latents=None, cache_options=None,
-                attention="dense", radial=None):
-        """Final latents (B, t, h, w, 16), float32, unscaled. callback(step, steps, latents) runs after each
-        step (progress, previews); returning False cancels. cache: None, or a step cache by name (CACHES) at
-        cache_threshold (None: its published default; cache_options: TaylorSeer's interval, order, warmup).
-        attention: "dense", or "radial" (Radial Attention; radial: its {dense_steps, dense_layers, decay, block},
-        RADIAL_DEFAULTS). self.stats["work"] is the ledger: the DiT forwards computed and skipped, and their
-        PFLOP, attention and linear apart (new_ledger).
-        checkpoint(state) is called after each step with what continuing needs: {"step": steps done, "latents",
-        "cache": cache_state(...), "work": the ledger so far}; resume=such a state (its latents passed as
-        `latents`) continues from it, and gives what the uninterrupted run gives. preview(step, steps, x0) is
-        called after each step with the clean latents the step predicts (see latent_preview).
-        True classifier-free guidance: negative = the negative prompt's (states, mask, pooled) and true_cfg_scale
-        s > 1 give v = v_neg + s (v - v_neg), two forwards a step, as one of batch 2 (cfg_batched True, or None
-        when cfg_mode says it fits) or one after the other, each branch with its own step cache.
-        Video to video: video_latents (encode_video) noised to the noise level of step steps - int(steps x
-        strength) (as diffusers' and musubi-tuner's video-to-video do), and the steps from there run; strength 1
-        is text to video from the same noise.
-        Image to video: image_latents (encode_image), taken as the checkpoint's DiT takes them (image_condition):
-        token replace's first latent frame is the image's at every step; latent concat's input channels are the
-        latents, the image's (first frame, zeros after) and a mask of the first frame; SkyReels' the latents and
-        the image's. The initial noise is the reference's: 0.999 noise + 0.001 image for HunyuanVideo-I2V."""
-        cfg = negative is not None and true_cfg_scale > 1
-        condition = self.image_condition()
-        if (image_latents is None) != (condition is None):
-            raise HunyuanVideoError("this checkpoint makes video from an image: pass image latents (encode_image)."
-                                    if condition else "this checkpoint is text to video: it takes no image.")
-        grid = patch_grid(height, width, num_frames)
-        sparse = attention_pattern(attention, radial, grid, num_inference_steps)
-        if cfg_batched is None:
-            cfg_batched = cfg and self.cfg_mode(height, width, num_frames, cache, num_inference_steps) == "batched"
-        batched = cfg and cfg_batched and cache is None
-        forwards = [step_cache(cache, cache_threshold, num_inference_steps, (height, width), cache_options)
-                    for _ in range(2 if cfg and not batched else 1)]
-        if resume:
-            for forward, state in zip(forwards, _split_cache_state(resume["cache"], len(forwards))):
-                _set_cache_state(forward, *state)
-        B = text_states.shape[0]
-        if cfg:  # rows [0, B): the prompt; [B, 2B): the negative prompt
-            text_states, text_mask, pooled = (mx.concatenate([a, b.astype(a.dtype)], axis=0) for a, b in
-                                              zip((text_states, text_mask, pooled), negative))
-        first = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-        steps = range(resume["step"] if resume else first, num_inference_steps)
-
-        def work():
-            model = load_transformer(self.transformer_path, self.dtypes["transformer"], self.quantization,
-                                     self.quantize_modulation, self.low_memory, self._report("loading the DiT"),
-                                     lazy_modulation=self.precompute_modulation, loras=self.loras,
-                                     lora_ignore_unmatched=self.lora_ignore_unmatched)
-            shape = (B, grid[0], height // 8, width // 8, model.out_channels)
-            dequantized = dequantize_matmul(math.prod(grid), self.quantized_matmul)
-            set_quantized_matmul(model, dequantized)
-            sigmas = flow_sigmas(num_inference_steps, flow_shift)
-            image = None if condition is None else mx.broadcast_to(image_latents.astype(mx.float32), (B, 1, *shape[2:]))
-            x = start_latents(shape, seed, latents, video_latents, sigmas[first], image, condition, resume)
-            extra = _image_channels(image, shape, condition)
-            dit = GuidedDiT(model, text_states, text_mask, pooled, guidance_scale, sigmas, B, true_cfg_scale if cfg
-                            else None, batched, forwards, sparse, condition, self.precompute_modulation,
-                            math.prod(grid))
-            ledger = self.stats["work"] = new_ledger(cache, attention, resume)
-            ledger["matmul"] = ("dequantized" if dequantized else "kernel") if self.quantization else None
-            for i in _counted(steps, self._report("denoising")):
-                v = dit(_image_input(x, image, extra, condition), i, ledger)  # the velocity, guided
-                x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents (the preview's)
-                x = sampler_step(x, v, sigmas[i], sigmas[i + 1], image if condition == "token_replace" else None)
-                mx.eval(x)
-                if not mx.isfinite(x).all().item():  # black frames later: stop now, naming the phase
-                    raise HunyuanVideoError(f"denoising gave NaN or infinite latents at step {i + 1}: the DiT's "
-                                            f"weights, a LoRA or the settings are broken; check them (nothing was "
-                                            f"written).")
-                if preview is not None:
-                    preview(i + 1, num_inference_steps, x0)
-                if checkpoint is not None:
-                    checkpoint(dict(step=i + 1, latents=x, cache=_joined_cache_state(forwards), work=ledger))
-                if callback is not None and callback(i + 1, num_inference_steps, x) is False:
-                    raise HunyuanVideoError(f"cancelled after step {i + 1} of {num_inference_steps}.")
-            return x
-        return self._phase("denoise", work)
-
-    def decode(self, latents, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
-        """Latents (B, t, h, w, 16) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
-        default (the reference's tiles); tile=None decodes in one piece. A latent-concat I2V checkpoint's first 4
-        frames are dropped, as the reference drops them."""
-        def work():
-            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
-            video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride, self._report("decoding"))
-            if self.image_condition() == "latent_concat":
-                video = video[:, 4:]
-            if not mx.isfinite(video).all().item():
-                raise HunyuanVideoError("decoding gave NaN or infinite frames: the VAE's weights (or the latents) are "
-                                        "broken; check them.")
-            return np.array((mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8))
-        frames = self._phase("decode", work)
-        return frames[0] if frames.shape[0] == 1 else frames
-
-    def __call__(self, prompt, height=544, width=960, num_frames=13, num_inference_steps=50, guidance_scale=6.0,
-                 flow_shift=7.0, seed=None, latents=None, output_type="np", callback=None, force=False, cache=None,
-                 cache_threshold=None, preview=None, negative_prompt=None, true_cfg_scale=1.0, video=None,
-                 strength=1.0, image=None, rewrite=None, rewrite_model=None, rewrite_temperature=0.0,
-                 rewrite_seed=None, cache_options=None, attention="dense", radial=None):
-        """output_type "np": uint8 frames (F, H, W, 3); "latent": the final latents (B, t, h, w, 16).
-        A request that the memory plan says would not fit is refused before anything loads, unless force.
-        cache, cache_threshold, cache_options: a step cache; attention, radial: "dense" or "radial" attention (Radial
-        Attention, its settings; see denoise); preview(step, steps, x0): the clean latents each step predicts (see
-        denoise and latent_preview). negative_prompt, true_cfg_scale: true classifier-free guidance, diffusers'
-        names (it runs when the scale is above 1 and a negative prompt is given). video (frames or a file),
-        strength: video to video (see encode_video and denoise). image (a file, a PIL image or a uint8 array):
-        image to video, for the checkpoints that take one (image_condition); a latent-concat checkpoint's video
-        is num_frames - 4 frames long, as the reference's (decode drops them; "latent" gives all). rewrite:
-        "normal" or "master" rewrites each prompt first (see rewrite; rewrite_model, _temperature, _seed: its
-        settings), and self.prompts holds what the text encoders read."""
-        problem = check_request(height, width, num_frames, num_inference_steps, prompt, seed, guidance_scale,
-                                flow_shift) or \
-            check_guidance(negative_prompt, true_cfg_scale, prompt) or \
-            (check_strength(strength) if video is not None else None)
+    # where it starts from: an image, a video
+    if s["image"] is not None and video is not None:
+        raise HunyuanVideoError("{image} and {video}: give one of them (an image to start from, or a video).")
+    if preset.get("needs_image") and s["image"] is None:
+        raise HunyuanVideoError(f"{{preset}} {s['preset']} makes video from an image: give {{image}}.")
+    if video is None and "strength" in given:
+        raise HunyuanVideoError("{strength} applies to video to video: give {video} too.")
+    if video is not None:
+        s["strength"] = 0.8 if s["strength"] is None else s["strength"]
+        if not 0 <= s["strength"] <= 1:
+            raise HunyuanVideoError(f"{{strength}} {s['strength']}: use a number from 0 (keep the video) to 1 (text "
+                                    f"to video from the same noise).")
+        problem = check_video(_video_frames(video), f)
         if problem:
             raise HunyuanVideoError(problem)
-        condition = self.image_condition()
-        if image is None and condition:
-            raise HunyuanVideoError("this is an image-to-video checkpoint: pass image= (a file, a PIL image or a "
-                                    "uint8 array).")
-        if image is not None and not condition:
-            raise HunyuanVideoError("this is a text-to-video checkpoint, which takes no image: leave image out, or "
-                                    "use an image-to-video checkpoint (HunyuanVideo-I2V, SkyReels-V1 I2V).")
-        if image is not None and video is not None:
-            raise HunyuanVideoError("an image and a video to start from: give one of them.")
-        if condition == "latent_concat" and num_frames < 5:
-            raise HunyuanVideoError(f"{num_frames} frames: this checkpoint's video leaves out its first 4 frames; ask "
-                                    f"for 5 or more (4n+1).")
-        image = None if image is None else check_image(read_image(image), height, width)
-        step_cache(cache, cache_threshold, num_inference_steps, (height, width), cache_options)  # refused now if bad
-        check_attention(attention, radial, patch_grid(height, width, num_frames), num_inference_steps)
-        if output_type not in ("np", "latent"):
-            raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
-        cfg = negative_prompt is not None and true_cfg_scale > 1
-        mode = self.cfg_mode(height, width, num_frames, cache, num_inference_steps) if cfg else None
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if rewrite is not None:
-            rewrite_messages("", rewrite)  # a mode that is not one: refused now
-        if not force:
-            self.check_memory(height, width, num_frames, cache, num_inference_steps, mode,
-                              (rewrite_model, max(prompts, key=len)) if rewrite else None)
-        self.stats = {}
-        if rewrite is not None:
-            prompts = [self.rewrite(p, rewrite, rewrite_model, rewrite_temperature, rewrite_seed) for p in prompts]
-        self.prompts = prompts
-        negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)) \
-            if cfg else []
-        states, mask, pooled = self.encode_prompt(self.prompt_requests(prompts, negatives, image, height, width))
-        B = len(prompts)
-        negative = (states[B:], mask[B:], pooled[B:]) if cfg else None
-        video_latents = self.encode_video(video, height, width, num_frames) if video is not None else None
-        image_latents = self.encode_image(image, height, width) if image is not None else None
-        latents = self.denoise(states[:B], mask[:B], pooled[:B], height, width, num_frames, num_inference_steps,
-                               guidance_scale, flow_shift, seed, latents, callback, cache, cache_threshold,
-                               preview=preview, negative=negative, true_cfg_scale=true_cfg_scale,
-                               cfg_batched=mode == "batched", video_latents=video_latents, strength=strength,
-                               image_latents=image_latents, cache_options=cache_options, attention=attention,
-                               radial=radial)
-        return latents if output_type == "latent" else self.decode(latents)
+    if s["image"] is not None:
+        check_image(read_image(s["image"]), h, w)  # readable, and not far too small
 
-    def prompt_requests(self, prompts, negatives=(), image=None, height=544, width=960):
-        """What encode_prompt reads for these prompts and negative prompts: with HunyuanVideo-I2V's LLaVA, each
-        prompt with the image (every 4th or 2nd image state, by the checkpoint's conditioning) and each negative
-        prompt with a black image of the video's size, every 2nd (as the reference reads them); else the text."""
-        condition = self.image_condition()
-        if image is None or condition not in IMAGE_EMBED_INTERLEAVE:
-            return list(prompts) + list(negatives)
-        from PIL import Image
-
-        black = Image.new("RGB", (width, height), 0)
-        return [(p, image, IMAGE_EMBED_INTERLEAVE[condition]) for p in prompts] + [(n, black, 2) for n in negatives]
+    # how it loads
+    if s["quantized_matmul"] is not None and s["quantization"] is None:
+        raise HunyuanVideoError("{quantized_matmul} chooses how quantized layers multiply: give {quantization} too.")
+    s["loras"] = [[f, _lora_scale(scale, f"the LoRA {f}")] for f, scale in
+                  ((lora, 1.0) if isinstance(lora, (str, Path)) else lora for lora in s["loras"])]
+    # input files by their absolute paths, so that a request repeats from any folder
+    for key in ("image", "video", "transformer", "model"):
+        if isinstance(s[key], (str, Path)) and Path(s[key]).expanduser().exists() and s[key] not in TINY_MODELS:
+            s[key] = str(Path(s[key]).expanduser().resolve())
+    s["loras"] = [[str(Path(f).expanduser().resolve()) if Path(f).expanduser().exists() else str(f), scale]
+                  for f, scale in s["loras"]]
+    return s
 
 
-# ---------------------------------------------------------------------------------------------------
-# The offline demo: a tiny random HunyuanVideo in the real layout
-# ---------------------------------------------------------------------------------------------------
-
-_TINY_WORDS = ("a an the and of in on at with to from by is are was cat dog fox bird fish horse person man woman "
-               "child car city street forest sea beach sky sun moon night rain snow water fire tree flower grass "
-               "mountain river house room light dark red blue green yellow white black small big old young walks "
-               "runs flies swims jumps sits looks plays dances smiles camera slow fast close wide shot view "
-               "realistic cinematic style video scene")
-
-
-def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
-    """A word-level tokenizer in transformers' format (no network needed): words, then the special tokens,
-    so that the end token has the largest id as in CLIP's vocabulary."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    PreTrainedTokenizerFast = _transformers().PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)) + specials)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.add_special_tokens(specials)
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    if lowercase:
-        tk.normalizer = normalizers.Lowercase()
-    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(s, vocab[s]) for s in specials
-                                                                                      if s in template])
-    bos, eos = template.split()[0], specials[-1]
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=eos, unk_token="<unk>",
-                                  model_max_length=max_length, padding_side="right")
-    tok.save_pretrained(folder)
-    return len(vocab)
-
-
-def cache_dir():
-    """Where this port keeps what it builds (the tiny checkpoint): $HUNYUAN_APPLE_CACHE, else
-    ~/.cache/hunyuan_apple. Hub downloads stay in the Hugging Face cache (~/.cache/huggingface, $HF_HOME)."""
-    return Path(os.environ.get("HUNYUAN_APPLE_CACHE") or Path.home() / ".cache" / "hunyuan_apple").expanduser()
-
-
-TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace"}  # the offline demos: text to video, image to video
-
-
-def tiny_checkpoint(name="tiny"):
-    """The tiny demo checkpoint of this version ("tiny", or "tiny-i2v": image to video by token replace), built in
-    cache_dir() on first use (a few MB, seconds)."""
-    folder = cache_dir() / f"{name}-{__version__}"
-    if not (folder / "model_index.json").exists():
-        print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
-        try:
-            build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
-        except OSError as e:
-            raise HunyuanVideoError(f"cannot build the tiny demo checkpoint in {folder} ({e.strerror or e}): set "
-                                    f"HUNYUAN_APPLE_CACHE to a writable folder.") from None
-    return folder
-
-
-def is_tiny(model):
-    """Whether a model (a name or folder) is a tiny demo: "tiny", "tiny-i2v", or a folder built (or converted) from
-    one."""
-    if str(model) in TINY_MODELS:
-        return True
-    try:
-        return json.loads((Path(model).expanduser() / "model_index.json").read_text()).get("tiny_demo") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def build_tiny_checkpoint(folder, seed=0, image_condition=None):
-    """A tiny random-weight HunyuanVideo in the diffusers layout, tokenizers included, built without torch or
-    network: every file the real checkpoint has, in the same format, so the whole path runs in seconds. Its
-    videos are noise. image_condition "token_replace": HunyuanVideo-I2V's kind instead, its text encoder a tiny
-    LLaVA (Llama and a CLIP vision tower at 336 x 336) with an image processor. Built in a temporary folder, then
-    renamed."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.random.seed(seed)
-    template = I2V_TEMPLATE if image_condition else PROMPT_TEMPLATE
-    words = re.findall(r"\w+|[^\w\s]", re.sub(r"<\|?\w+\|?>", " ", template)) + _TINY_WORDS.split()
-    llama_specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                      *(["<image>"] if image_condition else []), "<|begin_of_text|>", "<|end_of_text|>"]
-    n_llama = _word_tokenizer(words, llama_specials, "<|begin_of_text|> $A", False, 1024, tmp / "tokenizer")
-    n_clip = _word_tokenizer(words, ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", True,
-                             CLIP_LENGTH, tmp / "tokenizer_2")
-
-    # widths are multiples of 64, so that --quantization has layers to quantize here too
-    llama_cfg = dict(vocab_size=n_llama, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0)
-    if image_condition:  # LLaVA: <image> and the end token (its padding) are the last two of the vocabulary
-        vision_cfg = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, image_size=336, patch_size=14, hidden_act="quick_gelu")
-        llava_cfg = dict(model_type="llava", text_config=dict(model_type="llama", **llama_cfg),
-                         vision_config=vision_cfg, image_token_index=n_llama - 3, pad_token_id=n_llama - 1,
-                         projector_hidden_act="gelu", vision_feature_layer=-2)
-        llava = LlavaTextEncoder(llava_cfg["text_config"], vision_cfg, n_llama - 3, n_llama - 1)
-        _save_component(tmp / "text_encoder", dict(tree_flatten(llava.parameters())), llava_cfg)
-        (tmp / "image_processor").mkdir()
-        (tmp / "image_processor" / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
-             "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
-             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-             "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}))
-    else:
-        llama = LlamaTextEncoder(**llama_cfg, skip_layers=0)  # all layers, as the real file has them
-        _save_component(tmp / "text_encoder", {**dict(tree_flatten(llama.parameters())), "norm.weight": mx.ones((64,))},
-                        {"model_type": "llama", "architectures": ["LlamaModel"], **llama_cfg})
-    clip_cfg = dict(vocab_size=n_clip, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu", eos_token_id=2)
-    clip = CLIPTextEncoder(**clip_cfg)
-    _save_component(tmp / "text_encoder_2", dict(tree_flatten(clip.parameters())),
-                    {"model_type": "clip_text_model", "architectures": ["CLIPTextModel"], **clip_cfg})
-
-    dit_cfg = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
-                   num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=16, rope_axes_dim=[8, 12, 12],
-                   **({"image_condition_type": image_condition} if image_condition else {}))
-    dit = HunyuanVideoTransformer(**dit_cfg)
-    _save_component(tmp / "transformer", _to_diffusers(_checkpoint_weights(dit)),
-                    {"_class_name": "HunyuanVideoTransformer3DModel", **dit_cfg}, "diffusion_pytorch_model.safetensors")
-    vae_cfg = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
-    vae = HunyuanVideoVAE(**vae_cfg)
-    _save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout
-                                  for k, v in tree_flatten(vae.parameters())},
-                    {"_class_name": "AutoencoderKLHunyuanVideo", "scaling_factor": 0.476986, **vae_cfg},
-                    "diffusion_pytorch_model.safetensors")
-
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 7.0}))
-    kind = "HunyuanVideoImageToVideoPipeline" if image_condition else "HunyuanVideoPipeline"
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": kind, "tiny_demo": True,
-                                                      "hunyuan_apple_version": __version__}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
-    return folder
+def check_request(settings, pipe=None, text=False):
+    """The one check of a request: the settings given (a dict by SETTINGS' names; a Request, checked already, passes)
+    -> a Request with every default filled in (in this order: the settings given, a video's own size and length, a
+    preset's, the tiny demos' sizes, SETTINGS'), every rule applied and its warnings given, or HunyuanVideoError in
+    one sentence naming the setting. pipe: the loaded pipeline, whose loading settings the request takes (given ones
+    must agree) and whose checkpoint's rules apply (an image for an image-to-video one). text: the text encodings
+    are given, so no prompt is needed."""
+    r = settings if isinstance(settings, Request) else Request(**_resolved(dict(settings), pipe, text))
+    if pipe is None:
+        return r
+    differ = [k for k, v in pipe.loading.items() if getattr(r, k) != v]
+    if differ:
+        k = differ[0]
+        raise HunyuanVideoError(f"{{{k}}} {getattr(r, k)}: this pipeline was loaded with {pipe.loading[k]}; load "
+                                f"another for it, or leave it out.")
+    condition = pipe.image_condition()
+    if condition and r.image is None:
+        raise HunyuanVideoError(f"{r.model} is an image-to-video checkpoint: give {{image}}.")
+    if r.image is not None and not condition:
+        raise HunyuanVideoError(f"{r.model} is a text-to-video checkpoint, which takes no image: leave {{image}} "
+                                f"out, or use an image-to-video one (HunyuanVideo-I2V, the skyreels-i2v {{preset}}).")
+    if condition == "latent_concat" and r.frames < 5:
+        raise HunyuanVideoError(f"{{frames}} {r.frames}: this checkpoint's video leaves out its first 4 frames; ask "
+                                f"for 5 or more (4n+1).")
+    return r
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -4030,28 +3925,6 @@ def build_tiny_checkpoint(folder, seed=0, image_condition=None):
 # scores and float32 temporaries (sized below from their code and measured per op); the tests check the
 # whole estimate against measured peaks on tiny models of several widths. On a GPU (Metal, CUDA) the fused
 # kernels add nothing: those figures are derived, not yet measured on one.
-
-GB = 2 ** 30
-
-
-def gib(nbytes):
-    """Bytes as GiB, labelled, with three significant digits (so a tiny model's megabytes are not 0.0)."""
-    return f"{nbytes / GB:.3g} GiB"
-
-
-def _tensor_info(files):
-    """{name: (shape, safetensors dtype)} of weight files, read without their data (headers; a .pt is mapped)."""
-    info = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            info.update({k: (shape, dtype) for k, (shape, dtype, _) in _safetensors_header(f)[0].items()})
-        else:
-            torch = _torch()
-            names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-                     torch.float8_e5m2: "F8_E5M2"}
-            info.update({k: (tuple(v.shape), names.get(v.dtype, "F32")) for k, v in _load_pt(f).items()})
-    return info
-
 
 def _weights_bytes(info, quantization=None, modulation=False, dit=True, itemsize=2, keep=lambda name: True):
     """Bytes of a component's weights once loaded: floats (fp8 dequantized too) at itemsize, the layers that
@@ -4167,42 +4040,6 @@ def _vae_activations(frames, height, width, tile, chans, itemsize, cpu):
     return act + video * (3 * b + 4 + 1)
 
 
-def _components(folder, hub=None, transformer=None, transformer_hub=None,
-                only=("transformer", "vae", "text_encoder", "text_encoder_2")):
-    """{component: (tensor info, config)} of a checkpoint in the diffusers layout, from its files' headers, or
-    for a hub checkpoint whose weights are not downloaded yet, from the hub's safetensors metadata. transformer:
-    the DiT's own file or folder when it comes from elsewhere (transformer_hub: its hub id, the DiT at its root).
-    only: the components to read."""
-    out = {}
-    for c in only:
-        path, repo, inside = (transformer, transformer_hub, "") if c == "transformer" and transformer else \
-            (folder / c, hub, c)
-        try:
-            files, config = _component_files(path, "download the checkpoint again")
-            out[c] = (_tensor_info(files), config)
-        except HunyuanVideoError:
-            if repo is None:
-                raise
-            root = path.parent if inside else path
-            if c == "transformer" and _hub_file(repo):  # one file, not downloaded yet
-                out[c] = (_hub_file_info(repo, folder, hub), {})
-            else:
-                out[c] = (_hub_tensor_info(repo, root, inside), json.loads((path / "config.json").read_text()))
-    return out
-
-
-def _sizes_of(cls, config, info=None, read=None, source=None, what=None):
-    """A model's constructor keywords as the loader finds them: from its tensors' shapes (info, by read) and
-    its config.json, its defaults (the real model's) for the rest. The shapes are lazy zeros, never made."""
-    if read is None:
-        found = _hf_sizes(cls, config)
-    else:
-        shapes = {k: mx.zeros(shape, mx.bfloat16) for k, (shape, _) in info.items()}
-        found = _sizes(cls, read, _tencent_names(shapes) if cls is HunyuanVideoTransformer else _strip_prefix(shapes),
-                       config, source, what)
-    return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **found}
-
-
 def _backend():
     return "cpu" if mx.default_device() == mx.cpu else "gpu"
 
@@ -4215,7 +4052,7 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
     two of them are in memory at once. hub: the hub id, to read the headers there before a download.
     cache: the step cache, whose kept tensors count too. steps: for the table of precomputed modulation (the
-    modulation weights themselves are never held, see precompute_modulation). cfg: true CFG's two branches,
+    modulation weights themselves are never held, see modulation_tables). cfg: true CFG's two branches,
     "batched" (activations of two videos) or "sequential" (one at a time, a velocity kept); both hold two
     modulation tables and, with a step cache, two caches. transformer: (path, hub id) of a DiT from elsewhere.
     cache_options: TaylorSeer's (its order sets how many factors it keeps). attention: "radial" adds the key
@@ -4369,11 +4206,15 @@ def estimate_rewrite(model=None, prompt="", max_tokens=REWRITE_MAX_TOKENS, backe
                2 * config["vocab_size"] * 4)
 
 
+class OverBudget(HunyuanVideoError):
+    """check_memory's refusal: the request would not fit."""
+
+
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
                  budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None),
                  rewrite=None, cache_options=None, attention="dense", quantized_matmul="auto"):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
-    would fit: the fewest changes that do (a quantization, --low-memory, a smaller size), together where no
+    would fit: the fewest changes that do (a quantization, low_memory, a smaller size), together where no
     single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
     is loaded. rewrite: (model, prompt) when the prompt is rewritten first, a phase of its own (estimate_rewrite)."""
     budget = budget or available_memory()
@@ -4391,14 +4232,14 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
         return max({**first, **estimate_memory(folder, **{**request, **change})}.values()) <= 0.9 * budget
 
     bits = QUANTIZATIONS.get(quantization, {"bits": 16})["bits"]
-    levers = [(f"--quantization {q}", dict(quantization=q)) for q in ("int8", "int4")
+    levers = [(f"{{quantization}} {q}", dict(quantization=q)) for q in ("int8", "int4")
               if QUANTIZATIONS[q]["bits"] < bits]
     if not low_memory:
-        levers.append(("--low-memory", dict(low_memory=True)))
+        levers.append(("{low_memory}", dict(low_memory=True)))
     if height * width > 544 * 960:
-        levers.append(("--resolution 544 960", dict(height=544, width=960)))
+        levers.append(("{resolution} 544 960", dict(height=544, width=960)))
     combos = [combo for n in range(len(levers) + 1) for combo in itertools.combinations(levers, n)
-              if sum(flag.startswith("--quantization") for flag, _ in combo) <= 1]
+              if sum(flag.startswith("{quantization}") for flag, _ in combo) <= 1]
     options = []
     for shorter in (False, True):  # the clip as asked first; fewer frames only where nothing else fits
         for n in range(len(levers) + 1):
@@ -4413,12 +4254,473 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
                         lo, hi = (mid, hi) if fits({**change, "num_frames": 4 * mid + 1}) else (lo, mid)
                     frames = 4 * lo + 1 if hi and (lo or fits({**change, "num_frames": 1})) else None
                     if frames:
-                        options.append(" ".join(flags + [f"--frames {frames}"]))
+                        options.append(" ".join(flags + [f"{{frames}} {frames}"]))
             if options:
                 break
         if options:
             break
-    raise HunyuanVideoError(
+    raise OverBudget(
         f"this request needs about {gib(est[phase])} at its peak ({phase}) and this machine can give "
-        f"{gib(budget)}: try {' or '.join(options[:3]) if options else 'a smaller request'}, or --force to "
+        f"{gib(budget)}: try {' or '.join(options[:3]) if options else 'a smaller request'}, or {{force}} to "
         f"run it anyway.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline: a request run as a stream of events, phase by phase
+# ---------------------------------------------------------------------------------------------------
+# HunyuanVideoPipeline.generate runs one request and yields what happened, in order: the plan (before anything
+# loads), the rewritten prompt, the text encodings, a Step after each denoising step (what a checkpoint and a
+# preview need), the final latents (before any decode) and the frames. The caller decides between events: it
+# writes checkpoints, previews and files, and stops the run by leaving its loop (closing the generator).
+# __call__, the command line and the page are each a loop over it. progress(what, done, total), if given, is told
+# of every long activity as it goes (the tensors read, the layers run, the steps, the tiles decoded): for display.
+
+Plan = namedtuple("Plan", "request cfg memory problem")  # cfg: None, "batched", "sequential"; problem: the error
+Rewritten = namedtuple("Rewritten", "request cached")  # the request with its prompt rewritten (original_prompt set)
+Encoded = namedtuple("Encoded", "text cached")  # (states, mask, pooled): the prompts' rows, then the negatives'
+Step = namedtuple("Step", "step steps latents x0 cache work")  # after step `step`: what resuming needs, and x0
+Denoised = namedtuple("Denoised", "latents request work")  # the final latents (B, t, h, w, 16), float32
+Decoded = namedtuple("Decoded", "frames")  # uint8 (F, H, W, 3), or (B, F, H, W, 3) for B > 1
+
+
+def _reporter(progress, what):
+    """progress(done, total) for one activity ("loading the DiT", "denoising", ...), or None."""
+    return None if progress is None else lambda done, total: progress(what, done, total)
+
+
+class HunyuanVideoPipeline:
+    """Prompt (and an image or video to start from) in, frames out, in phases that each load what they need and
+    free it before the next: the text encoders (the LLM, 14 GB in fp16, or LLaVA with its vision tower, then
+    CLIP), the VAE's encoder (the image or video), the DiT, the VAE's decoder. Weights are read when their phase
+    starts. self.loading holds the loading settings it was made with (SETTINGS' names); self.stats each phase's
+    seconds and peak memory (GiB) of the last run, and under "work" the DiT's ledger (new_ledger)."""
+
+    def __init__(self, folder, dtypes=None, quantization=None, quantize_modulation=False, low_memory=False, hub=None,
+                 prompt_cache=False, loras=(), lora_ignore_unmatched=False, transformer=None, transformer_hub=None,
+                 quantized_matmul=None, model=None):
+        self.folder, self.dtypes, self.hub = Path(folder), _dtypes(dtypes=dtypes), hub
+        self.quantized_matmul = quantized_matmul  # how the DiT's quantized layers multiply (dequantize_matmul)
+        self.quantization, self.quantize_modulation, self.low_memory = quantization, quantize_modulation, low_memory
+        self.prompt_cache = prompt_cache  # keep the text encoders' outputs in cache_dir() / "prompts"
+        self.prompt_hit = False  # whether the last encode_prompt read all its prompts from the prompt cache
+        # the DiT's adaLN modulation computed for all steps before the first, its weights never all held (see
+        # HunyuanVideoTransformer.modulation_tables); False computes it at every step from the weights
+        self.precompute_modulation = True
+        self.loras, self.lora_ignore_unmatched = [list(lora) for lora in loras], lora_ignore_unmatched
+        # the DiT from elsewhere than folder/transformer (a fine-tune's): a local file or folder, or a hub id
+        self.transformer, self.transformer_hub = (Path(transformer) if transformer else None), transformer_hub
+        names = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}
+        self.loading = dict(  # what a request of this pipeline says of its loading (SETTINGS' names)
+            model=model or str(self.folder), transformer=transformer_hub or (transformer and str(transformer)),
+            loras=self.loras, lora_ignore_unmatched=lora_ignore_unmatched, quantization=quantization,
+            quantized_matmul=quantized_matmul, quantize_modulation=quantize_modulation, low_memory=low_memory,
+            **{f"{c}_dtype": names[self.dtypes[component]] for c, component in _DTYPE_SETTINGS})
+        self.stats = {}
+
+    @classmethod
+    def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
+        """model: a local folder in the diffusers layout, a hub id, or "tiny" / "tiny-i2v" (the offline demos, see
+        tiny_checkpoint); a preset's (or DEFAULT_MODEL) when left out. A hub checkpoint's configs are fetched now,
+        its weights (about 40 GB) when a phase first needs them, after the memory plan. loading: the loading
+        settings of SETTINGS (transformer, loras, lora_ignore_unmatched, quantization, quantized_matmul,
+        quantize_modulation, dit_dtype, vae_dtype, text_dtype, low_memory) and preset (its model and DiT); dtype:
+        one mx dtype for every component, dtypes: {"transformer" | "vae" | "text_encoders": mx dtype}, over the
+        *_dtype settings. prompt_cache: reuse the text encoders' outputs for a prompt seen before (see
+        encode_prompt; the command line turns it on). A bad LoRA is refused now."""
+        unknown = set(loading) - {k for k, s in SETTINGS.items() if s.group == "loading"}
+        if unknown:
+            raise HunyuanVideoError(f"{', '.join(sorted(unknown))}: from_pretrained takes the loading settings "
+                                    f"({', '.join(k for k, s in SETTINGS.items() if s.group == 'loading')}); give "
+                                    f"the others to the generation.")
+        r = check_request({**loading, "model": model}, text=True)
+        for c, component in _DTYPE_SETTINGS:  # mx dtypes given win over the named ones
+            if dtype is not None or component in (dtypes or {}):
+                r = r._replace(**{f"{c}_dtype": DTYPE_NAMES[(dtypes or {}).get(component, dtype)]})
+        folder, hub, transformer, transformer_hub = Path(r.model).expanduser(), None, r.transformer, None
+        if r.model in TINY_MODELS:  # the offline demos (a folder of that name: ./tiny)
+            folder = tiny_checkpoint(r.model)
+        elif not folder.exists():
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", r.model) is None:
+                raise HunyuanVideoError(f"the {{model}} {folder} does not exist: pass a HunyuanVideo folder in the "
+                                        f"diffusers layout or a hub id such as {DEFAULT_MODEL}.")
+            folder, hub = _download(r.model, weights=False), r.model
+        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+        if missing:
+            raise HunyuanVideoError(f"{folder} lacks {', '.join(missing)}: pass a complete HunyuanVideo checkpoint "
+                                    f"in the diffusers layout (or download it again).")
+        if transformer is not None and not Path(transformer).expanduser().exists():
+            if re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)*", str(transformer)) is None:
+                raise HunyuanVideoError(f"the {{transformer}} {transformer} does not exist: pass a DiT's folder or "
+                                        f"file, a hub id, or a file in a hub repository (owner/name/path).")
+            transformer, transformer_hub = _download(transformer, weights=False, transformer_only=True), transformer
+        pipe = cls(folder, {component: DTYPES[getattr(r, f"{c}_dtype")] for c, component in _DTYPE_SETTINGS},
+                   r.quantization, r.quantize_modulation, r.low_memory, hub, prompt_cache, r.loras,
+                   r.lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub,
+                   r.quantized_matmul, model=r.model)
+        if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
+            dit = HunyuanVideoTransformer(**pipe._dit_sizes())  # built lazily: no weights are made
+            read_loras(pipe.loras, _lora_layers(dit), dit.block_args[0], r.lora_ignore_unmatched)
+        return pipe
+
+    @property
+    def transformer_path(self):
+        return self.transformer or self.folder / "transformer"
+
+    def _dit_sizes(self):
+        """The DiT's constructor keywords, from its files' headers (or the hub's), nothing loaded."""
+        info, config = _components(self.folder, self.hub, self.transformer, self.transformer_hub,
+                                   only=("transformer",))["transformer"]
+        return _sizes_of(HunyuanVideoTransformer, config, info, _transformer_shapes, self.transformer_path,
+                         "transformer")
+
+    def image_condition(self):
+        """How the checkpoint's DiT takes an image, read from its config and shapes: None (text to video),
+        "token_replace" or "latent_concat" (HunyuanVideo-I2V, and its 33-channel variant), or "concat"
+        (SkyReels-V1 I2V: twice the output's channels, the latents and the image's)."""
+        if not hasattr(self, "_condition"):
+            sizes = self._dit_sizes()
+            self._condition = sizes["image_condition_type"] or (
+                "concat" if sizes["in_channels"] == 2 * sizes["out_channels"] else None)
+        return self._condition
+
+    # ---- the stream ----
+
+    def generate(self, request=None, text=None, latents=None, resume=None, progress=None, **settings):
+        """Run a request (a Request, or a dict of settings; keywords add settings) and yield its events: Plan,
+        Rewritten (when the prompt is rewritten), Encoded, a Step after each denoising step, Denoised, Decoded.
+        A request that the memory plan says would not fit is refused after the Plan, before anything loads, unless
+        its `force` is set. text: the text encoders' outputs to use (encode_prompt's: the prompts' rows, then the
+        negative prompts'), no prompt needed. latents: the initial latents (B, t, h, w, 16) instead of the seed's
+        noise. resume: a checkpoint's state, {"step", "latents", "cache", "work", "text"} as the last Step and the
+        Encoded event gave them, from which the run continues to what the uninterrupted one gives. progress: see
+        above. Leaving the loop stops the run there (after a Denoised: the latents, without decoding)."""
+        given = request if isinstance(request, Request) else {**(request or {}), **settings}
+        r = check_request(given, self, text=text is not None or resume is not None)
+        plan = self.plan(r, text is None and resume is None)
+        yield plan
+        if plan.problem is not None and not r.force:
+            raise plan.problem
+        self.stats = {}
+        if r.rewrite and not r.original_prompt and text is None and resume is None:
+            prefix = PRESETS.get(r.preset, {}).get("prompt_prefix", "")  # kept as it is
+            rewritten, cached = self.rewrite(r.prompt.removeprefix(prefix), r.rewrite, r.rewrite_model,
+                                             r.rewrite_temperature or 0.0, r.rewrite_seed, progress)
+            r = r._replace(prompt=prefix + rewritten, original_prompt=r.prompt)
+            yield Rewritten(r, cached)
+        image = read_image(r.image) if r.image is not None else None
+        if resume is not None:
+            text, latents = resume["text"], resume["latents"]
+        if text is None:
+            prompts = r.prompt if isinstance(r.prompt, list) else [r.prompt]
+            negatives = [] if plan.cfg is None else r.negative_prompt if isinstance(r.negative_prompt, list) else \
+                [r.negative_prompt] * len(prompts)
+            text = self.encode_prompt(self.prompt_requests(prompts, negatives, image, r.height, r.width), progress)
+            yield Encoded(text, self.prompt_hit)
+        video = None
+        if r.video is not None and resume is None:
+            video = self.encode_video(_video_frames(r.video), r.height, r.width, r.frames, progress=progress)
+        image = self.encode_image(image, r.height, r.width) if image is not None else None
+        with self._phase("denoise"):
+            x = yield from self._denoise(r, plan.cfg, text, latents, resume, video, image, progress)
+        yield Denoised(x, r, self.stats["work"])
+        yield Decoded(self.decode(x, progress=progress))
+
+    def __call__(self, prompt=None, *, output_type="np", text=None, latents=None, resume=None, progress=None,
+                 **settings):
+        """generate's run to its end: uint8 frames (F, H, W, 3) (or (B, F, H, W, 3) for a list of B prompts), or
+        with output_type "latent" the final latents (B, t, h, w, 16), not decoded. settings: SETTINGS' generation
+        settings by name (frames, steps, guidance, cfg_scale, shift, seed, cache, attention, image, video, ...);
+        the other arguments: generate's."""
+        if output_type not in ("np", "latent"):
+            raise HunyuanVideoError(f"output_type {output_type!r}: use 'np' (frames) or 'latent'.")
+        events = self.generate({"prompt": prompt, **settings}, text, latents, resume, progress)
+        try:
+            for event in events:
+                if isinstance(event, Denoised) and output_type == "latent":
+                    return event.latents
+                if isinstance(event, Decoded):
+                    return event.frames
+        finally:
+            events.close()
+
+    def plan(self, request, encode=True):
+        """The memory plan of a checked request, before anything loads: Plan(request, cfg: how true CFG runs its two
+        branches, "batched" or "sequential", or None without it; memory: each phase's estimated peak, or None;
+        problem: None, or the HunyuanVideoError that says it will not fit). encode: the text encoders will run (the
+        prompt rewrite too, if asked)."""
+        r = request
+        cfg = self.cfg_mode(r.height, r.width, r.frames, r.cache, r.steps) \
+            if r.negative_prompt is not None and r.cfg_scale > 1 else None
+        rewrite = (r.rewrite_model, max(r.prompt if isinstance(r.prompt, list) else [r.prompt], key=len)) \
+            if encode and r.rewrite and not r.original_prompt else None
+        try:
+            return Plan(r, cfg, check_memory(self.folder, r.height, r.width, r.frames, self.quantization,
+                                  self.quantize_modulation, self.low_memory, dtypes=self.dtypes, hub=self.hub,
+                                  cache=r.cache, steps=r.steps, cfg=cfg, transformer=(self.transformer,
+                                                                                      self.transformer_hub),
+                                  rewrite=rewrite, cache_options=cache_options(r), attention=r.attention,
+                                  quantized_matmul=self.quantized_matmul or "auto"), None)
+        except OverBudget as e:
+            return Plan(r, cfg, None, e)
+
+    def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
+        """How true CFG runs its two DiT forwards a step: "batched" (one forward of batch 2) when the memory plan
+        says the denoising phase fits so, else "sequential"; always sequential with a step cache, which keeps one
+        per branch."""
+        if cache is None:
+            est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
+                                  low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
+                                  cfg="batched", transformer=(self.transformer, self.transformer_hub))
+            if est["denoise"] <= 0.9 * available_memory():
+                return "batched"
+        return "sequential"
+
+    # ---- the phases ----
+
+    def download(self):
+        """Fetch a hub checkpoint's weights (once; the phases call this)."""
+        if self.hub:
+            self.folder, self.hub = _download(self.hub), None
+        if self.transformer_hub:
+            self.transformer, self.transformer_hub = _download(self.transformer_hub, transformer_only=True), None
+
+    @contextmanager
+    def _phase(self, name, download=True):
+        """One phase, around the work inside it: timed, its peak recorded, and its memory given back before the next
+        phase. The phase's models live in a function called inside (gone once it returns), so the cache is cleared
+        after that."""
+        if download:
+            self.download()
+        mx.reset_peak_memory()
+        limit = mx.set_cache_limit(0) if self.low_memory else None  # give freed buffers back at once
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            gc.collect()
+            self.stats[name] = (time.perf_counter() - start, mx.get_peak_memory() / GB)
+            if limit is not None:
+                mx.set_cache_limit(limit)
+            mx.clear_cache()
+
+    def rewrite(self, prompt, mode="normal", model=None, temperature=0.0, seed=None, progress=None):
+        """The prompt rewritten by a small local instruct model before the text encoders read it (see
+        rewrite_prompt; its cache is the prompt cache's setting), as a phase of its own, "rewrite", before any
+        of the checkpoint's weights are fetched: (text, whether it came from the cache)."""
+        with self._phase("rewrite", download=False):
+            return rewrite_prompt(prompt, mode, model, temperature, seed, cache=self.prompt_cache,
+                                  progress=_reporter(progress, "rewriting the prompt"))
+
+    def _prompt_entry(self, prompt, image=None, interleave=None):
+        """The prompt cache's file for a prompt (and an image read with it): named by a hash of all that changes
+        the text encoders' outputs (the prompt, the image's pixels and interleave, the template, the tokenizers'
+        files, the encoders' and image processor's configs and weight files by name, size and time, the dtype,
+        the quantization and this version)."""
+        what = [prompt, PROMPT_TEMPLATE, str(self.dtypes["text_encoders"]), self.quantization, __version__]
+        if image is not None:
+            what += [I2V_TEMPLATE, interleave, image.size, hashlib.sha256(image.tobytes()).hexdigest()]
+        h = hashlib.sha256(json.dumps(what).encode())
+        for part in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_processor"):
+            if not (self.folder / part).is_dir():
+                continue
+            for f in sorted(p for p in (self.folder / part).iterdir() if p.is_file()):
+                small = part.startswith("tokenizer") or f.suffix == ".json"
+                h.update(f"{part}/{f.name}".encode())
+                h.update(f.read_bytes() if small else f"{f.stat().st_size} {f.stat().st_mtime_ns}".encode())
+        return cache_dir() / "prompts" / f"{h.hexdigest()}.safetensors"
+
+    def encode_prompt(self, prompt, progress=None):
+        """text_states (B, L, 4096), text_mask (B, L), pooled (B, 768), as in encode_prompt, for a prompt or a
+        list of them (each encoded on its own, as the reference encodes a prompt and its negative; the shorter
+        right-padded, mask 0). For the I2V checkpoints' LLaVA a prompt is (prompt, image, interleave): a PIL image
+        read with it (encode_llava; L = 576 / interleave + 252). With the prompt cache on, each prompt seen
+        before is read back, and the text encoders load only for the others, which are stored (atomically; an
+        entry that cannot be written or read gives a warning, and the encoders run). self.prompt_hit: whether
+        every prompt came from the cache."""
+        items = [prompt] if isinstance(prompt, (str, tuple)) else list(prompt)
+        items = [(p, None, None) if isinstance(p, str) else tuple(p) for p in items]
+        prompts = [(p, None if image is None else (image.size, hashlib.sha256(image.tobytes()).hexdigest()), interleave)
+                   for p, image, interleave in items]  # what identifies each, hashable
+        by_key = dict(zip(prompts, items))
+        if self.prompt_cache:
+            self.download()  # the entries are named by the files of the text encoders
+        entries = {k: self._prompt_entry(*by_key[k]) for k in prompts} if self.prompt_cache else {}
+        found = {}
+        for p, entry in entries.items():
+            if entry.exists():
+                try:
+                    saved = mx.load(str(entry))
+                    found[p] = saved["states"], saved["mask"], saved["pooled"]
+                    mx.eval(found[p])
+                except Exception as e:
+                    warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): encoding the "
+                                  f"prompt again.")
+                    found.pop(p, None)
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        with self._phase("text encoders", download=bool(missing)):
+            encoded = dict(zip(missing, self._encode([by_key[p] for p in missing], progress))) if missing else {}
+        self.prompt_hit = not missing
+        for p in missing if self.prompt_cache else ():
+            entry = entries[p]
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(entry, lambda tmp: mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"),
+                                                                                      encoded[p]))))
+            except (OSError, HunyuanVideoError) as e:
+                warnings.warn(f"the prompt cache cannot be written in {entry.parent} "
+                              f"({getattr(e, 'strerror', None) or e}): going on without it (set HUNYUAN_APPLE_CACHE "
+                              f"to a writable folder, or turn the prompt cache off).")
+        outs = [{**found, **encoded}[p] for p in prompts]
+        longest = max(states.shape[1] for states, _, _ in outs)
+        pad = lambda a: mx.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        return tuple(mx.concatenate([pad(a) if i < 2 else a for a in parts], axis=0)
+                     for i, parts in enumerate(zip(*outs)))
+
+    def _encode(self, items, progress=None):
+        """The text encoders, inside the text encoders' phase: [(states, mask, pooled)] for [(prompt, image or
+        None, interleave)], each on its own, the LLM (LLaVA with its vision tower for the I2V checkpoints) loaded
+        once and gone before CLIP loads."""
+        tokenizer = load_tokenizer(self.folder / "tokenizer")
+        llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
+                                _reporter(progress, "loading the LLM"))
+        llava = isinstance(llm, LlavaTextEncoder)
+        # the template's tokens before the prompt: 95 (T2V) or 103 (I2V, <image> once) with Llama-3's vocabulary
+        crop_start = len(tokenizer((I2V_TEMPLATE if llava else PROMPT_TEMPLATE).split("{}")[0]).input_ids)
+        if llava and any(image is None for _, image, _ in items):
+            raise HunyuanVideoError(f"{self.folder / 'text_encoder'} is LLaVA, which reads the prompt with an image: "
+                                    f"pass the image with the prompt.")
+        if not llava and any(image is not None for _, image, _ in items):
+            raise HunyuanVideoError(f"{self.folder / 'text_encoder'} reads no image (it is not LLaVA): use an "
+                                    f"image-to-video checkpoint's text encoder.")
+        out = []
+        for p, image, interleave in items:
+            report = _reporter(progress, "encoding the prompt")
+            if llava:
+                pixels = clip_pixels(image, self._image_processor())
+                out.append(encode_llava(p, pixels, tokenizer, llm, interleave, crop_start=crop_start, progress=report))
+            else:
+                out.append(encode_llama(p, tokenizer, llm, crop_start=crop_start, progress=report))
+            mx.eval(out[-1])
+        del llm
+        gc.collect()
+        mx.clear_cache()
+        clip = load_clip_text_encoder(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
+        tokenizer_2 = load_tokenizer(self.folder / "tokenizer_2")
+        for i, (p, _, _) in enumerate(items):
+            out[i] = (*out[i], encode_clip(p, tokenizer_2, clip))
+            mx.eval(out[i])
+        return out
+
+    def _image_processor(self):
+        """The checkpoint's CLIP image processor settings (image_processor/preprocessor_config.json), or CLIP's."""
+        f = self.folder / "image_processor" / "preprocessor_config.json"
+        try:
+            return json.loads(f.read_text()) if f.exists() else {}
+        except ValueError as e:
+            raise HunyuanVideoError(f"{f} is not valid JSON ({e}): {_again(f)}.") from None
+
+    def prompt_requests(self, prompts, negatives=(), image=None, height=544, width=960):
+        """What encode_prompt reads for these prompts and negative prompts: with HunyuanVideo-I2V's LLaVA, each
+        prompt with the image (every 4th or 2nd image state, by the checkpoint's conditioning) and each negative
+        prompt with a black image of the video's size, every 2nd (as the reference reads them); else the text."""
+        condition = self.image_condition()
+        if image is None or condition not in IMAGE_EMBED_INTERLEAVE:
+            return list(prompts) + list(negatives)
+        from PIL import Image
+
+        black = Image.new("RGB", (width, height), 0)
+        return [(p, image, IMAGE_EMBED_INTERLEAVE[condition]) for p in prompts] + [(n, black, 2) for n in negatives]
+
+    def encode_video(self, video, height, width, num_frames, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE,
+                     progress=None):
+        """Video to video: frames (F, H, W, 3) uint8 (or a file imageio reads) -> the DiT's latents (1, t, h, w,
+        16): the first num_frames frames, fitted to height x width (fit_frames), encoded by the VAE's tiled encoder
+        (the posterior's mean) and scaled by its scaling factor."""
+        frames = fit_frames(_video_frames(video), height, width, num_frames)
+        x = mx.array(frames)[None].astype(mx.float32) / 127.5 - 1  # (1, F, H, W, 3) in [-1, 1]
+        return self._vae_encode("encode video", x, tile, stride)
+
+    def encode_image(self, image, height, width):
+        """Image to video: an image (read_image's) -> its latents (1, 1, h, w, 16), the VAE's posterior mean
+        scaled by its scaling factor, as one frame of height x width (where SkyReels' pipeline samples the
+        posterior, the mean is taken: the deterministic choice)."""
+        return self._vae_encode("encode image", vae_pixels(image, height, width))
+
+    def _vae_encode(self, name, pixels, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE):
+        """The VAE's encoder as the phase `name`: pixels (1, F, H, W, 3) in [-1, 1] -> the posterior's mean times
+        the scaling factor, float32 (the DiT's latents)."""
+        def work():
+            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
+            z = vae.encode(pixels, tile, stride) * vae.scaling_factor
+            mx.eval(z)
+            return z.astype(mx.float32)
+        with self._phase(name):
+            return work()
+
+    def _denoise(self, r, cfg, text, latents, resume, video_latents, image_latents, progress):
+        """The denoising phase of a checked request: yields a Step after each step, returns the final latents (B, t,
+        h, w, 16), float32, unscaled. text: the prompts' rows, then with true CFG (cfg "batched" or "sequential") the
+        negative prompts'. True CFG: v = v_neg + s (v - v_neg), two forwards a step, as one of batch 2 or one after
+        the other, each branch with its own step cache. Video to video: video_latents noised to the noise level of
+        step steps - int(steps x strength) (as diffusers' and musubi-tuner's video-to-video do), and the steps from
+        there run; strength 1 is text to video from the same noise. Image to video: image_latents taken as the
+        checkpoint's DiT takes them (image_condition): token replace's first latent frame is the image's at every
+        step; latent concat's input channels are the latents, the image's (first frame, zeros after) and a mask of
+        the first frame; SkyReels' the latents and the image's. The initial noise is the reference's: 0.999 noise +
+        0.001 image for HunyuanVideo-I2V. The DiT is this function's: gone when it returns."""
+        condition = self.image_condition()
+        grid = patch_grid(r.height, r.width, r.frames)
+        sparse = RadialAttention(grid, r.steps, **radial_settings(r)) if r.attention == "radial" else None
+        batched = cfg == "batched"
+        forwards = [step_cache(r) for _ in range(2 if cfg and not batched else 1)]
+        if resume:
+            for forward, state in zip(forwards, _split_cache_state(resume["cache"], len(forwards))):
+                _set_cache_state(forward, *state)
+        states, mask, pooled = text
+        B = states.shape[0] // (2 if cfg else 1)  # rows [0, B): the prompt; [B, 2B): the negative prompt
+        strength = r.strength if video_latents is not None else 1.0
+        first = r.steps - min(int(r.steps * strength), r.steps)
+        steps = range(resume["step"] if resume else first, r.steps)
+        model = load_transformer(self.transformer_path, self.dtypes["transformer"], self.quantization,
+                                 self.quantize_modulation, self.low_memory, _reporter(progress, "loading the DiT"),
+                                 lazy_modulation=self.precompute_modulation, loras=self.loras,
+                                 lora_ignore_unmatched=self.lora_ignore_unmatched)
+        shape = (B, grid[0], r.height // 8, r.width // 8, model.out_channels)
+        dequantized = dequantize_matmul(math.prod(grid), self.quantized_matmul or "auto")
+        set_quantized_matmul(model, dequantized)
+        sigmas = flow_sigmas(r.steps, r.shift)
+        image = None if condition is None else mx.broadcast_to(image_latents.astype(mx.float32), (B, 1, *shape[2:]))
+        x = start_latents(shape, r.seed, latents, video_latents, sigmas[first], image, condition, resume)
+        extra = _image_channels(image, shape, condition)
+        dit = GuidedDiT(model, states, mask, pooled, r.guidance, sigmas, B, r.cfg_scale if cfg else None, batched,
+                        forwards, sparse, condition, self.precompute_modulation, math.prod(grid))
+        work = self.stats["work"] = new_ledger(r.cache, r.attention, resume)
+        work["matmul"] = ("dequantized" if dequantized else "kernel") if self.quantization else None
+        for i in _counted(steps, _reporter(progress, "denoising")):
+            v = dit(_image_input(x, image, extra, condition), i, work)  # the velocity, guided
+            x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents (the preview's)
+            x = sampler_step(x, v, sigmas[i], sigmas[i + 1], image if condition == "token_replace" else None)
+            mx.eval(x, x0)
+            if not mx.isfinite(x).all().item():  # black frames later: stop now, naming the phase
+                raise HunyuanVideoError(f"denoising gave NaN or infinite latents at step {i + 1}: the DiT's weights, "
+                                        f"a LoRA or the settings are broken; check them (nothing was written).")
+            yield Step(i + 1, r.steps, x, x0, _joined_cache_state(forwards), {**work, "steps": list(work["steps"])})
+        return x
+
+    def decode(self, latents, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE, progress=None):
+        """Latents (B, t, h, w, 16) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
+        default (the reference's tiles); tile=None decodes in one piece. A latent-concat I2V checkpoint's first 4
+        frames are dropped, as the reference drops them."""
+        def work():
+            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
+            video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride,
+                               _reporter(progress, "decoding"))
+            if self.image_condition() == "latent_concat":
+                video = video[:, 4:]
+            if not mx.isfinite(video).all().item():
+                raise HunyuanVideoError("decoding gave NaN or infinite frames: the VAE's weights (or the latents) are "
+                                        "broken; check them.")
+            return np.array((mx.clip(video.astype(mx.float32) / 2 + 0.5, 0, 1) * 255).round().astype(mx.uint8))
+        with self._phase("decode"):
+            frames = work()
+        return frames[0] if frames.shape[0] == 1 else frames

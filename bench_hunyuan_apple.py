@@ -156,7 +156,8 @@ def bench_phases(args, sizes):
             rows = []
             if args.model:
                 pipe = H.HunyuanVideoPipeline.from_pretrained(args.model, quantization=quant)
-                pipe("a red fox runs through a snowy forest at dawn", h, w, f, args.steps, seed=0, force=True)
+                pipe("a red fox runs through a snowy forest at dawn", height=h, width=w, frames=f, steps=args.steps,
+                     seed=0, force=True)
                 rows = [(name, pipe.stats[name][0] / (args.steps if name == "denoise" else 1), pipe.stats[name][1])
                         for name in ("text encoders", "denoise", "decode")]
             else:
@@ -318,8 +319,11 @@ def full_size_work(steps, cache=None, radial=None, h=544, w=960, f=129):
     Radial Attention's mask for this size where radial is given ({} for its defaults)."""
     model = H.HunyuanVideoTransformer()  # built lazily: no weights are made
     grid = H.patch_grid(h, w, f)
-    sparse = H.attention_pattern("radial", radial, grid, steps) if radial is not None else None
-    forward = H.step_cache(cache, None, steps, (h, w)) if cache == "taylorseer" else None
+    request = H.check_request(dict(prompt="x", height=h, width=w, frames=f, steps=steps, attention="radial" if radial
+                                   is not None else "dense", **{f"radial_{k}": v for k, v in (radial or {}).items()},
+                                   cache=cache if cache == "taylorseer" else None))
+    sparse = H.RadialAttention(grid, steps, **H.radial_settings(request)) if radial is not None else None
+    forward = H.step_cache(request) if cache == "taylorseer" else None
     ledger = H.new_ledger(cache, "radial" if sparse else "dense")
     for i in range(steps):
         ran = model.depth if forward is None or forward.computes(i) else (0, 0)
@@ -369,9 +373,9 @@ def print_work(args, sizes):
             h, w, f = parse_size(s)
             for name, cache, steps, shift, radial in settings:
                 t0 = time.perf_counter()
-                block = dict(block=8) if radial is not None else None  # the tiny sizes hold few 128-token blocks
-                pipe.denoise(*text, h, w, f, steps, 6.0, shift, seed=0, cache=cache, attention="radial" if block
-                             else "dense", radial=block)
+                block = dict(radial_block=8) if radial is not None else {}  # the tiny sizes hold few 128-token blocks
+                pipe(text=text, height=h, width=w, frames=f, steps=steps, shift=shift, seed=0, cache=cache,
+                     attention="radial" if block else "dense", output_type="latent", **block)
                 work = pipe.stats["work"]
                 print(f"{s:>12} {name:>30} {work['forwards']:>8} {work['skipped']:>7} {work['pflop']:>10.3g} "
                       f"{work['attention_pflop']:>10.3g} {work['linear_pflop']:>10.3g} {time.perf_counter() - t0:>8.2f}")
@@ -411,6 +415,7 @@ def bench_page(args, sizes):
         print('error: --page measures the web page, which needs Gradio: pip install "hunyuan-apple[ui]".',
               file=sys.stderr)
         return 2
+    import hunyuan_apple as cli
     import hunyuan_apple_ui as ui
 
     image = gr.Image(format="jpeg")  # as the page shows it
@@ -426,7 +431,7 @@ def bench_page(args, sizes):
         for i in range(args.repeat + 1):
             t0 = time.perf_counter()
             job.progress("denoising", i + 1, 50)
-            job.preview(i + 1, 50, x - 0.5 * v)  # x0 = x - sigma v, made lazily as the loop makes it
+            job.strip = cli.preview_strip(x - 0.5 * v)  # as the job makes it from a Step's x0 (made lazily)
             t1 = time.perf_counter()
             job.progress_html()
             image.postprocess(job.strip)  # written into Gradio's cache, as a yield sends it
@@ -449,7 +454,8 @@ PLAN = [("544x960x129", None, False), ("720x1280x129", None, False), ("480x848x2
 # (size, quantization, --low-memory[, true CFG[, image-to-video conditioning]])
 
 
-def main(argv=None):
+def parser():
+    """The command's flags."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", help="HEIGHTxWIDTHxFRAMES, e.g. 544x960x25")
     ap.add_argument("--reference", action="store_true", help="also time diffusers (needs torch and diffusers)")
@@ -466,6 +472,11 @@ def main(argv=None):
     ap.add_argument("--work", action="store_true", help="DiT forwards and PFLOP of a generation per cache and preset")
     ap.add_argument("--page", action="store_true", help="the web page's own work a step (progress, preview)")
     ap.add_argument("--radial", action="store_true", help="Radial Attention's mask at full size: kept blocks, FLOPs")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     try:
         return run(ap, args)

@@ -69,7 +69,8 @@ def convert(args, out):
             shutil.copy2(folder / name, out / name)
 
 
-def main(argv=None):
+def parser():
+    """The command's flags."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a diffusers-layout folder or hub id, or a transformer alone")
     ap.add_argument("--transformer", help="take the DiT from this file or folder (Tencent .pt, ComfyUI .safetensors)")
@@ -84,6 +85,11 @@ def main(argv=None):
                     "before any quantization; repeat for several)")
     ap.add_argument("--lora-ignore-unmatched", action="store_true", help="bake a LoRA even if some of its keys "
                     "match no layer (listed in a warning)")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     out = Path(args.output).expanduser().absolute()
     tmp = out.with_name(out.name + ".partial")

@@ -32,11 +32,33 @@ import hunyuan_apple as C
 
 NONE = "none"  # the dropdowns' "no rewrite / preset / quantization / cache"
 SIZES = ["model default", *C.BUCKETS, "custom"]  # "model default": 540p, or the tiny demo's 96 x 160
-# the form's fields, in the order the handlers take them (and gradio_client names them)
-FIELDS = ("prompt", "rewrite", "negative_prompt", "model", "preset", "size", "aspect_ratio", "height", "width",
-          "frames", "steps", "guidance", "cfg_scale", "shift", "random_seed", "seed", "quantization", "cache",
-          "cache_threshold", "loras", "lora_files", "lora_scales", "image", "video", "strength", "low_memory", "force")
+# The form's fields. Most are the module's settings (HunyuanVideo_Apple.SETTINGS), one field each, made from its
+# table: a choice is a dropdown, a yes-or-no a box, a number a text box (left empty: the default applies). The page
+# lays out its own: the prompts and the model, the size (SIZE_FIELDS), the seed, the LoRAs and the files, read from
+# its folders; it has no field for the paths it does not let a page read (the transformer, the rewrite model: the
+# server's --rewrite-model) nor for what a run records (original_prompt).
+OWN = ("prompt", "negative_prompt", "model", "height", "width", "seed", "loras", "image", "video", "strength",
+       "transformer", "rewrite_model", "original_prompt")
+SETTING_FIELDS = tuple(k for k in H.SETTINGS if k not in OWN)
+MAIN = ("rewrite", "preset", "frames", "steps", "guidance", "cfg_scale", "shift", "quantization", "cache",
+        "cache_threshold", "low_memory", "force")  # the settings in view; the rest under "More settings"
+# the fields in the order the handlers take them (and gradio_client names them)
+FIELDS = ("prompt", "negative_prompt", "model", "size", "aspect_ratio", "height", "width", "random_seed", "seed",
+          "loras", "lora_files", "lora_scales", "image", "video", "strength", *SETTING_FIELDS)
+# how the page names the settings in its messages: by their fields' labels
+PAGE_NAMES = {**{k: s.label for k, s in H.SETTINGS.items() if s.label}, "resolution": "the custom size",
+              "height": "the height", "width": "the width", "loras": "the LoRAs"}
 Folders = namedtuple("Folders", "models outputs uploads")
+
+
+def default_value(name):
+    """A setting's field as the page opens: its choice ("none" for no choice), its box, or empty text."""
+    s = H.SETTINGS[name]
+    if s.kind is bool:
+        return bool(s.default)
+    if isinstance(s.kind, tuple):
+        return NONE if s.default is None else s.default
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -74,34 +96,33 @@ def flags(v, folders, rewrite_model=None):
     """The form's values (a dict by FIELDS) -> the command line's flags. Empty fields are left out, so that
     the command line's defaults (and the tiny demo's sizes) apply. rewrite_model: the server's --rewrite-model."""
     argv = ["--prompt", v["prompt"] or "", "--model", model_argument(v["model"], folders)]
-    if v["rewrite"] and v["rewrite"] != NONE:
-        argv += ["--rewrite", v["rewrite"]] + (["--rewrite-model", rewrite_model] if rewrite_model else [])
+    if v.get("rewrite") not in (None, NONE) and rewrite_model:
+        argv += ["--rewrite-model", rewrite_model]
     if v["negative_prompt"]:
         argv += ["--negative-prompt", v["negative_prompt"]]
-    if v["preset"] and v["preset"] != NONE:
-        argv += ["--preset", v["preset"]]
     if v["size"] in C.BUCKETS:
         argv += ["--quality", v["size"], "--aspect-ratio", v["aspect_ratio"]]
     elif v["size"] == "custom":
         if v["height"] is None or v["width"] is None:
             raise Refused("a custom size needs a height and a width (multiples of 16).")
         argv += ["--resolution", str(int(v["height"])), str(int(v["width"]))]
-    for key in ("frames", "steps", "guidance", "cfg_scale", "shift", "cache_threshold"):
-        text = str(v[key] if v[key] is not None else "").strip()
-        if text:
-            kind = int if key in ("frames", "steps") else float
+    for key in SETTING_FIELDS:
+        kind, value = H.SETTINGS[key].kind, v.get(key, default_value(key))
+        if kind is bool:
+            argv += [C.FLAGS[key]] * bool(value)
+        elif isinstance(kind, tuple):
+            argv += [C.FLAGS[key], value] if value not in (None, NONE) else []
+        elif str(value if value is not None else "").strip():
+            text = str(value).strip()
             try:
                 kind(text)
             except ValueError:
                 what = "a whole number" if kind is int else "a number"
-                raise Refused(f"{key.replace('_', ' ')} {text!r}: type {what}, or leave it empty for the "
+                raise Refused(f"{PAGE_NAMES[key]} {text!r}: type {what}, or leave it empty for the "
                               f"default.") from None
-            argv += [C.flag(key), text]
+            argv += [C.FLAGS[key], text]
     if not v["random_seed"] and v["seed"] is not None:
         argv += ["--seed", str(int(v["seed"]))]
-    for key in ("quantization", "cache"):
-        if v[key] and v[key] != NONE:
-            argv += [C.flag(key), v[key]]
     files = [confined(folders.models / f, [folders.models], "the LoRA") for f in v["loras"] or ()] + \
             [confined(f, list(folders), "the LoRA") for f in v["lora_files"] or ()]
     scales = [s for s in re.split(r"[,\s]+", v["lora_scales"] or "") if s]
@@ -114,7 +135,7 @@ def flags(v, folders, rewrite_model=None):
         argv += ["--image", str(confined(v["image"], list(folders), "the image"))]
     if v["video"]:
         argv += ["--video", str(confined(v["video"], list(folders), "the video")), "--strength", str(v["strength"])]
-    return argv + ["--low-memory"] * bool(v["low_memory"]) + ["--force"] * bool(v["force"])
+    return argv
 
 
 def parse(argv):
@@ -134,17 +155,18 @@ heard = threading.local()
 
 
 def show_warning(message, *_, **__):
+    text = message.sentence(PAGE_NAMES) if isinstance(message, H.HunyuanVideoWarning) else str(message)
     lines = getattr(heard, "lines", None)
     if lines is None:
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {text}", file=sys.stderr)
     else:
-        lines.append(f"warning: {message}")
+        lines.append(f"warning: {text}")
 
 
 class Job:
-    """One run of hunyuan_apple.run. progress(what, done, total) keeps each activity's count and times;
-    preview(...) keeps the latest step's strip (made on the run's thread: it is a few milliseconds, and MLX
-    arrays stay on the thread that computes them); stop (an Event) ends the run after the current step."""
+    """One run of the command line's stream, on a thread of its own: a loop over its events that keeps what the page
+    shows (each activity's count and times, the latest step's preview strip, the lines it tells, the outcome).
+    stop (an Event) ends the run after the current step: the loop is left, the stream closed, its checkpoint kept."""
 
     def __init__(self, argv, session, load):
         self.argv, self.session, self.load = argv, session, load
@@ -156,14 +178,27 @@ class Job:
         start = now if done == 0 or what not in self.phases else self.phases[what][2]
         self.phases[what] = (done, total, start, now)
 
-    def preview(self, step, steps, x0):
-        self.strip = C.preview_strip(x0)
-
     def _run(self):
         heard.lines = self.lines  # this thread's warnings go to the job's log
         try:
-            self.outcome = C.run(parse(self.argv), self.progress, self.lines.append, self.load, self.preview,
-                                 self.stop.is_set)
+            args = parse(self.argv)
+            events, step = C.stream(args, PAGE_NAMES, self.load, self.progress), None
+            try:
+                for event in events:
+                    if isinstance(event, C.Said):
+                        self.lines.append(event.text)
+                    elif isinstance(event, H.Step):  # made here: a few milliseconds, on the thread of its arrays
+                        step, self.strip = event, C.preview_strip(event.x0)
+                    elif isinstance(event, C.Outcome):
+                        self.outcome = event
+                    if self.stop.is_set() and self.outcome is None:
+                        break  # cancelled: the stream is closed below, which saves its checkpoint
+            finally:
+                events.close()
+            if self.outcome is None:  # left after a step: its checkpoint continues it
+                path = C.partial_file(Path(args.output)) if args.output else Path(args.resume)
+                self.outcome = C.Outcome(130, "" if step else "error: cancelled before the first step.",
+                                         settings={"steps": step and step.steps}, stopped=step and (step.step, path))
         except Refused as e:
             self.outcome = C.Outcome(2, f"error: {e}")
         except Exception as e:  # the page keeps serving; the message says what broke
@@ -182,33 +217,19 @@ class Job:
         return '<div id="phases">' + "".join(rows) + "</div>"
 
 
-# the command line's flags that its messages name, as the page names them
-PAGE_WORDS = {"--force": "the box \"Run even if the plan says it will not fit\"", "--resolution": "the custom size",
-              "--low-memory": "Low memory", "--quantization": "Quantization", "--frames": "Frames", "--steps": "Steps",
-              "--image FILE": "an image", "--image": "an image", "--cfg-scale": "True CFG scale",
-              "--negative-prompt": "a negative prompt",
-              "--model": "Model", "--preset": "Preset", "--cache-threshold": "Cache threshold", "--cache": "Step cache"}
-
-
-def in_page_words(message):
-    """A message of the command line, with its flags named as the page names them."""
-    return re.sub("(" + "|".join(sorted(map(re.escape, PAGE_WORDS), key=len, reverse=True)) + r")(?![\w-])",
-                  lambda m: PAGE_WORDS[m.group(0)], message)  # whole flags: --cache, not --cache-threshold's
-
-
 class Page:
     """The page's state on the server: its folders, the one pipeline it keeps loaded, the running job."""
 
-    def __init__(self, folders, model, rewrite_model=None):
+    def __init__(self, folders, model, rewrite_model=None, shown=None):
         self.folders, self.model, self.rewrite_model = folders, model, rewrite_model
+        self.shown = shown or (folders.models, folders.outputs)  # the folders as the page names them: as given
         self.lock, self.job = threading.Lock(), None
         self.pipe_key, self.pipe = None, None
 
     def load(self, settings, args):
         """The command line's load_pipeline, kept while the model and what loading it takes are the same."""
-        key = (repr(sorted((k, settings.get(k)) for k in ("model", "transformer", "quantization", "loras",
-                                                          "quantize_modulation", "lora_ignore_unmatched",
-                                                          *C.COMPONENT))), args.low_memory)
+        key = (repr(sorted((k, settings.get(k)) for k, s in H.SETTINGS.items() if s.group == "loading")),
+               args.low_memory)
         if key != self.pipe_key:
             self.pipe_key, self.pipe = None, None  # the old one goes first
             self.pipe, self.pipe_key = C.load_pipeline(settings, args), key
@@ -231,19 +252,18 @@ class Page:
             args = parse(flags(v, self.folders, self.rewrite_model))
             if not args.prompt:
                 args.prompt = "x"  # the plan does not depend on the words
-            settings = C.resolve(args)
-            p = C.plan(self.load(settings, args), settings)
+            request = C.resolve(args)
+            p = self.load(request._asdict(), args).plan(H.check_request(request, self.pipe))
         except (Refused, H.HunyuanVideoError) as e:
-            return f"**Check the settings**: {in_page_words(str(e))}"
+            return f"**Check the settings**: {e.sentence(PAGE_NAMES) if isinstance(e, H.HunyuanVideoError) else e}"
         finally:
             heard.lines = None
         if p.problem:
-            return f"**Will not fit**: {in_page_words(p.problem)}"
-        line = re.sub(r", seed \d+", "", p.line) if v["random_seed"] or v["seed"] is None else p.line
-        return (f"**Plan**: {line}. Memory, each phase's peak: " +
-                ", ".join(f"{k} {H.gib(v)}" for k, v in p.memory.items()) +
+            return f"**Will not fit**: {p.problem.sentence(PAGE_NAMES)}"
+        return (f"**Plan**: {C.describe(p, seed=not v['random_seed'] and v['seed'] is not None)}. Memory, each "
+                f"phase's peak: " + ", ".join(f"{k} {H.gib(v)}" for k, v in p.memory.items()) +
                 f" of {H.gib(H.available_memory())} available: it fits." +
-                "".join(f"\n\n**Warning**: {in_page_words(w.removeprefix('warning: '))}" for w in said))
+                "".join(f"\n\n**Warning**: {w.removeprefix('warning: ')}" for w in said))
 
     def start(self, argv, session):
         self.job = Job(argv, session, self.load)
@@ -276,10 +296,11 @@ class Page:
         log = job.lines + ([done.message] if done.code else [])  # the message whole: how to go on, where said
         out = {outputs["progress"]: job.progress_html(), outputs["log"]: "\n".join(log),
                outputs["gallery"]: gallery(self.folders.outputs), outputs["resume"]: None}
-        error = in_page_words(done.message.splitlines()[0].removeprefix("error: ")) if done.message else ""
+        error = done.message.splitlines()[0].removeprefix("error: ") if done.message else ""
         if done.code == 0:
             video = Path(next(f for f in done.files if str(f).endswith(".mp4")))
-            ledger = "```\n" + "\n".join(C.summary(done.pipe, done.files, done.seconds)) + "\n```"
+            files = [self.named(f) for f in done.files]
+            ledger = "```\n" + "\n".join(C.summary(done.pipe, files, done.seconds)) + "\n```"
             return {**out, outputs["video"]: str(video), outputs["ledger"]: ledger,
                     outputs["settings"]: json.loads(video.with_suffix(".json").read_text()),
                     outputs["message"]: f"Done: {video.name}, seed {done.settings['seed']}."}
@@ -289,6 +310,12 @@ class Page:
                 f"Cancelled after step {step} of {done.settings['steps']}: Resume finishes it." if done.code == 130
                 else f"{error} Resume goes on from step {step}.")}
         return {**out, outputs["video"]: None, outputs["message"]: error}
+
+    def named(self, path):
+        """A file in the outputs folder as the page names that folder (as given), not by its full path."""
+        path = Path(path)
+        return Path(self.shown[1]) / path.relative_to(self.folders.outputs) \
+            if path.is_relative_to(self.folders.outputs) else path
 
     def cancel(self, session):
         job = self.job
@@ -323,14 +350,15 @@ def form_values(settings, folders):
     prefix = H.PRESETS.get(settings.get("preset"), {}).get("prompt_prefix", "")
     loras = [str(Path(f).resolve().relative_to(folders.models)) for f, _ in settings.get("loras") or ()
              if Path(f).resolve().is_relative_to(folders.models)]
-    text = {k: "" if settings.get(k) is None else str(settings[k])
-            for k in ("frames", "steps", "guidance", "cfg_scale", "shift", "cache_threshold")}
+    fields = {}
+    for k in SETTING_FIELDS:  # each setting's field as the page opens it when the video left it out
+        kind, value = H.SETTINGS[k].kind, settings.get(k)
+        fields[k] = default_value(k) if value is None else bool(value) if kind is bool else \
+            value if isinstance(kind, tuple) else str(value)
     prompt = settings.get("original_prompt") or settings["prompt"]  # a rewritten prompt: the words typed
-    return dict(prompt=prompt.removeprefix(prefix), rewrite=settings.get("rewrite") or NONE,
-                negative_prompt=settings.get("negative_prompt") or "",
-                model=model, preset=settings.get("preset") or NONE, size="custom", height=settings.get("height"),
-                width=settings.get("width"), **text, random_seed=False, seed=settings.get("seed"),
-                quantization=settings.get("quantization") or NONE, cache=settings.get("cache") or NONE, loras=loras,
+    return dict(fields, prompt=prompt.removeprefix(prefix), negative_prompt=settings.get("negative_prompt") or "",
+                model=model, size="custom", height=settings.get("height"), width=settings.get("width"),
+                random_seed=False, seed=settings.get("seed"), loras=loras,
                 lora_scales=", ".join(f"{s:g}" for f, s in settings.get("loras") or ()
                                       if Path(f).resolve().is_relative_to(folders.models)),
                 strength=settings.get("strength") or 0.8)
@@ -346,6 +374,21 @@ def models_in(folder):
     return [str(p.parent.relative_to(folder)) for p in found], [str(p.relative_to(folder)) for p in loras]
 
 
+def setting_field(name):
+    """A setting's field, made from its row of the table (inside a Blocks): a dropdown of its choices ("none" first
+    where it has no default), a box, or a text box whose placeholder tells the default."""
+    import gradio as gr
+
+    s = H.SETTINGS[name]
+    if s.kind is bool:
+        return gr.Checkbox(bool(s.default), label=s.label, info=s.help, elem_id=name, min_width=160)
+    if isinstance(s.kind, tuple):
+        return gr.Dropdown([NONE] * (s.default is None) + list(s.kind), value=default_value(name), label=s.label,
+                           info=s.help if len(s.help) < 120 else None, elem_id=name, min_width=160)
+    return gr.Textbox("", label=s.label, placeholder="default" if s.default is None else f"default {s.default}",
+                      info=s.help if len(s.help) < 120 else None, elem_id=name, min_width=160)
+
+
 def build(page):
     """The Gradio Blocks of the page."""
     import gradio as gr
@@ -354,41 +397,36 @@ def build(page):
     checkpoints, lora_names = models_in(folders.models)
     with gr.Blocks(title="HunyuanVideo on MLX") as demo:
         gr.Markdown(f"# HunyuanVideo on MLX\nText, image or video to video, on this machine. Videos are saved in "
-                    f"`{folders.outputs}` with their settings, as the command line saves them.")
+                    f"`{page.shown[1]}` with their settings, as the command line saves them.")
         f = {}
         with gr.Row():
             with gr.Column(scale=3):
                 f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                          placeholder="a cat walks on the grass, realistic style")
-                f["rewrite"] = gr.Dropdown([NONE, *H.REWRITE_MODES], value=NONE, elem_id="rewrite",
-                                           label="Rewrite the prompt first (a small local language model, mlx-lm)")
                 f["negative_prompt"] = gr.Textbox("", label="Negative prompt (true CFG: two DiT forwards a step)",
                                                   elem_id="negative_prompt")
                 with gr.Row():
                     f["model"] = gr.Dropdown([*H.TINY_MODELS, H.DEFAULT_MODEL, *checkpoints], value=page.model,
                                              label="Model", allow_custom_value=True, elem_id="model")
-                    f["preset"] = gr.Dropdown([NONE, *H.PRESETS], value=NONE, label="Preset", elem_id="preset")
-                with gr.Row():
                     f["size"] = gr.Dropdown(SIZES, value=SIZES[0], label="Size", elem_id="size")
                     f["aspect_ratio"] = gr.Dropdown(list(C.BUCKETS["540p"]), value="16:9", label="Aspect ratio")
                     f["height"] = gr.Number(544, label="Height (custom)", precision=0, elem_id="height")
                     f["width"] = gr.Number(960, label="Width (custom)", precision=0, elem_id="width")
-                with gr.Row():  # text, not numbers: left empty, the command line's default applies
-                    for key, label in (("frames", "Frames (4n+1)"), ("steps", "Steps"), ("guidance", "Guidance"),
-                                       ("cfg_scale", "True CFG scale"), ("shift", "Flow shift")):
-                        f[key] = gr.Textbox("", label=label, placeholder="default", elem_id=key)
                 with gr.Row():
                     f["seed"] = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                     f["random_seed"] = gr.Checkbox(True, label="Random seed", elem_id="random_seed")
-                with gr.Row():
-                    f["quantization"] = gr.Dropdown([NONE, *H.QUANTIZATIONS], value=NONE, label="Quantization")
-                    f["cache"] = gr.Dropdown([NONE, *H.CACHES], value=NONE, label="Step cache")
-                    f["cache_threshold"] = gr.Textbox("", label="Cache threshold", placeholder="default",
-                                                      elem_id="cache_threshold")
-                with gr.Accordion("LoRAs, image to video, video to video, memory", open=False, elem_id="more"):
+                with gr.Row(equal_height=True):  # the settings in view; left empty, a setting's default applies
+                    for key in MAIN:
+                        f[key] = setting_field(key)
+                with gr.Accordion("More settings", open=False, elem_id="settings_more"):
+                    with gr.Row(equal_height=True):
+                        for key in SETTING_FIELDS:
+                            if key not in MAIN:
+                                f[key] = setting_field(key)
+                with gr.Accordion("LoRAs, image to video, video to video", open=False, elem_id="more"):
                     with gr.Row():
                         f["loras"] = gr.Dropdown(lora_names, value=[], multiselect=True,
-                                                 label=f"LoRAs in {folders.models}")
+                                                 label=f"LoRAs in {page.shown[0]}")
                         f["lora_files"] = gr.File(file_count="multiple", file_types=[".safetensors"],
                                                   label="or upload LoRAs", elem_id="lora_files")
                         f["lora_scales"] = gr.Textbox("", label="LoRA scales, in order (1 when left out)")
@@ -398,9 +436,6 @@ def build(page):
                         f["video"] = gr.File(label="Video (video to video)", type="filepath", file_types=["video"],
                                              elem_id="video")
                         f["strength"] = gr.Slider(0, 1, 0.8, step=0.05, label="Strength (video to video)")
-                    with gr.Row():
-                        f["low_memory"] = gr.Checkbox(False, label="Low memory (slower)")
-                        f["force"] = gr.Checkbox(False, label="Run even if the plan says it will not fit")
                 plan = gr.Markdown(elem_id="plan")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -416,7 +451,7 @@ def build(page):
                 log = gr.Textbox(label="Log", lines=4, interactive=False, elem_id="log")
                 settings = gr.JSON(label="Settings", elem_id="settings")
         with gr.Accordion("Earlier videos", open=False, elem_id="earlier"):
-            gallery_view = gr.Gallery(gallery(folders.outputs), label=f"In {folders.outputs}", columns=4,
+            gallery_view = gr.Gallery(gallery(folders.outputs), label=f"In {page.shown[1]}", columns=4,
                                       elem_id="gallery")
             chosen = gr.JSON(label="Its settings", elem_id="chosen")
             use = gr.Button("Use these settings", elem_id="use")
@@ -453,7 +488,7 @@ def build(page):
         # Gradio names an endpoint's parameters after its function's: the API takes the form's fields by name
         on_generate.__signature__ = inspect.Signature(
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)] +
-            [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in FIELDS])
+            [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f[k].value) for k in FIELDS])
         # one generation at a time; a request waiting for its turn shows its place in the queue by the message
         gen = dict(outputs=list(outputs.values()), concurrency_id="generation", concurrency_limit=1,
                    show_progress="full", show_progress_on=[progress])
@@ -485,7 +520,8 @@ def build(page):
     return demo
 
 
-def parse_args(argv):
+def parser():
+    """The page's own flags (its settings are the form's fields)."""
     ap = argparse.ArgumentParser(prog="hunyuan-apple-ui", description="HunyuanVideo on MLX: the web page, on "
                                  "http://127.0.0.1:PORT (this machine only, unless --listen).")
     ap.add_argument("--models", default="models", help="the folder of checkpoints and LoRAs the page may read "
@@ -500,7 +536,11 @@ def parse_args(argv):
     ap.add_argument("--listen", nargs="?", const="0.0.0.0", metavar="ADDRESS", help="serve other machines too: on "
                     "ADDRESS (default 0.0.0.0, every address of this machine); pair it with --auth")
     ap.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login before the page opens")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv):
+    return parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -531,7 +571,8 @@ def main(argv=None):
             print(f"error: {name} {path}: cannot make the folder ({e.strerror}); choose another.", file=sys.stderr)
             return 2
         folders.append(path.resolve())
-    page = Page(Folders(*folders, Path(get_upload_folder()).resolve()), args.model, args.rewrite_model)
+    page = Page(Folders(*folders, Path(get_upload_folder()).resolve()), args.model, args.rewrite_model,
+                (args.models, args.outputs))
     warnings.showwarning = show_warning
     warnings.filterwarnings("always", module="HunyuanVideo_Apple|hunyuan_apple")  # each run's, not once a server
     demo = build(page)

@@ -88,13 +88,19 @@ def make_llama_tokenizer(folder):
 
 def dit_run_inputs(folder, frames, height, width, model_seed, input_seed):
     """What a whole denoising run of the DiT alone needs (the step caches' and Radial Attention's tests): a tiny
-    random diffusers transformer (2 double, 2 single blocks, width 32) saved in folder/transformer, make() to build
-    it again for the reference, random text inputs (20 of 32 tokens valid, padding zeroed) and initial latents
-    (channels-first)."""
+    random diffusers transformer (2 double, 2 single blocks, width 32) saved in folder/transformer (the rest of the
+    checkpoint the tiny demo's, for the memory plan), make() to build it again for the reference, random text inputs
+    (20 of 32 tokens valid, padding zeroed) and initial latents (channels-first)."""
+    import shutil
+
     from diffusers import HunyuanVideoTransformer3DModel
+
+    import HunyuanVideo_Apple as H
     make = lambda: randomize(HunyuanVideoTransformer3DModel(  # noqa: E731
         num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=2, num_single_layers=2,
         num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32), seed=model_seed).eval()
+    H.build_tiny_checkpoint(folder)
+    shutil.rmtree(folder / "transformer")
     make().save_pretrained(folder / "transformer")
     g = torch.Generator().manual_seed(input_seed)
     states, pooled = torch.randn(1, 32, 64, generator=g), torch.randn(1, 32, generator=g)
@@ -123,3 +129,26 @@ def denoise_with_diffusers(transformer, setup, frames, height, width, steps, ste
                        height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=6.0,
                        output_type="latent", return_dict=False, callback_on_step_end=next_step, **extra)[0]
     return latents.permute(0, 2, 3, 4, 1).numpy()
+
+
+# diffusers' names of the settings the parity tests give both pipelines -> ours (HunyuanVideo_Apple.SETTINGS)
+OURS = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance", "flow_shift": "shift",
+        "true_cfg_scale": "cfg_scale"}
+
+
+def our_names(kw):
+    """Keywords written with diffusers' names, with ours."""
+    return {OURS.get(k, k): v for k, v in kw.items()}
+
+
+def run_to_end(events, stop=None):
+    """Drive a pipeline's stream to its end (or, stop(event) true, leave it there): the events, in order."""
+    seen = []
+    try:
+        for event in events:
+            seen.append(event)
+            if stop is not None and stop(event):
+                break
+    finally:
+        events.close()
+    return seen

@@ -51,11 +51,13 @@ def reference(setup, wrap=None, **cache):
 
 
 def ours(setup, cache=None, threshold=None, options=None, **kw):
+    """Our run of the setup's DiT over its text inputs and initial latents; options: TaylorSeer's {interval, ...}."""
     folder, _, states, mask, pooled, init = setup
     pipe = H.HunyuanVideoPipeline(folder, dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32))
-    latents = pipe.denoise(mx.array(states.numpy()), mx.array(mask.numpy()), mx.array(pooled.numpy()), HEIGHT, WIDTH,
-                           F, STEPS, 6.0, 7.0, latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), cache=cache,
-                           cache_threshold=threshold, cache_options=options, **kw)
+    latents = pipe(text=(mx.array(states.numpy()), mx.array(mask.numpy()), mx.array(pooled.numpy())), height=HEIGHT,
+                   width=WIDTH, frames=F, steps=STEPS, guidance=6.0, shift=7.0, output_type="latent",
+                   latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), cache=cache, cache_threshold=threshold,
+                   **{f"cache_{k}": v for k, v in (options or {}).items()}, **kw)
     return np.array(latents), pipe.stats["work"]
 
 
@@ -207,20 +209,21 @@ def test_threshold_zero_is_the_uncached_run_to_the_bit(setup):
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(cache="deepcache"), "cache 'deepcache': use one of fbcache, teacache, magcache, easycache"),
-    (dict(cache="teacache", cache_threshold=-0.1), "cache threshold -0.1: use 0 or more"),
-    (dict(cache_threshold=0.1), "a cache threshold without a cache"),
-    (dict(cache="taylorseer", cache_threshold=0.1), "taylorseer has no threshold: set its interval"),
-    (dict(cache="teacache", cache_options=dict(interval=2)), "teacache takes a threshold only"),
-    (dict(cache="taylorseer", cache_options=dict(interval=0)), "taylorseer's interval 0: use a whole number of 1"),
-    (dict(cache="taylorseer", cache_options=dict(order=7)), "taylorseer's order 7: use a whole number from 1 to 4"),
-    (dict(cache="taylorseer", cache_options=dict(depth=2)), "cache options depth: taylorseer takes interval, order"),
-    (dict(cache_options=dict(order=2)), "a cache option without a cache"),
+    (dict(cache="deepcache"), 'cache is "deepcache", where one of fbcache, teacache, magcache, easycache'),
+    (dict(cache="teacache", cache_threshold=-0.1), "cache_threshold -0.1: use 0 or more"),
+    (dict(cache_threshold=0.1), "cache_threshold without cache: name the cache too"),
+    (dict(cache="taylorseer", cache_threshold=0.1), "cache taylorseer takes no cache_threshold: set its cache_interval"),
+    (dict(cache="teacache", cache_interval=2), r"cache_interval set the TaylorSeer cache: give cache taylorseer too "
+                                               r"\(cache teacache takes cache_threshold\)"),
+    (dict(cache="taylorseer", cache_interval=0), "cache_interval 0: use a whole number of 1 or more"),
+    (dict(cache="taylorseer", cache_order=7), "cache_order 7: use a whole number from 1 to 4"),
+    (dict(cache="taylorseer", cache_depth=2), "cache_depth is not a setting"),
+    (dict(cache_order=2), "cache_order set the TaylorSeer cache: give cache taylorseer too."),
 ])
 def test_bad_cache_requests(setup, kw, words):
     pipe = H.HunyuanVideoPipeline(setup[0])
     with pytest.raises(H.HunyuanVideoError, match=words):
-        pipe("a cat", 32, 32, 5, 2, **kw)
+        pipe("a cat", height=32, width=32, frames=5, steps=2, **kw)
 
 
 def test_the_memory_plan_counts_what_a_cache_keeps(tmp_path):

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip_tokenizer, make_llama_tokenizer, randomize, rel_err
+from conftest import our_names, make_clip_tokenizer, make_llama_tokenizer, randomize, rel_err
 from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanSkyreelsImageToVideoPipeline,
                        HunyuanVideoImageToVideoPipeline, HunyuanVideoTransformer3DModel)
 from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_skyreels_image2video as skyreels_module
@@ -146,13 +146,14 @@ def test_image_to_video_matches_diffusers(parts, kind, size, cfg, bound, monkeyp
     ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
     assert ours.image_condition() == {"skyreels": "concat"}.get(kind, kind)
     mine = mx.array(init.permute(0, 2, 3, 4, 1).numpy())
-    latents = np.array(ours(PROMPT, image=image, latents=mine, output_type="latent", guidance_scale=guidance, **kw))
+    latents = np.array(ours(PROMPT, image=image, latents=mine, output_type="latent", guidance=guidance,
+                            **our_names(kw)))
     if kind == "latent_concat":  # the reference's latent output leaves out the first frame
         latents = latents[:, 1:]
     err = rel_err(latents, ref_latents)
     print(f"{kind}{' with true CFG' if cfg else ''}: latents {err:.2e}")
     assert err <= bound, f"{kind}: final latents relative error {err:.2e} > {bound}"
-    frames = ours(PROMPT, image=image, latents=mine, guidance_scale=guidance, **kw)
+    frames = ours(PROMPT, image=image, latents=mine, guidance=guidance, **our_names(kw))
     assert frames.shape == ref_frames.shape == (F - 4 if kind == "latent_concat" else F, Hh, W, 3)
     levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
     print(f"{kind}{' with true CFG' if cfg else ''}: frames {levels:.2f} levels")
@@ -197,7 +198,7 @@ def test_the_command_line_with_an_image(parts, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     for args, words in ((["--image", "absent.png"], "the image absent.png does not exist"),
                         (["--image", "notes.png"], "the image notes.png could not be read"),
-                        ([], "is an image-to-video checkpoint: give --image FILE"),
+                        ([], "is an image-to-video checkpoint: give --image"),
                         (["--image", "cat.png", "--video", "cat.png"], "--image and --video: give one of them"),
                         (["--image", "cat.png", "--output", "cat.png"], "the video is an mp4")):
         r = run_cli(tmp_path, "--prompt", "a cat", *small, *args)
@@ -214,8 +215,7 @@ def test_the_tiny_image_to_video_demo(tmp_path, monkeypatch):
     pipe = H.HunyuanVideoPipeline.from_pretrained("tiny-i2v")
     assert pipe.image_condition() == "token_replace"
     image = picture(90, 70, seed=2)
-    latents = pipe(PROMPT, image=image, height=48, width=64, num_frames=9, num_inference_steps=2, seed=0,
-                   output_type="latent")
+    latents = pipe(PROMPT, image=image, height=48, width=64, frames=9, steps=2, seed=0, output_type="latent")
     assert np.array_equal(np.array(latents[:, :1]), np.array(pipe.encode_image(image, 48, 64)))
     assert not np.array_equal(np.array(latents[:, 1:2]), np.array(latents[:, :1]))
     image.save(tmp_path / "cat.png")
@@ -227,20 +227,20 @@ def test_the_tiny_image_to_video_demo(tmp_path, monkeypatch):
 def test_api_images_of_any_kind_and_bad_requests(parts):
     folder, _ = make_pipeline(parts, "latent_concat")
     ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
-    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=1, seed=0, output_type="latent")
+    kw = dict(height=32, width=32, frames=5, steps=1, seed=0, output_type="latent")
     rgb = np.array(picture(40, 40, seed=6))
     a = np.array(ours(PROMPT, image=rgb, **kw))
     rgba = np.concatenate([rgb, np.full((40, 40, 1), 255, np.uint8)], axis=-1)
     assert np.array_equal(np.array(ours(PROMPT, image=rgba, **kw)), a)  # an opaque RGBA image is its RGB
     gray = np.array(picture(40, 40, seed=6, mode="L"))
     assert ours(PROMPT, image=gray, **kw).shape == a.shape
-    for bad, words in ((None, "is an image-to-video checkpoint: pass image="),
+    for bad, words in ((None, "is an image-to-video checkpoint: give image"),
                        (np.zeros((4, 4, 2), np.uint8), "an image array of shape (4, 4, 2)"),
                        ("absent.png", "does not exist")):
         with pytest.raises(H.HunyuanVideoError, match=words.replace("(", r"\(").replace(")", r"\)")):
             ours(PROMPT, image=bad, **kw)
     with pytest.raises(H.HunyuanVideoError, match="leaves out its first 4 frames; ask for 5 or more"):
-        ours(PROMPT, image=rgb, **{**kw, "num_frames": 1})
+        ours(PROMPT, image=rgb, **{**kw, "frames": 1})
     t2v = H.HunyuanVideoPipeline.from_pretrained("tiny")
     with pytest.raises(H.HunyuanVideoError, match="text-to-video checkpoint, which takes no image"):
         t2v(PROMPT, image=rgb, **kw)
@@ -276,7 +276,7 @@ def test_other_layouts_and_conversion(parts, tmp_path):
     llava = H.load_text_encoder(tmp_path / "q8" / "text_encoder")
     assert isinstance(llava.language_model.layers[0].mlp.up_proj, H.nn.QuantizedLinear)
     assert isinstance(llava.multi_modal_projector.linear_1, H.nn.Linear)  # the vision side stays as it was
-    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=2, seed=0, output_type="latent",
+    kw = dict(height=32, width=48, frames=5, steps=2, seed=0, output_type="latent",
               image=picture(48, 32, seed=8))
     converted = H.HunyuanVideoPipeline.from_pretrained(tmp_path / "q8")(PROMPT, **kw)
     on_load = H.HunyuanVideoPipeline.from_pretrained(folder, quantization="int8")(PROMPT, **kw)
@@ -296,7 +296,8 @@ def test_the_plan_brackets_the_measured_peaks(parts):
         pipe = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the prompt is cut at 256 tokens, on purpose
-            pipe(LONG, *size, num_inference_steps=1, seed=0, image=picture(300, 200, seed=9), output_type="latent")
+            pipe(LONG, **dict(zip(("height", "width", "frames"), size)), steps=1, seed=0,
+                 image=picture(300, 200, seed=9), output_type="latent")
         est = H.estimate_memory(folder, *size, dtypes=pipe.dtypes, steps=1)
         ratios.update({(phase, dtype): est[phase] / (pipe.stats[phase][1] * H.GB) for phase in ("text encoders",
                                                                                                  "denoise")})

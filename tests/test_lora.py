@@ -264,7 +264,7 @@ def test_unmatched_keys_are_reported_or_ignored_when_asked(dit, tmp_path):
                "diffusion_model.double_blocks.0.img_attn_qkv.dora_scale": torch.randn(1, D, generator=g)})
     save_file(sd, tmp_path / "extra.safetensors")
     refused(root, tmp_path / "extra.safetensors", "3 of the 19 keys", "double_blocks.0.img_attn_qkv.dora_scale",
-            "--lora-ignore-unmatched")
+            "set lora_ignore_unmatched to load the rest")
     with pytest.warns(UserWarning, match="3 of the 19 keys"):
         H.load_transformer(root / "transformer", dtype=mx.float32, loras=[tmp_path / "extra.safetensors"],
                            lora_ignore_unmatched=True)

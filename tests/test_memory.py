@@ -32,6 +32,7 @@ from conftest import rel_err
 from mlx.utils import tree_flatten
 
 import HunyuanVideo_Apple as H
+import hunyuan_apple as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = " ".join(["a red fox runs through the snow in the forest at night"] * 40)  # fills the 256 text tokens
@@ -90,7 +91,7 @@ def test_estimate_brackets_the_measured_peak(widths, tmp_path):
             pipe = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=dtype)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the prompt is cut at 256 tokens, on purpose
-                pipe(LONG, *size, num_inference_steps=1, seed=0, force=True)
+                pipe(LONG, **dict(zip(("height", "width", "frames"), size)), steps=1, seed=0, force=True)
             est = H.estimate_memory(folder, *size, dtypes=pipe.dtypes, steps=1)
             for phase in est:
                 measured_gb = pipe.stats[phase][1]
@@ -104,12 +105,12 @@ def test_over_budget_is_refused_before_loading(tiny, monkeypatch):
         monkeypatch.setattr(H, name, lambda *a, **k: pytest.fail("weights were loaded"))
     pipe = H.HunyuanVideoPipeline.from_pretrained(tiny)
     with pytest.raises(H.HunyuanVideoError) as e:
-        pipe("a cat", 192, 320, 17, 1)
+        pipe("a cat", height=192, width=320, frames=17, steps=1)
     msg = str(e.value)
     est = H.estimate_memory(tiny, 192, 320, 17)
     assert f"needs about {H.gib(max(est.values()))} at its peak (decode)" in msg
-    assert "can give 0.25 GiB" in msg and "--force" in msg
-    frames = int(re.search(r"--frames (\d+)", msg).group(1))  # the longest clip that fits
+    assert "can give 0.25 GiB" in msg and "or force to run it anyway" in msg
+    frames = int(re.search(r"frames (\d+)", msg).group(1))  # the longest clip that fits
     fits = lambda f: max(H.estimate_memory(tiny, 192, 320, f).values()) <= 0.9 * 0.25 * H.GB  # noqa: E731
     assert fits(frames) and not fits(frames + 4)
 
@@ -127,7 +128,8 @@ def test_suggestions_combine_changes_when_one_is_not_enough(tmp_path, monkeypatc
     monkeypatch.setattr(H, "_backend", lambda: "gpu")
     with pytest.raises(H.HunyuanVideoError) as e:
         H.check_memory(folder, 544, 960, 129, budget=budget)
-    assert "try --quantization int8 --low-memory" in str(e.value), str(e.value)
+    assert "try quantization int8 low_memory" in str(e.value), str(e.value)
+    assert "try --quantization int8 --low-memory" in e.value.sentence(cli.FLAGS)  # the command line's words
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "inf"])
@@ -169,7 +171,7 @@ def test_pipeline_low_memory(tmp_path):
     and 8 single blocks, of which it holds about two), and the buffer cache limit it sets only while a phase
     runs."""
     folder = make_checkpoint(tmp_path / "m", 2, 32, 64, (8, 8, 16, 16), blocks=(4, 8))
-    kw = dict(height=96, width=160, num_frames=9, num_inference_steps=2, seed=1, output_type="latent")
+    kw = dict(height=96, width=160, frames=9, steps=2, seed=1, output_type="latent")
     plain = H.HunyuanVideoPipeline.from_pretrained(folder)
     low = H.HunyuanVideoPipeline.from_pretrained(folder, low_memory=True)
     before = mx.set_cache_limit(123 * 2**20)
@@ -191,7 +193,7 @@ def test_memory_is_given_back_after_each_phase(tiny):
     dit = next((tiny / "transformer").glob("*.safetensors")).stat().st_size
     pipe = H.HunyuanVideoPipeline.from_pretrained(tiny)
     states, mask, pooled = pipe.encode_prompt("a cat")
-    pipe.denoise(states, mask, pooled, 96, 160, 9, 1, seed=0)
+    pipe(text=(states, mask, pooled), height=96, width=160, frames=9, steps=1, seed=0, output_type="latent")
     assert mx.get_cache_memory() < 0.1 * dit, f"{mx.get_cache_memory()} bytes cached after the DiT's phase"
 
 
@@ -238,14 +240,15 @@ def test_hub_checkpoint_is_planned_before_its_weights_download(tiny, tmp_path, m
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     pipe = H.HunyuanVideoPipeline.from_pretrained("someone/hunyuan")
     assert len(fetched) == 1 and not list(pipe.folder.rglob("*.safetensors"))
-    assert pipe.check_memory(96, 160, 9) == H.estimate_memory(tiny, 96, 160, 9)  # the same figures, from the hub
+    plan = pipe.plan(H.check_request(dict(prompt="a cat", height=96, width=160, frames=9), pipe))
+    assert plan.memory == H.estimate_memory(tiny, 96, 160, 9)  # the same figures, from the hub
     monkeypatch.setenv("HUNYUAN_APPLE_MEMORY_GB", "0.25")
     with pytest.raises(H.HunyuanVideoError, match="needs about"):
-        pipe("a cat", 192, 320, 17, 1)
+        pipe("a cat", height=192, width=320, frames=17, steps=1)
     assert len(fetched) == 1  # refused: no weights were fetched
     assert sorted(asked) == sorted(str(p.relative_to(tiny)) for p in tiny.rglob("*.safetensors"))  # each header once
     monkeypatch.delenv("HUNYUAN_APPLE_MEMORY_GB")
-    frames = pipe("a cat", 32, 32, 5, 1, seed=0)
+    frames = pipe("a cat", height=32, width=32, frames=5, steps=1, seed=0)
     assert len(fetched) == 2 and frames.shape == (5, 32, 32, 3)
 
 
@@ -291,7 +294,7 @@ def test_precomputed_modulation_equals_the_per_step_one(tmp_path, quantization, 
     weights: the latents equal those of the per-step computation from the weights (float32, 1e-6), quantized
     or not, streamed or not."""
     folder = make_checkpoint(tmp_path / "m", 2, 32, 64, (8, 8, 16, 16))
-    kw = dict(height=48, width=64, num_frames=5, num_inference_steps=3, seed=2, output_type="latent")
+    kw = dict(height=48, width=64, frames=5, steps=3, seed=2, output_type="latent")
     pipes = [H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32, quantization=quantization,
                                                     low_memory=low_memory) for _ in range(2)]
     pipes[1].precompute_modulation = False
@@ -311,7 +314,7 @@ def test_precomputed_modulation_lowers_the_denoising_peak(tmp_path):
     for ahead in (True, False):
         pipe = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
         pipe.precompute_modulation = ahead
-        pipe("a cat", height=32, width=32, num_frames=1, num_inference_steps=2, seed=0, output_type="latent")
+        pipe("a cat", height=32, width=32, frames=1, steps=2, seed=0, output_type="latent")
         peaks.append(pipe.stats["denoise"][1] * H.GB)
     print(f"modulation {modulation / 2**20:.1f} MiB, peaks {peaks[0] / 2**20:.1f} / {peaks[1] / 2**20:.1f} MiB")
     assert 0.9 * (modulation - one_block) <= peaks[1] - peaks[0] <= 1.1 * modulation
@@ -331,9 +334,11 @@ def test_true_cfg_estimate_brackets_the_measured_peak(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the prompt is cut at 256 tokens, on purpose
             text = pipe.encode_prompt([LONG, LONG[::-1]])
-        for mode in ("batched", "sequential"):
-            pipe.denoise(*(t[:1] for t in text), *size, num_inference_steps=1, seed=0,
-                         negative=tuple(t[1:] for t in text), true_cfg_scale=5.0, cfg_batched=mode == "batched")
+        for mode in ("batched", "sequential"):  # the plan chooses by the memory it is told of
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(H.HunyuanVideoPipeline, "cfg_mode", lambda *a, **k: mode)
+                pipe(text=text, **dict(zip(("height", "width", "frames"), size)), steps=1, seed=0, negative_prompt="",
+                     cfg_scale=5.0, output_type="latent")
             est = H.estimate_memory(folder, *size, dtypes=pipe.dtypes, steps=1, cfg=mode)["denoise"]
             ratios["denoise", mode, dtype] = est / (pipe.stats["denoise"][1] * H.GB)
     check_ratios(ratios)

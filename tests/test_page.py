@@ -242,6 +242,9 @@ def test_a_person_makes_a_video(server, browser, tmp_path):
     video = page.wait.until(lambda d: page.find("#video_out video"))
     assert video.get_attribute("src").endswith(message.split()[1].rstrip(","))
     assert "denoising" in page.text("progress") and "8/8" in page.text("progress")
+    # the files as the page names its folders (as given: "outputs"), never by the server's full path
+    assert f"wrote outputs/{message.split()[1].rstrip(',')}" in page.text("ledger")
+    assert str(server.root) not in browser.find_element("tag name", "body").text
     shot = Path(os.environ.get("HUNYUAN_APPLE_SCREENSHOT") or tmp_path / "page.png")
     browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
@@ -322,7 +325,7 @@ def test_bad_input_is_one_sentence_in_the_page_and_the_next_request_runs(server,
     page.type("prompt", "a bird")
     page.type("frames", 6)
     page.click("generate")
-    cases.append(page.says("message", "6 frames: the frame count must be 4n+1"))
+    cases.append(page.says("message", "Frames 6: the frame count must be 4n+1"))
     page.type("frames", "")
     page.choose("size", "720p")
     page.type("frames", 129)
@@ -403,15 +406,15 @@ def test_use_these_settings_gives_back_the_same_run(tmp_path, monkeypatch):
                                         "--guidance", "3.5", "--shift", "5", "--cache", "teacache",
                                         "--cache-threshold", "0.2", "--negative-prompt", "blur", "--cfg-scale", "4",
                                         "--quantization", "int8", "--lora",
-                                        f"{folders.models / 'loras/a_lora.safetensors'}:0.7"]))
-    again = cli.resolve(ui.parse(ui.flags({**FORM, **ui.form_values(saved, folders)}, folders)))
+                                        f"{folders.models / 'loras/a_lora.safetensors'}:0.7"]))._asdict()
+    again = cli.resolve(ui.parse(ui.flags({**FORM, **ui.form_values(saved, folders)}, folders)))._asdict()
     assert {**again, "seed": saved["seed"]} == saved and again["seed"] == 11
     # a rewritten prompt: the form gets the words typed and the mode, and the run rewrites them again
     rewritten = {**saved, "prompt": "A crane wades through a misty marsh at dawn.", "original_prompt": "a crane",
                  "rewrite": "normal"}
     form = ui.form_values(rewritten, folders)
     assert (form["prompt"], form["rewrite"]) == ("a crane", "normal")
-    again = cli.resolve(ui.parse(ui.flags({**FORM, **form}, folders)))
+    again = cli.resolve(ui.parse(ui.flags({**FORM, **form}, folders)))._asdict()
     assert (again["prompt"], again["original_prompt"], again["rewrite"]) == ("a crane", None, "normal")
 
 
@@ -419,7 +422,7 @@ def test_the_page_keeps_its_pipeline_while_the_model_is_the_same(tmp_path, monke
     monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path))
     page = ui.Page(ui.Folders(tmp_path, tmp_path, tmp_path), "tiny")
     args = cli.parse_args(["--prompt", "x", "--model", "tiny"])
-    settings = cli.resolve(args)
+    settings = cli.resolve(args)._asdict()
     pipe = page.load(settings, args)
     assert page.load({**settings, "seed": 5, "steps": 3}, args) is pipe
     assert page.load({**settings, "quantization": "int8"}, args) is not pipe

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import make_clip_tokenizer, make_llama_tokenizer, randomize, rel_err
+from conftest import make_clip_tokenizer, make_llama_tokenizer, our_names, randomize, rel_err, run_to_end
 from safetensors.torch import save_file
 from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                        HunyuanVideoTransformer3DModel)
@@ -71,18 +71,18 @@ def test_end_to_end_matches_diffusers(checkpoint):
         ref_latents = ref(prompt, latents=init, output_type="latent", return_dict=False, **kw)[0]
         ref_frames = ref(prompt, latents=init, output_type="np", return_dict=False, **kw)[0][0]  # (F, H, W, 3) in [0, 1]
 
-    ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
+    pipe = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)
     mine = mx.array(init.permute(0, 2, 3, 4, 1).numpy())  # channels-last
-    latents = ours(prompt, latents=mine, output_type="latent", flow_shift=7.0, **kw)
+    latents = pipe(prompt, latents=mine, output_type="latent", shift=7.0, **our_names(kw))
     err = rel_err(np.array(latents), ref_latents.permute(0, 2, 3, 4, 1).numpy())
     assert err <= LATENT_TOL, f"final latents: relative error {err:.2e} > {LATENT_TOL}"
-    frames = ours(prompt, latents=mine, flow_shift=7.0, **kw)
+    frames = pipe(prompt, latents=mine, shift=7.0, **our_names(kw))
     assert frames.shape == (F, Hh, W, 3) and frames.dtype == np.uint8
     levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
     assert levels <= FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
     assert frames.std() > 5  # not a blank video
-    assert set(ours.stats) == {"text encoders", "denoise", "decode", "work"}
-    work = ours.stats["work"]
+    assert set(pipe.stats) == {"text encoders", "denoise", "decode", "work"}
+    work = pipe.stats["work"]
     computed = {k: work.pop(k) for k in ("pflop", "attention_pflop", "linear_pflop")}
     assert work == dict(cache=None, attention="dense", matmul=None, forwards=steps, skipped=0,
                         skipped_attention_pflop=0, skipped_linear_pflop=0, steps=[True] * steps)
@@ -104,43 +104,51 @@ def test_end_to_end_in_the_default_precisions_matches_diffusers(checkpoint):
     with torch.no_grad():
         ref_latents = ref(prompt, latents=init.to(torch.bfloat16), output_type="latent", return_dict=False, **kw)[0]
         ref_frames = ref(prompt, latents=init.to(torch.bfloat16), output_type="np", return_dict=False, **kw)[0][0]
-    ours = H.HunyuanVideoPipeline.from_pretrained(folder)
-    assert ours.dtypes == {"transformer": mx.bfloat16, "vae": mx.float16, "text_encoders": mx.float16}
+    pipe = H.HunyuanVideoPipeline.from_pretrained(folder)
+    assert pipe.dtypes == {"transformer": mx.bfloat16, "vae": mx.float16, "text_encoders": mx.float16}
     mine = mx.array(init.permute(0, 2, 3, 4, 1).numpy())
-    latents = ours(prompt, latents=mine, output_type="latent", **kw)
+    latents = pipe(prompt, latents=mine, output_type="latent", **our_names(kw))
     err = rel_err(np.array(latents), ref_latents.float().permute(0, 2, 3, 4, 1).numpy())
     assert err <= BF16_LATENT_TOL, f"final latents: relative error {err:.2e} > {BF16_LATENT_TOL}"
-    levels = np.abs(ours(prompt, latents=mine, **kw).astype(np.float64) - ref_frames * 255).max()
+    levels = np.abs(pipe(prompt, latents=mine, **our_names(kw)).astype(np.float64) - ref_frames * 255).max()
     assert levels <= BF16_FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
 
 
 def test_seeded_runs_repeat_and_seeds_differ(checkpoint):
-    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
-    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, output_type="latent")
-    a, b, c = (np.array(ours("a cat", seed=s, **kw)) for s in (1, 1, 2))
+    pipe = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    kw = dict(height=32, width=32, frames=5, steps=2, output_type="latent")
+    a, b, c = (np.array(pipe("a cat", seed=s, **kw)) for s in (1, 1, 2))
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
-def test_callback_sees_each_step_and_can_cancel(checkpoint):
-    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
-    seen = []
-    ours("a cat", height=32, width=32, num_frames=5, num_inference_steps=3, output_type="latent", seed=0,
-         callback=lambda i, n, x: seen.append((i, n, x.shape)))
-    assert seen == [(1, 3, (1, 2, 4, 4, 16)), (2, 3, (1, 2, 4, 4, 16)), (3, 3, (1, 2, 4, 4, 16))]
-    with pytest.raises(H.HunyuanVideoError, match="cancelled after step 2 of 3"):
-        ours("a cat", height=32, width=32, num_frames=5, num_inference_steps=3, seed=0, callback=lambda i, n, x: i < 2)
+def test_the_stream_yields_each_step_and_stops_where_it_is_left(checkpoint, monkeypatch):
+    """The events in order, a Step after each step with the latents __call__ ends with; leaving the loop after step 2
+    runs no third step and no decode."""
+    pipe = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    kw = dict(prompt="a cat", height=32, width=32, frames=5, steps=3, seed=0)
+    events = run_to_end(pipe.generate(**kw))
+    assert [type(e).__name__ for e in events] == ["Plan", "Encoded", "Step", "Step", "Step", "Denoised", "Decoded"]
+    assert [(e.step, e.steps, e.latents.shape) for e in events[2:5]] == [(i, 3, (1, 2, 4, 4, 16)) for i in (1, 2, 3)]
+    assert np.array_equal(np.array(events[4].latents), np.array(pipe(output_type="latent", **kw)))
+    assert np.array_equal(events[-1].frames, pipe(**kw))
+    monkeypatch.setattr(H.HunyuanVideoPipeline, "decode", lambda *a, **k: pytest.fail("decoded after leaving"))
+    left = run_to_end(pipe.generate(**kw), stop=lambda e: isinstance(e, H.Step) and e.step == 2)
+    assert [type(e).__name__ for e in left] == ["Plan", "Encoded", "Step", "Step"]
+    assert pipe.stats["work"]["forwards"] == 2
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(num_frames=12), "4n+1"), (dict(height=540), "multiples of 16"), (dict(num_inference_steps=0), "use 1 to 1000"),
-    (dict(prompt=" "), "prompt is empty"), (dict(output_type="pil"), "output_type"),
+    (dict(frames=12), "frames 12: the frame count must be 4n+1"), (dict(height=540), "multiples of 16"),
+    (dict(steps=0), "steps 0: use 1 to 1000"), (dict(prompt=" "), "prompt is empty"),
+    (dict(output_type="pil"), "output_type"), (dict(num_frames=5), "num_frames is not a setting: did you mean frames?"),
+    (dict(quantization="int8"), "quantization int8: this pipeline was loaded with None"),
     (dict(latents=mx.zeros((1, 3, 4, 4, 16))), "pass latents of shape (1, 2, 4, 4, 16)"),
 ])
 def test_bad_requests(checkpoint, kw, words):
-    ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
-    args = dict(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=1)
+    pipe = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
+    args = dict(prompt="a cat", height=32, width=32, frames=5, steps=1)
     with pytest.raises(H.HunyuanVideoError) as e:
-        ours(**{**args, **kw})
+        pipe(**{**args, **kw})
     assert words in str(e.value)
 
 
@@ -172,8 +180,8 @@ def test_prompt_cache(tmp_path, monkeypatch):
     again = pipe.encode_prompt("a cat walks on the grass")
     assert pipe.prompt_hit and not loads and "text encoders" in pipe.stats
     assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(first, again))
-    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=0)
-    assert np.array_equal(np.array(pipe.denoise(*first, **kw)), np.array(pipe.denoise(*again, **kw)))
+    kw = dict(height=32, width=32, frames=5, steps=2, seed=0, output_type="latent")
+    assert np.array_equal(np.array(pipe(text=first, **kw)), np.array(pipe(text=again, **kw)))
 
     entry = pipe._prompt_entry("a cat walks on the grass")
     prompt = "a cat walks on the grass"
@@ -253,8 +261,8 @@ def test_true_cfg_matches_diffusers(checkpoint, guidance_embeds, monkeypatch):
         if budget:  # a machine where only one branch at a time fits (force: the tiny LLM is bigger still)
             monkeypatch.setattr(H, "available_memory", lambda: int(budget))
         assert ours.cfg_mode(Hh, W, F, steps=steps) == mode
-        latents = ours(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=mine, output_type="latent",
-                       force=budget is not None, **kw)
+        latents = ours(PROMPT, negative_prompt=NEGATIVE, cfg_scale=4.0, latents=mine, output_type="latent",
+                       force=budget is not None, **our_names(kw))
         err = rel_err(np.array(latents), ref_latents)
         print(f"true CFG ({mode}, guidance embedding {guidance_embeds}): latents {err:.2e}")
         assert err <= CFG_LATENT_TOL, f"{mode}: final latents relative error {err:.2e} > {CFG_LATENT_TOL}"
@@ -264,7 +272,7 @@ def test_true_cfg_matches_diffusers(checkpoint, guidance_embeds, monkeypatch):
         with torch.no_grad():
             ref_frames = ref(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=init, output_type="np",
                              return_dict=False, **kw)[0][0]
-        frames = ours(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, latents=mine, **kw)
+        frames = ours(PROMPT, negative_prompt=NEGATIVE, cfg_scale=4.0, latents=mine, **our_names(kw))
         levels = np.abs(frames.astype(np.float64) - ref_frames * 255).max()
         print(f"true CFG frames: {levels:.2f} levels")
         assert levels <= FRAME_LEVELS, f"frames differ by {levels:.2f} levels of 255"
@@ -272,22 +280,24 @@ def test_true_cfg_matches_diffusers(checkpoint, guidance_embeds, monkeypatch):
 
 def test_true_cfg_keeps_the_branches_apart(checkpoint, tmp_path, monkeypatch):
     """The prompt cache holds each branch's prompt under its own entry; a step cache runs one cache a branch (at
-    threshold 0 it skips nothing and equals the uncached run to the bit); negative prompts without effect warn."""
+    threshold 0 it skips nothing and equals the uncached run to the bit); a negative prompt without effect warns; a
+    true CFG scale without a negative prompt guides against the empty one."""
     monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))
     ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32, prompt_cache=True)
-    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=3, seed=1, output_type="latent",
-              negative_prompt=NEGATIVE, true_cfg_scale=3.0)
+    kw = dict(height=32, width=32, frames=5, steps=3, seed=1, output_type="latent",
+              negative_prompt=NEGATIVE, cfg_scale=3.0)
     plain = ours(PROMPT, **kw)
     assert len(list((tmp_path / "cache" / "prompts").glob("*.safetensors"))) == 2 and not ours.prompt_hit
     for cache, default in H.CACHES.items():  # TaylorSeer has no threshold: interval 1 computes every step
         cached = ours(PROMPT, cache=cache, **kw, **(dict(cache_threshold=0.0) if default is not None else
-                                                     dict(cache_options=dict(interval=1))))
+                                                     dict(cache_interval=1)))
         assert ours.prompt_hit and np.array_equal(np.array(cached), np.array(plain)), cache
         assert ours.stats["work"]["forwards"] == 6
     with pytest.warns(UserWarning, match="has no effect"):
-        ours(PROMPT, **{**kw, "true_cfg_scale": 1.0})
-    with pytest.warns(UserWarning, match="without a negative prompt has no effect"):
-        ours(PROMPT, **{**kw, "negative_prompt": None})
+        ours(PROMPT, **{**kw, "cfg_scale": 1.0})
+    empty = ours(PROMPT, **{**kw, "negative_prompt": ""})
+    assert np.array_equal(np.array(ours(PROMPT, **{**kw, "negative_prompt": None})), np.array(empty))
+    assert ours.stats["work"]["forwards"] == 6 and not np.array_equal(np.array(empty), np.array(plain))
 
 
 def test_a_lora_in_the_pipeline_matches_diffusers(checkpoint, tmp_path):
@@ -312,7 +322,8 @@ def test_a_lora_in_the_pipeline_matches_diffusers(checkpoint, tmp_path):
         ref.unload_lora_weights()
     ours = H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32,
                                                   loras=[(tmp_path / "lora.safetensors", 0.7)])
-    latents = ours(PROMPT, latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), output_type="latent", **kw)
+    latents = ours(PROMPT, latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), output_type="latent",
+                   **our_names(kw))
     err = rel_err(np.array(latents), expected.permute(0, 2, 3, 4, 1).numpy())
     print(f"pipeline with a LoRA: latents {err:.2e}")
     assert err <= LATENT_TOL, f"final latents relative error {err:.2e} > {LATENT_TOL}"
@@ -376,9 +387,11 @@ def test_video_to_video(checkpoint):
     assert rel_err(np.array(z), whole.permute(0, 2, 3, 4, 1).numpy()) > 1e-3  # the tiles did something
 
     kw = dict(height=Hh, width=W, num_frames=F, num_inference_steps=steps, seed=4, output_type="latent")
-    seen = []
-    half = ours(PROMPT, video=video, strength=0.5, callback=lambda i, n, x: seen.append(i), **kw)
-    assert seen == [4, 5, 6] and ours.stats["work"]["forwards"] == 3
+    events = run_to_end(ours.generate(prompt=PROMPT, video=video, strength=0.5,
+                                      **our_names({k: v for k, v in kw.items() if k != "output_type"})),
+                        stop=lambda e: isinstance(e, H.Denoised))
+    half = events[-1].latents
+    assert [e.step for e in events if isinstance(e, H.Step)] == [4, 5, 6] and ours.stats["work"]["forwards"] == 3
     first = steps - int(steps * 0.5)
     sigma = float(H.flow_sigmas(steps)[first])
     noise = mx.random.normal((1, 3, Hh // 8, W // 8, 16), key=mx.random.key(4))
@@ -391,9 +404,9 @@ def test_video_to_video(checkpoint):
     print(f"video to video at strength 0.5: latents {err:.2e}")
     assert err <= LATENT_TOL, f"video to video: relative error {err:.2e} > {LATENT_TOL}"
 
-    full = ours(PROMPT, video=video, strength=1.0, **kw)
-    assert np.array_equal(np.array(full), np.array(ours(PROMPT, **kw)))
-    kept = ours(PROMPT, video=video, strength=0.0, **kw)
+    full = ours(PROMPT, video=video, strength=1.0, **our_names(kw))
+    assert np.array_equal(np.array(full), np.array(ours(PROMPT, **our_names(kw))))
+    kept = ours(PROMPT, video=video, strength=0.0, **our_names(kw))
     assert ours.stats["work"]["forwards"] == 0
     assert np.array_equal(np.array(kept), np.array(ours.encode_video(video, Hh, W, F)))
 
@@ -401,12 +414,12 @@ def test_video_to_video(checkpoint):
 @pytest.mark.parametrize("kw, words", [
     (dict(video="missing.mp4"), "does not exist"), (dict(strength=1.5), "from 0"),
     (dict(video=np.zeros((3, 32, 32, 3), np.uint8)), "has 3 frames, fewer than the 5 asked: ask for 1 or fewer"),
-    (dict(true_cfg_scale=-1.0, negative_prompt="x"), "0 or more"),
-    (dict(negative_prompt=["a", "b"], true_cfg_scale=2.0), "2 negative prompts for 1 prompts"),
+    (dict(cfg_scale=-1.0, negative_prompt="x"), "cfg_scale -1.0: use a number of 0 or more"),
+    (dict(negative_prompt=["a", "b"], cfg_scale=2.0), "2 of the negative_prompt for 1 of the prompt"),
 ])
 def test_bad_guidance_and_video_requests(checkpoint, kw, words):
     ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
-    args = dict(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=1)
+    args = dict(prompt="a cat", height=32, width=32, frames=5, steps=1)
     if "strength" in kw:
         args["video"] = np.zeros((5, 32, 32, 3), np.uint8)
     with pytest.raises(H.HunyuanVideoError) as e:
@@ -420,13 +433,13 @@ def test_true_cfg_with_a_step_cache_resumes(checkpoint):
     import json
     ours = H.HunyuanVideoPipeline.from_pretrained(checkpoint[0], dtype=mx.float32)
     text = ours.encode_prompt([PROMPT, NEGATIVE])
-    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=10, seed=3, negative=tuple(t[1:] for t in text),
-              true_cfg_scale=3.0, cache="teacache", cache_threshold=0.3)
-    states = []
-    full = np.array(ours.denoise(*(t[:1] for t in text), checkpoint=lambda s: states.append(
-        dict(s, work=json.loads(json.dumps(s["work"])))), **kw))
-    work = ours.stats["work"]
+    kw = dict(height=32, width=32, frames=5, steps=10, seed=3, negative_prompt=NEGATIVE, cfg_scale=3.0,
+              cache="teacache", cache_threshold=0.3)
+    events = run_to_end(ours.generate(text=text, **kw), stop=lambda e: isinstance(e, H.Denoised))
+    states = [dict(step=e.step, latents=e.latents, cache=e.cache, work=json.loads(json.dumps(e.work)), text=text)
+              for e in events if isinstance(e, H.Step)]
+    full, work = np.array(events[-1].latents), ours.stats["work"]
     assert 0 < work["skipped"] < 20 and work["forwards"] + work["skipped"] == 20, work
     assert any(k.startswith("uncond.") for k in states[4]["cache"][1])
-    again = ours.denoise(*(t[:1] for t in text), latents=states[4]["latents"], resume=states[4], **kw)
+    again = ours(resume=states[4], output_type="latent", **kw)
     assert np.array_equal(np.array(again), full) and ours.stats["work"] == work

@@ -99,7 +99,8 @@ def test_pipeline_leaves_clip_and_vae_alone(tmp_path, monkeypatch):
     for name in ("load_vae", "load_clip_text_encoder", "load_transformer", "load_text_encoder"):
         real = getattr(H, name)
         monkeypatch.setattr(H, name, lambda *a, _real=real, _n=name, **k: loaded.setdefault(_n, _real(*a, **k)))
-    H.HunyuanVideoPipeline.from_pretrained(folder, quantization="int8")("a cat", 32, 32, 5, 1, seed=0)
+    H.HunyuanVideoPipeline.from_pretrained(folder, quantization="int8")("a cat", height=32, width=32, frames=5,
+                                                                        steps=1, seed=0)
     assert quantized_layers(loaded["load_transformer"]) and quantized_layers(loaded["load_text_encoder"])
     assert not quantized_layers(loaded["load_vae"]) and not quantized_layers(loaded["load_clip_text_encoder"])
 
@@ -285,5 +286,5 @@ def test_the_matmul_rule_and_its_plan(tmp_path, monkeypatch):
     peak = lambda m: H.estimate_memory(folder, 544, 960, 129, "int8", backend="gpu", quantized_matmul=m)["denoise"]  # noqa
     d = 3072
     assert peak("dequantized") - peak("kernel") == (24 * d * d + 18 * d + 4 * 128) * 2
-    with pytest.raises(H.HunyuanVideoError, match="without quantization"):
+    with pytest.raises(H.HunyuanVideoError, match="quantized_matmul chooses how quantized layers multiply: give quantization too"):
         H.HunyuanVideoPipeline.from_pretrained("tiny", quantized_matmul="kernel")

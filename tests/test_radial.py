@@ -111,15 +111,19 @@ def reference(setup, radial, cfg=False):
     return denoise_with_diffusers(transformer, setup, F, HEIGHT, WIDTH, STEPS, step, **extra)
 
 
-def ours(setup, cfg=False, pipe=None, **kw):
+def ours(setup, cfg=False, pipe=None, radial=None, **kw):
+    """Our run of the setup's DiT over its text inputs (with true CFG, against the reference's negative inputs) and
+    initial latents; radial: Radial Attention's {dense_steps, ...}."""
     folder, _, states, mask, pooled, init = setup
     pipe = pipe or H.HunyuanVideoPipeline(folder, dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32))
     text = [mx.array(t.numpy()) for t in (states, mask, pooled)]
-    extra = dict(negative=(mx.array(states.flip(1).roll(20, 1).numpy()), text[1], -text[2]), true_cfg_scale=3.0,
-                 cfg_batched=False) \
-        if cfg else {}
-    latents = pipe.denoise(*text, HEIGHT, WIDTH, F, STEPS, 6.0, 7.0, latents=mx.array(init.permute(0, 2, 3, 4, 1)
-                                                                                         .numpy()), **extra, **kw)
+    if cfg:  # rows: the prompt's inputs, then the negative ones
+        text = [mx.concatenate([a, b]) for a, b in zip(text, (mx.array(states.flip(1).roll(20, 1).numpy()), text[1],
+                                                             -text[2]))]
+        kw.update(negative_prompt="", cfg_scale=3.0)
+    latents = pipe(text=tuple(text), height=HEIGHT, width=WIDTH, frames=F, steps=STEPS, guidance=6.0, shift=7.0,
+                   latents=mx.array(init.permute(0, 2, 3, 4, 1).numpy()), output_type="latent",
+                   **{f"radial_{k}": v for k, v in (radial or {}).items()}, **kw)
     return np.array(latents), pipe.stats["work"]
 
 
@@ -188,16 +192,16 @@ def test_dense_attention_is_untouched(setup):
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(attention="sliding"), "attention 'sliding': use one of dense, radial"),
-    (dict(radial=dict(decay=0.5)), "Radial Attention's decay with dense attention"),
-    (dict(attention="radial", radial=dict(decay=0)), "decay 0: use a number above 0"),
-    (dict(attention="radial", radial=dict(block=100)), "block 100: use a power of two from 8 to 1024"),
-    (dict(attention="radial", radial=dict(dense_steps=9)), "dense steps 9: use 0 to 2"),
-    (dict(attention="radial", radial=dict(dense_layers=-1)), "dense layers -1: use a whole number of 0 or more"),
-    (dict(attention="radial", radial=dict(window=3)), "Radial Attention has no window"),
+    (dict(attention="sliding"), 'attention is "sliding", where one of dense, radial is expected'),
+    (dict(radial_decay=0.5), "radial_decay set Radial Attention: give attention radial too"),
+    (dict(attention="radial", radial_decay=0), "radial_decay 0: use a number above 0"),
+    (dict(attention="radial", radial_block=100), "radial_block 100: use a power of two from 8 to 1024"),
+    (dict(attention="radial", radial_dense_steps=9), "radial_dense_steps 9: use 0 to 2"),
+    (dict(attention="radial", radial_dense_layers=-1), "radial_dense_layers -1: use a whole number of 0 or more"),
+    (dict(attention="radial", radial_window=3), "radial_window is not a setting"),
     (dict(attention="radial"), "the video has 16 tokens, less than one block of 128; use dense attention"),
 ])
 def test_bad_attention_requests(setup, kw, words):
     pipe = H.HunyuanVideoPipeline(setup[0])
     with pytest.raises(H.HunyuanVideoError, match=words):
-        pipe("a cat", 32, 64, 5, 2, **kw)
+        pipe("a cat", height=32, width=64, frames=5, steps=2, **kw)

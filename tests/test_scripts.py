@@ -80,7 +80,7 @@ def test_convert_whole_checkpoint_int8_equals_quantize_on_load(tmp_path):
     sizes = set(inspect.signature(H.HunyuanVideoTransformer).parameters) - {"rope_axes_dim", "rope_theta"}
     (out / "transformer" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in sizes}))
     assert H.estimate_memory(out, 48, 64, 5) == plan
-    kw = dict(height=32, width=32, num_frames=5, num_inference_steps=2, seed=3, output_type="latent")
+    kw = dict(height=32, width=32, frames=5, steps=2, seed=3, output_type="latent")
     a = H.HunyuanVideoPipeline.from_pretrained(out)("a cat", **kw)
     b = H.HunyuanVideoPipeline.from_pretrained(tiny, quantization="int8")("a cat", **kw)
     assert np.array_equal(np.array(a), np.array(b))

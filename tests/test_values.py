@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import run_to_end
 from diffusers import FlowMatchEulerDiscreteScheduler
 from mlx.utils import tree_flatten
 
@@ -21,7 +22,7 @@ import hunyuan_apple as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEGATIVE = "a red fox runs through the snow", "blurry, dark"
-SIZE = dict(height=32, width=48, num_frames=9)  # 3 latent frames of 4 x 6: 3 x 2 x 3 = 18 video tokens
+SIZE = dict(height=32, width=48, frames=9)  # 3 latent frames of 4 x 6: 3 x 2 x 3 = 18 video tokens
 
 # ComfyUI's latent-to-RGB factors for HunyuanVideo (comfy/latent_formats.py, HunyuanVideo.latent_rgb_factors and
 # latent_rgb_factors_bias), as published: one row per latent channel, columns R, G, B
@@ -56,9 +57,15 @@ def tiny(tmp_path_factory):
 
 
 def branches(text, cfg):
-    """denoise's keywords for the prompt (and with true CFG at 3, the negative prompt)."""
-    kw = dict(negative=tuple(t[1:] for t in text), true_cfg_scale=3.0, cfg_batched=False) if cfg else {}
-    return tuple(t[:1] for t in text), kw
+    """The text encodings and settings of a run of the prompt (and with true CFG at 3, the negative prompt)."""
+    kw = dict(negative_prompt=NEGATIVE, cfg_scale=3.0) if cfg else {}
+    return (text if cfg else tuple(t[:1] for t in text)), kw
+
+
+def latents_and_steps(pipe, **kw):
+    """A run's final latents and its Step events (the stream left at Denoised: no decode)."""
+    events = run_to_end(pipe.generate(**kw), stop=lambda e: isinstance(e, H.Denoised))
+    return events[-1].latents, [e for e in events if isinstance(e, H.Step)]
 
 
 # ---- 1. live preview ------------------------------------------------------------------------------------
@@ -71,10 +78,9 @@ def test_preview_is_the_x0_estimate_of_each_step(tiny):
     steps = 5
     pipe = H.HunyuanVideoPipeline(folder)
     init = mx.random.normal((1, 3, 4, 6, 16), key=mx.random.key(3))
-    xs, x0s = [np.array(init, np.float64)], []
-    final = pipe.denoise(*(t[:1] for t in text), **SIZE, num_inference_steps=steps,
-                         latents=init, callback=lambda i, n, x: xs.append(np.array(x, np.float64)),
-                         preview=lambda i, n, x0: x0s.append(np.array(x0, np.float64)))
+    final, events = latents_and_steps(pipe, text=tuple(t[:1] for t in text), **SIZE, steps=steps, latents=init)
+    xs = [np.array(init, np.float64)] + [np.array(e.latents, np.float64) for e in events]
+    x0s = [np.array(e.x0, np.float64) for e in events]
     sigmas = scheduler_sigmas(steps)
     worst = 0.0
     for i in range(steps):
@@ -109,15 +115,15 @@ def test_preview_strip_is_comfyuis_map_of_the_final_latents(tiny, tmp_path, monk
 # ---- 2. resume from any step -----------------------------------------------------------------------------
 
 THRESHOLDS = {None: None, "fbcache": 0.3, "teacache": 0.3, "magcache": 0.24, "easycache": 0.3, "taylorseer": None}
-OPTIONS = {"taylorseer": dict(interval=3, order=2, warmup=2)}  # computes forwards 0, 1, 2, 5, 8; forecasts 3, 4, 6...
+OPTIONS = {"taylorseer": dict(cache_interval=3, cache_order=2, cache_warmup=2)}  # computes forwards 0, 1, 2, 5, 8...
 STEPS = 10
 
 
-def snapshot(state):
-    """A checkpoint state as plain values: its cache's numbers (value and type) and arrays, its ledger."""
-    arrays, numbers = state["cache"]
+def snapshot(step):
+    """A Step event as plain values: its cache's numbers (value and type) and arrays, its ledger, its latents."""
+    arrays, numbers = step.cache
     return (dict(arrays), json.loads(json.dumps(numbers)),  # MLX arrays never change: kept as they are
-            json.loads(json.dumps(state["work"])), np.array(state["latents"]))
+            json.loads(json.dumps(step.work)), np.array(step.latents))
 
 
 def same(a, b):
@@ -135,24 +141,24 @@ def test_resume_after_any_step_is_the_uninterrupted_run(tiny, tmp_path, cache, c
     folder, text = tiny
     pipe = H.HunyuanVideoPipeline(folder)
     prompt, kw = branches(text, cfg)
-    kw.update(SIZE, num_inference_steps=STEPS, seed=7, cache=cache, cache_threshold=THRESHOLDS[cache],
-              cache_options=OPTIONS.get(cache))
-    states = []
-    full = np.array(pipe.denoise(*prompt, checkpoint=lambda s: states.append(snapshot(s)), **kw))
-    work = pipe.stats["work"]
+    kw.update(SIZE, steps=STEPS, seed=7, cache=cache, cache_threshold=THRESHOLDS[cache], **OPTIONS.get(cache, {}))
+    full, events = latents_and_steps(pipe, text=prompt, **kw)
+    full, states, work = np.array(full), [snapshot(e) for e in events], pipe.stats["work"]
     if cache:
         assert 0 < work["skipped"] and work["forwards"] > (2 if cfg else 1) * 2, work  # the rule binds here
     if cfg and cache:
         assert any(k.startswith("uncond.") for k in states[3][1])
     args = cli.parse_args(["--resume", str(tmp_path / "run.partial.safetensors")])
+    request = H.check_request(dict(prompt=PROMPT, model=str(folder), **kw))
     for k in range(1, STEPS):
         arrays, numbers, ledger, latents = states[k - 1]
-        saver = cli.Checkpoint(tmp_path / "run.mp4", {"height": 32, "width": 48}, text, 0, pipe)
-        saver(dict(step=k, latents=mx.array(latents), cache=(arrays, numbers), work=ledger))
-        _, _, _, resume, start = cli.read_checkpoint(args)
-        seen = []
-        again = pipe.denoise(*prompt, latents=start, resume=resume, checkpoint=lambda s: seen.append(snapshot(s)),
-                             **kw)
+        saver = cli.Checkpoint(tmp_path / "run.mp4", pipe, 0)
+        saver.request, saver.text = request, prompt
+        saver.after(H.Step(k, STEPS, mx.array(latents), None, (arrays, numbers), ledger))
+        _, resumed, resume = cli.read_checkpoint(args)
+        assert resumed == request
+        again, events = latents_and_steps(pipe, resume=resume, **kw)
+        seen = [snapshot(e) for e in events]
         assert np.array_equal(np.array(again), full), f"resumed after step {k}"
         assert pipe.stats["work"] == work, f"resumed after step {k}"
         assert all(same(a, b) for a, b in zip(seen, states[k:])), f"cache state after resuming at step {k}"
@@ -167,13 +173,13 @@ def test_a_pipeline_generating_twice_gives_what_fresh_pipelines_give(tiny):
     for cache in THRESHOLDS:
         for cfg in (False, True):
             prompt, kw = branches(text, cfg)
-            kw.update(SIZE, num_inference_steps=STEPS, cache=cache, cache_threshold=THRESHOLDS[cache],
-                      cache_options=OPTIONS.get(cache))
+            kw.update(SIZE, steps=STEPS, cache=cache, cache_threshold=THRESHOLDS[cache], text=prompt,
+                      output_type="latent", **OPTIONS.get(cache, {}))
             pipe = H.HunyuanVideoPipeline(folder)
-            pipe.denoise(*prompt, seed=1, **kw)
-            second = np.array(pipe.denoise(*prompt, seed=2, **kw)), pipe.stats["work"]
+            pipe(seed=1, **kw)
+            second = np.array(pipe(seed=2, **kw)), pipe.stats["work"]
             fresh = H.HunyuanVideoPipeline(folder)
-            expected = np.array(fresh.denoise(*prompt, seed=2, **kw)), fresh.stats["work"]
+            expected = np.array(fresh(seed=2, **kw)), fresh.stats["work"]
             assert np.array_equal(second[0], expected[0]) and second[1] == expected[1], (cache, cfg)
 
 
@@ -197,8 +203,8 @@ def test_ledger_pflop_with_skipped_steps_follows_the_notes(tiny, cache):
     blocks, First-Block Cache's skipped steps over its one double block, TeaCache's over none."""
     folder, text = tiny
     pipe = H.HunyuanVideoPipeline(folder)
-    pipe.denoise(*(t[:1] for t in text), **SIZE, num_inference_steps=STEPS, seed=7, cache=cache,
-                 cache_threshold=THRESHOLDS[cache])
+    pipe(text=tuple(t[:1] for t in text), **SIZE, steps=STEPS, seed=7, cache=cache, cache_threshold=THRESHOLDS[cache],
+         output_type="latent")
     work = pipe.stats["work"]
     assert 0 < work["skipped"] < STEPS, work
     tokens = 3 * 2 * 3 + int(np.array(text[1][0]).sum())  # video tokens (2x2 patches) + the prompt's valid tokens
@@ -232,7 +238,7 @@ def test_each_component_loads_and_runs_in_its_own_dtype(tiny, monkeypatch):
         "dit output", []).append(forward(self, *a, **k)) or seen["dit output"][-1])
     monkeypatch.setattr(H.HunyuanVideoVAE, "decode", lambda self, *a, **k: seen.setdefault(
         "vae output", []).append(decode(self, *a, **k)) or seen["vae output"][-1])
-    H.HunyuanVideoPipeline.from_pretrained(folder, dtypes=want)(PROMPT, 32, 32, 5, 2, seed=0)
+    H.HunyuanVideoPipeline.from_pretrained(folder, dtypes=want)(PROMPT, height=32, width=32, frames=5, steps=2, seed=0)
 
     def floats(model):
         return {p.dtype for _, p in tree_flatten(model.parameters()) if mx.issubdtype(p.dtype, mx.floating)}
@@ -306,7 +312,7 @@ def test_every_preset_resolves_to_what_the_readme_lists(tmp_path):
     assert set(table) == set(H.PRESETS), (sorted(table), sorted(H.PRESETS))
     for name, (model, dit, text) in table.items():
         extra = ["--image", str(tmp_path / "still.png")] if name.endswith("i2v") else []
-        s = cli.resolve(cli.parse_args(["--prompt", "a man walks", "--preset", name, *extra]))
+        s = cli.resolve(cli.parse_args(["--prompt", "a man walks", "--preset", name, *extra]))._asdict()
         number = lambda pattern, default: float(m.group(1)) if (m := re.search(pattern, text)) else default  # noqa
         size = re.search(r"(\d+)x(\d+)", text)
         listed = dict(model=model, transformer=dit, steps=number(r"(\d+) steps", 50),
