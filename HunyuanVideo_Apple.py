@@ -3644,8 +3644,12 @@ SETTINGS = {
     "fps": Setting(24, int, "video", "Frame rate", f"frame rate of the video, 1 to {MAX_FPS}"),
 }
 UNSAVED = ("low_memory", "force")  # how to run, not what: not in the sidecar
+LOADING = tuple(k for k, s in SETTINGS.items() if s.group == "loading")  # from_pretrained's: how the pipeline loads
 # words of the Python API for what its errors name besides the settings ({resolution}: a size to try)
 NAMES = {"resolution": "height and width"}
+# diffusers' keywords for some settings, which a "did you mean" names as ours
+DIFFUSERS_NAMES = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
+                   "flow_shift": "shift", "true_cfg_scale": "cfg_scale"}
 Request = namedtuple("Request", SETTINGS)  # a checked request: check_request makes them
 
 
@@ -3711,12 +3715,10 @@ def _resolved(given, pipe, text):
     """check_request's defaults and rules for settings given as a dict: the resolved settings, a dict."""
     for k, v in given.items():
         if k not in SETTINGS:
-            close = difflib.get_close_matches(k, [*SETTINGS, "num_frames", "num_inference_steps", "guidance_scale",
-                                                  "flow_shift", "true_cfg_scale"], 1)
-            alias = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance",
-                     "flow_shift": "shift", "true_cfg_scale": "cfg_scale"}
-            raise HunyuanVideoError(f"{k} is not a setting: " + (f"did you mean {alias.get(close[0], close[0])}?" if
-                                    close else f"the settings are {', '.join(SETTINGS)}."))
+            close = difflib.get_close_matches(k, [*SETTINGS, *DIFFUSERS_NAMES], 1)
+            meant = close and DIFFUSERS_NAMES.get(close[0], close[0])
+            raise HunyuanVideoError(f"{k} is not a setting: " + (f"did you mean {meant}?" if meant else
+                                                                  f"the settings are {', '.join(SETTINGS)}."))
         check_kind(k, v)
     given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}  # None: left out
     if pipe is not None:  # the pipeline's loading settings are what it loaded; given ones must agree (see above)
@@ -4309,12 +4311,11 @@ class HunyuanVideoPipeline:
         self.loras, self.lora_ignore_unmatched = [list(lora) for lora in loras], lora_ignore_unmatched
         # the DiT from elsewhere than folder/transformer (a fine-tune's): a local file or folder, or a hub id
         self.transformer, self.transformer_hub = (Path(transformer) if transformer else None), transformer_hub
-        names = {mx.bfloat16: "bf16", mx.float16: "fp16", mx.float32: "fp32"}
         self.loading = dict(  # what a request of this pipeline says of its loading (SETTINGS' names)
             model=model or str(self.folder), transformer=transformer_hub or (transformer and str(transformer)),
             loras=self.loras, lora_ignore_unmatched=lora_ignore_unmatched, quantization=quantization,
             quantized_matmul=quantized_matmul, quantize_modulation=quantize_modulation, low_memory=low_memory,
-            **{f"{c}_dtype": names[self.dtypes[component]] for c, component in _DTYPE_SETTINGS})
+            **{f"{c}_dtype": DTYPE_NAMES[self.dtypes[component]] for c, component in _DTYPE_SETTINGS})
         self.stats = {}
 
     @classmethod
@@ -4327,11 +4328,10 @@ class HunyuanVideoPipeline:
         one mx dtype for every component, dtypes: {"transformer" | "vae" | "text_encoders": mx dtype}, over the
         *_dtype settings. prompt_cache: reuse the text encoders' outputs for a prompt seen before (see
         encode_prompt; the command line turns it on). A bad LoRA is refused now."""
-        unknown = set(loading) - {k for k, s in SETTINGS.items() if s.group == "loading"}
+        unknown = set(loading) - set(LOADING)
         if unknown:
             raise HunyuanVideoError(f"{', '.join(sorted(unknown))}: from_pretrained takes the loading settings "
-                                    f"({', '.join(k for k, s in SETTINGS.items() if s.group == 'loading')}); give "
-                                    f"the others to the generation.")
+                                    f"({', '.join(LOADING)}); give the others to the generation.")
         r = check_request({**loading, "model": model}, text=True)
         for c, component in _DTYPE_SETTINGS:  # mx dtypes given win over the named ones
             if dtype is not None or component in (dtypes or {}):

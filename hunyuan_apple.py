@@ -39,8 +39,15 @@ SIZE_FLAGS = ("resolution", "quality", "aspect_ratio")  # what sets height and w
 # the settings with flags of their own shape: the size (SIZE_FLAGS), the LoRAs (--lora FILE[:SCALE], repeated), and
 # what a run records but no one sets
 OWN_FLAGS = ("height", "width", "loras", "original_prompt")
+
+
+def flag(key):
+    """The command-line flag of a setting or argument: "frames_dir" -> "--frames-dir"."""
+    return "--" + key.replace("_", "-")
+
+
 # how this command line names the settings in its messages: by their flags
-FLAGS = {**{k: "--" + k.replace("_", "-") for k in H.SETTINGS}, "height": "height", "width": "width",
+FLAGS = {**{k: flag(k) for k in H.SETTINGS}, "height": "height", "width": "width",
          "loras": "--lora", "resolution": "--resolution", "original_prompt": "the prompt as typed"}
 # what --decode-latents uses; any other flag is refused with it (the latents are already made)
 DECODE_FLAGS = {"decode_latents", "model", "vae_dtype", "output", "overwrite", "frames_dir", "gif", "fps", "low_memory"}
@@ -117,11 +124,6 @@ def parse_args(argv):
     args.__dict__.update(vars(typed))
     args.given = set(vars(typed))
     return args
-
-
-def flag(key):
-    """The command-line flag of a setting or argument: "frames_dir" -> "--frames-dir"."""
-    return "--" + key.replace("_", "-")
 
 
 def input_file(args, key):
@@ -244,8 +246,7 @@ def describe(plan, seed=True):
 
 def load_pipeline(settings, args):
     """The pipeline of a request's (or a saved run's) loading settings, by name."""
-    loading = {k: v for k, v in settings.items() if H.SETTINGS.get(k, H.SETTINGS["prompt"]).group == "loading"
-               and k not in ("model", "preset", "low_memory")}
+    loading = {k: v for k, v in settings.items() if k in H.LOADING and k not in ("model", "preset", "low_memory")}
     return H.HunyuanVideoPipeline.from_pretrained(settings["model"], prompt_cache=not args.no_prompt_cache,
                                                   low_memory=args.low_memory, **loading)
 

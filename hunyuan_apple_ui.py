@@ -228,8 +228,7 @@ class Page:
 
     def load(self, settings, args):
         """The command line's load_pipeline, kept while the model and what loading it takes are the same."""
-        key = (repr(sorted((k, settings.get(k)) for k, s in H.SETTINGS.items() if s.group == "loading")),
-               args.low_memory)
+        key = (repr(sorted((k, settings.get(k)) for k in H.LOADING)), args.low_memory)
         if key != self.pipe_key:
             self.pipe_key, self.pipe = None, None  # the old one goes first
             self.pipe, self.pipe_key = C.load_pipeline(settings, args), key

@@ -131,14 +131,11 @@ def denoise_with_diffusers(transformer, setup, frames, height, width, steps, ste
     return latents.permute(0, 2, 3, 4, 1).numpy()
 
 
-# diffusers' names of the settings the parity tests give both pipelines -> ours (HunyuanVideo_Apple.SETTINGS)
-OURS = {"num_frames": "frames", "num_inference_steps": "steps", "guidance_scale": "guidance", "flow_shift": "shift",
-        "true_cfg_scale": "cfg_scale"}
-
-
 def our_names(kw):
-    """Keywords written with diffusers' names, with ours."""
-    return {OURS.get(k, k): v for k, v in kw.items()}
+    """Keywords written with diffusers' names (those the parity tests give both pipelines), with ours."""
+    import HunyuanVideo_Apple as H
+
+    return {H.DIFFUSERS_NAMES.get(k, k): v for k, v in kw.items()}
 
 
 def run_to_end(events, stop=None):

@@ -8,6 +8,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import run_to_end
 
 import HunyuanVideo_Apple as H
 import hunyuan_apple as cli
@@ -66,15 +67,8 @@ def stopped_run(tmp_path, stop, **flags):
     argv = ["--model", "tiny", "--prompt", "a paper boat on a river", "--steps", "8", "--seed", "5", "--cache",
             "teacache", "--cache-threshold", "0.3", "--output", str(tmp_path / "boat.mp4"), "--checkpoint-every",
             "1000", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
-    events, seen = cli.stream(cli.parse_args(argv)), []
-    try:
-        for event in events:
-            seen.append(event)
-            if stop(events, event):
-                break
-    finally:
-        events.close()
-    return seen
+    events = cli.stream(cli.parse_args(argv))
+    return run_to_end(events, lambda event: stop(events, event))
 
 
 @pytest.mark.parametrize("how", ["leave the loop", "ctrl-c"])
