@@ -591,22 +591,30 @@ def _rope_table(grid, axes_dim, theta, n_text):
 # ---------------------------------------------------------------------------------------------------
 # Radial Attention (mit-han-lab/radial-attention, NeurIPS 2025, built on diffusers' HunyuanVideoPipeline): a
 # static mask over blocks of 128 video tokens whose window shrinks as the distance between the query's frame and
-# the key's grows, training-free. Its rule (radial_attn/attn_mask.py, gen_log_mask_shrinked), for each pair of
-# latent frames (i queries, j keys), tokens per frame f: frame 0 is an attention sink, kept whole; frames at most 1
-# apart keep everything; farther pairs keep the band |r - c| <= max(2^bits(f) / 2^bits(|i-j|) * decay, block),
-# and only when d = 2^bits(f) / 2^bits(|i-j|) < block, only the pairs with |i-j| a multiple of int(block / d)
-# (the reference fixes that threshold at 128, its block size; here it is the block size). Each pair's token
-# mask, at its offset in a block-aligned canvas, becomes blocks: a block is kept when more than 60% of its
-# non-empty columns are over a third full. Text keys and queries, and the video tokens of a last partial block,
-# stay dense (as the reference keeps the block that holds the video/text border); text padding is masked as in
-# dense attention. The FLOPs really drop: for each run of query blocks keeping the same key blocks, those blocks
-# are gathered and given to the fused attention with the keys every video query sees; nothing is masked away.
-# Dense for the first steps (the reference: 12 of 50, kept as that fraction of the steps) and for the first
-# `dense_layers` blocks (double blocks 0..19, then the single blocks 20 on).
+# the key's grows, training-free. Its rule as of commit 72788d4 (radial_attn/attn_mask.py, gen_log_mask_shrinked
+# with model_type "hunyuan": no attention sink, which that code keeps for Wan alone), for each pair of latent frames
+# (i queries, j keys), tokens per frame f, d = 2^bits(f) / 2^bits(|i-j|): the diagonal split first, for every pair
+# (adjacent ones too): when d < block, only the pairs with |i-j| a multiple of int(block / d) are kept (the
+# reference fixes that threshold at 128, its block size; here it is the block size, so at 128 the rule is the
+# reference's exactly); frames at most 1 apart keep everything; farther pairs keep the band |r - c| <=
+# max(d * decay, block). Each pair's token mask, at its offset in a block-aligned canvas, becomes blocks: a block is
+# kept when more than 60% of its non-empty columns are over a third full. Text keys and queries, and the video
+# tokens of a last partial block, stay dense (as the reference keeps the block that holds the video/text border);
+# text padding is masked as in dense attention. The FLOPs really drop: for each run of query blocks keeping the same
+# key blocks, those blocks are gathered and given to the fused attention with the keys every video query sees;
+# nothing is masked away. Dense for the first steps (the reference: 12 of 50, kept as that fraction of the steps)
+# and for the first `dense_layers` blocks (double blocks 0..19, then the single blocks 20 on).
 
 RADIAL_DENSE_STEPS = 12 / 50  # scripts/hunyuan_t2v_inference.sh: dense_timesteps 12 of 50 steps
-RADIAL_DEFAULTS = dict(dense_steps=None, dense_layers=0, decay=1.0, block=128)  # None: RADIAL_DENSE_STEPS
+# None: RADIAL_DENSE_STEPS; decay: scripts/hunyuan_t2v_inference.sh's --decay_factor 0.95
+RADIAL_DEFAULTS = dict(dense_steps=None, dense_layers=0, decay=0.95, block=128)
 ATTENTIONS = ("dense", "radial")
+
+
+def radial_dense_steps(steps):
+    """The dense steps Radial Attention leaves at the start of `steps` when none are given: the reference's share,
+    rounded to the nearest step."""
+    return int(RADIAL_DENSE_STEPS * steps + 0.5)
 
 
 @lru_cache(maxsize=4096)
@@ -633,7 +641,7 @@ def _radial_blocks(per_frame, window, row_offset, col_offset, block):
     return 5 * high > 3 * nonzero  # more than 60% of the non-empty columns
 
 
-def radial_block_mask(frames, per_frame, block=128, decay=1.0):
+def radial_block_mask(frames, per_frame, block=128, decay=0.95):
     """Which blocks of `block` video tokens Radial Attention keeps: (n, n) bool over the n = frames x per_frame //
     block whole blocks of the video (tokens frame-major, per_frame tokens a latent frame)."""
     n = frames * per_frame // block
@@ -642,12 +650,9 @@ def radial_block_mask(frames, per_frame, block=128, decay=1.0):
     for i, j in itertools.product(range(frames), repeat=2):
         dist = abs(i - j)
         d = bits / 2 ** dist.bit_length()
-        if j == 0:  # the attention sink
-            window = math.inf
-        else:
-            if d < block and dist % int(block / d):  # the diagonal split: this frame pair is dropped
-                continue
-            window = math.inf if dist <= 1 else max(d * decay, block)
+        if d < block and dist % int(block / d):  # the diagonal split: this frame pair is dropped
+            continue
+        window = math.inf if dist <= 1 else max(d * decay, block)
         kept = _radial_blocks(per_frame, window, i * per_frame % block, j * per_frame % block, block)
         r, c = i * per_frame // block, j * per_frame // block
         part = out[r:r + kept.shape[0], c:c + kept.shape[1]]
@@ -673,10 +678,10 @@ class RadialAttention:
     """One generation's Radial Attention over a latent grid (t, h, w) of patches: its block mask, the steps and
     layers it leaves dense, and the sparse attention itself (attend)."""
 
-    def __init__(self, grid, steps, dense_steps=None, dense_layers=0, decay=1.0, block=128):
+    def __init__(self, grid, steps, dense_steps=None, dense_layers=0, decay=0.95, block=128):
         self.frames, self.per_frame = grid[0], grid[1] * grid[2]
         self.video = self.frames * self.per_frame
-        self.dense_steps = int(RADIAL_DENSE_STEPS * steps + 0.5) if dense_steps is None else dense_steps
+        self.dense_steps = radial_dense_steps(steps) if dense_steps is None else dense_steps
         self.dense_layers, self.decay, self.block = dense_layers, decay, block
         self.mask = radial_block_mask(self.frames, self.per_frame, block, decay)
         self.sparse = self.mask.shape[0] * block  # the video tokens in whole blocks; the rest are dense
@@ -3689,7 +3694,7 @@ def radial_settings(request):
     get = request.get if isinstance(request, dict) else request._asdict().get
     o = {k: get(f"radial_{k}") if get(f"radial_{k}") is not None else v for k, v in RADIAL_DEFAULTS.items()}
     if o["dense_steps"] is None:
-        o["dense_steps"] = int(RADIAL_DENSE_STEPS * get("steps") + 0.5)
+        o["dense_steps"] = radial_dense_steps(get("steps"))
     return o
 
 
@@ -3841,7 +3846,7 @@ def _resolved(given, pipe, text):
         if not 0 <= o["dense_steps"] <= s["steps"]:
             raise HunyuanVideoError(f"{{radial_dense_steps}} {o['dense_steps']}: use 0 to {s['steps']} (the steps); "
                                     f"its default is {RADIAL_DENSE_STEPS:.0%} of them "
-                                    f"({int(RADIAL_DENSE_STEPS * s['steps'] + 0.5)}).")
+                                    f"({radial_dense_steps(s['steps'])}).")
         if o["dense_layers"] < 0:
             raise HunyuanVideoError(f"{{radial_dense_layers}} {o['dense_layers']}: use a whole number of 0 or more "
                                     f"(the blocks from the first, double then single, left dense; its default is 0).")

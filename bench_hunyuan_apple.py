@@ -333,11 +333,11 @@ def full_size_work(steps, cache=None, radial=None, h=544, w=960, f=129):
 
 
 def print_radial(sizes):
-    """Radial Attention's mask at full size (the reference's defaults: 128-token blocks, decay 1, the first 12 of
-    50 steps dense): kept video-video blocks, the share of query-key pairs a sparse forward computes (256 text
+    """Radial Attention's mask at full size (the reference's defaults as of its commit 72788d4: 128-token blocks, decay
+    0.95, no attention sink, the first 12 of 50 steps dense): kept video-video blocks, the share of query-key pairs a sparse forward computes (256 text
     tokens), and a sparse forward's attention and total PFLOP against a dense one's."""
     print(f"{'size':>13} {'blocks':>9} {'kept':>7} {'pairs':>7} {'dense fwd':>10} {'sparse fwd':>11} {'attention':>10}"
-          f"   (PFLOP; the reference's count at 768x1280x117: 31.9% kept)")
+          f"   (PFLOP; the paper's count at 768x1280x117: 27.5% kept)")
     model = H.HunyuanVideoTransformer()
     for s in sizes:
         h, w, f = parse_size(s)

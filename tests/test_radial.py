@@ -23,35 +23,78 @@ F, HEIGHT, WIDTH, STEPS = 21, 48, 64, 5  # 6 latent frames of 3 x 4 patches: 72 
 RADIAL = dict(block=16, dense_steps=2, dense_layers=1)
 
 
-def reference_block_mask(frames, per_frame, block, decay=1.0):
-    """gen_log_mask_shrinked (model_type "hunyuan"), the video's whole blocks: each frame pair's token mask drawn
-    in full, placed in its padded canvas and shrunk by shrinkMaskStrict, OR-ed in. The diagonal split's
-    threshold is the block size (the reference's hard-coded 128 is its block size)."""
-    n = frames * per_frame // block
-    final = np.zeros((n + per_frame // block + 2, n + per_frame // block + 2), bool)
-    rows, cols = np.arange(per_frame)[:, None], np.arange(per_frame)[None]
+# radial_attn/attn_mask.py at mit-han-lab/radial-attention commit 72788d4 (the current head), transcribed: the
+# three functions gen_log_mask_shrinked calls and its loop, for model_type "hunyuan" and sparse_type "radial". One
+# change: get_diagonal_split_mask's hard-coded threshold of 128 ("equal to block-size", its comment says) is the
+# block size, so that tiny blocks can be tested; at block 128 the code is the commit's as it stands.
+
+def get_diagonal_split_mask(i, j, token_per_frame, threshold):
+    dist = abs(i - j)
+    group = dist.bit_length()
+    decay_length = 2 ** token_per_frame.bit_length() / 2 ** group
+    if decay_length >= threshold:
+        return torch.ones((token_per_frame, token_per_frame), dtype=torch.bool)
+    split_factor = int(threshold / decay_length)
+    modular = dist % split_factor
+    if modular == 0:
+        return torch.ones((token_per_frame, token_per_frame), dtype=torch.bool)
+    else:
+        return torch.zeros((token_per_frame, token_per_frame), dtype=torch.bool)
+
+
+def get_window_width(i, j, token_per_frame, decay_factor=1, block_size=128):
+    dist = abs(i - j)
+    if dist <= 1:  # model_type == "hunyuan"
+        return token_per_frame
+    group = dist.bit_length()
+    decay_length = 2 ** token_per_frame.bit_length() / 2 ** group * decay_factor
+    threshold = block_size
+    if decay_length >= threshold:
+        return decay_length
+    else:
+        return threshold
+
+
+def shrinkMaskStrict(mask, block_size=128):
+    seqlen = mask.shape[0]
+    block_num = seqlen // block_size
+    mask = mask[:block_num * block_size, :block_num * block_size].view(block_num, block_size, block_num, block_size)
+    col_densities = mask.sum(dim=1) / block_size
+    non_zero_densities = col_densities > 0
+    high_density_cols = col_densities > 1 / 3
+    frac_high_density_cols = high_density_cols.sum(dim=-1) / (non_zero_densities.sum(dim=-1) + 1e-9)
+    return frac_high_density_cols > 0.6
+
+
+def reference_block_mask(frames, per_frame, block, decay=0.95):
+    """gen_log_mask_shrinked's mask over the video's whole blocks (the reference's final_log_mask also has the
+    text's rows and columns, all True, which our attention keeps dense)."""
+    s = (frames * per_frame // block + per_frame // block + 2) * block  # room for the last pair's padded canvas
+    final_log_mask = torch.zeros((s // block, s // block), dtype=torch.bool)
+    token_per_frame = per_frame
+    col_indices = torch.arange(0, token_per_frame).view(1, -1)
+    row_indices = torch.arange(0, token_per_frame).view(-1, 1)
     for i in range(frames):
         for j in range(frames):
-            dist = abs(i - j)
-            if j == 0:
-                local = np.ones((per_frame, per_frame), bool)
-            else:
-                decay_length = 2 ** per_frame.bit_length() / 2 ** dist.bit_length() * decay
-                width = per_frame if dist <= 1 else (decay_length if decay_length >= block else block)
-                local = np.abs(cols - rows) <= width
-                length = 2 ** per_frame.bit_length() / 2 ** dist.bit_length()
-                if length < block and dist % int(block / length) != 0:
-                    local = np.zeros_like(local)
-            rr, rc = i * per_frame % block, j * per_frame % block
-            padded = np.zeros((rr + ((per_frame - 1) // block + 1) * block,
-                               rc + ((per_frame - 1) // block + 1) * block), bool)
-            padded[rr:rr + per_frame, rc:rc + per_frame] = local
-            b = padded.shape[0] // block
-            density = padded[:b * block, :b * block].reshape(b, block, b, block).sum(axis=1) / block
-            frac = (density > 1 / 3).sum(-1) / ((density > 0).sum(-1) + 1e-9)
-            r0, c0 = i * per_frame // block, j * per_frame // block
-            final[r0:r0 + b, c0:c0 + b] |= frac > 0.6
-    return final[:n, :n]
+            window_width = get_window_width(i, j, token_per_frame, decay_factor=decay, block_size=block)
+            local_mask = torch.abs(col_indices - row_indices) <= window_width
+            split_mask = get_diagonal_split_mask(i, j, token_per_frame, threshold=block)
+            local_mask = torch.logical_and(local_mask, split_mask)
+            remainder_row = (i * token_per_frame) % block
+            remainder_col = (j * token_per_frame) % block
+            all_length_row = remainder_row + ((token_per_frame - 1) // block + 1) * block
+            all_length_col = remainder_col + ((token_per_frame - 1) // block + 1) * block
+            padded_local_mask = torch.zeros((all_length_row, all_length_col), dtype=torch.bool)
+            padded_local_mask[remainder_row:remainder_row + token_per_frame,
+                              remainder_col:remainder_col + token_per_frame] = local_mask
+            block_mask = shrinkMaskStrict(padded_local_mask, block_size=block)
+            block_row_start = (i * token_per_frame) // block
+            block_col_start = (j * token_per_frame) // block
+            block_row_end = block_row_start + block_mask.shape[0]
+            block_col_end = block_col_start + block_mask.shape[1]
+            final_log_mask[block_row_start:block_row_end, block_col_start:block_col_end] |= block_mask
+    n = frames * per_frame // block
+    return final_log_mask[:n, :n].numpy()
 
 
 def token_mask(blocks, video, n, block):
@@ -64,12 +107,28 @@ def token_mask(blocks, video, n, block):
 
 @pytest.mark.parametrize("frames, per_frame, block, decay", [
     (6, 12, 16, 1.0), (8, 7, 8, 1.0), (5, 45, 16, 0.5), (9, 300, 128, 1.0), (12, 510, 128, 0.95), (8, 1020, 128, 1.0),
-    (33, 64, 32, 1.0)])
+    (33, 64, 32, 1.0), (13, 240, 128, 0.95), (9, 96, 128, 0.95)])
 def test_block_mask_is_the_references(frames, per_frame, block, decay):
+    """At block 128 the commit's code unchanged: 240 tokens a frame split pairs 3 apart, 96 adjacent ones."""
     mine = H.radial_block_mask(frames, per_frame, block, decay)
     ref = reference_block_mask(frames, per_frame, block, decay)
     assert np.array_equal(mine, ref)
     assert 0 < ref.mean() < 1  # neither dense nor empty
+
+
+def test_block_mask_is_the_references_at_many_sizes():
+    """200 random small sizes (fixed seed): bands that end inside blocks, frames that straddle them, every
+    decay class; the defaults are the reference script's (decay 0.95, no sink: frame 0 is not kept whole)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        block = int(rng.choice([8, 16, 32]))
+        frames, per_frame = int(rng.integers(2, 12)), int(rng.integers(3, 90))
+        if frames * per_frame < block:
+            continue
+        decay = float(rng.choice([0.5, 0.95, 1.0, 1.7]))
+        args = (frames, per_frame, block, decay)
+        assert np.array_equal(H.radial_block_mask(*args), reference_block_mask(*args)), args
+    assert np.array_equal(H.radial_block_mask(12, 510), reference_block_mask(12, 510, 128, 0.95))
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +235,29 @@ def test_the_fused_attention_runs_only_the_kept_pairs(setup, monkeypatch):
     assert work["attention_pflop"] == pytest.approx(expected_pflop, rel=1e-12)
     assert work["attention_pflop"] + work["skipped_attention_pflop"] == pytest.approx(
         STEPS * model.work(tokens)[0] / 1e15, rel=1e-12)
+
+
+def test_the_pipeline_uses_the_references_defaults(setup, monkeypatch):
+    """Radial Attention with its settings left out, as the pipeline builds it: the reference script's decay 0.95
+    (at 3 x 5 x 7 patches and blocks of 8 it keeps 161 blocks, decay 1 would keep 165) and its 12 of 50 steps
+    dense, as a share rounded: 10 of 40 (truncating would give 9)."""
+    made = []
+
+    class Recorded(H.RadialAttention):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(H, "RadialAttention", Recorded)
+    folder, _, states, mask, pooled, _ = setup
+    pipe = H.HunyuanVideoPipeline(folder, dtypes=dict.fromkeys(H.DEFAULT_DTYPES, mx.float32))
+    text = tuple(mx.array(t.numpy()) for t in (states, mask, pooled))
+    events = pipe.generate(text=text, height=80, width=112, frames=9, steps=40, attention="radial", radial_block=8)
+    next(e for e in events if isinstance(e, H.Step))
+    events.close()
+    assert made[0].dense_steps == round(12 * 40 / 50) == 10
+    assert np.array_equal(made[0].mask, reference_block_mask(3, 35, 8, 0.95))
+    assert not np.array_equal(made[0].mask, reference_block_mask(3, 35, 8, 1.0))
 
 
 def test_dense_attention_is_untouched(setup):
