@@ -81,6 +81,11 @@ class Worded:
 
     __str__ = sentence
 
+    @property
+    def settings(self):
+        """The settings the message is about (named in it as {name})."""
+        return [p for p in SETTINGS if "{" + p + "}" in self.text]
+
 
 class HunyuanVideoError(Worded, Exception):
     """A problem the user can fix: the message is one sentence that says how."""
@@ -2110,10 +2115,24 @@ _FP8_UNUSED = ("scale_input", "input_scale", "scaled_fp8")  # scales of activati
 
 
 def _again(path):
-    """How to get a broken checkpoint file back: download it again, or, a tiny demo's (built here), build it anew."""
-    if any(is_tiny(folder) for folder in Path(path).parents):
-        return "the tiny demo is built on this machine: delete its folder and it is built anew"
+    """How to get a broken checkpoint file back: download it again, or, one of a tiny demo's own files (built here:
+    its model_index.json or a file of its components' folders), build it anew."""
+    path = Path(path).expanduser().absolute()
+    for folder in path.parents:
+        if is_tiny(folder) and path.relative_to(folder).parts[0] in ("model_index.json", *COMPONENTS):
+            return "the tiny demo is built on this machine: delete its folder and it is built anew"
     return "download it again"
+
+
+def given_file(path, what, expected):
+    """The file a user named (what: "the LoRA", "the image", ...), which must exist and not be a folder: its Path,
+    or one sentence saying which and what to pass instead (expected)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise HunyuanVideoError(f"{what} {path} is a folder: pass {expected}.")
+    if not path.is_file():
+        raise HunyuanVideoError(f"{what} {path} does not exist: check the path.")
+    return path
 
 
 def _safetensors_header(f):
@@ -2608,10 +2627,8 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
     Linear layers are `layers` ({name: (out, in)}) and width `dim`. Keys that match no layer stop the load in
     one sentence (a warning with ignore_unmatched); a LoRA that matches nothing, or whose shapes do not fit,
     is for another model and is refused either way."""
-    path = Path(path).expanduser()
+    path = given_file(path, "the LoRA", "a LoRA file (.safetensors, or a .pt)")
     scale = _lora_scale(scale, path.name)
-    if not path.is_file():
-        raise HunyuanVideoError(f"the LoRA {path} does not exist: check the path.")
     tensors, _ = _read_weights(path, "pass a LoRA .safetensors file")
     integers = sorted(k for k, v in tensors.items() if not mx.issubdtype(v.dtype, mx.floating))
     if integers:
@@ -3300,9 +3317,7 @@ def read_image(image):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (str, Path)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise HunyuanVideoError(f"the image {path} does not exist: check the path.")
+        path = given_file(image, "the image", "an image file (PNG, JPEG or WebP)")
         try:
             with Image.open(path) as opened:
                 opened.load()
@@ -3317,6 +3332,22 @@ def read_image(image):
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     elif not isinstance(image, Image.Image):
         raise HunyuanVideoError(f"an image of type {type(image).__name__}: pass a file, a PIL image or a uint8 array.")
+    return _rgb(image)
+
+
+def _rgb(image):
+    """A PIL image of any mode PIL opens -> 8-bit RGB. Gray of 16 or 32 bits (a 16-bit PNG opens as I;16 or I) is
+    scaled from 16 bits to 8 (PIL's own convert clips it at 255: a 16-bit picture would come out almost white); gray
+    with premultiplied alpha (La, which PIL does not convert to RGB) is unpremultiplied first; alpha is then dropped,
+    as the reference pipelines drop it (diffusers' load_image, Tencent's: convert("RGB")); the rest (palette, CMYK,
+    CIELAB, YCbCr, HSV, 1-bit, float gray clipped to 0..255) convert as PIL converts them."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.asarray(image).astype(np.float64) / 257  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8))
+    elif image.mode == "La":
+        image = image.convert("LA")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -3369,9 +3400,7 @@ def read_video(path):
     """All frames of a video file, (F, H, W, 3) uint8, or one sentence on why it cannot be read."""
     import imageio.v2 as iio
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise HunyuanVideoError(f"the video {path} does not exist: check the path.")
+    path = given_file(path, "the video", "a video file (mp4, mov, webm or GIF)")
     try:
         with iio.get_reader(path) as reader:
             frames = np.stack([np.asarray(frame) for frame in reader])
@@ -3464,6 +3493,28 @@ def _rewrite_file(prompt, mode, model, temperature, seed, max_tokens):
     return cache_dir() / "rewrites" / f"{hashlib.sha256(json.dumps(what).encode()).hexdigest()}.json"
 
 
+def kept_rewrite(prompt, mode="normal", model=None, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS):
+    """The rewrite of these settings kept in the cache, or None (none kept, or unreadable: a warning). Nothing of the
+    model is read but its folder's listing, so that a kept rewrite needs neither mlx-lm nor the model."""
+    path = _rewrite_file(prompt, mode, model or REWRITE_MODEL, temperature, seed, max_tokens)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["rewritten"]
+        except (OSError, ValueError, KeyError):
+            warnings.warn(f"the kept rewrite {path} could not be read: the prompt is rewritten again.")
+    return None
+
+
+def _mlx_lm():
+    """mlx-lm, which runs the rewrite model, or one sentence naming what to install."""
+    try:
+        import mlx_lm
+    except ImportError:
+        raise HunyuanVideoError('prompt rewrite runs a small language model through mlx-lm: pip install '
+                                '"hunyuan-apple[rewrite]" (or pip install mlx-lm), or leave rewrite out.') from None
+    return mlx_lm
+
+
 def generate_rewrite(llm, tokenizer, messages, temperature=0.0, seed=None, max_tokens=REWRITE_MAX_TOKENS,
                      progress=None):
     """What the model writes for the messages, through mlx-lm's chat template and sampler: (text, finished),
@@ -3493,17 +3544,10 @@ def rewrite_prompt(prompt, mode="normal", model=None, temperature=0.0, seed=None
     messages = rewrite_messages(prompt, mode)
     if not 0 <= temperature < math.inf:
         raise HunyuanVideoError(f"rewrite temperature {temperature}: use 0 (the same rewrite every time) or more.")
-    path = _rewrite_file(prompt, mode, model, temperature, seed, max_tokens)
-    if cache and path.is_file():
-        try:
-            return json.loads(path.read_text())["rewritten"], True
-        except (OSError, ValueError, KeyError):
-            warnings.warn(f"the kept rewrite {path} could not be read: the prompt is rewritten again.")
-    try:
-        import mlx_lm
-    except ImportError:
-        raise HunyuanVideoError('prompt rewrite runs a small language model through mlx-lm: pip install '
-                                '"hunyuan-apple[rewrite]" (or pip install mlx-lm), or leave rewrite out.') from None
+    kept = kept_rewrite(prompt, mode, model, temperature, seed, max_tokens) if cache else None
+    if kept is not None:
+        return kept, True
+    mlx_lm = _mlx_lm()
     try:
         llm, tokenizer = mlx_lm.load(str(Path(model).expanduser()) if Path(model).expanduser().exists() else model)
     except Exception as e:
@@ -3523,6 +3567,7 @@ def rewrite_prompt(prompt, mode="normal", model=None, temperature=0.0, seed=None
         return prompt, False
     if cache:
         try:
+            path = _rewrite_file(prompt, mode, model, temperature, seed, max_tokens)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"prompt": prompt, "mode": mode, "model": model,
                                                                       "rewritten": text})))
@@ -3667,14 +3712,20 @@ def check_kind(name, value):
     ok = {str: lambda: isinstance(value, (str, Path))
           or name in ("prompt", "negative_prompt") and isinstance(value, list)
           and all(isinstance(p, str) for p in value),  # prompts: one, or one a video of the batch
-          int: lambda: whole, float: lambda: whole or isinstance(value, (float, np.floating)),
+          int: lambda: whole, float: lambda: whole or isinstance(value, (float, np.floating)) and math.isfinite(value),
           bool: lambda: isinstance(value, (bool, np.bool_)),
           list: lambda: isinstance(value, (list, tuple))}.get(kind, lambda: value in kind)()
     if not ok:
-        what = {str: "text", int: "a whole number", float: "a number", bool: "true or false", list: "a list"}.get(
-            kind) or f"one of {', '.join(map(str, kind))}"
+        what = {str: "text", int: "a whole number", float: "a finite number", bool: "true or false",
+                list: "a list"}.get(kind) or f"one of {', '.join(map(str, kind))}"
         shown = json.dumps(value) if isinstance(value, (str, int, float, list)) else repr(value)
         raise HunyuanVideoError(f"{{{name}}} is {shown}, where {what} is expected.")
+    for text in ([value] if isinstance(value, str) else value) if name in ("prompt", "negative_prompt") else ():
+        try:  # bytes a terminal passed on that are not UTF-8 arrive as lone surrogates, which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HunyuanVideoError(f"{{{name}}} holds bytes that are not UTF-8 text ({ascii(text)[1:-1][:60]}): "
+                                    f"type it again in UTF-8, or set the terminal to UTF-8.") from None
 
 
 @lru_cache(maxsize=2)
@@ -4163,9 +4214,9 @@ def available_memory():
             gb = float(value)
         except ValueError:
             gb = -1
-        if not 0 < gb < math.inf:
+        if not 0 < gb <= 2 ** 20:
             raise HunyuanVideoError(f"HUNYUAN_APPLE_MEMORY_GB={value!r}: set it to the GiB a generation may use, "
-                                    f"such as 24, or unset it.")
+                                    f"above 0 and at most 1048576 (such as 24), or unset it.")
         return int(gb * GB)
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
@@ -4185,32 +4236,49 @@ def estimate_rewrite(model=None, prompt="", max_tokens=REWRITE_MAX_TOKENS, backe
     max_tokens, and a step's logits in float32."""
     model = model or REWRITE_MODEL
     folder, cpu = Path(model).expanduser(), (backend or _backend()) == "cpu"
+    _mlx_lm()  # without it there is no rewrite to plan
     try:
         if folder.is_dir():
+            why = "its config.json could not be read"
             config = json.loads((folder / "config.json").read_text())
+            why = "a weights file is cut short or is not safetensors"
             weights = sum(np.prod(shape, dtype=np.int64) * _DTYPES[dtype].size for f in folder.glob("*.safetensors")
                           for shape, dtype, _ in _safetensors_header(f)[0].values())
+            why = "its config.json is not a model's configuration"
         else:
             from huggingface_hub import HfApi, hf_hub_download, snapshot_download
             try:  # downloaded before: its files, without asking the hub
                 return estimate_rewrite(snapshot_download(model, local_files_only=True), prompt, max_tokens, backend)
             except Exception:
                 pass
+            why = "it is not downloaded here and the hub could not be asked for its files"
             config = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
             files = HfApi().model_info(model, files_metadata=True).siblings
             weights = sum(f.size or 0 for f in files if f.rfilename.endswith(".safetensors"))
-    except HunyuanVideoError:
-        raise
+        config = config.get("text_config", config)
+        missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                               "vocab_size") if k not in config]
+        why = f"its config.json lacks {', '.join(missing)}: it is not a language model" if missing else \
+            "it has no .safetensors weights" if not weights else None
     except Exception as e:
-        raise HunyuanVideoError(f"the rewrite model {model} could not be sized ({type(e).__name__}): give a folder "
-                                f"of an instruct model in mlx-lm's layout, or a hub id reachable from here.") from None
-    config = config.get("text_config", config)
+        why = f"{why} ({type(e).__name__})"
+    if why:
+        raise HunyuanVideoError(f"the rewrite model {model} cannot be used: {why}; give a folder of an instruct model "
+                                f"in mlx-lm's layout, or a hub id (the default is {REWRITE_MODEL}).")
     W, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
     kv_heads = config.get("num_key_value_heads", heads)
     tokens = (len(rewrite_messages(prompt, "master")[0]["content"].encode()) + len(prompt.encode())) // 2 + 64
     kv = 2 * layers * (tokens + max_tokens) * config.get("head_dim", W // heads) * kv_heads * 2
     return int(weights + _llm_activations(tokens, W, config["intermediate_size"], heads, kv_heads, 2, cpu) + kv +
                2 * config["vocab_size"] * 4)
+
+
+def _rewrite_asked(r):
+    """What a request's rewrite asks (a preset's prompt prefix is kept out of it, and put back after): (the prefix,
+    (prompt, mode, model, temperature, seed))."""
+    prefix = PRESETS.get(r.preset, {}).get("prompt_prefix", "")
+    return prefix, (r.prompt.removeprefix(prefix), r.rewrite, r.rewrite_model, r.rewrite_temperature or 0.0,
+                    r.rewrite_seed)
 
 
 class OverBudget(HunyuanVideoError):
@@ -4407,9 +4475,8 @@ class HunyuanVideoPipeline:
             raise plan.problem
         self.stats = {}
         if r.rewrite and not r.original_prompt and text is None and resume is None:
-            prefix = PRESETS.get(r.preset, {}).get("prompt_prefix", "")  # kept as it is
-            rewritten, cached = self.rewrite(r.prompt.removeprefix(prefix), r.rewrite, r.rewrite_model,
-                                             r.rewrite_temperature or 0.0, r.rewrite_seed, progress)
+            prefix, asked = _rewrite_asked(r)
+            rewritten, cached = self.rewrite(*asked, progress=progress)
             r = r._replace(prompt=prefix + rewritten, original_prompt=r.prompt)
             yield Rewritten(r, cached)
         image = read_image(r.image) if r.image is not None else None
@@ -4458,6 +4525,8 @@ class HunyuanVideoPipeline:
             if r.negative_prompt is not None and r.cfg_scale > 1 else None
         rewrite = (r.rewrite_model, max(r.prompt if isinstance(r.prompt, list) else [r.prompt], key=len)) \
             if encode and r.rewrite and not r.original_prompt else None
+        if rewrite and self.prompt_cache and kept_rewrite(*_rewrite_asked(r)[1]) is not None:
+            rewrite = None  # kept from an earlier run: the model is not needed
         try:
             return Plan(r, cfg, check_memory(self.folder, r.height, r.width, r.frames, self.quantization,
                                   self.quantize_modulation, self.low_memory, dtypes=self.dtypes, hub=self.hub,

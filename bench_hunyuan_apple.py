@@ -157,7 +157,7 @@ def bench_phases(args, sizes):
             if args.model:
                 pipe = H.HunyuanVideoPipeline.from_pretrained(args.model, quantization=quant)
                 pipe("a red fox runs through a snowy forest at dawn", height=h, width=w, frames=f, steps=args.steps,
-                     seed=0, force=True)
+                     seed=0, force=args.force)
                 rows = [(name, pipe.stats[name][0] / (args.steps if name == "denoise" else 1), pipe.stats[name][1])
                         for name in ("text encoders", "denoise", "decode")]
             else:
@@ -228,6 +228,27 @@ def print_plan(settings):
             print(f"{s:>14} {kind or 'T2V':>13} {q or 'bf16':>9} {'yes' if low else 'no':>10} {cfg or 'no':>10} "
                   f"{est['text encoders'] / H.GB:>8.1f} "
                   f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
+
+
+def check_fits(args, sizes, phases):
+    """The memory plan, before any weights are made: refuse in one sentence (as the command line does) a benchmark
+    whose phases (estimate_memory's: "text encoders", "denoise", "decode") would not fit at a size and precision,
+    unless --force. Full-size random weights are planned from header-only files (with --model the pipeline plans
+    its own run, as the command line's does)."""
+    if args.force or args.tiny or args.model:
+        return
+    budget = H.available_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = header_only_checkpoint(Path(tmp) / "t2v")
+        for q in (args.quantizations if args.phases else ["bf16"]):
+            for s in sizes:
+                est = H.estimate_memory(folder, *parse_size(s), None if q == "bf16" else q)
+                phase = max(phases, key=est.get)
+                if est[phase] > 0.9 * budget:
+                    raise H.HunyuanVideoError(
+                        f"at {s} in {q} the {phase} phase needs about {H.gib(est[phase])}, more than this machine "
+                        f"can give ({H.gib(budget)}; HUNYUAN_APPLE_MEMORY_GB sets it): give smaller --sizes, "
+                        f"--quantizations int8 or int4 with --phases, --tiny, or --force to run anyway.")
 
 
 def torch_device():
@@ -467,6 +488,7 @@ def parser():
     ap.add_argument("--model", help="with --phases: a checkpoint folder (real weights) instead of random ones")
     ap.add_argument("--steps", type=int, help="with --phases --model: denoising steps to average (default 2)")
     ap.add_argument("--plan", action="store_true", help="print the memory plan's estimates at full size")
+    ap.add_argument("--force", action="store_true", help="run even if the memory plan says it will not fit")
     ap.add_argument("--parity", action="store_true", help="one double and one single block vs diffusers, bf16")
     ap.add_argument("--vae", action="store_true", help="our tiled VAE decode vs diffusers' on the same device")
     ap.add_argument("--work", action="store_true", help="DiT forwards and PFLOP of a generation per cache and preset")
@@ -527,9 +549,13 @@ def run(ap, args):
     if args.parity:
         return check_parity(args)
     if args.vae:
-        return bench_vae(args, args.sizes or (["64x96x9"] if args.tiny else ["544x960x129"]))
+        sizes = args.sizes or (["64x96x9"] if args.tiny else ["544x960x129"])
+        check_fits(args, sizes, ["decode"])
+        return bench_vae(args, sizes)
     if args.phases:
+        check_fits(args, sizes, ["text encoders", "denoise", "decode"])
         return bench_phases(args, sizes)
+    check_fits(args, sizes, ["denoise"])
     print(f"{'tiny' if args.tiny else 'full-size'} DiT, bf16, random weights, mean of {args.repeat}")
     ours = bench_ours(cfg, sizes, args.repeat)
     ref, dev = bench_reference(cfg, sizes, args.repeat) if args.reference else ({}, None)

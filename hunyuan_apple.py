@@ -17,6 +17,8 @@ checkpoint, the preview, the latents and the video between them.
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 import time
@@ -127,11 +129,11 @@ def parse_args(argv):
 
 
 def input_file(args, key):
-    """The file a flag names (--from-metadata, --decode-latents, --resume), which must exist."""
-    path = Path(getattr(args, key))
-    if not path.is_file():
-        raise H.HunyuanVideoError(f"{flag(key)} {path}: the file does not exist.")
-    return path
+    """The file a flag names (--from-metadata, --decode-latents, --resume), which must exist and not be a folder."""
+    return H.given_file(getattr(args, key), flag(key), {
+        "from_metadata": "the .json written beside a video, or the video",
+        "decode_latents": "the .latents.safetensors file a run left", "resume": "the .partial.safetensors file "
+        "an interrupted run left"}[key])
 
 
 def refuse(args, allowed, why):
@@ -177,15 +179,37 @@ def typed_settings(args):
     return s
 
 
-def resolve(args):
-    """The request the flags (and --from-metadata's file) give, checked: an H.Request, or HunyuanVideoError."""
+def resolve(args, notes=None):
+    """The request the flags (and --from-metadata's file) give, checked: an H.Request, or HunyuanVideoError. Flags
+    typed beside --from-metadata win over its settings; a saved setting that no longer applies with them (the saved
+    settings pass alone, and a refusal names it: Radial's settings under --attention dense, TaylorSeer's under
+    --cache teacache, dense steps beyond fewer --steps) is left out, with a line in notes (a list)."""
     typed = typed_settings(args)
     s = read_metadata(input_file(args, "from_metadata")) if args.from_metadata else {}
     if "prompt" in typed or "original_prompt" not in s:  # a new prompt: rewritten (if asked) afresh
         s["original_prompt"] = None
     elif "rewrite" in typed and s.get("original_prompt"):  # an earlier run's prompt, rewritten in the mode asked now
         s["prompt"], s["original_prompt"] = s["original_prompt"], None
-    return H.check_request({**s, **typed})
+    while True:
+        try:
+            return H.check_request({**s, **typed})
+        except H.HunyuanVideoError as e:
+            saved = [k for k in e.settings if k in s and k not in typed and s[k] is not None]
+            if not saved or not args.from_metadata or not valid(s):  # not the typed flags' doing
+                raise
+            said = ", ".join(f"{FLAGS[k]} {s[k]}" for k in saved)
+            (notes if notes is not None else []).append(f"--from-metadata: left out {said} (saved): "
+                                                        f"{e.sentence(FLAGS)}")
+            s.update(dict.fromkeys(saved))
+
+
+def valid(settings):
+    """Whether settings make a request that passes its check."""
+    try:
+        H.check_request(settings)
+    except H.HunyuanVideoError:
+        return False
+    return True
 
 
 def read_metadata(path):
@@ -268,10 +292,11 @@ def stream(args, names=FLAGS, load=None, progress=None):
     resume. names: how its messages name the settings (FLAGS; the page: its fields). load(settings, args): the
     pipeline (load_pipeline by default; the page keeps one). progress(what, done, total): each activity."""
     t0 = time.perf_counter()
-    latents_file, phase, checkpoint, events, settings, pipe = None, "loading", None, None, {}, None
+    latents_file, phase, checkpoint, events, settings, pipe, claim = None, "loading", None, None, {}, None, None
     try:
-        if args.checkpoint_every < 0:
-            raise H.HunyuanVideoError(f"--checkpoint-every {args.checkpoint_every}: use 0 or more seconds.")
+        if not 0 <= args.checkpoint_every < math.inf:
+            raise H.HunyuanVideoError(f"--checkpoint-every {args.checkpoint_every}: use a number of seconds, 0 or "
+                                      f"more (0: after every step).")
         if args.decode_latents:
             if args.from_metadata:
                 raise H.HunyuanVideoError("--decode-latents and --from-metadata: give one of them.")
@@ -279,10 +304,14 @@ def stream(args, names=FLAGS, load=None, progress=None):
         elif args.resume:
             out, request, resume = read_checkpoint(args)
         else:
-            request, resume = resolve(args), None
+            notes, resume = [], None
+            request = resolve(args, notes)
+            for note in notes:
+                yield Said(note)
             out = Path(args.output or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}_{request.seed}.mp4")
         if out.suffix != ".mp4":
             raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
+        claim = claim_output(out)  # before the checks, so that no other run writes these names between them and us
         new_latents = check_outputs(out, args, latents=not args.decode_latents)
         pipe = (load or load_pipeline)(settings if args.decode_latents else request._asdict(), args)
         if args.decode_latents:
@@ -374,7 +403,44 @@ def stream(args, names=FLAGS, load=None, progress=None):
             raise
         yield fail(f"error: {type(e).__name__}: {e}", latents_file, settings)
         return
+    finally:
+        if claim is not None:
+            claim.release()
     yield Outcome(0, "", files, settings, pipe, time.perf_counter() - t0)
+
+
+class claim_output:
+    """This run's claim on an output and the files named after it (its latents, checkpoint, sidecar, preview): a
+    lock on a hidden file beside it (.NAME.claim), held until the run ends and released by the system if the process
+    dies. Another run's claim on the same output is refused in one sentence: two runs never write one video."""
+
+    def __init__(self, out):
+        import fcntl
+
+        self.path = out.with_name(f".{out.name}.claim")
+        while True:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a+")
+            except OSError as e:
+                raise H.HunyuanVideoError(f"cannot write to {out.parent} ({e.strerror}): choose another "
+                                          f"--output.") from None
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.close()
+                raise H.HunyuanVideoError(f"--output {out}: another run is writing it now; choose another --output, "
+                                          f"or wait for that run to end.") from None
+            try:  # the file we locked is still the claim (not one a finishing run had just removed)
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            self.file.close()
+
+    def release(self):
+        self.path.unlink(missing_ok=True)  # while still locked: a run that opened it now finds it gone and retries
+        self.file.close()
 
 
 def run(args, progress=None, say=None):

@@ -164,11 +164,13 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--frames", "200"], "4n+1 (1, 5, 9, ... 129); try 129"),
     (["--quantize", "8", "--quantization", "int4"], "--quantize 8 and --quantization int4 disagree"),
     (["--guidance", "-5"], "guidance -5.0: the embedded guidance scale is a number of 0 or more"),
-    (["--guidance", "nan"], "guidance nan: the embedded guidance scale is a number of 0 or more"),
-    (["--guidance", "inf"], "guidance inf: the embedded guidance scale is a number of 0 or more"),
+    (["--guidance", "nan"], "--guidance is NaN, where a finite number is expected"),
+    (["--guidance", "inf"], "--guidance is Infinity, where a finite number is expected"),
+    (["--cfg-scale=-inf"], "--cfg-scale is -Infinity, where a finite number is expected"),
+    (["--attention", "radial", "--radial-decay", "nan"], "--radial-decay is NaN, where a finite number is expected"),
     (["--shift", "0"], "--shift 0.0: use a number above 0"),
     (["--shift", "-1"], "--shift -1.0: use a number above 0"),
-    (["--shift", "nan"], "--shift nan: use a number above 0"),
+    (["--shift", "nan"], "--shift is NaN, where a finite number is expected"),
     (["--steps", "100000000", "--force"], "--steps 100000000: use 1 to 1000"),
     (["--preset", "skyreels-i2v"], "--preset skyreels-i2v makes video from an image: give --image"),
     (["--fps", "1000"], "--fps 1000: use a frame rate from 1 to 120"),
@@ -181,7 +183,12 @@ def test_interrupted_starts_a_fresh_line(env, tmp_path, monkeypatch, capsys):
     (["--cache", "teacache", "--cache-threshold", "-1"], "--cache-threshold -1.0: use 0 or more"),
     (["--cache-threshold", "0.1"], "--cache-threshold without --cache: name the cache too"),
     (["--preset", "fastest"], "invalid choice: 'fastest'"),
-    (["--checkpoint-every", "-5"], "--checkpoint-every -5.0: use 0 or more seconds"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every -5.0: use a number of seconds, 0 or more"),
+    (["--checkpoint-every", "nan"], "--checkpoint-every nan: use a number of seconds, 0 or more"),
+    (["--image", "."], "the image . is a folder: pass an image file"),
+    (["--lora", "."], "is a folder: pass a LoRA file (.safetensors, or a .pt)"),
+    (["--video", "."], "the video . is a folder: pass a video file"),
+    (["--from-metadata", "."], "--from-metadata . is a folder: pass the .json written beside a video"),
     (["--attention", "sparse"], "invalid choice: 'sparse'"),
     (["--attention", "radial"], "the video has 36 tokens, less than one block of 128; use dense attention"),
     (["--attention", "radial", "--radial-decay", "0"], "--radial-decay 0.0: use a number above 0 and at most 4"),
@@ -211,7 +218,9 @@ def test_bad_input_one_sentence(tmp_path, monkeypatch, capsys, args, words):
 
 
 @pytest.mark.parametrize("args, words", [(["--frames", "12"], "4n+1"), (["--frobnicate"], "unrecognized arguments"),
-                                         (["--attention", "radial"], "less than one block of 128")])
+                                         (["--attention", "radial"], "less than one block of 128"),
+                                         (["--prompt", "\udcff\udcfe cat"], "--prompt holds bytes that are not "
+                                          "UTF-8 text (\\udcff\\udcfe cat): type it again in UTF-8")])
 def test_bad_input_in_a_real_process(env, tmp_path, args, words):
     """The script itself: exit status 2, the sentence on stderr, no traceback."""
     r = run(env, tmp_path, "--prompt", "a cat", *SMALL, *args)
@@ -225,8 +234,8 @@ def test_bad_input_in_a_real_process(env, tmp_path, args, words):
     (["--from-metadata", "list.json"], "holds no generation settings"),
     (["--from-metadata", "foreign.mp4"], "foreign.mp4 holds no generation settings"),
     (["--from-metadata", "notes.txt"], "is not readable as generation settings"),
-    (["--from-metadata", "absent.json"], "absent.json: the file does not exist"),
-    (["--decode-latents", "absent.safetensors"], "absent.safetensors: the file does not exist"),
+    (["--from-metadata", "absent.json"], "--from-metadata absent.json does not exist"),
+    (["--decode-latents", "absent.safetensors"], "--decode-latents absent.safetensors does not exist"),
     (["--decode-latents", "notes.txt"], "holds no latents saved by hunyuan_apple"),
     (["--decode-latents", "notes.txt", "--steps", "3", "--prompt", "x"], "--prompt, --steps: --decode-latents only"),
     (["--decode-latents", "notes.txt", "--from-metadata", "frames.json"], "give one of them"),
@@ -240,6 +249,60 @@ def test_bad_files_one_sentence(env, tmp_path, args, words):
     iio.mimsave(tmp_path / "foreign.mp4", [np.zeros((32, 32, 3), np.uint8)] * 3, fps=8)  # an mp4 made elsewhere
     r = run(env, tmp_path, *args)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_flags_beside_from_metadata_win_and_what_no_longer_applies_is_left_out(env, tmp_path):
+    """A video made with Radial Attention's and TaylorSeer's own settings, repeated with --attention dense, another
+    --cache and fewer --steps: each runs, says which saved settings it left out, and records the new request."""
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--steps", "4", "--attention", "radial", "--radial-block", "8",
+            "--radial-dense-steps", "3", "--cache", "taylorseer", "--cache-interval", "3", "--output", "a.mp4")
+    assert r.returncode == 0, r.stderr
+    for args, left_out, expected in (
+            (["--attention", "dense", "--cache", "teacache"], "--radial-dense-steps 3, --radial-block 8 (saved)",
+             dict(attention="dense", radial_block=None, cache="teacache", cache_interval=None)),
+            (["--steps", "2"], "--radial-dense-steps 3 (saved)", dict(steps=2, radial_dense_steps=None,
+                                                                     radial_block=8, cache_interval=3))):
+        out = f"b{len(args)}.mp4"
+        r = run(env, tmp_path, "--from-metadata", "a.json", *args, "--output", out)
+        assert r.returncode == 0, r.stderr
+        assert f"--from-metadata: left out {left_out}" in r.stderr, r.stderr
+        saved = json.loads((tmp_path / out).with_suffix(".json").read_text())
+        assert {k: saved[k] for k in expected} == expected and saved["prompt"] == "a cat"
+    r = run(env, tmp_path, "--from-metadata", "a.json", "--cache", "teacache", "--output", "c.mp4")
+    assert r.returncode == 0 and "left out --cache-interval 3 (saved)" in r.stderr, r.stderr
+    r = run(env, tmp_path, "--from-metadata", "a.json", "--radial-block", "3", "--output", "d.mp4")  # typed: refused
+    assert r.returncode == 2 and "--radial-block 3: use a power of two" in r.stderr and "left out" not in r.stderr
+
+
+def test_an_output_another_run_is_writing_is_refused(env, tmp_path):
+    """Two runs never write one video: a run holding the output's claim (here this test, as another process would)
+    makes a second one with the same --output stop in one sentence, before any work; once released (or when the
+    process that held it died, leaving the file unlocked), the output is free."""
+    claim = cli.claim_output(tmp_path / "same.mp4")
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--output", "same.mp4")
+    assert r.returncode == 2 and "--output same.mp4: another run is writing it now" in r.stderr, r.stderr
+    assert "memory plan" not in r.stderr and not (tmp_path / "same.json").exists()
+    claim.release()
+    (tmp_path / ".same.mp4.claim").write_text("")  # a claim left unlocked by a run that died
+    r = run(env, tmp_path, "--prompt", "a cat", *SMALL, "--output", "same.mp4")
+    assert r.returncode == 0 and (tmp_path / "same.mp4").exists(), r.stderr
+    assert not (tmp_path / ".same.mp4.claim").exists()  # released at the end
+
+
+def test_two_runs_started_together_with_one_output(env, tmp_path):
+    """Started at once: one writes the video, with its own settings beside it; the other is refused (while the
+    first runs, or, if it came late, because the video exists) and leaves nothing."""
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "hunyuan_apple.py"), "--prompt", f"cat {i}", *SMALL, "--seed",
+                              str(i), "--output", "one.mp4"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    results = [(p.wait(300), p.stderr.read()) for p in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    winner = next(i for i, (code, _) in enumerate(results) if code == 0)
+    loser = results[1 - winner][1]
+    assert "another run is writing it now" in loser or "one.json already exists" in loser, loser
+    saved = json.loads((tmp_path / "one.json").read_text())
+    assert (saved["seed"], saved["prompt"]) == (winner, f"cat {winner}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.mp4"]
 
 
 def test_truncated_weights_are_named_by_the_plan(env, tmp_path):
@@ -368,7 +431,7 @@ def test_precision_flags_are_used_and_saved(env, tmp_path, monkeypatch):
     assert (settings["dit_dtype"], settings["vae_dtype"], settings["text_dtype"]) == ("fp32", "fp32", "bf16")
 
 
-@pytest.mark.parametrize("value", ["abc", "-1"])
+@pytest.mark.parametrize("value", ["abc", "-1", "1e308", "nan"])
 def test_bad_memory_variable_is_named_on_the_command_line(env, tmp_path, value):
     r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": value}, tmp_path, "--prompt", "a cat", *SMALL)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -429,7 +492,7 @@ def test_interrupted_run_resumes_to_the_same_video(env, tmp_path):
 
     (tmp_path / "bad.partial.safetensors").write_bytes(b"\0" * 100)
     for target, words in (("bad.partial.safetensors", "is not a checkpoint hunyuan_apple can resume"),
-                          ("gone.partial.safetensors", "gone.partial.safetensors: the file does not exist")):
+                          ("gone.partial.safetensors", "--resume gone.partial.safetensors does not exist: check the path")):
         r = run(env, tmp_path, "--resume", target)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run(env, tmp_path, *SMALL, "--prompt", "a cat", "--output", "bad.mp4")  # afresh: the checkpoint is kept
@@ -519,6 +582,9 @@ def test_lora_negative_prompt_and_video_to_video(env, tmp_path):
     (["--lora", "notes.txt"], "neither .safetensors nor .pt"),
     (["--lora", "cut.safetensors"], "could not be read as safetensors"),
     (["--lora", "other.safetensors"], "matches no layer of HunyuanVideo's DiT"),
+    (["--lora", "demo/cut.safetensors"], "demo/cut.safetensors could not be read as safetensors (tensors past the end "
+                                         "of the file); it is probably truncated or corrupt: download it again"),
+    (["--transformer", "demo/cut.safetensors"], "corrupt: download it again"),
     (["--video", "absent.mp4"], "the video absent.mp4 does not exist"),
     (["--video", "notes.mp4"], "the video notes.mp4 could not be read"),
     (["--video", "in.mp4", "--frames", "13"], "the video has 5 frames, fewer than the 13 asked: ask for 5 or fewer"),
@@ -538,6 +604,8 @@ def test_bad_lora_video_and_guidance_one_sentence(env, tmp_path, args, words):
     (tmp_path / "notes.mp4").write_text("not a video")
     data = (tmp_path / "style.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    H.build_tiny_checkpoint(tmp_path / "demo")  # the user's own files kept in a tiny demo's folder are not its own
+    (tmp_path / "demo/cut.safetensors").write_bytes(data[:len(data) // 2])
     save_file({"lora_unet_down_blocks_0_proj_in.lora_down.weight": np.zeros((4, 8), np.float32)},
               tmp_path / "other.safetensors")
     iio.mimsave(tmp_path / "in.mp4", [np.zeros((48, 64, 3), np.uint8)] * 5, fps=8)

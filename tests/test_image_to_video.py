@@ -246,6 +246,41 @@ def test_api_images_of_any_kind_and_bad_requests(parts):
         t2v(PROMPT, image=rgb, **kw)
 
 
+def test_images_of_every_mode_read_as_8_bit_rgb(tmp_path):
+    """Each mode PIL opens, from a file where the format stores it, against the value written in the test: 16-bit
+    gray (v / 257: not clipped to white), 32-bit gray, CMYK ((255 - C)(255 - K) / 255), a palette with a
+    transparent entry (its colours), gray and colour with alpha (the colour: alpha dropped, as the reference
+    pipelines drop it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 65536, (24, 32)).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode in ("I;16", "I")
+    expected = np.repeat(np.round(gray16 / 257)[..., None], 3, -1)
+    assert np.array_equal(np.array(H.read_image(tmp_path / "gray16.png")), expected)
+    gray32 = Image.fromarray(gray16.astype(np.int32))  # mode I, as older PIL opens 16-bit PNGs
+    assert gray32.mode == "I" and np.array_equal(np.array(H.read_image(gray32)), expected)
+
+    cmyk = rng.integers(0, 256, (24, 32, 4)).astype(np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tiff")
+    c, k = cmyk[..., :3].astype(int), cmyk[..., 3:].astype(int)
+    assert np.abs(np.array(H.read_image(tmp_path / "cmyk.tiff")).astype(int) - (255 - c) * (255 - k) / 255).max() <= 1
+
+    colours = rng.integers(0, 256, (16, 3)).astype(np.uint8)
+    index = rng.integers(0, 16, (24, 32)).astype(np.uint8)
+    palette = Image.fromarray(index, "P")
+    palette.putpalette(colours.tobytes())
+    palette.save(tmp_path / "palette.png", transparency=3)
+    assert np.array_equal(np.array(H.read_image(tmp_path / "palette.png")), colours[index])
+
+    rgba = rng.integers(0, 256, (24, 32, 4)).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert np.array_equal(np.array(H.read_image(tmp_path / "rgba.png")), rgba[..., :3])
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(tmp_path / "la.png")
+    assert np.array_equal(np.array(H.read_image(tmp_path / "la.png")), np.repeat(rgba[..., :1], 3, -1))
+
+
 def test_other_layouts_and_conversion(parts, tmp_path):
     """Tencent's layout (one file, Tencent's names; its I2V DiT does not say how it takes the image, so the
     caller does) and SkyReels' single file load as the diffusers folders do; convert_weights.py converts an I2V

@@ -260,6 +260,22 @@ def test_the_pipeline_uses_the_references_defaults(setup, monkeypatch):
     assert not np.array_equal(made[0].mask, reference_block_mask(3, 35, 8, 1.0))
 
 
+@pytest.mark.parametrize("dense_layers", [0, 7, 20, 25, 60, 75])
+def test_the_ledger_counts_the_dense_layers_as_dense(dense_layers):
+    """The ledger's attention FLOP (model.work) of the real DiT (built lazily: no weights), layer by layer as the
+    forward runs them (double blocks 0..19, then the single blocks as layers 20..59): 4 x 3072 per query-key pair,
+    N^2 pairs in a dense layer and radial.pairs in a sparse one (from dense_layers on), for whole forwards and for
+    forwards that ran only some blocks."""
+    model = H.HunyuanVideoTransformer()
+    grid = H.patch_grid(544, 960, 61)
+    radial = H.RadialAttention(grid, 50, dense_layers=dense_layers)
+    n = radial.video + 256
+    for double, single in ((20, 40), (20, 10), (12, 0)):
+        layers = [*range(double), *range(20, 20 + single)]
+        expected = sum(4 * 3072 * (radial.pairs(256) if layer >= dense_layers else n * n) for layer in layers)
+        assert model.work(n, double, single, radial)[0] == expected, (double, single)
+
+
 def test_dense_attention_is_untouched(setup):
     """attention="dense" is the default run, and radial with every step dense is too, to the bit; a radial run
     with a step cache at threshold 0 and with the DiT's blocks streamed (low memory) is the plain radial run."""

@@ -2,6 +2,7 @@
 layout (a Llama with the real Llama-3 vocabulary and its chat template), against mlx-lm called directly."""
 
 import json
+import os
 import sys
 
 import mlx.core as mx
@@ -126,6 +127,61 @@ def test_a_repeated_rewrite_comes_from_the_cache(models, cache, monkeypatch):
     for change in (dict(mode="master"), dict(temperature=0.5), dict(seed=1)):  # another key: the model runs
         with pytest.raises(pytest.fail.Exception, match="was loaded"):
             H.rewrite_prompt(PROMPT, **{"mode": "normal", "model": str(models["finishes"]), **change})
+
+
+def test_a_retrained_model_of_the_same_size_rewrites_again(models, cache, tmp_path, monkeypatch):
+    """The cache's key holds the model's files by name, size AND time: new weights of the same size (here the same
+    bytes, written later) miss it, and the model runs."""
+    import shutil
+
+    model = shutil.copytree(models["finishes"], tmp_path / "model")
+    H.rewrite_prompt(PROMPT, "normal", model=str(model))
+    monkeypatch.setattr(mlx_lm, "load", lambda *a, **k: pytest.fail("the rewrite model was loaded"))
+    assert H.rewrite_prompt(PROMPT, "normal", model=str(model))[1]  # the same files: kept
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # retrained: same size, a later time
+    with pytest.raises(pytest.fail.Exception, match="was loaded"):
+        H.rewrite_prompt(PROMPT, "normal", model=str(model))
+
+
+def test_a_kept_rewrite_needs_neither_the_model_nor_mlx_lm(models, cache, tmp_path, monkeypatch, capsys):
+    """A rewrite kept for a hub model that is not downloaded, offline, with mlx-lm not installed: the command line
+    plans and runs from the kept rewrite (no rewrite phase in the plan); a prompt not kept asks for mlx-lm."""
+    model = "someone/not-downloaded-3B"
+    path = H._rewrite_file(PROMPT, "normal", model, 0.0, None, H.REWRITE_MAX_TOKENS)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"rewritten": "a grey cat naps on a red sofa"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)
+    small = ["--model", "tiny", "--resolution", "32", "48", "--frames", "5", "--steps", "1"]
+    args = ["--prompt", PROMPT, "--rewrite", "normal", "--rewrite-model", model, *small]
+    assert cli.main([*args, "--output", str(tmp_path / "a.mp4")]) == 0
+    err = capsys.readouterr().err
+    assert "kept from an earlier rewrite): a grey cat naps on a red sofa" in err
+    assert "memory plan: text encoders" in err and "rewrite" not in err.split("memory plan:")[1].split("\n")[0]
+    assert cli.main(["--prompt", "a dog", *args[2:], "--output", str(tmp_path / "b.mp4")]) == 2
+    assert 'pip install "hunyuan-apple[rewrite]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: H.build_tiny_checkpoint(d) / "vae", "its config.json lacks hidden_size, num_attention_heads, "
+                                                   "num_hidden_layers, intermediate_size, vocab_size: it is not a "
+                                                   "language model"),
+    (lambda d: (d / "x.bin").write_bytes(os.urandom(64)) and d, "its config.json could not be read"),
+    (lambda d: (d / "config.json").write_text(json.dumps(CONFIG)) and (d / "model.safetensors").write_bytes(
+        os.urandom(64)) and d, "a weights file is cut short or is not safetensors"),
+])
+def test_a_folder_that_is_not_a_language_model_is_named(cache, tmp_path, make, words):
+    """A VAE's folder, random files, cut weights as --rewrite-model: one sentence naming the rewrite model and what
+    is wrong with it (not the tiny demo's advice)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    folder = make(folder)
+    code = cli.main(["--model", "tiny", "--prompt", PROMPT, "--rewrite", "normal", "--rewrite-model", str(folder)])
+    assert code == 2
+    with pytest.raises(H.HunyuanVideoError, match=f"^the rewrite model {folder} cannot be used: {words}"):
+        H.estimate_rewrite(str(folder), PROMPT)
 
 
 def test_an_empty_or_unfinished_rewrite_keeps_the_prompt(models, cache):

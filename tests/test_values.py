@@ -437,3 +437,50 @@ def test_a_writer_failing_halfway_leaves_the_earlier_file(tiny, tmp_path, monkey
     assert target.read_bytes() == before[target]  # the earlier file, whole
     if what == "checkpoint":  # it failed first: every file as it was
         assert all(p.read_bytes() == data for p, data in before.items())
+
+
+# ---- what the review's injected bugs showed untested ------------------------------------------------------
+
+def test_one_non_finite_latent_stops_denoising(tiny, monkeypatch):
+    """A single NaN among the latents after a step (the rest finite) stops the run there, naming the step."""
+    real = H.sampler_step
+
+    def one_nan(x, *args):
+        x = real(x, *args)
+        return mx.where(mx.arange(x.size).reshape(x.shape) == 7, mx.array(float("nan")), x)
+
+    monkeypatch.setattr(H, "sampler_step", one_nan)
+    pipe = H.HunyuanVideoPipeline(tiny[0])
+    with pytest.raises(H.HunyuanVideoError, match="denoising gave NaN or infinite latents at step 1"):
+        pipe(text=branches(tiny[1], False)[0], steps=2, seed=0, output_type="latent", **SIZE)
+
+
+def test_non_finite_frames_stop_the_decode_though_the_latents_are_finite(tiny, monkeypatch):
+    """A VAE that writes one NaN pixel from finite latents: the decode is refused, not written as black."""
+    real = H.HunyuanVideoVAE.decode
+
+    def one_nan(self, z, *args, **kw):
+        video = real(self, z, *args, **kw)
+        return mx.where(mx.arange(video.size).reshape(video.shape) == 11, mx.array(float("nan"), video.dtype), video)
+
+    monkeypatch.setattr(H.HunyuanVideoVAE, "decode", one_nan)
+    pipe = H.HunyuanVideoPipeline(tiny[0])
+    latents = mx.random.normal((1, 3, 4, 6, 16), key=mx.random.key(0))
+    with pytest.raises(H.HunyuanVideoError, match="decoding gave NaN or infinite frames"):
+        pipe.decode(latents)
+    monkeypatch.setattr(H.HunyuanVideoVAE, "decode", real)
+    assert pipe.decode(latents).shape == (9, 32, 48, 3)  # the same latents, the real VAE: frames
+
+
+@pytest.mark.parametrize("choice", ["kernel", "dequantized", "auto"])
+def test_the_pipeline_runs_the_quantized_matmul_its_ledger_names(tiny, monkeypatch, choice):
+    """A quantized run's DiT layers multiply as chosen (dequantized: mx.dequantize then a matmul, counted; the kernel:
+    never), and the ledger's "matmul" says which. "auto" on this machine's CPU backend is the kernel."""
+    calls = []
+    real = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipe = H.HunyuanVideoPipeline(tiny[0], quantization="int8", quantized_matmul=choice)
+    pipe(text=branches(tiny[1], False)[0], steps=2, seed=0, output_type="latent", **SIZE)
+    expected = "dequantized" if choice == "dequantized" else "kernel"
+    assert pipe.stats["work"]["matmul"] == expected
+    assert (len(calls) > 0) == (expected == "dequantized"), len(calls)
