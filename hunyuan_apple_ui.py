@@ -31,6 +31,7 @@ import HunyuanVideo_Apple as H
 import hunyuan_apple as C
 
 NONE = "none"  # the dropdowns' "no rewrite / preset / quantization / cache"
+PREVIEW = "Preview: what the current step predicts"
 SIZES = ["model default", *C.BUCKETS, "custom"]  # "model default": 540p, or the tiny demo's 96 x 160
 # The form's fields. Most are the module's settings (HunyuanVideo_Apple.SETTINGS), one field each, made from its
 # table: a choice is a dropdown, a yes-or-no a box, a number a text box (left empty: the default applies). The page
@@ -49,6 +50,7 @@ FIELDS = ("prompt", "negative_prompt", "model", "size", "aspect_ratio", "height"
 PAGE_NAMES = {**{k: s.label for k, s in H.SETTINGS.items() if s.label}, "resolution": "the custom size",
               "height": "the height", "width": "the width", "loras": "the LoRAs"}
 Folders = namedtuple("Folders", "models outputs uploads")
+NUMBERS = tuple(k for k in SETTING_FIELDS if H.SETTINGS[k].kind in (int, float))  # text boxes that show a default
 
 
 def default_value(name):
@@ -69,12 +71,12 @@ class Refused(Exception):
     """A setting the page does not take; its message is one sentence."""
 
 
-def confined(path, folders, what):
-    """path, resolved, if it lies in one of the folders; else Refused."""
+def confined(path, folders, what, fix="put it in the models folder, or upload it", named=None):
+    """path, resolved, if it lies in one of the folders; else Refused, saying how to fix it and naming the path as
+    the page named it (named), never by the server's own folders: the page may be served to other machines."""
     resolved = Path(path).expanduser().resolve()
     if not any(resolved.is_relative_to(f) for f in folders):
-        raise Refused(f"{what} {path} lies outside the folders this page reads ({', '.join(map(str, folders))}): "
-                      f"put it in the models folder, or upload it.")
+        raise Refused(f"{what} {named or path} lies outside the folders this page reads: {fix}.")
     return resolved
 
 
@@ -85,10 +87,10 @@ def model_argument(name, folders):
         return name
     local = folders.models / name
     if name and local.exists():
-        return str(confined(local, [folders.models], "the model"))
+        return str(confined(local, [folders.models], "the model", "put the model's folder in the models folder", name))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists():
         return name  # a hub id
-    raise Refused(f"the model {name!r} is neither a folder in {folders.models}, a hub id (owner/name) nor "
+    raise Refused(f"the model {name!r} is neither a folder in the models folder, a hub id (owner/name) nor "
                   f"{' or '.join(H.TINY_MODELS)}: choose one of the list.")
 
 
@@ -123,7 +125,7 @@ def flags(v, folders, rewrite_model=None):
             argv += [C.FLAGS[key], text]
     if not v["random_seed"] and v["seed"] is not None:
         argv += ["--seed", str(int(v["seed"]))]
-    files = [confined(folders.models / f, [folders.models], "the LoRA") for f in v["loras"] or ()] + \
+    files = [confined(folders.models / f, [folders.models], "the LoRA", named=f) for f in v["loras"] or ()] + \
             [confined(f, list(folders), "the LoRA") for f in v["lora_files"] or ()]
     scales = [s for s in re.split(r"[,\s]+", v["lora_scales"] or "") if s]
     if len(scales) > len(files):
@@ -171,6 +173,7 @@ class Job:
     def __init__(self, argv, session, load):
         self.argv, self.session, self.load = argv, session, load
         self.phases, self.strip, self.lines, self.outcome = {}, None, [], None
+        self.step, self.rewritten = None, None  # the latest Step (its preview is self.strip); the prompt rewritten
         self.stop, self.thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
 
     def progress(self, what, done, total):
@@ -187,8 +190,11 @@ class Job:
                 for event in events:
                     if isinstance(event, C.Said):
                         self.lines.append(event.text)
+                    elif isinstance(event, H.Rewritten):
+                        self.rewritten = event.request.prompt
                     elif isinstance(event, H.Step):  # made here: a few milliseconds, on the thread of its arrays
                         step, self.strip = event, C.preview_strip(event.x0)
+                        self.step = step
                     elif isinstance(event, C.Outcome):
                         self.outcome = event
                     if self.stop.is_set() and self.outcome is None:
@@ -224,6 +230,7 @@ class Page:
         self.folders, self.model, self.rewrite_model = folders, model, rewrite_model
         self.shown = shown or (folders.models, folders.outputs)  # the folders as the page names them: as given
         self.lock, self.job = threading.Lock(), None
+        self.waiting = []  # (session, Event): the requests waiting for their turn; the Event removes one
         self.pipe_key, self.pipe = None, None
 
     def load(self, settings, args):
@@ -241,28 +248,30 @@ class Page:
             out = self.folders.outputs / (base + (f"-{n}" if n else "") + ".mp4")
             if not any(f.exists() for f in (out, out.with_suffix(".json"), C.partial_file(out))):
                 return out
-        raise Refused(f"{self.folders.outputs} has too many videos named {base}: wait a second.")
+        raise Refused(f"the outputs folder has too many videos named {base}: wait a second.")
 
     def plan(self, v):
-        """The plan shown above the Generate button: what the run will be and whether it fits, or what to
-        change, in a sentence."""
+        """The plan shown above the Generate button: (what the run will be and whether it fits, or what to change,
+        in a sentence; the checked request, or None)."""
         heard.lines = said = []  # the warnings the settings raise (a small image, a high guidance), shown too
         try:
             args = parse(flags(v, self.folders, self.rewrite_model))
             if not args.prompt:
                 args.prompt = "x"  # the plan does not depend on the words
             request = C.resolve(args)
-            p = self.load(request._asdict(), args).plan(H.check_request(request, self.pipe))
+            request = H.check_request(request, self.load(request._asdict(), args))
+            p = self.pipe.plan(request)
         except (Refused, H.HunyuanVideoError) as e:
-            return f"**Check the settings**: {e.sentence(PAGE_NAMES) if isinstance(e, H.HunyuanVideoError) else e}"
+            return (f"**Check the settings**: {e.sentence(PAGE_NAMES) if isinstance(e, H.HunyuanVideoError) else e}",
+                    None)
         finally:
             heard.lines = None
         if p.problem:
-            return f"**Will not fit**: {p.problem.sentence(PAGE_NAMES)}"
+            return f"**Will not fit**: {p.problem.sentence(PAGE_NAMES)}", request
         return (f"**Plan**: {C.describe(p, seed=not v['random_seed'] and v['seed'] is not None)}. Memory, each "
                 f"phase's peak: " + ", ".join(f"{k} {H.gib(v)}" for k, v in p.memory.items()) +
                 f" of {H.gib(H.available_memory())} available: it fits." +
-                "".join(f"\n\n**Warning**: {w.removeprefix('warning: ')}" for w in said))
+                "".join(f"\n\n**Warning**: {w.removeprefix('warning: ')}" for w in said)), request
 
     def start(self, argv, session):
         self.job = Job(argv, session, self.load)
@@ -270,31 +279,62 @@ class Page:
         return self.job
 
     def follow(self, argv, session, outputs):
-        """The generator behind Generate and Resume: waits its turn, runs the job, and yields the page's
-        updates (progress and preview twice a second, then the outcome)."""
+        """The generator behind Generate and Resume: waits its turn (saying so, and for what; Cancel removes it
+        from the queue), runs the job, and yields the page's updates (progress and preview twice a second, then
+        the outcome)."""
         import gradio as gr
 
-        with self.lock:  # one generation at a time, whatever Gradio's queue does
+        cleared = {outputs["preview"]: gr.update(value=None, label=PREVIEW), outputs["rewritten"]: gr.skip()}
+        removed = threading.Event()
+        entry = (session, removed)
+        self.waiting.append(entry)
+        try:
+            # one generation at a time, in the order asked: the first waiting takes the lock when it is free
+            while not (self.waiting[0] is entry and self.lock.acquire(timeout=0.5)):
+                if self.waiting[0] is not entry:
+                    removed.wait(0.5)
+                if removed.is_set():
+                    yield {outputs["message"]: "Removed from the queue: it did not run."}
+                    return
+                running = self.job
+                doing = next((f"{what} {done}/{total}" for what, (done, total, *_) in
+                              reversed(list(running.phases.items()))), "starting") if running else "starting"
+                yield {**cleared, outputs["progress"]: "", outputs["message"]: (
+                    f"Waiting: another generation is running ({doing}); this one is number "
+                    f"{self.waiting.index(entry) + 1} in the queue and starts when the ones before it end. Cancel "
+                    f"removes it from the queue.")}
+        finally:
+            self.waiting.remove(entry)
+        try:
             job = self.start(argv, session)
+            yield {**cleared, outputs["message"]: "Running.", outputs["rewritten"]: ""}
             try:
-                shown = None
+                shown = rewritten = None
                 while job.thread.is_alive():
                     job.thread.join(0.5)
-                    strip = job.strip
+                    strip, step = job.strip, job.step
                     yield {outputs["progress"]: job.progress_html(), outputs["log"]: "\n".join(job.lines),
-                           outputs["preview"]: strip if strip is not shown else gr.skip()}
-                    shown = strip
+                           outputs["preview"]: gr.skip() if strip is shown else gr.update(
+                               value=strip, label=f"{PREVIEW}: step {step.step} of {step.steps}"),
+                           outputs["rewritten"]: gr.skip() if job.rewritten is rewritten else job.rewritten}
+                    shown, rewritten = strip, job.rewritten
             finally:
                 job.stop.set()  # the page went away: stop after the step, the checkpoint kept
                 job.thread.join()
+        finally:
+            self.lock.release()
         yield self.finished(job, outputs)
 
     def finished(self, job, outputs):
         """The page's last update of a job: the video, its settings and ledger, or the message."""
+        import gradio as gr
+
         done = job.outcome
         log = job.lines + ([done.message] if done.code else [])  # the message whole: how to go on, where said
         out = {outputs["progress"]: job.progress_html(), outputs["log"]: "\n".join(log),
-               outputs["gallery"]: gallery(self.folders.outputs), outputs["resume"]: None}
+               outputs["gallery"]: gallery(self.folders.outputs), outputs["resume"]: None,
+               outputs["checkpoints"]: gr.update(choices=checkpoints_in(self.folders.outputs), value=None),
+               outputs["rewritten"]: job.rewritten or ""}
         error = done.message.splitlines()[0].removeprefix("error: ") if done.message else ""
         if done.code == 0:
             video = Path(next(f for f in done.files if str(f).endswith(".mp4")))
@@ -317,11 +357,15 @@ class Page:
             if path.is_relative_to(self.folders.outputs) else path
 
     def cancel(self, session):
+        """Cancel this page's running generation (after the current step), else remove its waiting ones."""
         job = self.job
         if job is not None and job.thread.is_alive() and job.session == session:
             job.stop.set()
             return "Cancelling after the current step..."
-        return "Nothing of this page is running."
+        mine = [removed for who, removed in list(self.waiting) if who == session]
+        for removed in mine:
+            removed.set()
+        return "Removing it from the queue..." if mine else "Nothing of this page is running."
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -339,6 +383,22 @@ def gallery(outputs):
         if mp4.exists():
             items.append((str(mp4), f"{settings['prompt'][:60]} (seed {settings.get('seed')})"))
     return items
+
+
+def checkpoints_in(outputs):
+    """The checkpoints stopped runs left in the outputs folder, newest first, by name: what Resume can pick."""
+    found = sorted(outputs.glob("*.partial.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    return [f.name for f in found]
+
+
+def used_values(r):
+    """What a checked request r uses for each number the form shows, by setting: its value, or where the field is
+    left empty the default the run takes (per model and preset); None where the setting does not apply."""
+    radial = H.radial_settings(r) if r.attention == "radial" else {}
+    taylor = H.cache_options(r) if r.cache == "taylorseer" else {}
+    defaults = {"cache_threshold": H.CACHES.get(r.cache), "rewrite_temperature": 0.0 if r.rewrite else None,
+                **{f"radial_{k}": v for k, v in radial.items()}, **{f"cache_{k}": v for k, v in taylor.items()}}
+    return {k: getattr(r, k) if getattr(r, k) is not None else defaults.get(k) for k in NUMBERS}
 
 
 def form_values(settings, folders):
@@ -380,7 +440,8 @@ def setting_field(name):
 
     s = H.SETTINGS[name]
     if s.kind is bool:
-        return gr.Checkbox(bool(s.default), label=s.label, info=s.help, elem_id=name, min_width=160)
+        return gr.Checkbox(bool(s.default), label=s.label, info=s.help if len(s.help) < 120 else None,
+                           elem_id=name, min_width=160)
     if isinstance(s.kind, tuple):
         return gr.Dropdown([NONE] * (s.default is None) + list(s.kind), value=default_value(name), label=s.label,
                            info=s.help if len(s.help) < 120 else None, elem_id=name, min_width=160)
@@ -402,6 +463,10 @@ def build(page):
             with gr.Column(scale=3):
                 f["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                          placeholder="a cat walks on the grass, realistic style")
+                with gr.Row(equal_height=True):
+                    rewritten = gr.Textbox("", label="The prompt as rewritten (the last run's; edit it freely)",
+                                           lines=2, elem_id="rewritten", scale=4)
+                    use_rewritten = gr.Button("Use it as the prompt", elem_id="use_rewritten", scale=1)
                 f["negative_prompt"] = gr.Textbox("", label="Negative prompt (true CFG: two DiT forwards a step)",
                                                   elem_id="negative_prompt")
                 with gr.Row():
@@ -440,11 +505,14 @@ def build(page):
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", elem_id="cancel")
                     resume = gr.Button("Resume", elem_id="resume")
+                    pick = gr.Dropdown(checkpoints_in(folders.outputs), value=None, label="Resume which (left "
+                                       "empty: this page's stopped run)", elem_id="checkpoint", min_width=240,
+                                       allow_custom_value=True)  # the list is read anew when a page opens
                 message = gr.Markdown(elem_id="message")
             with gr.Column(scale=2):
                 progress = gr.HTML(elem_id="progress")
-                preview = gr.Image(label="Preview: what the current step predicts", interactive=False,
-                                   format="jpeg", height=140, elem_id="preview")  # 10x quicker than PNG
+                preview = gr.Image(label=PREVIEW, interactive=False, format="jpeg", height=260,
+                                   elem_id="preview")  # JPEG: 10x quicker than PNG
                 video = gr.Video(label="Video", interactive=False, elem_id="video_out")
                 ledger = gr.Markdown(elem_id="ledger")
                 log = gr.Textbox(label="Log", lines=4, interactive=False, elem_id="log")
@@ -457,7 +525,8 @@ def build(page):
         resume_state = gr.State(None)
         fields = [f[k] for k in FIELDS]
         outputs = dict(progress=progress, preview=preview, video=video, settings=settings, ledger=ledger,
-                       message=message, log=log, gallery=gallery_view, resume=resume_state)
+                       message=message, log=log, gallery=gallery_view, resume=resume_state, rewritten=rewritten,
+                       checkpoints=pick)
 
         def values(args):
             return dict(zip(FIELDS, args))
@@ -475,11 +544,11 @@ def build(page):
                 return
             yield from page.follow(argv, request.session_hash, outputs)
 
-        def on_resume(path, request: gr.Request):
-            found = path or max(map(str, folders.outputs.glob("*.partial.safetensors")), default=None,
-                                key=lambda p: Path(p).stat().st_mtime)
+        def on_resume(path, picked, request: gr.Request):
+            found = folders.outputs / picked if picked else path  # the one picked, else this page's stopped run
             if not found:
-                yield {message: "Nothing to resume: a run that was cancelled leaves its checkpoint to resume."}
+                yield {message: "Nothing of this page to resume: a run cancelled here leaves its checkpoint; or pick "
+                                "one in the list beside Resume."}
                 return
             yield from page.follow(["--resume", str(confined(found, [folders.outputs], "the checkpoint"))],
                                    request.session_hash, outputs)
@@ -489,18 +558,37 @@ def build(page):
             [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)] +
             [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f[k].value) for k in FIELDS])
         # one generation at a time; a request waiting for its turn shows its place in the queue by the message
-        gen = dict(outputs=list(outputs.values()), concurrency_id="generation", concurrency_limit=1,
-                   show_progress="full", show_progress_on=[progress])
+        # (Gradio runs up to 16 at once: those that wait for the page's lock say so, and Cancel removes them)
+        gen = dict(outputs=list(outputs.values()), concurrency_id="generation", concurrency_limit=16,
+                   show_progress="hidden")
         generate.click(on_generate, fields, api_name="generate", **gen)
-        resume.click(on_resume, [resume_state], api_name="resume", **gen)
+        resume.click(on_resume, [resume_state, pick], api_name="resume", **gen)
 
         def on_cancel(request: gr.Request):
             return page.cancel(request.session_hash)
 
         cancel.click(on_cancel, None, message, queue=False, api_name="cancel")
+        shown = [plan, *(f[k] for k in NUMBERS), f["height"], f["width"]]
+
+        def on_form(*args):
+            """The plan, and the values the run will use: each number left empty shows its default for this model
+            and preset; the size fields show the size unless it is custom."""
+            v = values(args)
+            text, request = page.plan(v)
+            used = used_values(request) if request else {}
+            hints = [gr.update(placeholder="default" if request is None else "not used" if used[k] is None else
+                               f"default {used[k]:g}") for k in NUMBERS]
+            size = [request.height, request.width] if request and v["size"] != "custom" else [gr.skip()] * 2
+            return [text, *hints, *size]
+
         for field in fields:
-            field.change(lambda *args: page.plan(values(args)), fields, plan, queue=False, show_progress="hidden")
-        demo.load(lambda *args: page.plan(values(args)), fields, plan, queue=False)
+            field.change(on_form, fields, shown, queue=False, show_progress="hidden")
+        demo.load(on_form, fields, shown, queue=False)
+        # what the outputs folder holds now, read whenever a page is opened (not when the server started)
+        demo.load(lambda: (gallery(folders.outputs), gr.update(choices=checkpoints_in(folders.outputs))), None,
+                  [gallery_view, pick], queue=False)
+        use_rewritten.click(lambda text: (text, NONE) if text.strip() else (gr.skip(), gr.skip()), rewritten,
+                            [f["prompt"], f["rewrite"]], queue=False)
 
         picked = gr.State(None)
 
@@ -542,6 +630,37 @@ def parse_args(argv):
     return parser().parse_args(argv)
 
 
+def check_address(address, port):
+    """None if the page can serve on address:port, else one sentence: the port's range, an address that is not one
+    (or is IPv6, which Gradio does not serve), one that is not this machine's, a port already taken."""
+    import errno
+    import ipaddress
+    import socket
+
+    if not 1 <= port <= 65535:
+        return f"--port {port}: use a port from 1 to 65535 (7860 by default)."
+    try:
+        if ipaddress.ip_address(address).version == 6:
+            return (f"--listen {address} is an IPv6 address: the page serves IPv4 only; give 0.0.0.0 (every address "
+                    f"of this machine) or one of its IPv4 addresses.")
+    except ValueError:  # a host name: it must name this machine
+        try:
+            address = socket.gethostbyname(address)
+        except OSError as e:
+            return f"--listen {address}: not an address ({e.strerror}); give 0.0.0.0 or one of this machine's."
+    try:
+        with socket.socket() as s:
+            s.bind((address, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"{address}:{port} is in use (another program serves there): choose another --port."
+        if e.errno == errno.EACCES:
+            return f"--port {port}: this user may not serve on it (ports below 1024 need root); choose 1024 or more."
+        return (f"--listen {address}: cannot serve there ({e.strerror}); give 0.0.0.0 or an address of this "
+                f"machine.")
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page tells no one it runs
@@ -550,6 +669,10 @@ def main(argv=None):
     except ImportError:
         print('error: the page needs Gradio: pip install "hunyuan-apple[ui]" (or pip install gradio).',
               file=sys.stderr)
+        return 2
+    where = check_address(args.listen or "127.0.0.1", args.port)
+    if where:
+        print(f"error: {where}", file=sys.stderr)
         return 2
     auth = None
     if args.auth is not None:
@@ -588,7 +711,8 @@ def main(argv=None):
 
 
 CSS = ("#phases .phase { display: flex; gap: 0.5em; align-items: center } #phases progress { flex: 1 } "
-       "#preview img { image-rendering: pixelated; object-fit: contain } #message { min-height: 2.5em }")
+       "#preview img { image-rendering: pixelated; object-fit: contain } #message { min-height: 2.5em } "
+       "#ledger pre, #ledger code { white-space: pre-wrap; overflow-wrap: anywhere; overflow-x: hidden }")
 
 if __name__ == "__main__":
     sys.exit(main())

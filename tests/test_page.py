@@ -30,7 +30,8 @@ FORM = dict(prompt="a red fox runs through snow", rewrite="none", negative_promp
             shift="", random_seed=False, seed=3, quantization="none", cache="none", cache_threshold="", loras=[],
             lora_files=None, lora_scales="", image=None, video=None, strength=0.8, low_memory=False, force=False)
 # the page's outputs, in the order gradio_client returns them (the resume state stays in the page)
-OUTPUTS = ("progress", "preview", "video", "settings", "ledger", "message", "log", "gallery")
+OUTPUTS = ("progress", "preview", "video", "settings", "ledger", "message", "log", "gallery", "rewritten",
+           "checkpoints")
 
 
 def read_frames(path):
@@ -136,7 +137,8 @@ class Person:
         box.send_keys(str(text))
 
     def choose(self, elem_id, value):
-        self.find(f"#{elem_id} input").click()
+        from selenium.webdriver.common.by import By
+        self.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{elem_id} input"))[0].click()
         self.wait.until(lambda d: self.find(f"#{elem_id} li[aria-label='{value}']")).click()
 
     def open(self, elem_id):
@@ -211,29 +213,77 @@ def test_the_page_rewrites_the_prompt_first(server, monkeypatch):
                                                                         api_name="/generate")))
     assert (done["settings"]["prompt"], done["settings"]["original_prompt"]) == (expected, PROMPT) != (PROMPT,) * 2
     assert f"the prompt, rewritten (normal, {server.rewriter}): {expected}" in done["log"]
+    assert done["rewritten"] == expected  # shown by the prompt, to edit and use
 
 
-def test_one_generation_at_a_time_and_cancel_leaves_a_checkpoint(server):
-    from gradio_client import Client
+def started(job, deadline=60):
+    """Waits until a submitted request runs (its generator has begun), and returns the job."""
     from gradio_client.utils import Status
 
-    first, second = Client(server.url, verbose=False), Client(server.url, verbose=False)  # two tabs
-    long = first.submit(**{**FORM, "steps": "1000"}, api_name="/generate")
-    deadline = time.monotonic() + 60
-    while long.status().code != Status.PROCESSING:
-        assert time.monotonic() < deadline and not long.done()
+    end = time.monotonic() + deadline
+    while job.status().code not in (Status.PROCESSING, Status.ITERATING):
+        assert time.monotonic() < end and not job.done(), job.status()
         time.sleep(0.05)
+    return job
+
+
+def latest(job, key, words, deadline=60):
+    """Waits until the request's latest update shows words in its output `key`, and returns that update."""
+    end = time.monotonic() + deadline
+    while True:
+        shown = [dict(zip(OUTPUTS, o)) for o in job.outputs()]
+        if shown and words in str(shown[-1][key]):
+            return shown[-1]
+        assert time.monotonic() < end and not job.done(), shown[-1:] or job.status()
+        time.sleep(0.05)
+
+
+def test_one_generation_at_a_time_and_a_waiting_one_says_so(server):
+    """A second tab's request waits while the first runs, and says so (what runs, its place in the queue); a tab
+    with nothing running or waiting cancels nothing; a waiting request cancelled by its tab never runs; the first
+    tab's Cancel leaves a checkpoint, and the waiting request then runs."""
+    from gradio_client import Client
+
+    first, second, third = (Client(server.url, verbose=False) for _ in range(3))  # three tabs
+    long = started(first.submit(**{**FORM, "steps": "1000"}, api_name="/generate"))
+    latest(long, "progress", "denoising")
     short = second.submit(**FORM, api_name="/generate")
-    while short.status().code != Status.IN_QUEUE:  # the other tab waits its turn
-        assert time.monotonic() < deadline and not short.done(), short.status()
-        time.sleep(0.05)
+    waiting = latest(short, "message", "Waiting: another generation is running (denoising ")
+    assert "this one is number 1 in the queue" in waiting["message"], waiting["message"]
+    removed = third.submit(**{**FORM, "seed": 99}, api_name="/generate")
+    latest(removed, "message", "this one is number 2 in the queue")
+    assert Client(server.url, verbose=False).predict(api_name="/cancel") == "Nothing of this page is running."
+    assert third.predict(api_name="/cancel") == "Removing it from the queue..."
+    assert dict(zip(OUTPUTS, removed.result()))["message"] == "Removed from the queue: it did not run."
     assert not long.done()
-    assert second.predict(api_name="/cancel") == "Nothing of this page is running."  # a tab cancels only its own
     assert first.predict(api_name="/cancel") == "Cancelling after the current step..."
     stopped = dict(zip(OUTPUTS, long.result()))
     assert "Cancelled after step" in stopped["message"] and "of 1000: Resume finishes it." in stopped["message"]
     assert dict(zip(OUTPUTS, short.result()))["message"].startswith("Done: ")
     assert list(server.outputs.glob("*.partial.safetensors"))  # the checkpoint Resume continues from
+    assert not list(server.outputs.glob("*_99.*"))  # the request removed from the queue wrote nothing
+
+
+def test_resume_takes_this_pages_stopped_run_or_the_one_picked(server):
+    """Two tabs each stop a run; the first tab's Resume finishes its own run, not the newer checkpoint of the
+    other tab; a tab that stopped nothing resumes nothing unless it picks a checkpoint, and then that one."""
+    from gradio_client import Client
+
+    mine, other, third = (Client(server.url, verbose=False) for _ in range(3))
+    stopped = {}
+    for tab, seed in ((mine, 21), (other, 22)):
+        run = started(tab.submit(**{**FORM, "steps": "300", "seed": seed}, api_name="/generate"))
+        latest(run, "progress", "denoising")
+        tab.predict(api_name="/cancel")
+        done = dict(zip(OUTPUTS, run.result()))
+        assert "Cancelled after step" in done["message"], done["message"]
+        stopped[seed] = next(server.outputs.glob(f"*_{seed}.partial.safetensors")).name
+        assert stopped[seed] in done["checkpoints"]["choices"][0]  # listed to pick, newest first
+    nothing = dict(zip(OUTPUTS, third.predict(None, api_name="/resume")))
+    assert nothing["message"].startswith("Nothing of this page to resume"), nothing["message"]
+    assert dict(zip(OUTPUTS, mine.predict(None, api_name="/resume")))["message"].endswith("_21.mp4, seed 21.")
+    picked = dict(zip(OUTPUTS, third.predict(stopped[22], api_name="/resume")))
+    assert picked["message"].endswith("_22.mp4, seed 22."), picked["message"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -242,18 +292,37 @@ def test_one_generation_at_a_time_and_cancel_leaves_a_checkpoint(server):
 def test_a_person_makes_a_video(server, browser, tmp_path):
     page = Person(browser, server.url)
     assert "Plan" in page.text("plan") and "96, width 160, 9 frames, 8 steps" in page.text("plan")  # the demo's
+    # the form shows what the run will use: the tiny demo's size, frames and steps, the model's guidance and shift
+    placeholder = lambda key: page.find(f"#{key} input, #{key} textarea").get_attribute("placeholder")  # noqa: E731
+    page.wait.until(lambda d: page.find("#height input").get_attribute("value") == "96")
+    assert page.find("#width input").get_attribute("value") == "160"
+    assert [placeholder(k) for k in ("frames", "steps", "guidance", "shift", "cfg_scale", "cache_threshold")] == [
+        "default 9", "default 8", "default 6", "default 7", "default 1", "not used"]
+    page.choose("preset", "fasthunyuan")  # FastVideo's model card: 6 steps, flow shift 17
+    page.wait.until(lambda d: placeholder("steps") == "default 6" and placeholder("shift") == "default 17")
+    page.choose("preset", "none")
+    page.open("settings_more")  # Radial Attention's and TaylorSeer's settings have their fields too
+    page.choose("attention", "radial")
+    page.wait.until(lambda d: placeholder("radial_decay") == "default 0.95" and placeholder("radial_block") ==
+                    "default 128" and placeholder("cache_interval") == "not used")
+    page.choose("attention", "dense")
+    page.find("#settings_more .label-wrap").click()  # closed again
     page.type("prompt", "a lighthouse on a cliff at dusk")
     page.click("generate")
     page.wait.until(lambda d: page.find("#progress progress") and "denoising" in page.text("progress"))
     page.wait.until(lambda d: page.find("#preview img").get_attribute("src"))  # the step's preview strip
     message = page.says("message", "Done: ")
+    assert "step 8 of 8" in page.text("preview")
     video = page.wait.until(lambda d: page.find("#video_out video"))
     assert video.get_attribute("src").endswith(message.split()[1].rstrip(","))
     assert "denoising" in page.text("progress") and "8/8" in page.text("progress")
     # the files as the page names its folders (as given: "outputs"), never by the server's full path
     assert f"wrote outputs/{message.split()[1].rstrip(',')}" in page.text("ledger")
+    ledger = page.find("#ledger pre")
+    assert browser.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", ledger)
     assert str(server.root) not in browser.find_element("tag name", "body").text
     shot = Path(os.environ.get("HUNYUAN_APPLE_SCREENSHOT") or tmp_path / "page.png")
+    browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
     # an earlier video's settings back in the form
@@ -267,6 +336,28 @@ def test_a_person_makes_a_video(server, browser, tmp_path):
     page.wait.until(lambda d: page.find("#height input").get_attribute("value") == "96")
     assert page.find("#seed input").get_attribute("value") == message.split()[-1].rstrip(".")  # its seed
     assert not page.find("#random_seed input").is_selected()
+
+
+def test_a_page_opened_later_lists_the_videos_made_since(server, browser):
+    """The gallery is read when a page opens: a video made after the server started (through the API here) is
+    there, with its prompt; and the rewritten prompt's box gives the prompt field its text, rewrite off."""
+    from gradio_client import Client
+
+    Client(server.url, verbose=False).predict(**{**FORM, "prompt": "a snail crosses a wet leaf"}, api_name="/generate")
+    page = Person(browser, server.url)
+    page.open("earlier")
+    page.wait.until(lambda d: page.find("#gallery button video"))
+    made = len(list(server.outputs.glob("*.mp4")))
+    assert len(browser.find_elements("css selector", "#gallery button video")) == made
+    newest = browser.find_elements("css selector", "#gallery button video")[0]  # the newest first
+    newest.find_element("xpath", "./ancestor::button[1]").click()
+    page.says("chosen", "a snail crosses a wet leaf")
+    page.type("rewritten", "a snail, slowly, on a leaf after rain")
+    page.choose("rewrite", "normal")
+    page.click("use_rewritten")
+    page.wait.until(lambda d: page.find("#prompt textarea").get_attribute("value") ==
+                    "a snail, slowly, on a leaf after rain")
+    assert page.find("#rewrite input").get_attribute("value") == "none"
 
 
 def test_cancel_then_resume_gives_the_uninterrupted_video(server, browser, monkeypatch, tmp_path):
@@ -283,7 +374,7 @@ def test_cancel_then_resume_gives_the_uninterrupted_video(server, browser, monke
     page.wait.until(lambda d: "denoising" in page.text("progress"))
     browser.switch_to.window(second)
     other.click("generate")
-    other.says("progress", "queue: 1/1")  # it waits its turn, and shows its place
+    other.says("message", "Waiting: another generation is running (denoising")  # it waits its turn, and says so
     browser.switch_to.window(first)
     page.click("cancel")
     stopped = page.says("message", "Cancelled after step")
@@ -377,10 +468,35 @@ def test_the_page_listens_on_this_machine_only_unless_told(server, monkeypatch):
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.append(kw))
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main routes warnings to its page
     monkeypatch.chdir(server.root)
-    assert ui.main(["--port", "1"]) == 0
-    assert ui.main(["--listen", "--auth", "ann:secret", "--port", "1"]) == 0
+    port = free_port()
+    assert ui.main(["--port", str(port)]) == 0
+    assert ui.main(["--listen", "--auth", "ann:secret", "--port", str(port)]) == 0
     assert [(kw["server_name"], kw["auth"]) for kw in launched] == [("127.0.0.1", None), ("0.0.0.0", ("ann", "secret"))]
     assert ui.main(["--auth", "ann"]) == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "99999"], "--port 99999: use a port from 1 to 65535"),
+    (["--port", "-1"], "--port -1: use a port from 1 to 65535"),
+    (["--port", "0"], "--port 0: use a port from 1 to 65535"),
+    (["--listen", "::"], "--listen :: is an IPv6 address: the page serves IPv4 only"),
+    (["--listen", "999.1.1.1"], "--listen 999.1.1.1: not an address"),
+    (["--listen", "192.0.2.1"], "--listen 192.0.2.1: cannot serve there (Cannot assign requested address)"),
+    (["--port", "taken"], "is in use (another program serves there): choose another --port"),
+])
+def test_where_the_page_cannot_serve_is_one_sentence(monkeypatch, capsys, tmp_path, args, words):
+    """Checked before the server starts (launch is never called): exit 2 and one sentence, no traceback."""
+    import gradio as gr
+
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: pytest.fail("the server was started"))
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = [str(taken.getsockname()[1]) if a == "taken" else a for a in args]
+        assert ui.main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_paths_typed_into_the_page_stay_in_its_folders(tmp_path):
@@ -397,9 +513,19 @@ def test_paths_typed_into_the_page_stay_in_its_folders(tmp_path):
                         ({"model": "my model"}, "is neither a folder in"),
                         ({"model": "../outputs"}, "lies outside the folders"),
                         ({"frames": "five"}, "type a whole number")):
-        with pytest.raises(ui.Refused, match=words):
+        with pytest.raises(ui.Refused, match=words) as refused:
             ui.flags({**FORM, **form}, folders)
+        assert str(tmp_path) not in str(refused.value) and "upload" not in str(refused.value) * ("model" in form)
     assert ui.model_argument("hunyuanvideo-community/HunyuanVideo", folders) == "hunyuanvideo-community/HunyuanVideo"
+
+
+def test_random_seed_ticked_leaves_the_typed_seed_out(tmp_path):
+    """The seed typed is the run's only while "Random seed" is unticked; ticked, no --seed reaches the command line
+    (Generate then picks one and shows it)."""
+    folders = ui.Folders(tmp_path, tmp_path, tmp_path)
+    assert "--seed" not in ui.flags({**FORM, "random_seed": True, "seed": 5}, folders)
+    typed = ui.flags({**FORM, "random_seed": False, "seed": 5}, folders)
+    assert typed[typed.index("--seed") + 1] == "5"
 
 
 def test_use_these_settings_gives_back_the_same_run(tmp_path, monkeypatch):
