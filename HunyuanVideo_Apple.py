@@ -3720,7 +3720,8 @@ def check_kind(name, value):
                 list: "a list"}.get(kind) or f"one of {', '.join(map(str, kind))}"
         shown = json.dumps(value) if isinstance(value, (str, int, float, list)) else repr(value)
         raise HunyuanVideoError(f"{{{name}}} is {shown}, where {what} is expected.")
-    for text in ([value] if isinstance(value, str) else value) if name in ("prompt", "negative_prompt") else ():
+    for text in ([str(value)] if isinstance(value, (str, Path)) else value) if name in ("prompt", "negative_prompt") \
+            else ():
         try:  # bytes a terminal passed on that are not UTF-8 arrive as lone surrogates, which no tokenizer takes
             text.encode("utf-8")
         except UnicodeEncodeError:

@@ -164,6 +164,7 @@ def bench_phases(args, sizes):
                 llm, sec, peak = timed(lambda: random_model(H.LlamaTextEncoder, quant,
                                                             H.DEFAULT_DTYPES["text_encoders"], **llm_kw))
                 ids = mx.random.randint(0, llm.embed_tokens.weight.shape[0], (1, H.TEXT_LENGTH + H.CROP_START))
+                mx.eval(llm(ids))  # warm-up: the first quantized forward on a GPU compiles its kernels
                 _, sec2, peak2 = timed(lambda: llm(ids))
                 rows.append(("text encoder", sec2, max(peak, peak2)))
                 del llm

@@ -106,7 +106,7 @@ def parser():
                     "of the video the current step predicts, updated after every step")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--from-metadata", metavar="FILE", help="repeat a generation from its .json or .mp4 (flags given "
-                                                            "too override its settings)")
+                    "too override its settings; saved ones that no longer apply with them are left out, with a note)")
     ap.add_argument("--decode-latents", metavar="FILE", help="decode latents saved by an earlier run")
     ap.add_argument("--resume", metavar="FILE", help="continue an interrupted run from the .partial.safetensors "
                                                      "checkpoint it left beside its output")
