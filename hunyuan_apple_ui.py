@@ -581,8 +581,13 @@ def build(page):
             size = [request.height, request.width] if request and v["size"] != "custom" else [gr.skip()] * 2
             return [text, *hints, *size]
 
-        for field in fields:
-            field.change(on_form, fields, shown, queue=False, show_progress="hidden")
+        for key, field in zip(FIELDS, fields):  # the defaults shown follow the fields they depend on; all, the plan
+            if key in ("model", "preset", "size", "aspect_ratio", "steps", "cache", "attention", "rewrite", "image",
+                       "video"):
+                field.change(on_form, fields, shown, queue=False, show_progress="hidden")
+            else:
+                field.change(lambda *args: page.plan(values(args))[0], fields, plan, queue=False,
+                             show_progress="hidden")
         demo.load(on_form, fields, shown, queue=False)
         # what the outputs folder holds now, read whenever a page is opened (not when the server started)
         demo.load(lambda: (gallery(folders.outputs), gr.update(choices=checkpoints_in(folders.outputs))), None,
