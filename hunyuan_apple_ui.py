@@ -185,7 +185,7 @@ class Job:
         heard.lines = self.lines  # this thread's warnings go to the job's log
         try:
             args = parse(self.argv)
-            events, step = C.stream(args, PAGE_NAMES, self.load, self.progress), None
+            events = C.stream(args, PAGE_NAMES, self.load, self.progress)
             try:
                 for event in events:
                     if isinstance(event, C.Said):
@@ -193,8 +193,7 @@ class Job:
                     elif isinstance(event, H.Rewritten):
                         self.rewritten = event.request.prompt
                     elif isinstance(event, H.Step):  # made here: a few milliseconds, on the thread of its arrays
-                        step, self.strip = event, C.preview_strip(event.x0)
-                        self.step = step
+                        self.strip, self.step = C.preview_strip(event.x0), event
                     elif isinstance(event, C.Outcome):
                         self.outcome = event
                     if self.stop.is_set() and self.outcome is None:
@@ -203,6 +202,7 @@ class Job:
                 events.close()
             if self.outcome is None:  # left after a step: its checkpoint continues it
                 path = C.partial_file(Path(args.output)) if args.output else Path(args.resume)
+                step = self.step
                 self.outcome = C.Outcome(130, "" if step else "error: cancelled before the first step.",
                                          settings={"steps": step and step.steps}, stopped=step and (step.step, path))
         except Refused as e:
