@@ -4,7 +4,8 @@ One module, in the order data flows. The model (arrays and numbers in, arrays ou
   1. the text encoders: LLaVA-Llama-3 (per-token states) and CLIP-L (a pooled vector); for image to video,
      LLaVA's CLIP vision tower and projector, the image read with the prompt;
   2. the diffusion transformer (DiT): small fused pieces and attention, Radial Attention (sparse attention between
-     far frames, only the kept blocks computed), embedders, the token refiner, 20 double-stream and 40
+     far frames, only the kept blocks computed), sequence parallel (the video's tokens split over several processes,
+     each attention gathering every one's keys and values), embedders, the token refiner, 20 double-stream and 40
      single-stream blocks (token replace: the image's first frame modulated at timestep 0), the model, which takes
      a step's state (its precomputed modulation rows, its attention pattern) as arguments;
   3. the causal 3D VAE: latents to video (and back), tiled in space and time like the reference;
@@ -26,7 +27,8 @@ The application (files and settings in, a stream of events out):
  11. the memory plan: each phase's peak, derived from what this code allocates, before anything loads;
  12. the pipeline: a request run as a stream of events (generate: the plan, the rewritten prompt, the text
      encodings, each step, the final latents, the frames), phase by phase, each phase's weights freed before the
-     next; a prompt cache.
+     next; a prompt cache; under mlx.launch, the same on every rank: they agree on the request, rank 0 encodes the
+     prompt for all, the tokens (and true CFG's branches) are split, the decode's tiles shared.
 
 Conventions: video tensors are channels-last, (B, T, H, W, C), from the input to the output. Module
 attribute names are Tencent's checkpoint names (the original layout, with fused q|k|v projections), so
@@ -708,34 +710,219 @@ class RadialAttention:
         rest = n - self.sparse  # the keys every video query sees, and the queries that see every key
         return int(self.mask.sum()) * self.block ** 2 + self.sparse * rest + rest * n
 
-    def attend(self, q, k, v, mask):
-        """_attention's result with the radial mask: q, k, v (B, heads, N, head_dim), N = video + text tokens;
-        mask None or (B, 1, 1, N) bool over the keys. Runs of query blocks each take their kept key blocks
-        (gathered) and the rest; the dense rows go through _attention. Evaluated every ATTENTION_FLOP (the
+    def attend(self, q, k, v, mask, offset=0):
+        """_attention's result with the radial mask: k, v (B, heads, N, head_dim), N = video + text tokens; q the
+        queries of the video tokens from `offset` on (a rank's slice, see SequenceSplit; all of them by default),
+        then the text's; mask None or (B, 1, 1, N) bool over the keys. Runs of query blocks each take their kept
+        key blocks (gathered) and the rest; the dense rows go through _attention. Evaluated every ATTENTION_FLOP (the
         watchdog) or whenever the keys gathered since reach k's size (memory: at most about twice k and v)."""
-        B, H, N, Dh = q.shape
+        B, H, _, Dh = q.shape
         S, bs = self.sparse, self.block
+        local = q.shape[2] - (k.shape[2] - self.video)  # the video queries here: [offset, offset + local)
+        dense = min(max(S - offset, 0), local)  # the first query row past the sparse blocks
         kb, vb = (a[:, :, :S].reshape(B, H, S // bs, bs, Dh) for a in (k, v))  # (B, heads, blocks, bs, hd)
         parts, budget, gathered = [], 0, 0
         for first, end, cols in self.runs:
+            first, end = max(first * bs - offset, 0), min(end * bs - offset, dense)  # this run's query rows here
+            if first >= end:
+                continue
             idx = mx.array(cols)
             keys, values = (mx.concatenate([mx.take(blocks, idx, axis=2).reshape(B, H, -1, Dh), a[:, :, S:]], axis=2)
                             for blocks, a in ((kb, k), (vb, v)))  # (B, heads, kept blocks x bs + N - S, hd)
             m = None if mask is None else mx.concatenate(
                 [mx.ones((B, 1, 1, len(cols) * bs), mx.bool_), mask[..., S:]], axis=-1)
-            rows = _query_chunk(B, H, (end - first) * bs, keys.shape[2], Dh)
+            rows = _query_chunk(B, H, end - first, keys.shape[2], Dh)
             gathered += keys.size
-            for s in range(first * bs, end * bs, rows):
-                o = mx.fast.scaled_dot_product_attention(q[:, :, s:min(s + rows, end * bs)], keys, values,
+            for s in range(first, end, rows):
+                o = mx.fast.scaled_dot_product_attention(q[:, :, s:min(s + rows, end)], keys, values,
                                                          scale=Dh ** -0.5, mask=m)
                 parts.append(o.transpose(0, 2, 1, 3).reshape(B, -1, H * Dh))  # (B, heads, n, hd) -> (B, n, D)
                 budget += 4 * B * H * o.shape[2] * keys.shape[2] * Dh
                 if budget >= ATTENTION_FLOP or gathered >= k.size:
                     mx.eval(parts)
                     budget = gathered = 0
-        if S < N:
-            parts.append(_attention(q[:, :, S:], k, v, mask))
+        if dense < q.shape[2]:
+            parts.append(_attention(q[:, :, dense:], k, v, mask))
         return mx.concatenate(parts, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: sequence parallel (one video's tokens over several processes)
+# ---------------------------------------------------------------------------------------------------
+# Started by mlx.launch (its ring over TCP, jaccl over Thunderbolt 5, mpi, nccl), N processes, the ranks, each hold
+# the whole DiT and a slice of the video's tokens: rank r the tokens [r p, (r + 1) p), p = ceil(video / N), the last
+# slice shorter. Every linear layer, norm and modulation is token-wise, so only attention needs the other ranks'
+# tokens: each attention gathers the keys and values of all ranks and computes its own queries. all_gather, because
+# MLX has no all-to-all (Ulysses' exchange of heads for tokens) and one gather of K and V receives (N - 1) / N of
+# them, as many bytes as a ring pass of K and V, and leaves the fused attention whole. The text's few hundred
+# tokens are on every rank, and every rank computes their queries (the same rows everywhere). The velocity is
+# gathered at the end of each forward: 64 numbers a token against the 60 x 2 x 3072 of the keys and values (1/5760
+# of the bytes), and then the sampler, the step caches' inputs and outputs, checkpoints and previews are whole on
+# every rank, the same as in one process. Only the caches' norms over hidden states (First-Block Cache's, TeaCache's)
+# are summed over the ranks, so that every rank decides the same.
+
+class Ranks:
+    """The processes of one generation (mx.distributed's `group`), or those of them, `members` (world ranks in
+    order), that share its work (all of them, or with CFG parallel one half, or a pair): this one's rank among them,
+    their collectives, and the bytes this process received through them."""
+
+    def __init__(self, group, members=None):
+        self.group, self.members = group, list(range(group.size())) if members is None else list(members)
+        self.rank, self.size, self.received = self.members.index(group.rank()), len(self.members), 0
+        # a group of the members alone; the ring backend cannot split, and gathers over all the ranks (so both
+        # halves of CFG parallel must then make the same collectives: no step cache, see cfg_mode)
+        self.part = group.split(self.members[0]) if self.size < group.size() and self.splits else None
+
+    @property
+    def splits(self):
+        """Whether the backend makes groups of some of the ranks (the ring backend does not). Every rank asks at the
+        same point: on the backends that split, splitting is a collective."""
+        if not hasattr(self, "_splits"):
+            try:
+                self.group.split(0)
+                self._splits = True
+            except RuntimeError:
+                self._splits = False
+        return self._splits
+
+    @property
+    def host(self):
+        import socket
+
+        return socket.gethostname()
+
+    def gather(self, x):
+        """The members' x (each the same shape), concatenated along axis 0 in their order."""
+        if self.size == 1:
+            return x
+        whole = self.part is None and self.size < self.group.size()
+        out = mx.distributed.all_gather(x, group=self.part or self.group)
+        self.received += x.nbytes * ((self.group.size() if whole else self.size) - 1)
+        if whole:
+            out = out.reshape(self.group.size(), *x.shape)[mx.array(self.members)].reshape(-1, *x.shape[1:])
+        return out
+
+    def sum(self, x):
+        """The sum of the members' x."""
+        return self.gather(x[None]).sum(axis=0) if self.size > 1 else x
+
+    def exchange(self, data):
+        """Every world rank's bytes (data, this one's), in rank order: how ranks agree on settings and share what
+        one of them made (the text encodings, the step caches' states)."""
+        sizes = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int64), group=self.group).tolist()
+        padded = np.zeros(max(sizes), np.uint8)
+        padded[:len(data)] = np.frombuffer(data, np.uint8)
+        out = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group)).reshape(len(sizes), -1)
+        self.received += out.nbytes - padded.nbytes
+        return [out[i, :n].tobytes() for i, n in enumerate(sizes)]
+
+    def first(self, arrays):
+        """Rank 0's arrays (a dict, or None elsewhere) on every rank, dtypes kept."""
+        data = b""
+        if self.group.rank() == 0:
+            data = _pack(arrays)
+        return _unpack(self.exchange(data)[0])
+
+
+def _pack(arrays, meta=None):
+    """Arrays (a dict of mx arrays) and a JSON-able meta as bytes: an .npz (float32 for bfloat16, which numpy lacks;
+    read back exactly) whose "_meta" holds the dtypes and meta. No pickle: what comes back is only arrays."""
+    import io
+
+    names = {k: str(v.dtype).split(".")[-1] for k, v in arrays.items()}
+    out = io.BytesIO()
+    np.savez(out, _meta=np.frombuffer(json.dumps([names, meta]).encode(), np.uint8),
+             **{k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in arrays.items()})
+    return out.getvalue()
+
+
+def _unpack(data, meta=False):
+    """_pack's arrays (and its meta, with meta=True)."""
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        names, info = json.loads(f["_meta"].tobytes())
+        arrays = {k: mx.array(f[k]).astype(getattr(mx, dtype)) for k, dtype in names.items()}
+    return (arrays, info) if meta else arrays
+
+
+class SequenceSplit:
+    """One forward's video tokens over the ranks of `ranks`: this rank's are [start, end)."""
+
+    def __init__(self, ranks, video):
+        self.ranks, self.video = ranks, video
+        self.per = -(-video // ranks.size)
+        self.start = min(ranks.rank * self.per, video)
+        self.end = min(self.start + self.per, video)
+
+    def gather(self, a, axis=1):
+        """Every rank's slice of a's token axis, concatenated: a whole along it."""
+        a = mx.moveaxis(a, axis, 0)  # (local, ...)
+        a = mx.pad(a, [(0, self.per - a.shape[0])] + [(0, 0)] * (a.ndim - 1))  # (per, ...): one shape on all ranks
+        return mx.moveaxis(self.ranks.gather(a)[:self.video], 0, axis)
+
+    def keys(self, a):
+        """Keys or values of this rank's video tokens then the text (B, heads, local + text, head_dim) -> of all the
+        video tokens then the text."""
+        n = self.end - self.start
+        return mx.concatenate([self.gather(a[:, :, :n], axis=2), a[:, :, n:]], axis=2)
+
+    def attention(self, radial=None):
+        """The attention of a layer, dense or radial (its RadialAttention), over the keys of every rank."""
+        return SplitAttention(self, radial)
+
+
+class SplitAttention(namedtuple("SplitAttention", "split radial")):
+    def attend(self, q, k, v, mask):
+        """_attention's, for this rank's queries (its video tokens, then the text) and every rank's keys."""
+        k, v = self.split.keys(k), self.split.keys(v)
+        if self.radial is not None:
+            return self.radial.attend(q, k, v, mask, self.split.start)
+        return _attention(q, k, v, mask)
+
+
+def world():
+    """All the processes mlx.launch started for this run (Ranks), or None in one process."""
+    group = mx.distributed.init()
+    return Ranks(group) if group.size() > 1 else None
+
+
+# each rank's (host, process id), once the ranks have agreed on a request (HunyuanVideoPipeline.agree)
+PEERS = []
+DISTRIBUTED_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")  # how MLX's backends begin their errors
+
+
+class RanksLost(HunyuanVideoError):
+    """Another rank of the run stopped (it failed, was killed or ran out of memory): this one stops too, naming
+    the rank and host that went, where this host can tell (its processes), else the others."""
+
+    def __init__(self):
+        import socket
+
+        group = mx.distributed.init()
+        me, host = group.rank(), socket.gethostname()
+        gone = []
+        for rank, (h, pid) in enumerate(PEERS):
+            if h == host and rank != me:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    gone.append(rank)
+                except OSError:
+                    pass
+        if gone:
+            who = " and ".join(f"rank {r} on {PEERS[r][0]}" for r in gone) + " stopped (its process is gone)"
+        else:
+            others = [f"{r} on {h}" for r, (h, _) in enumerate(PEERS) if h != host]
+            who = "another rank stopped" + (f" (one of ranks {', '.join(others)})" if others else "")
+        super().__init__(f"rank {me} on {host}: {who}, so every rank of the run stops.")
+
+
+def split_bytes(video, batch, dim, double, single, out, ranks, itemsize=2):
+    """The bytes one rank receives in a DiT forward over `ranks` (sequence parallel): every block's keys and values
+    of the other ranks (the slices padded to one size), and the velocity's (out numbers a token) at the end."""
+    per = -(-video // ranks)
+    return (ranks - 1) * per * batch * itemsize * (2 * dim * (double + single) + out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -751,12 +938,13 @@ class PatchEmbed(nn.Module):
         self.patch = patch
         self.proj = nn.Linear(in_channels * patch[0] * patch[1] * patch[2], dim)
 
-    def __call__(self, x):
+    def __call__(self, x, tokens=slice(None)):
+        """x (B, T, H, W, C) -> the embeddings of its patches, or of those in `tokens` (a rank's slice)."""
         B, T, H, W, C = x.shape
         pt, ph, pw = self.patch
         x = x.reshape(B, T // pt, pt, H // ph, ph, W // pw, pw, C)
         x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T', H', W', pt, ph, pw, C)
-        return self.proj(x.reshape(B, -1, pt * ph * pw * C))  # (B, T'*H'*W', D)
+        return self.proj(x.reshape(B, -1, pt * ph * pw * C)[:, tokens])  # (B, T'*H'*W', D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -970,8 +1158,9 @@ def _is_modulation(name):
     return bool(_MODULATION.match(name) or re.match(r"(img_mod|txt_mod|modulation)\.linear\.", name))
 
 
-# what DiT.embed gives its blocks: the tokens and vectors, and the step's modulation rows and attention pattern
-Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace radial modulation")
+# what DiT.embed gives its blocks: the tokens and vectors, the step's modulation rows and attention pattern, and the
+# split of the video's tokens over ranks (SequenceSplit, or None in one process)
+Tokens = namedtuple("Tokens", "img txt vec rope mask shape replace radial modulation split")
 
 
 class StepModulation(namedtuple("StepModulation", "tables step rows")):
@@ -1079,22 +1268,25 @@ class HunyuanVideoTransformer(nn.Module):
         return out
 
     def __call__(self, latents, timestep, text_states, text_mask, pooled, guidance=None, modulation=None,
-                 radial=None):
+                 radial=None, split=None):
         """latents (B, T, H, W, C) (with token replace, the first latent frame the clean image's); timestep (B,)
         in 0..1000; text_states (B, L, text_dim); text_mask (B, L), 1 = valid; pooled (B, pooled_dim); guidance
         (B,) already x1000, or None for a checkpoint without a guidance embedding. The step's state, all of it
         here: modulation, this step's rows of modulation_tables (their .at(step, rows)), or None: computed from
-        the weights; radial, the step's RadialAttention, or None: dense attention. Returns the velocity (B, T, H,
-        W, C), model dtype. In three parts, which the step caches call one by one: embed, blocks, final."""
-        tokens = self.embed(latents, timestep, text_states, text_mask, pooled, guidance, modulation, radial)
+        the weights; radial, the step's RadialAttention, or None: dense attention. split: a SequenceSplit (this
+        rank's video tokens; the latents are whole), or None. Returns the velocity (B, T, H, W, C), model dtype,
+        whole. In three parts, which the step caches call one by one: embed, blocks, final."""
+        tokens = self.embed(latents, timestep, text_states, text_mask, pooled, guidance, modulation, radial, split)
         img, txt = tokens.img, tokens.txt
         tokens = tokens._replace(img=None, txt=None)  # each block's input is freed once the next has run
         return self.final(self.blocks(tokens, img, txt)[0], tokens)
 
-    def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None, modulation=None, radial=None):
+    def embed(self, latents, timestep, text_states, text_mask, pooled, guidance=None, modulation=None, radial=None,
+              split=None):
         """The embedders and the token refiner: Tokens(img (B, Ni, D), txt (B, Nt, D), vec (B, D), the RoPE
         tables, the attention mask or None, the latents' shape, token replace's (vector, n) or None, and the
-        step's modulation rows and attention pattern as given)."""
+        step's modulation rows, attention pattern and split as given). With a split, img and the RoPE tables' video
+        rows are this rank's tokens', and token replace's n counts its first frame's tokens among them."""
         B, T, H, W, C = latents.shape
         pt, ph, pw = self.patch
         if T % pt or H % ph or W % pw:
@@ -1116,22 +1308,28 @@ class HunyuanVideoTransformer(nn.Module):
         timestep = timestep.astype(mx.float32)
         vec = self.conditioning(timestep, pooled, guidance)  # the final layer's (and the blocks', unless tabulated)
         txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
-        img = self.img_in(latents.astype(dtype))  # (B, Ni, D)
+        ni = (T // pt) * (H // ph) * (W // pw)  # the video's tokens
+        if split is not None and split.video != ni:
+            raise HunyuanVideoError(f"the sequence split was set up for {split.video} video tokens, not {ni}: make it "
+                                    f"for this video's size.")
+        start, end = (split.start, split.end) if split is not None else (0, ni)
+        img = self.img_in(latents.astype(dtype), slice(start, end))  # (B, end - start, D)
         replace = None
         if self.image_condition_type == "token_replace":  # the first latent frame's tokens: (H/ph) (W/pw)
-            replace = (self.first_frame_conditioning(pooled), (H // ph) * (W // pw))
+            replace = (self.first_frame_conditioning(pooled), min(max((H // ph) * (W // pw) - start, 0), end - start))
         # the embedders and the refiner on their own, before the blocks (see _run)
         mx.eval([vec, txt, img] + ([replace[0]] if replace else []))
 
-        ni = img.shape[1]
         rope = _rope_table((T // pt, H // ph, W // pw), self.rope_axes_dim, self.rope_theta, keep)
+        if split is not None:  # this rank's video rows, then the text's
+            rope = tuple(mx.concatenate([a[start:end], a[ni:]]) for a in rope)
         attn_mask = None
         if (counts != keep).any():
             attn_mask = mx.array(np.arange(ni + keep)[None] < (ni + counts)[:, None])[:, None, None, :]  # (B,1,1,N)
         if radial is not None and radial.video != ni:
             raise HunyuanVideoError(f"Radial Attention was set up for {radial.video} video tokens, not {ni}: make it "
                                     f"for this video's size.")
-        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace, radial, modulation)
+        return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace, radial, modulation, split)
 
     def conditioning(self, timestep, pooled, guidance=None):
         """The conditioning vector (B, D) of every adaLN modulation: time_in(t) + guidance_in(g) +
@@ -1174,8 +1372,11 @@ class HunyuanVideoTransformer(nn.Module):
         txt = tokens.txt if txt is None else txt
         cos, sin = tokens.rope
         ni = img.shape[1]
-        radial = tokens.radial  # sparse from layer radial.dense_layers on (double blocks first, then single)
-        sparse = lambda layer: radial if radial is not None and layer >= radial.dense_layers else None  # noqa: E731
+        radial, split = tokens.radial, tokens.split  # sparse from layer radial.dense_layers on (double, then single)
+
+        def sparse(layer):  # the layer's attention: None (dense), radial, or either over the ranks' keys
+            pattern = radial if radial is not None and layer >= radial.dense_layers else None
+            return pattern if split is None else split.attention(pattern)
         rows = tokens.modulation.block if tokens.modulation is not None else lambda kind, i: None  # noqa: E731
         read = None  # a streamed block's weights, all of them but the modulation when it is tabulated
         if self.streamed:
@@ -1198,10 +1399,13 @@ class HunyuanVideoTransformer(nn.Module):
                          fn=lambda block: _modulation(getattr(block, name), tokens.vec, None, rows)[0])
 
     def final(self, img, tokens):
-        """The final layer on the video tokens (B, Ni, D) -> the velocity (B, T, H, W, C)."""
+        """The final layer on the video tokens (B, Ni, D) -> the velocity (B, T, H, W, C), gathered from every rank
+        when the tokens are split."""
         B, T, H, W, _ = tokens.shape
         pt, ph, pw = self.patch
         x = self.final_layer(img, tokens.vec)  # (B, Ni, C*pt*ph*pw), channel-major
+        if tokens.split is not None:
+            x = tokens.split.gather(x)
         x = x.reshape(B, T // pt, H // ph, W // pw, self.out_channels, pt, ph, pw)
         x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # (B, T', pt, H', ph, W', pw, C)
         return x.reshape(B, T, H, W, self.out_channels)
@@ -1488,11 +1692,13 @@ class HunyuanVideoVAE(nn.Module):
     def _encode(self, x):
         return self.quant_conv(self.encoder(x))
 
-    def decode(self, z, tile=None, stride=None, progress=None):
+    def decode(self, z, tile=None, stride=None, progress=None, ranks=None):
         """z (B, t, h, w, latent), already divided by scaling_factor -> video (B, 4(t-1)+1, 8h, 8w, 3) in
         about [-1, 1], model dtype. tile and stride, (frames, height, width) in pixels, tile it as the
         reference does with the same settings (stride defaults to 3/4 of the tile); tile=None decodes in one
-        piece, with no splitting in time either. progress(done, total): after each tile."""
+        piece, with no splitting in time either. progress(done, total): after each tile. ranks: several processes
+        (Ranks) that share the tiles, each decoding every N-th and gathering the others' (all of them get the
+        video)."""
         z = z.astype(self.dtype)
         if tile is None:
             return self._decode(z)
@@ -1512,18 +1718,40 @@ class HunyuanVideoVAE(nn.Module):
                 progress(done[0], total)
             return out
 
-        def space(z):
-            if in_space:
-                out_hw = (z.shape[2] * rs, z.shape[3] * rs)
-                return _tiled_space(decode_tile, z, (fh // rs, fw // rs), (sh // rs, sw // rs), (fh - sh, fw - sw),
-                                    (sh, sw), out_hw)
-            return decode_tile(z)
+        def tiled(decode_tile):
+            def space(z):
+                if in_space:
+                    out_hw = (z.shape[2] * rs, z.shape[3] * rs)
+                    return _tiled_space(decode_tile, z, (fh // rs, fw // rs), (sh // rs, sw // rs),
+                                        (fh - sh, fw - sw), (sh, sw), out_hw)
+                return decode_tile(z)
+
+            if t > ft // rt:
+                return _tiled_time(space, z, ft // rt, st // rt, ft - st, st, (t - 1) * rt + 1)
+            return space(z)
 
         if progress:
             progress(0, total)
-        if t > ft // rt:
-            return _tiled_time(space, z, ft // rt, st // rt, ft - st, st, (t - 1) * rt + 1)
-        return space(z)
+        if ranks is None or ranks.size == 1:
+            return tiled(decode_tile)
+        # several ranks: the tiles' inputs first (their outputs' shapes are known without decoding: zeros stand in
+        # for them while the tiling is walked), then each round of N tiles decoded one per rank and gathered,
+        # padded to the round's largest, then the same tiling over the decoded tiles: the one-process video
+        inputs = []
+        tiled(lambda z: inputs.append(z) or mx.zeros(self._decode(z).shape, self.dtype))
+        tiles = []
+        for first in range(0, len(inputs), ranks.size):
+            shapes = [self._decode(x).shape for x in inputs[first:first + ranks.size]]
+            big = [max(n) for n in zip(*shapes)]
+            i = first + ranks.rank
+            mine = self._decode(inputs[i]) if i < len(inputs) else mx.zeros(big, self.dtype)
+            got = ranks.gather(mx.pad(mine, [(0, b - n) for b, n in zip(big, mine.shape)])[None])
+            tiles += [got[k][tuple(slice(0, n) for n in shape)] for k, shape in enumerate(shapes)]
+            mx.eval(tiles[first:])
+            if progress:
+                progress(len(tiles), total)
+        order = iter(tiles)
+        return tiled(lambda z: next(order))
 
     def encode(self, x, tile=None, stride=None):
         """video (B, F, H, W, 3) in [-1, 1] -> posterior mean (B, (F-1)/4+1, H/8, W/8, latent), unscaled.
@@ -1695,15 +1923,19 @@ MAG_RATIOS = {
 }
 
 
-def _mean_abs(a, b=None):
-    """mean |a - b| (or mean |a|) over every element, in float32."""
+def _mean_abs(a, b=None, split=None):
+    """mean |a - b| (or mean |a|) over every element, in float32; of hidden states (B, tokens, D) split over ranks
+    (split: their SequenceSplit), over every rank's."""
     a = a.astype(mx.float32)
-    return mx.abs(a if b is None else a - b.astype(mx.float32)).mean().item()
+    d = mx.abs(a if b is None else a - b.astype(mx.float32))
+    if split is None:
+        return d.mean().item()
+    return split.ranks.sum(d.sum()).item() / (d.shape[0] * split.video * d.shape[2])
 
 
-def _rel_l1(a, b):
+def _rel_l1(a, b, split=None):
     """mean |a - b| / mean |b|: how much a step changed something."""
-    return _mean_abs(a, b) / _mean_abs(b)
+    return _mean_abs(a, b, split) / _mean_abs(b, None, split)
 
 
 def _full(model, args, i, steps):
@@ -1726,7 +1958,7 @@ class FirstBlockCache:
         tokens = model.embed(*args)
         img, txt = model.blocks(tokens, last=1)
         residual = img - tokens.img
-        if self.head is not None and _rel_l1(residual, self.head) <= self.threshold:
+        if self.head is not None and _rel_l1(residual, self.head, tokens.split) <= self.threshold:
             return model.final(img + self.tail, tokens), (1, 0)
         self.head = residual
         out, _ = model.blocks(tokens, img, txt, first=1)
@@ -1785,7 +2017,7 @@ class TeaCache:
         if i == 0 or i >= steps - 2:
             self.acc = 0.0
         else:
-            self.acc += float(np.polyval(self.COEFFICIENTS, _rel_l1(modulated, self.previous)))
+            self.acc += float(np.polyval(self.COEFFICIENTS, _rel_l1(modulated, self.previous, tokens.split)))
             skip = self.acc < self.threshold
             if not skip:
                 self.acc = 0.0
@@ -1958,7 +2190,8 @@ def new_ledger(cache=None, attention="dense", resume=None):
     linear_pflop) and skipped (by step caches and sparse attention, against dense full forwards). resume: a
     checkpoint's ledger to go on from."""
     ledger = dict(cache=cache, attention=attention, matmul=None, forwards=0, skipped=0, pflop=0.0, attention_pflop=0.0,
-                  linear_pflop=0.0, skipped_attention_pflop=0.0, skipped_linear_pflop=0.0, steps=[])
+                  linear_pflop=0.0, skipped_attention_pflop=0.0, skipped_linear_pflop=0.0, steps=[], ranks=1,
+                  received_bytes=0)
     if resume:
         ledger.update(json.loads(json.dumps(resume["work"])))  # a copy
     return ledger
@@ -1980,9 +2213,12 @@ class GuidedDiT:
     modulation row and attention pattern; the guided velocity, float32, and the ledger kept."""
 
     def __init__(self, model, states, mask, pooled, guidance_scale, sigmas, B, cfg_scale, batched, forwards,
-                 sparse, condition, precompute, video_tokens):
+                 sparse, condition, precompute, video_tokens, split=None, pair=None):
         self.model, self.mask, self.B, self.cfg_scale, self.forwards = model, mask, B, cfg_scale, forwards
         self.sparse, self.steps, self.batched = sparse, len(sigmas) - 1, batched
+        # over several ranks: this rank's video tokens (split), and with CFG parallel (pair: this rank and its
+        # counterpart in the other half of the ranks) the one branch this rank runs, its half's
+        self.split, self.pair = split, pair
         self.sigmas = sigmas
         n = states.shape[0]  # B, or 2B with true CFG
         # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
@@ -1997,20 +2233,28 @@ class GuidedDiT:
         self.branches = [slice(None)] if batched or cfg_scale is None else [slice(0, B), slice(B, 2 * B)]
         counts = mask.sum(axis=1)
         self.tokens = [video_tokens + int(counts[rows].max().item()) for rows in self.branches]  # video + text
+        if pair is not None:
+            self.branches = [self.branches[pair.rank]]
 
     def __call__(self, inputs, i, ledger):
         model, B = self.model, self.B
         radial = self.sparse.at(i) if self.sparse else None  # the step's attention pattern
         velocities, full = [], True
         k = B * (2 if self.batched else 1)
-        for rows, forward, tokens in zip(self.branches, self.forwards, self.tokens):
+        done = []
+        for rows, forward in zip(self.branches, self.forwards):
             args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(self.sigmas[i], k),
                     self.states[rows], self.mask[rows], self.vector[rows],
                     None if self.guidance is None else self.guidance[rows],
-                    None if self.tables is None else self.tables.at(i, rows), radial)
+                    None if self.tables is None else self.tables.at(i, rows), radial, self.split)
             v, ran = forward(model, args, i, self.steps)
             mx.eval(v)  # what made it is freed before the other branch runs
             velocities.append(v)
+            done.append(ran)
+        if self.pair is not None:  # CFG parallel: the two halves' velocities and work, combined once a step
+            velocities = mx.split(self.pair.gather(velocities[0]), 2, axis=0)
+            done = [tuple(ran) for ran in self.pair.gather(mx.array([done[0]])).tolist()]
+        for ran, tokens in zip(done, self.tokens):
             full = full and ran == model.depth
             _record(ledger, model, k // B, tokens, ran, radial)
         ledger["steps"].append(full)
@@ -4106,8 +4350,8 @@ def _backend():
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False,
                     tile=DEFAULT_VAE_TILE, low_memory=False, backend=None, dtypes=None, hub=None, cache=None,
                     steps=50, cfg=None, transformer=(None, None), cache_options=None, attention="dense",
-                    quantized_matmul="auto"):
-    """Estimated peak bytes of each phase of a generation: {"text encoders", "denoise", "decode"}.
+                    quantized_matmul="auto", ranks=1):
+    """Estimated peak bytes of each phase of a generation, on each rank: {"text encoders", "denoise", "decode"}.
     dtypes: each component's (DEFAULT_DTYPES). low_memory: the DiT's blocks are streamed from disk, so about
     two of them are in memory at once. hub: the hub id, to read the headers there before a download.
     cache: the step cache, whose kept tensors count too. steps: for the table of precomputed modulation (the
@@ -4116,11 +4360,14 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     modulation tables and, with a step cache, two caches. transformer: (path, hub id) of a DiT from elsewhere.
     cache_options: TaylorSeer's (its order sets how many factors it keeps). attention: "radial" adds the key
     blocks it gathers (at most twice the keys and values between evaluations). quantized_matmul: with quantization,
-    dequantized matmuls hold one block's weights in the DiT's dtype (dequantize_matmul decides "auto")."""
+    dequantized matmuls hold one block's weights in the DiT's dtype (dequantize_matmul decides "auto"). ranks: the
+    processes that make it (sequence parallel; with cfg "parallel", each half of them one branch): each holds the
+    whole DiT, its share of the video's tokens and every rank's keys and values, and the decoded tiles."""
     folder, cpu = Path(folder), (backend or _backend()) == "cpu"
     size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
     parts = _components(folder, hub, *transformer)
-    branches, videos = (2, 2 if cfg == "batched" else 1) if cfg else (1, 1)
+    branches, videos = (2, 2 if cfg == "batched" else 1) if cfg in ("batched", "sequential") else (1, 1)
+    split = ranks // 2 if cfg == "parallel" else ranks  # the ranks that share one branch's tokens
 
     llm_info, llm_cfg = parts["text_encoder"]
     llava = llm_cfg.get("model_type") == "llava"  # image to video: LLaVA reads the prompt with the image
@@ -4179,14 +4426,17 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     table = branches * steps * D * (12 * sizes["num_layers"] + 3 * sizes["num_single_layers"]) * size["transformer"]
     making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + \
         branches * 12 * D * steps * size["transformer"]
+    local = -(-video // split)  # this rank's video tokens
     denoise = dit + table + max(making, videos * _dit_activations(
-        video + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
+        local + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
         size["transformer"], cpu, token_replace=condition == "token_replace"))
+    if split > 1:  # every rank's keys and values, gathered (padded to one slice each) and joined with the text's
+        denoise += videos * 2 * (split * local + video + text_tokens) * D * size["transformer"]
     # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
     # two between steps, MagCache one, and each the blocks' video input during a step), or for EasyCache four
     # latent-sized ones (64 values a token); one cache a branch
-    denoise += branches * {"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D, "easycache": 4 * 64}.get(cache, 0) \
-        * video * size["transformer"]
+    denoise += branches * ({"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D}.get(cache, 0) * local +
+                           (4 * 64 * video if cache == "easycache" else 0)) * size["transformer"]
     if cache == "taylorseer":  # order + 1 float32 factors of 64 values a token, twice while a full step updates them
         order = {**TaylorSeer.options, **(cache_options or {})}["order"]
         denoise += branches * (2 * (order + 1) * 4 + size["transformer"]) * 64 * video
@@ -4202,6 +4452,8 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     vae = _sizes_of(HunyuanVideoVAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
     decode = _weights_bytes(vae_info, itemsize=size["vae"], dit=False) + _vae_activations(
         num_frames, height, width, tile, vae["block_out_channels"], size["vae"], cpu)
+    if ranks > 1:  # the tiles of every rank, kept until they are blended (overlapping: at most twice the video)
+        decode += 2 * num_frames * height * width * 3 * size["vae"]
     return {"text encoders": text, "denoise": denoise, "decode": decode}
 
 
@@ -4288,7 +4540,7 @@ class OverBudget(HunyuanVideoError):
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
                  budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None),
-                 rewrite=None, cache_options=None, attention="dense", quantized_matmul="auto"):
+                 rewrite=None, cache_options=None, attention="dense", quantized_matmul="auto", ranks=1):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
     would fit: the fewest changes that do (a quantization, low_memory, a smaller size), together where no
     single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
@@ -4297,7 +4549,7 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
                    modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps,
                    cfg=cfg, transformer=transformer, cache_options=cache_options, attention=attention,
-                   quantized_matmul=quantized_matmul)
+                   quantized_matmul=quantized_matmul, ranks=ranks)
     first = {"rewrite": estimate_rewrite(*rewrite)} if rewrite else {}
     est = {**first, **estimate_memory(folder, **request)}
     phase = max(est, key=est.get)
@@ -4351,7 +4603,8 @@ def check_memory(folder, height, width, num_frames, quantization=None, modulatio
 # __call__, the command line and the page are each a loop over it. progress(what, done, total), if given, is told
 # of every long activity as it goes (the tensors read, the layers run, the steps, the tiles decoded): for display.
 
-Plan = namedtuple("Plan", "request cfg memory problem")  # cfg: None, "batched", "sequential"; problem: the error
+# cfg: None, "batched", "sequential", "parallel" (GuidedDiT); memory: each phase's peak, per rank; problem: the error
+Plan = namedtuple("Plan", "request cfg memory problem")
 Rewritten = namedtuple("Rewritten", "request cached")  # the request with its prompt rewritten (original_prompt set)
 Encoded = namedtuple("Encoded", "text cached")  # (states, mask, pooled): the prompts' rows, then the negatives'
 Step = namedtuple("Step", "step steps latents x0 cache work")  # after step `step`: what resuming needs, and x0
@@ -4391,6 +4644,8 @@ class HunyuanVideoPipeline:
             quantized_matmul=quantized_matmul, quantize_modulation=quantize_modulation, low_memory=low_memory,
             **{f"{c}_dtype": DTYPE_NAMES[self.dtypes[component]] for c, component in _DTYPE_SETTINGS})
         self.stats = {}
+        # started by mlx.launch on several processes: they make one video together (see "sequence parallel")
+        self.ranks = world()
 
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
@@ -4467,15 +4722,33 @@ class HunyuanVideoPipeline:
         negative prompts'), no prompt needed. latents: the initial latents (B, t, h, w, 16) instead of the seed's
         noise. resume: a checkpoint's state, {"step", "latents", "cache", "work", "text"} as the last Step and the
         Encoded event gave them, from which the run continues to what the uninterrupted one gives. progress: see
-        above. Leaving the loop stops the run there (after a Denoised: the latents, without decoding)."""
+        above. Leaving the loop stops the run there (after a Denoised: the latents, without decoding). Over several
+        ranks (mlx.launch), a rank that stops stops the others with RanksLost."""
+        try:
+            return (yield from self._generate(request, text, latents, resume, progress, **settings))
+        except RuntimeError as e:
+            if self.ranks is None or not DISTRIBUTED_ERROR.search(str(e)):
+                raise
+            raise RanksLost() from None
+
+    def _generate(self, request=None, text=None, latents=None, resume=None, progress=None, **settings):
         given = request if isinstance(request, Request) else {**(request or {}), **settings}
         r = check_request(given, self, text=text is not None or resume is not None)
+        if self.ranks is not None:
+            r = self.agree(r, resume)
+        if resume:  # a step cache's state is per rank when the run was split: it resumes on as many
+            kept = {k.split(".")[0] for d in resume["cache"] for k in d if re.match(r"rank\d+\.", k)}
+            ranks = self.ranks.group.size() if self.ranks else 1
+            if (kept or ranks > 1) and any(resume["cache"]) and len(kept) != ranks:
+                raise HunyuanVideoError(f"this checkpoint's step cache was split over {len(kept) or 1} process(es), "
+                                        f"not {ranks}: resume it with {len(kept) or 1}, or start afresh.")
         plan = self.plan(r, text is None and resume is None)
         yield plan
         if plan.problem is not None and not r.force:
             raise plan.problem
         self.stats = {}
-        if r.rewrite and not r.original_prompt and text is None and resume is None:
+        first = self.ranks is None or self.ranks.rank == 0  # the rank that rewrites and encodes the prompt
+        if r.rewrite and not r.original_prompt and text is None and resume is None and first:
             prefix, asked = _rewrite_asked(r)
             rewritten, cached = self.rewrite(*asked, progress=progress)
             r = r._replace(prompt=prefix + rewritten, original_prompt=r.prompt)
@@ -4487,7 +4760,10 @@ class HunyuanVideoPipeline:
             prompts = r.prompt if isinstance(r.prompt, list) else [r.prompt]
             negatives = [] if plan.cfg is None else r.negative_prompt if isinstance(r.negative_prompt, list) else \
                 [r.negative_prompt] * len(prompts)
-            text = self.encode_prompt(self.prompt_requests(prompts, negatives, image, r.height, r.width), progress)
+            if first:
+                text = self.encode_prompt(self.prompt_requests(prompts, negatives, image, r.height, r.width), progress)
+            if self.ranks is not None:  # rank 0's encodings, sent to the others
+                text = tuple(self.ranks.first(first and dict(zip("012", text))).values())
             yield Encoded(text, self.prompt_hit)
         video = None
         if r.video is not None and resume is None:
@@ -4516,6 +4792,33 @@ class HunyuanVideoPipeline:
         finally:
             events.close()
 
+    def agree(self, r, resume=None):
+        """Over several ranks, before anything loads: the request with rank 0's seed (a rank given none picks its
+        own), or, on every rank, one sentence naming the first rank (and its host) that would not make the same
+        video: another version of this code or of MLX, another DiT, VAE or LoRA file, another setting or
+        checkpoint."""
+        import socket
+
+        files = [self.transformer_path, self.folder / "vae", *(Path(f) for f, _ in self.loras)]
+        mine = dict(host=socket.gethostname(), pid=os.getpid(), seed=r.seed, versions=[__version__, mx.__version__],
+                    files=[[f.name, f.stat().st_size] for p in files if p.exists()
+                           for f in sorted(p.rglob("*") if p.is_dir() else [p]) if f.is_file()],
+                    settings={k: v for k, v in r._asdict().items() if k != "seed"},
+                    resume=resume and resume["step"])
+        everyone = [json.loads(b) for b in self.ranks.exchange(json.dumps(mine).encode())]
+        PEERS[:] = [(o["host"], o["pid"]) for o in everyone]
+        for rank, other in enumerate(everyone[1:], 1):
+            differ = [what for key, what in (
+                ("versions", "the version of hunyuan_apple or MLX"), ("files", "the DiT's, VAE's or LoRAs' files"),
+                ("settings", "the settings"), ("resume", "the checkpoint's step")) if other[key] != everyone[0][key]]
+            if differ:
+                settings = [k for k in mine["settings"] if other["settings"].get(k) != everyone[0]["settings"].get(k)]
+                raise HunyuanVideoError(f"rank {rank} on {other['host']} would make another video than rank 0 on "
+                                        f"{everyone[0]['host']}: {', '.join(differ)} differ"
+                                        f"{' (' + ', '.join(settings) + ')' if settings else ''}; give every rank the "
+                                        f"same version, checkpoint files and command.")
+        return r._replace(seed=everyone[0]["seed"])
+
     def plan(self, request, encode=True):
         """The memory plan of a checked request, before anything loads: Plan(request, cfg: how true CFG runs its two
         branches, "batched" or "sequential", or None without it; memory: each phase's estimated peak, or None;
@@ -4534,14 +4837,20 @@ class HunyuanVideoPipeline:
                                   cache=r.cache, steps=r.steps, cfg=cfg, transformer=(self.transformer,
                                                                                       self.transformer_hub),
                                   rewrite=rewrite, cache_options=cache_options(r), attention=r.attention,
-                                  quantized_matmul=self.quantized_matmul or "auto"), None)
+                                  quantized_matmul=self.quantized_matmul or "auto",
+                                  ranks=self.ranks.size if self.ranks else 1), None)
         except OverBudget as e:
             return Plan(r, cfg, None, e)
 
     def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
-        """How true CFG runs its two DiT forwards a step: "batched" (one forward of batch 2) when the memory plan
-        says the denoising phase fits so, else "sequential"; always sequential with a step cache, which keeps one
-        per branch."""
+        """How true CFG runs its two DiT forwards a step: over an even number of ranks "parallel" (each half of them
+        runs one; with a step cache only where the halves' collectives are their own: two ranks, or a backend that
+        splits its group, since each branch's cache skips its own steps); else "batched" (one forward of batch 2)
+        when the memory plan says the denoising phase fits so, else "sequential"; always sequential with a step
+        cache, which keeps one per branch."""
+        if self.ranks is not None and self.ranks.size % 2 == 0 and (
+                self.ranks.size == 2 or cache is None or self.ranks.splits):
+            return "parallel"  # each half of the ranks runs one branch
         if cache is None:
             est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
                                   low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
@@ -4732,6 +5041,45 @@ class HunyuanVideoPipeline:
         with self._phase(name):
             return work()
 
+    def _split(self, cfg, video):
+        """How this rank shares the denoising (several ranks, else (None, None)): the SequenceSplit of its video
+        tokens (None when it runs them all), and with CFG parallel (cfg "parallel") the Ranks of its pair: it and
+        its counterpart in the other half, which runs the other branch (the first half the prompt, the second the
+        negative prompt), each half splitting the tokens among its ranks."""
+        if self.ranks is None:
+            return None, None
+        group, pair = self.ranks.group, None
+        members = range(group.size())
+        if cfg == "parallel":
+            half, me = group.size() // 2, group.rank()
+            members = range(me // half * half, me // half * half + half)
+            pair = Ranks(group, [me % half, me % half + half])
+        ranks = Ranks(group, members)
+        return (SequenceSplit(ranks, video) if ranks.size > 1 else None), pair
+
+    def _rank_state(self, state):
+        """This rank's part of a checkpoint's step-cache state (over several ranks, each rank's is kept under
+        "rank{r}.", see shared_cache_state)."""
+        if self.ranks is None:
+            return state
+        prefix = f"rank{self.ranks.group.rank()}."
+        return tuple({k.removeprefix(prefix): v for k, v in d.items() if k.startswith(prefix)} for d in state)
+
+    def shared_cache_state(self, state):
+        """A Step's cache state as a checkpoint keeps it: in one process as it is; over several ranks every rank's
+        (their hidden states are their own tokens', and with CFG parallel their own branch's) under "rank{r}.", on
+        every rank. Every rank calls it at the same step."""
+        if self.ranks is None:
+            return state
+        arrays, numbers = state
+        parts = self.ranks.exchange(_pack(arrays, numbers))
+        out = ({}, {})
+        for rank, data in enumerate(parts):
+            a, n = _unpack(data, meta=True)
+            out[0].update({f"rank{rank}.{k}": v for k, v in a.items()})
+            out[1].update({f"rank{rank}.{k}": v for k, v in n.items()})
+        return out
+
     def _denoise(self, r, cfg, text, latents, resume, video_latents, image_latents, progress):
         """The denoising phase of a checked request: yields a Step after each step, returns the final latents (B, t,
         h, w, 16), float32, unscaled. text: the prompts' rows, then with true CFG (cfg "batched" or "sequential") the
@@ -4747,9 +5095,10 @@ class HunyuanVideoPipeline:
         grid = patch_grid(r.height, r.width, r.frames)
         sparse = RadialAttention(grid, r.steps, **radial_settings(r)) if r.attention == "radial" else None
         batched = cfg == "batched"
-        forwards = [step_cache(r) for _ in range(2 if cfg and not batched else 1)]
+        forwards = [step_cache(r) for _ in range(2 if cfg == "sequential" else 1)]
+        split, pair = self._split(cfg, math.prod(grid))
         if resume:
-            for forward, state in zip(forwards, _split_cache_state(resume["cache"], len(forwards))):
+            for forward, state in zip(forwards, _split_cache_state(self._rank_state(resume["cache"]), len(forwards))):
                 _set_cache_state(forward, *state)
         states, mask, pooled = text
         B = states.shape[0] // (2 if cfg else 1)  # rows [0, B): the prompt; [B, 2B): the negative prompt
@@ -4768,11 +5117,13 @@ class HunyuanVideoPipeline:
         x = start_latents(shape, r.seed, latents, video_latents, sigmas[first], image, condition, resume)
         extra = _image_channels(image, shape, condition)
         dit = GuidedDiT(model, states, mask, pooled, r.guidance, sigmas, B, r.cfg_scale if cfg else None, batched,
-                        forwards, sparse, condition, self.precompute_modulation, math.prod(grid))
+                        forwards, sparse, condition, self.precompute_modulation, math.prod(grid), split, pair)
         work = self.stats["work"] = new_ledger(r.cache, r.attention, resume)
         work["matmul"] = ("dequantized" if dequantized else "kernel") if self.quantization else None
+        work["ranks"], received = self.ranks.size if self.ranks else 1, work["received_bytes"]
         for i in _counted(steps, _reporter(progress, "denoising")):
             v = dit(_image_input(x, image, extra, condition), i, work)  # the velocity, guided
+            work["received_bytes"] = received + sum(p.received for p in (split and split.ranks, pair) if p)
             x0 = x - float(sigmas[i]) * v  # the step's estimate of the clean latents (the preview's)
             x = sampler_step(x, v, sigmas[i], sigmas[i + 1], image if condition == "token_replace" else None)
             mx.eval(x, x0)
@@ -4789,7 +5140,7 @@ class HunyuanVideoPipeline:
         def work():
             vae = load_vae(self.folder / "vae", self.dtypes["vae"])
             video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride,
-                               _reporter(progress, "decoding"))
+                               _reporter(progress, "decoding"), self.ranks)
             if self.image_condition() == "latent_concat":
                 video = video[:, 4:]
             if not mx.isfinite(video).all().item():

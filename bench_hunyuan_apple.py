@@ -12,6 +12,8 @@
     python bench_hunyuan_apple.py --work                 # DiT forwards and PFLOP a generation: caches, FastHunyuan
     python bench_hunyuan_apple.py --work --tiny          # the same measured on the tiny model (random weights)
     python bench_hunyuan_apple.py --page                 # the web page's own cost a step (needs gradio)
+    python bench_hunyuan_apple.py --distributed          # several ranks: bytes and projected time a step, and
+                                                         # a tiny run measured on 1 and 2 local ranks
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
 linear layers and attention of the 60 blocks (the embedders and the refiner are negligible). Each figure is
@@ -476,6 +478,74 @@ PLAN = [("544x960x129", None, False), ("720x1280x129", None, False), ("480x848x2
 # (size, quantization, --low-memory[, true CFG[, image-to-video conditioning]])
 
 
+# Several machines: published figures the projection uses (docs/several-machines.md lists them)
+LINKS = {  # bytes a second one rank receives at
+    "10 GbE": 1.25e9,  # 10 Gbit/s, at best
+    "TB5 TCP": 6.5e9,  # Thunderbolt 5 over TCP: 52-64 Gbit/s in iperf3 (exo issue #2063); the lower figure
+    "JACCL": 12.2e9,  # RDMA over Thunderbolt 5: a 256 MB all-reduce's algorithm bandwidth (MLX PR #3412)
+}
+COMPUTE = {  # sustained DiT FLOP a second of one device
+    "Mac": 13e12,  # an M3 Ultra-class GPU on the DiT (../shared/notes/several-machines.md)
+    "H100": 315e12,  # xDiT's HunyuanVideo on 1 H100: 1904 s for 50 steps of 720x1280x129 (12 PFLOP a step)
+}
+
+
+def print_distributed(sizes, ranks=(1, 2, 4, 8)):
+    """Each rank's bytes received a denoising step (one forward, bf16: the other ranks' keys and values of the 60
+    blocks and the velocity, H.split_bytes) and the projected seconds a step: the forward's FLOP over N ranks (the
+    text's queries, on every rank, are under 0.4% at these sizes) at a device's sustained rate, plus the transfer at a
+    link's bandwidth, not overlapped (as the code does it: the keys are gathered, then attended). Then a tiny
+    generation measured here on 1 and 2 ranks (mlx.launch, ring backend on localhost)."""
+    print("projected (published bandwidths and compute rates, see the code's LINKS and COMPUTE), a step of 1 video:")
+    print(f"{'size':>13} {'N':>2} {'GB/rank':>8} " + " ".join(f"{d + ' ' + link:>16}" for d in COMPUTE for link in
+                                                                 LINKS) + "   (seconds; speed-up on one device)")
+    for s in sizes:
+        h, w, f = parse_size(s)
+        video = math.prod(H.patch_grid(h, w, f))
+        flops = forward_flops({}, video + 256)
+        for n in ranks:
+            got = H.split_bytes(video, 1, 3072, 20, 40, 64, n)
+            cells = []
+            for rate in COMPUTE.values():
+                one = flops / rate
+                for bandwidth in LINKS.values():
+                    t = flops / n / rate + got / bandwidth
+                    cells.append(f"{t:>8.1f} ({one / t:>4.2f}x)")
+            print(f"{s:>13} {n:>2} {got / 1e9:>8.1f} " + " ".join(f"{c:>16}" for c in cells))
+    print("measured here (tiny model, 112x176x13, 8 steps, ring backend on one machine):")
+    results = {}
+    for n in (1, 2):
+        cmd = [sys.executable, __file__, "--ranks-run", str(n)]
+        if n > 1:
+            cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(n), "--backend", "ring", "--python",
+                   sys.executable, __file__, "--ranks-run", str(n)]
+        import subprocess
+
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            print(f"  {n} rank(s): failed\n{done.stderr[-2000:]}")
+            return 1
+        results[n] = json.loads(lines[0])
+        r = results[n]
+        print(f"  {n} rank(s): denoise {r['seconds']:.3f} s ({r['seconds'] / r['steps']:.4f} s a step), "
+              f"{r['bytes'] / r['steps']:.0f} bytes received a step by each rank (formula: "
+              f"{H.split_bytes(r['video'], 1, 64, 1, 1, 64, n):.0f})")
+    print(f"  time ratio 2 ranks / 1: {results[2]['seconds'] / results[1]['seconds']:.2f} (on one machine the ranks "
+          f"share its cores: this measures the code's overheads, not a speed-up)")
+
+
+def ranks_run(n):
+    """--distributed's measured run on this rank: the tiny demo's generation, denoising timed; rank 0 prints JSON."""
+    pipe = H.HunyuanVideoPipeline.from_pretrained("tiny")
+    h, w, f, steps = 112, 176, 13, 8
+    pipe(prompt="a cat", height=h, width=w, frames=f, steps=steps, seed=0, output_type="latent")
+    work = pipe.stats["work"]
+    if mx.distributed.init().rank() == 0:
+        print(json.dumps(dict(seconds=pipe.stats["denoise"][0], steps=steps, bytes=work["received_bytes"],
+                              video=math.prod(H.patch_grid(h, w, f)), ranks=n)))
+
+
 def parser():
     """The command's flags."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -495,6 +565,10 @@ def parser():
     ap.add_argument("--work", action="store_true", help="DiT forwards and PFLOP of a generation per cache and preset")
     ap.add_argument("--page", action="store_true", help="the web page's own work a step (progress, preview)")
     ap.add_argument("--radial", action="store_true", help="Radial Attention's mask at full size: kept blocks, FLOPs")
+    ap.add_argument("--distributed", action="store_true", help="sequence parallel over N ranks: each rank's bytes and "
+                    "the projected time a step (N = 1, 2, 4, 8; 10 GbE, Thunderbolt 5, JACCL), and a tiny run measured "
+                    "on 1 and 2 local ranks (ring backend)")
+    ap.add_argument("--ranks-run", type=int, help=argparse.SUPPRESS)  # --distributed's measured run, under mlx.launch
     return ap
 
 
@@ -538,7 +612,11 @@ def run(ap, args):
             ap.error(f"size {s!r}: write HEIGHTxWIDTHxFRAMES, such as 544x960x25")
         if min(h, w, f) < 1 or h % 16 or w % 16 or (f - 1) % 4:
             ap.error(f"size {s}: height and width must be multiples of 16 and frames 4n+1")
+    if args.ranks_run:
+        return ranks_run(args.ranks_run)
     print(f"MLX {mx.__version__} on {mx.default_device()}")
+    if args.distributed:
+        return print_distributed(args.sizes or ["544x960x129", "720x1280x129"])
     if args.work:
         return print_work(args, args.sizes or (["96x160x9"] if args.tiny else WORK_SIZES))
     if args.plan:

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -293,6 +295,8 @@ def stream(args, names=FLAGS, load=None, progress=None):
     pipeline (load_pipeline by default; the page keeps one). progress(what, done, total): each activity."""
     t0 = time.perf_counter()
     latents_file, phase, checkpoint, events, settings, pipe, claim = None, "loading", None, None, {}, None, None
+    ranks = H.world()  # started by mlx.launch: every rank runs this; rank 0 alone speaks and writes
+    lead = ranks is None or ranks.group.rank() == 0
     try:
         if not 0 <= args.checkpoint_every < math.inf:
             raise H.HunyuanVideoError(f"--checkpoint-every {args.checkpoint_every}: use a number of seconds, 0 or "
@@ -302,7 +306,7 @@ def stream(args, names=FLAGS, load=None, progress=None):
                 raise H.HunyuanVideoError("--decode-latents and --from-metadata: give one of them.")
             out, settings, latents = decode_saved(args)
         elif args.resume:
-            out, request, resume = read_checkpoint(args)
+            out, request, resume = read_checkpoint(args, ranks)
         else:
             notes, resume = [], None
             request = resolve(args, notes)
@@ -311,8 +315,9 @@ def stream(args, names=FLAGS, load=None, progress=None):
             out = Path(args.output or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}_{request.seed}.mp4")
         if out.suffix != ".mp4":
             raise H.HunyuanVideoError(f"--output {out}: the video is an mp4; end the name with .mp4.")
-        claim = claim_output(out)  # before the checks, so that no other run writes these names between them and us
-        new_latents = check_outputs(out, args, latents=not args.decode_latents)
+        if lead:
+            claim = claim_output(out)  # before the checks: no other run writes these names between them and us
+            new_latents = check_outputs(out, args, latents=not args.decode_latents)
         pipe = (load or load_pipeline)(settings if args.decode_latents else request._asdict(), args)
         if args.decode_latents:
             phase = "decoding"
@@ -326,7 +331,7 @@ def stream(args, names=FLAGS, load=None, progress=None):
             if pipe.image_condition() == "latent_concat":
                 yield Said(f"this checkpoint's video leaves out its first 4 frames, as the reference's: "
                            f"{request.frames - 4} frames")
-            checkpoint = Checkpoint(out, pipe, args.checkpoint_every, resume)
+            checkpoint = Checkpoint(out, pipe, args.checkpoint_every, resume, lead)
             events = pipe.generate(request, resume=resume, progress=progress)
             for event in events:
                 if isinstance(event, H.Plan):
@@ -334,7 +339,9 @@ def stream(args, names=FLAGS, load=None, progress=None):
                     if event.problem is not None and event.request.force:
                         warnings.warn(H.HunyuanVideoWarning(event.problem.text + " ({force}: running anyway)"))
                     elif event.problem is None:
-                        yield Said("memory plan: " + ", ".join(f"{k} {H.gib(v)}" for k, v in event.memory.items()))
+                        each = f" (on each of {ranks.size} ranks)" if ranks is not None else ""
+                        yield Said(f"memory plan{each}: " + ", ".join(f"{k} {H.gib(v)}" for k, v in
+                                                                       event.memory.items()))
                     if resume:
                         yield Said(f"resuming after step {resume['step']} of {request.steps}")
                     rewriting = event.request.rewrite and not event.request.original_prompt and not resume
@@ -352,10 +359,14 @@ def stream(args, names=FLAGS, load=None, progress=None):
                     phase, checkpoint.text = "denoising", event.text
                 elif isinstance(event, H.Step):
                     checkpoint.after(event)
-                    if args.preview:
+                    if args.preview and lead:
                         write_preview(out, event.x0)
                 elif isinstance(event, H.Denoised):  # the expensive part: kept until the video is safely written
                     settings = sidecar(event.request, event.work)
+                    if not lead:  # the other ranks still decode their share of the tiles
+                        phase = "decoding"
+                        yield event
+                        continue
                     latents_file = new_latents
                     H.write_atomic(latents_file, lambda tmp: mx.save_safetensors(
                         str(tmp), {"latents": event.latents}, metadata={"settings": json.dumps(settings)}))
@@ -364,6 +375,9 @@ def stream(args, names=FLAGS, load=None, progress=None):
                 elif isinstance(event, H.Decoded):
                     frames = event.frames
                 yield event
+        if not lead:
+            yield Outcome(0, "", (), settings, pipe, time.perf_counter() - t0)
+            return
         write_video(frames, out, settings, settings["fps"])
         files = [out] + write_extras(frames, out, args, settings)
         if latents_file is not None:
@@ -371,17 +385,21 @@ def stream(args, names=FLAGS, load=None, progress=None):
     except GeneratorExit:  # the caller left the loop: the run stops here, its checkpoint kept
         if events is not None:
             events.close()
-        if checkpoint is not None and latents_file is None:
+        if checkpoint is not None and latents_file is None and ranks is None:
             checkpoint.save()
         raise
     except H.HunyuanVideoError as e:
+        if not lead and not isinstance(e, H.RanksLost):  # rank 0 says it (every rank checks the same)
+            yield Outcome(2, "")
+            return
         yield fail(f"error: {e.sentence(names)}", latents_file, settings, checkpoint=checkpoint)
         return
     except KeyboardInterrupt:
         if events is not None:
             events.close()
         if checkpoint is not None and checkpoint.state is not None and latents_file is None:
-            checkpoint.save()
+            if ranks is None:  # several ranks cannot gather a checkpoint now: their last one stays
+                checkpoint.save()
             yield Outcome(130, f"interrupted after step {checkpoint.saved} of {checkpoint.state.steps}: continue "
                                f"with\n  {command()} --resume {checkpoint.path}", settings=settings,
                           stopped=(checkpoint.saved, checkpoint.path))
@@ -389,12 +407,16 @@ def stream(args, names=FLAGS, load=None, progress=None):
         yield fail("interrupted.", latents_file, settings, 130)
         return
     except Exception as e:
+        if ranks is not None and H.DISTRIBUTED_ERROR.search(str(e)):  # between the pipeline's events
+            yield fail(f"error: {H.RanksLost().sentence(names)}", latents_file, settings, checkpoint=checkpoint)
+            return
         # MLX reports an allocation that failed as a RuntimeError
         text = str(e)
         if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and ("alloc" in text.lower() or
                                                                             "memory" in text.lower()):
             what = (text.splitlines() or [type(e).__name__])[0][:120]
-            yield fail(f"error: ran out of memory while {phase} ({what}): try {names['low_memory']}, "
+            where = "" if ranks is None else f"rank {ranks.group.rank()} on {ranks.host} "
+            yield fail(f"error: {where}ran out of memory while {phase} ({what}): try {names['low_memory']}, "
                        f"{names['quantization']} int8, fewer {names['frames']} or a smaller {names['resolution']}; "
                        f"close other programs, or set HUNYUAN_APPLE_MEMORY_GB to what this machine can really give so "
                        f"that the memory plan refuses what will not fit.", latents_file, settings)
@@ -467,7 +489,25 @@ def main(argv=None):
     warnings.showwarning = lambda message, *_, **__: bar.close() or print(
         f"warning: {message.sentence(FLAGS) if isinstance(message, H.HunyuanVideoWarning) else message}",
         file=sys.stderr)
-    args = parse_args(argv)
+    ranks = H.world()
+    if ranks is not None and ranks.group.rank():  # argparse's refusals (and --help) are rank 0's to say
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            args = parse_args(argv)
+    else:
+        args = parse_args(argv)
+    if ranks is not None:  # several ranks (mlx.launch): rank 0 speaks; one that mlx.launch stops says why
+        def stopped(*_):
+            raise H.RanksLost()
+        signal.signal(signal.SIGTERM, stopped)
+        if ranks.group.rank():
+            warnings.simplefilter("ignore")
+            done = run(args)
+            if done.message:
+                print(done.message, file=sys.stderr)
+            return done.code
     try:
         done = run(args, bar, lambda text: bar.close() or print(text, file=sys.stderr))
     finally:
@@ -573,23 +613,30 @@ class Checkpoint:
     """What --resume needs, saved beside the output atomically, after a step at most every `every` seconds and once
     more when the run stops: the latents after the last step done, the step, the step cache's state and the work so
     far (the last Step event), the text encoders' outputs (the Encoded event's) and the request (a few MB,
-    milliseconds next to a step)."""
+    milliseconds next to a step). Over several ranks every rank calls it, rank 0's clock decides when, every rank's
+    step-cache state is gathered (pipe.shared_cache_state) and rank 0 (lead) writes the file."""
 
-    def __init__(self, out, pipe, every, resume=None):
-        self.out, self.path, self.pipe, self.every = out, partial_file(out), pipe, every
+    def __init__(self, out, pipe, every, resume=None, lead=True):
+        self.out, self.path, self.pipe, self.every, self.lead = out, partial_file(out), pipe, every, lead
         self.request, self.text = None, resume and resume["text"]  # set from the stream's events
         self.state, self.saved, self.last, self.dit = None, 0, time.monotonic(), None
 
     def after(self, step):
         """A Step event: kept, and saved if `every` seconds have passed since the last save."""
         self.state = step
-        if time.monotonic() - self.last >= self.every:
+        due = time.monotonic() - self.last >= self.every
+        if self.pipe.ranks is not None:  # rank 0's clock, so that every rank gathers at the same step
+            due = self.pipe.ranks.exchange(b"1" if due else b"0")[0] == b"1"
+        if due:
             self.save()
 
     def save(self):
         if self.state is None or self.saved == self.state.step:
             return
-        arrays, numbers = self.state.cache
+        arrays, numbers = self.pipe.shared_cache_state(self.state.cache)
+        if not self.lead:
+            self.saved = self.state.step
+            return
         tensors = {"latents": self.state.latents, **dict(zip(("text_states", "text_mask", "pooled"), self.text)),
                    **{f"cache.{k}": v for k, v in arrays.items()}}
         self.dit = self.dit or dit_fingerprint(self.pipe.transformer_path)  # the DiT is on disk by now
@@ -600,21 +647,33 @@ class Checkpoint:
         self.saved, self.last = self.state.step, time.monotonic()
 
 
-def read_checkpoint(args):
+def read_checkpoint(args, ranks=None):
     """--resume FILE: (output, request, resume state for generate). Settings given as flags too must agree with the
-    file's; flags that only start a generation are refused."""
-    path = input_file(args, "resume")
+    file's; flags that only start a generation are refused. Over several ranks, rank 0 reads the file (it wrote it)
+    and sends it to the others."""
+    path = input_file(args, "resume") if ranks is None or ranks.group.rank() == 0 else None
+    copy = None
+    if ranks is not None:
+        import tempfile
+
+        data = ranks.exchange(path.read_bytes() if path else b"")[0]
+        if path is None:  # read from a copy, removed once read
+            copy = path = Path(tempfile.mkdtemp()) / Path(args.resume).name
+            path.write_bytes(data)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
+        mx.eval(tensors)
         settings, step = json.loads(meta["settings"]), int(meta["step"])
         resume = dict(step=step, work=json.loads(meta["work"]), dit=meta.get("dit"), cache=(
             {k[6:]: v for k, v in tensors.items() if k.startswith("cache.")}, json.loads(meta["cache"])),
             text=(tensors["text_states"], tensors["text_mask"], tensors["pooled"]), latents=tensors["latents"])
-        mx.eval(resume["latents"], *resume["text"])
     except Exception as e:
-        raise H.HunyuanVideoError(f"{path} is not a checkpoint hunyuan_apple can resume ({type(e).__name__}): pass "
-                                  f"the .partial.safetensors an interrupted run left, or start afresh (with "
+        raise H.HunyuanVideoError(f"{args.resume} is not a checkpoint hunyuan_apple can resume ({type(e).__name__}): "
+                                  f"pass the .partial.safetensors an interrupted run left, or start afresh (with "
                                   f"--overwrite if its output's names are taken).") from None
+    finally:
+        if copy is not None:
+            shutil.rmtree(copy.parent)
     typed = typed_settings(args)
     differ = [k for k in typed if k not in ("model", *H.UNSAVED) and typed[k] != settings.get(k)]
     if differ:
@@ -757,6 +816,9 @@ def summary(pipe, files, seconds):
                      f"{work['pflop']:.3g} PFLOP (attention {work.get('attention_pflop', 0):.3g}, linear "
                      f"{work.get('linear_pflop', 0):.3g}); skipped {work.get('skipped_attention_pflop', 0):.3g} "
                      f"attention and {work.get('skipped_linear_pflop', 0):.3g} linear PFLOP")
+        if work.get("ranks", 1) > 1:
+            lines.append(f"  split over {work['ranks']} ranks: each received {H.gib(work['received_bytes'])} of keys, "
+                         f"values and velocities")
     return lines + [f"  wrote {f}" for f in files]
 
 

@@ -668,6 +668,10 @@ def check_address(address, port):
 
 def main(argv=None):
     args = parse_args(argv)
+    if H.world() is not None:
+        print("error: the page runs in one process; start it without mlx.launch (several machines make one video "
+              "from the command line or Python: docs/several-machines.md).", file=sys.stderr)
+        return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page tells no one it runs
     try:
         from gradio.utils import get_upload_folder

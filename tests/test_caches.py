@@ -271,7 +271,7 @@ def test_first_block_cache_at_its_threshold(setup, monkeypatch):
     (`diff > threshold`): at a threshold equal to step 1's change, step 1 is skipped; just below it, computed."""
     seen = []
     real = H._rel_l1
-    monkeypatch.setattr(H, "_rel_l1", lambda a, b: seen.append(real(a, b)) or seen[-1])
+    monkeypatch.setattr(H, "_rel_l1", lambda a, b, split=None: seen.append(real(a, b, split)) or seen[-1])
     ours(setup, "fbcache", 0.0)
     change = seen[0]  # step 1 against step 0
     assert ours(setup, "fbcache", change)[1]["steps"][1] is False

@@ -67,6 +67,8 @@ def shown_commands():
                     else (chain, [])
                 while words and (words[0].endswith(("python", "python3")) or "=" in words[0]):
                     words = words[1:]  # the interpreter, and environment variables set before the command
+                if words and Path(words[0]).name == "mlx.launch":  # its own flags, then our script's command
+                    words = words[next((i for i, w in enumerate(words) if Path(w).name in PARSERS), len(words)):]
                 if words and Path(words[0]).name in PARSERS:
                     found.append((page.name, words, whole))
     return found

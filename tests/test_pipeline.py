@@ -85,7 +85,8 @@ def test_end_to_end_matches_diffusers(checkpoint):
     work = pipe.stats["work"]
     computed = {k: work.pop(k) for k in ("pflop", "attention_pflop", "linear_pflop")}
     assert work == dict(cache=None, attention="dense", matmul=None, forwards=steps, skipped=0,
-                        skipped_attention_pflop=0, skipped_linear_pflop=0, steps=[True] * steps)
+                        skipped_attention_pflop=0, skipped_linear_pflop=0, steps=[True] * steps, ranks=1,
+                        received_bytes=0)
     assert computed["pflop"] == pytest.approx(computed["attention_pflop"] + computed["linear_pflop"], rel=1e-12)
 
 
