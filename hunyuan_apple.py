@@ -397,14 +397,14 @@ def stream(args, names=FLAGS, load=None, progress=None):
     except KeyboardInterrupt:
         if events is not None:
             events.close()
-        if checkpoint is not None and checkpoint.state is not None and latents_file is None:
-            if ranks is None:  # several ranks cannot gather a checkpoint now: their last one stays
-                checkpoint.save()
+        if ranks is None and checkpoint is not None and checkpoint.state is not None and latents_file is None:
+            checkpoint.save()  # (several ranks cannot gather a checkpoint now: their last one stays, said by fail)
+        if checkpoint is not None and checkpoint.saved and latents_file is None and lead:
             yield Outcome(130, f"interrupted after step {checkpoint.saved} of {checkpoint.state.steps}: continue "
                                f"with\n  {command()} --resume {checkpoint.path}", settings=settings,
                           stopped=(checkpoint.saved, checkpoint.path))
             return
-        yield fail("interrupted.", latents_file, settings, 130)
+        yield fail("interrupted." if lead else "", latents_file, settings, 130, checkpoint if lead else None)
         return
     except Exception as e:
         if ranks is not None and H.DISTRIBUTED_ERROR.search(str(e)):  # between the pipeline's events
