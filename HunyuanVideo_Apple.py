@@ -894,7 +894,8 @@ DISTRIBUTED_ERROR = re.compile(r"\[(ring|jaccl|mpi|nccl)\]")  # how MLX's backen
 
 class RanksLost(HunyuanVideoError):
     """Another rank of the run stopped (it failed, was killed or ran out of memory): this one stops too, naming
-    the rank and host that went, where this host can tell (its processes), else the others."""
+    the rank and host that went where it can tell (a rank on this host whose process is gone, or the one rank on
+    other hosts), else the ranks on other hosts."""
 
     def __init__(self):
         import socket
@@ -910,11 +911,14 @@ class RanksLost(HunyuanVideoError):
                     gone.append(rank)
                 except OSError:
                     pass
+        elsewhere = [r for r, (h, _) in enumerate(PEERS) if h != host]  # those whose processes this host cannot see
         if gone:
             who = " and ".join(f"rank {r} on {PEERS[r][0]}" for r in gone) + " stopped (its process is gone)"
+        elif len(elsewhere) == 1:  # this host's other ranks live: the one elsewhere stopped
+            who = f"rank {elsewhere[0]} on {PEERS[elsewhere[0]][0]} stopped"
         else:
-            others = [f"{r} on {h}" for r, (h, _) in enumerate(PEERS) if h != host]
-            who = "another rank stopped" + (f" (one of ranks {', '.join(others)})" if others else "")
+            who = "another rank stopped" + (f" (one of ranks {', '.join(f'{r} on {PEERS[r][0]}' for r in elsewhere)})"
+                                            if elsewhere else "")
         super().__init__(f"rank {me} on {host}: {who}, so every rank of the run stops.")
 
 
