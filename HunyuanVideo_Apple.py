@@ -898,10 +898,8 @@ class RanksLost(HunyuanVideoError):
     other hosts), else the ranks on other hosts."""
 
     def __init__(self):
-        import socket
-
-        group = mx.distributed.init()
-        me, host = group.rank(), socket.gethostname()
+        ranks = world()
+        me, host = ranks.group.rank(), ranks.host
         gone = []
         for rank, (h, pid) in enumerate(PEERS):
             if h == host and rank != me:
@@ -916,6 +914,8 @@ class RanksLost(HunyuanVideoError):
             who = " and ".join(f"rank {r} on {PEERS[r][0]}" for r in gone) + " stopped (its process is gone)"
         elif len(elsewhere) == 1:  # this host's other ranks live: the one elsewhere stopped
             who = f"rank {elsewhere[0]} on {PEERS[elsewhere[0]][0]} stopped"
+        elif not PEERS and ranks.size == 2:  # before the ranks met: the other one
+            who = f"rank {1 - me} stopped"
         else:
             who = "another rank stopped" + (f" (one of ranks {', '.join(f'{r} on {PEERS[r][0]}' for r in elsewhere)})"
                                             if elsewhere else "")
@@ -1741,16 +1741,21 @@ class HunyuanVideoVAE(nn.Module):
         # several ranks: the tiles' inputs first (their outputs' shapes are known without decoding: zeros stand in
         # for them while the tiling is walked), then each round of N tiles decoded one per rank and gathered,
         # padded to the round's largest, then the same tiling over the decoded tiles: the one-process video
-        inputs = []
-        tiled(lambda z: inputs.append(z) or mx.zeros(self._decode(z).shape, self.dtype))
+        inputs, shapes = [], []  # each tile's input and its output's shape
+
+        def walk(z):
+            inputs.append(z)
+            shapes.append(self._decode(z).shape)  # a graph, not evaluated
+            return mx.zeros(shapes[-1], self.dtype)
+        tiled(walk)
         tiles = []
         for first in range(0, len(inputs), ranks.size):
-            shapes = [self._decode(x).shape for x in inputs[first:first + ranks.size]]
-            big = [max(n) for n in zip(*shapes)]
+            round_shapes = shapes[first:first + ranks.size]
+            big = [max(n) for n in zip(*round_shapes)]
             i = first + ranks.rank
             mine = self._decode(inputs[i]) if i < len(inputs) else mx.zeros(big, self.dtype)
             got = ranks.gather(mx.pad(mine, [(0, b - n) for b, n in zip(big, mine.shape)])[None])
-            tiles += [got[k][tuple(slice(0, n) for n in shape)] for k, shape in enumerate(shapes)]
+            tiles += [got[k][tuple(slice(0, n) for n in shape)] for k, shape in enumerate(round_shapes)]
             mx.eval(tiles[first:])
             if progress:
                 progress(len(tiles), total)
@@ -2132,14 +2137,19 @@ def _set_cache_state(forward, arrays, numbers):
         setattr(forward, k, v)
 
 
+def _prefixed_states(states):
+    """[(prefix, (arrays, numbers))] -> one (arrays, numbers), each name under its state's prefix."""
+    arrays, numbers = {}, {}
+    for prefix, (a, n) in states:
+        arrays.update({prefix + name: v for name, v in a.items()})
+        numbers.update({prefix + name: v for name, v in n.items()})
+    return arrays, numbers
+
+
 def _joined_cache_state(forwards):
     """cache_state of a generation's forwards: the prompt's branch as it is, the negative prompt's (true CFG) under
     names that begin "uncond."."""
-    arrays, numbers = cache_state(forwards[0])
-    for a, n in (cache_state(f) for f in forwards[1:]):
-        arrays.update({f"uncond.{name}": v for name, v in a.items()})
-        numbers.update({f"uncond.{name}": v for name, v in n.items()})
-    return arrays, numbers
+    return _prefixed_states((prefix, cache_state(f)) for prefix, f in zip(("", "uncond."), forwards))
 
 
 def _split_cache_state(state, branches):
@@ -4801,10 +4811,8 @@ class HunyuanVideoPipeline:
         own), or, on every rank, one sentence naming the first rank (and its host) that would not make the same
         video: another version of this code or of MLX, another DiT, VAE or LoRA file, another setting or
         checkpoint."""
-        import socket
-
         files = [self.transformer_path, self.folder / "vae", *(Path(f) for f, _ in self.loras)]
-        mine = dict(host=socket.gethostname(), pid=os.getpid(), seed=r.seed, versions=[__version__, mx.__version__],
+        mine = dict(host=self.ranks.host, pid=os.getpid(), seed=r.seed, versions=[__version__, mx.__version__],
                     files=[[f.name, f.stat().st_size] for p in files if p.exists()
                            for f in sorted(p.rglob("*") if p.is_dir() else [p]) if f.is_file()],
                     settings={k: v for k, v in r._asdict().items() if k != "seed"},
@@ -5075,14 +5083,8 @@ class HunyuanVideoPipeline:
         every rank. Every rank calls it at the same step."""
         if self.ranks is None:
             return state
-        arrays, numbers = state
-        parts = self.ranks.exchange(_pack(arrays, numbers))
-        out = ({}, {})
-        for rank, data in enumerate(parts):
-            a, n = _unpack(data, meta=True)
-            out[0].update({f"rank{rank}.{k}": v for k, v in a.items()})
-            out[1].update({f"rank{rank}.{k}": v for k, v in n.items()})
-        return out
+        parts = self.ranks.exchange(_pack(*state))
+        return _prefixed_states((f"rank{rank}.", _unpack(data, meta=True)) for rank, data in enumerate(parts))
 
     def _denoise(self, r, cfg, text, latents, resume, video_latents, image_latents, progress):
         """The denoising phase of a checked request: yields a Step after each step, returns the final latents (B, t,

@@ -512,6 +512,8 @@ def print_distributed(sizes, ranks=(1, 2, 4, 8)):
                     t = flops / n / rate + got / bandwidth
                     cells.append(f"{t:>8.1f} ({one / t:>4.2f}x)")
             print(f"{s:>13} {n:>2} {got / 1e9:>8.1f} " + " ".join(f"{c:>16}" for c in cells))
+    import subprocess
+
     print("measured here (tiny model, 112x176x13, 8 steps, ring backend on one machine):")
     results = {}
     for n in (1, 2):
@@ -519,8 +521,6 @@ def print_distributed(sizes, ranks=(1, 2, 4, 8)):
         if n > 1:
             cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(n), "--backend", "ring", "--python",
                    sys.executable, __file__, "--ranks-run", str(n)]
-        import subprocess
-
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
