@@ -389,8 +389,9 @@ def stream(args, names=FLAGS, load=None, progress=None):
             checkpoint.save()
         raise
     except H.HunyuanVideoError as e:
-        if not lead and not isinstance(e, H.RanksLost):  # rank 0 says it (every rank checks the same)
-            yield Outcome(2, "")
+        if not lead and not isinstance(e, H.RanksLost):  # rank 0 says it (every rank checks the same), unless not
+            after_rank_0()
+            yield fail(f"error: rank {ranks.group.rank()} on {ranks.host}: {e.sentence(names)}", None, settings)
             return
         yield fail(f"error: {e.sentence(names)}", latents_file, settings, checkpoint=checkpoint)
         return
@@ -429,6 +430,14 @@ def stream(args, names=FLAGS, load=None, progress=None):
         if claim is not None:
             claim.release()
     yield Outcome(0, "", files, settings, pipe, time.perf_counter() - t0)
+
+
+def after_rank_0(seconds=10):
+    """A rank other than 0 that refuses the request waits before it says so: rank 0 checks the same, says it and
+    ends, and mlx.launch then ends this rank, quietly (were this rank to end first, mlx.launch would end rank 0
+    before it spoke). A refusal still standing after the wait is this rank's own (a file missing on its host)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(seconds)
 
 
 class claim_output:
@@ -495,7 +504,12 @@ def main(argv=None):
         import io
 
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            args = parse_args(argv)
+            try:
+                args = parse_args(argv)
+            except SystemExit as e:
+                if e.code:
+                    after_rank_0()
+                raise
     else:
         args = parse_args(argv)
     if ranks is not None:  # several ranks (mlx.launch): rank 0 speaks; one that mlx.launch stops says why
@@ -507,14 +521,25 @@ def main(argv=None):
             done = run(args)
             if done.message:
                 print(done.message, file=sys.stderr)
-            return done.code
+            return leave(ranks, done.code)
     try:
         done = run(args, bar, lambda text: bar.close() or print(text, file=sys.stderr))
     finally:
         bar.close()
     print(*(summary(done.pipe, done.files, done.seconds) if done.code == 0 else [done.message]), sep="\n",
           file=sys.stdout if done.code == 0 else sys.stderr)
-    return done.code
+    return leave(ranks, done.code)
+
+
+def leave(ranks, code):
+    """The exit code; a rank of several that failed leaves at once: MLX's group, torn down as Python exits, can wait
+    on the other ranks, which may wait in a collective for this one (the system's closing of its connections tells
+    them at once)."""
+    if ranks is not None and code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def command():

@@ -199,16 +199,22 @@ def mp4_frames(path):
         return np.stack(list(r.iter_data()))
 
 
-def test_ranks_that_differ_are_refused_before_loading(tiny, tmp_path):
-    """Rank 1 given another --shift: every rank stops before the DiT loads, and rank 0 alone says so, naming rank 1
-    and its host and the setting; a request every rank refuses is said once."""
-    script = tmp_path / "differ.py"
+def rank_1_also(tmp_path, *flags):
+    """A script that runs the command line with `flags` added on rank 1 alone."""
+    script = tmp_path / "rank1.py"
     script.write_text(f"import os, runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                      f"if os.environ.get('MLX_RANK') == '1':\n    sys.argv += ['--shift', '5']\n"
+                      f"if os.environ.get('MLX_RANK') == '1':\n    sys.argv += {list(map(str, flags))!r}\n"
                       f"sys.argv[0] = {str(ROOT / 'hunyuan_apple.py')!r}\n"
                       f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return script
+
+
+def test_ranks_that_differ_are_refused_before_loading(tiny, tmp_path):
+    """Rank 1 given another --shift: every rank stops before the DiT loads, and rank 0 alone says so, naming rank 1
+    and its host and the setting; a request every rank refuses is said once (by rank 0: the others wait for it to
+    end); one that rank 1 alone refuses (its --model missing) is said by rank 1, and rank 0 names rank 1."""
     flags = ["--model", tiny[1]["t2v"], "--prompt", "a cat", "--steps", "2", "--output", "x.mp4", "--no-prompt-cache"]
-    done = launch(2, script, *flags, cwd=tmp_path)
+    done = launch(2, rank_1_also(tmp_path, "--shift", "5"), *flags, cwd=tmp_path)
     said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and re.search(r"rank 1 on \S+ would make another video than rank 0 on \S+: the settings "
                                         r"differ \(shift\)", said[0]), done.stderr[-3000:]
@@ -216,3 +222,8 @@ def test_ranks_that_differ_are_refused_before_loading(tiny, tmp_path):
     done = launch(2, ROOT / "hunyuan_apple.py", *flags, "--frames", "10", cwd=tmp_path)
     assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
         "error: --frames 10: the frame count must be 4n+1 (1, 5, 9, ... 129); try 9."], done.stderr[-3000:]
+    done = launch(2, rank_1_also(tmp_path, "--model", tmp_path / "nowhere"), *flags, cwd=tmp_path)
+    said = sorted(line for line in done.stderr.splitlines() if line.startswith("error:"))
+    assert len(said) == 2 and re.fullmatch(r"error: rank 0 on \S+: rank 1 stopped, so every rank of the run stops\.",
+                                           said[0]), done.stderr[-3000:]
+    assert re.match(rf"error: rank 1 on \S+: the --model {tmp_path / 'nowhere'} does not exist", said[1]), said
