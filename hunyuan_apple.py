@@ -396,6 +396,7 @@ def stream(args, names=FLAGS, load=None, progress=None):
         yield fail(f"error: {e.sentence(names)}", latents_file, settings, checkpoint=checkpoint)
         return
     except KeyboardInterrupt:
+        ending()
         if events is not None:
             events.close()
         if ranks is None and checkpoint is not None and checkpoint.state is not None and latents_file is None:
@@ -513,8 +514,6 @@ def main(argv=None):
     else:
         args = parse_args(argv)
     if ranks is not None:  # several ranks (mlx.launch): rank 0 speaks; one that mlx.launch stops says why
-        def stopped(*_):
-            raise H.RanksLost()
         signal.signal(signal.SIGTERM, stopped)
         if ranks.group.rank():
             warnings.simplefilter("ignore")
@@ -529,6 +528,20 @@ def main(argv=None):
     print(*(summary(done.pipe, done.files, done.seconds) if done.code == 0 else [done.message]), sep="\n",
           file=sys.stdout if done.code == 0 else sys.stderr)
     return leave(ranks, done.code)
+
+
+def stopped(*_):
+    """SIGTERM on a rank of several: mlx.launch ends it, as another rank has ended; the run stops as if that rank
+    were lost."""
+    ending()
+    raise H.RanksLost()
+
+
+def ending():
+    """A rank of several whose run has failed: mlx.launch's SIGTERM, sent as the other ranks end, no longer interrupts
+    it while it says why and keeps its checkpoint (it leaves right after)."""
+    if signal.getsignal(signal.SIGTERM) is stopped:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def leave(ranks, code):
@@ -549,6 +562,7 @@ def command():
 
 def fail(message, latents_file, settings, code=2, checkpoint=None):
     """The Outcome of a run that failed: the message, and how to go on from what it kept."""
+    ending()
     lines, stopped = [message], None
     if latents_file is None and checkpoint is not None and checkpoint.saved and checkpoint.path.exists():
         lines.append(f"the run can go on from step {checkpoint.saved}: {command()} --resume {checkpoint.path}")
