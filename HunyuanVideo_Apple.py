@@ -1000,6 +1000,17 @@ class Modulation(nn.Module):
 # The LLM's states (B, L, 4096) are projected to D and refined by 2 small transformer blocks among the
 # valid text tokens, conditioned on the timestep and the mask-weighted mean of the raw states.
 
+def _valid_prefix(text_mask, states):
+    """Text padding: (mask (B, keep) bool on the host, states (B, keep, ...)) cut after the batch's last valid token.
+    The reference keeps all L slots and masks keys past [video ; first count(mask) text tokens]; in the refiner, keys
+    where the mask is 0. Slots after the last valid one therefore never reach a valid output, and dropping them
+    changes nothing but the work. What is left is masked only when the batch's lengths differ."""
+    mask = np.array(text_mask.astype(mx.float32)) > 0  # (B, L) on the host: tiny
+    valid = mask.any(axis=0)
+    keep = int(np.nonzero(valid)[0][-1]) + 1 if valid.any() else 1
+    return mask[:, :keep], states[:, :keep]
+
+
 class RefinerBlock(nn.Module):
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
@@ -1231,12 +1242,32 @@ class HunyuanVideoTransformer(nn.Module):
         self.img_in = PatchEmbed(in_channels, dim, self.patch)
         self.txt_in = TokenRefiner(text_embed_dim, dim, num_attention_heads, num_refiner_layers)  # its MLP: always 4x
         self.time_in = TimestepEmbedder(dim)
-        self.vector_in = MLPEmbedder(pooled_projection_dim, dim)
+        if pooled_projection_dim:  # (HunyuanVideo 1.5 has no pooled vector)
+            self.vector_in = MLPEmbedder(pooled_projection_dim, dim)
         if guidance_embeds:
             self.guidance_in = TimestepEmbedder(dim)
         self.double_blocks = [DoubleBlock(dim, num_attention_heads, mlp_ratio) for _ in range(num_layers)]
         self.single_blocks = [SingleBlock(dim, num_attention_heads, mlp_ratio) for _ in range(num_single_layers)]
         self.final_layer = FinalLayer(dim, out_channels * self.patch[0] * self.patch[1] * self.patch[2])
+
+    diffusers_class = "HunyuanVideoTransformer3DModel"  # the _class_name of its config.json in diffusers' layout
+
+    @staticmethod
+    def names(weights):
+        """A checkpoint's tensors (all of them, or one block's) under this model's names, whatever its layout."""
+        return _tencent_names(weights)
+
+    @staticmethod
+    def shapes(weights):
+        """The constructor's keywords read off the tensors' shapes (this model's names)."""
+        return _transformer_shapes(weights)
+
+    saved = ("image_condition_type",)  # the settings a converted checkpoint's config.json keeps, besides RoPE's
+
+    def settings(self):
+        """What a converted checkpoint's config.json says beyond the tensors' shapes."""
+        return {"rope_axes_dim": list(self.rope_axes_dim), "rope_theta": self.rope_theta,
+                **{name: getattr(self, name) for name in self.saved}}
 
     # Blocks whose weights stay on disk until used (set by load_transformer): read_block(kind, i, keep) gives a
     # fresh block of that kind with the weights keep(name) admits read from disk now, prepared as at load. With
@@ -1299,19 +1330,10 @@ class HunyuanVideoTransformer(nn.Module):
         if "guidance_in" in self and guidance is None:
             raise HunyuanVideoError("this checkpoint embeds the guidance scale: pass guidance (B,), the scale x 1000.")
         dtype = self.dtype
-        # Text padding. The reference keeps all L slots and masks keys past [video ; first count(mask)
-        # text tokens]; in the refiner, keys where the mask is 0. Slots after the last valid one therefore
-        # never reach a valid output, and dropping them changes nothing but the work. What is left is
-        # masked only when the batch's lengths differ.
-        mask = np.array(text_mask.astype(mx.float32)) > 0  # (B, L) on the host: tiny
-        valid = mask.any(axis=0)
-        keep = int(np.nonzero(valid)[0][-1]) + 1 if valid.any() else 1
-        mask, text_states = mask[:, :keep], text_states[:, :keep]
-        counts = mask.sum(axis=1)  # (B,)
-
         timestep = timestep.astype(mx.float32)
         vec = self.conditioning(timestep, pooled, guidance)  # the final layer's (and the blocks', unless tabulated)
-        txt = self.txt_in(text_states.astype(dtype), timestep, mask)  # (B, keep, D)
+        txt, mask = self.text(text_states, text_mask, timestep, pooled)  # (B, keep, D), each row's valid ones first
+        keep, counts = mask.shape[1], mask.sum(axis=1)  # counts (B,)
         ni = (T // pt) * (H // ph) * (W // pw)  # the video's tokens
         if split is not None and split.video != ni:
             raise HunyuanVideoError(f"the sequence split was set up for {split.video} video tokens, not {ni}: make it "
@@ -1334,6 +1356,12 @@ class HunyuanVideoTransformer(nn.Module):
             raise HunyuanVideoError(f"Radial Attention was set up for {radial.video} video tokens, not {ni}: make it "
                                     f"for this video's size.")
         return Tokens(img, txt, vec, rope, attn_mask, latents.shape, replace, radial, modulation, split)
+
+    def text(self, text_states, text_mask, timestep, pooled):
+        """The text stream: the LLM's states refined, (B, keep, D), and its mask (B, keep) bool on the host, True
+        for each row's first count tokens (the valid ones)."""
+        mask, text_states = _valid_prefix(text_mask, text_states)
+        return self.txt_in(text_states.astype(self.dtype), timestep, mask), mask
 
     def conditioning(self, timestep, pooled, guidance=None):
         """The conditioning vector (B, D) of every adaLN modulation: time_in(t) + guidance_in(g) +
@@ -1388,7 +1416,7 @@ class HunyuanVideoTransformer(nn.Module):
         for i in range(first, len(self.double_blocks) if last is None else last):
             img, txt = self._run("double_blocks", i, img, txt, tokens.vec, (cos[:ni], sin[:ni]), tokens.mask,
                                  tokens.replace, sparse(i), rows("double_blocks", i), read=read)
-        if last is not None:
+        if last is not None or not self.single_blocks:
             return img, txt
         x = mx.concatenate([img, txt], axis=1)  # (B, Ni + Nt, D)
         for i in range(len(self.single_blocks)):
@@ -1515,13 +1543,17 @@ class VAEAttention(nn.Module):
         self.to_out = [nn.Linear(channels, channels)]
 
     def __call__(self, x):
-        B, T, H, W, C = x.shape
-        h = self.group_norm(x).reshape(B, 1, T * H * W, C)  # one head over (t, h, w) positions
-        frame = mx.arange(T * H * W) // (H * W)
-        causal = frame[None, :] <= frame[:, None]  # (N, N): key frame <= query frame
-        o = mx.fast.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), scale=C ** -0.5,
-                                                 mask=causal)
-        return x + self.to_out[0](o).reshape(B, T, H, W, C)
+        h = self.group_norm(x)
+        return x + self.to_out[0](_frame_causal_attention(self.to_q(h), self.to_k(h), self.to_v(h)))
+
+
+def _frame_causal_attention(q, k, v):
+    """One head over all T*H*W positions of q, k, v (B, T, H, W, C), each frame seeing itself and earlier ones."""
+    B, T, H, W, C = q.shape
+    frame = mx.arange(T * H * W) // (H * W)
+    causal = frame[None, :] <= frame[:, None]  # (N, N): key frame <= query frame
+    q, k, v = (a.reshape(B, 1, T * H * W, C) for a in (q, k, v))  # one head over (t, h, w) positions
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=C ** -0.5, mask=causal).reshape(B, T, H, W, C)
 
 
 class MidBlock(nn.Module):
@@ -2614,12 +2646,12 @@ def _match_scope(scope, key):
     return re.fullmatch(pattern + r"(.+)\.(weight|bias)", key)
 
 
-def _from_diffusers(sd):
-    """Rename (and fuse) a diffusers state dict to Tencent's names. Keys it does not know keep their name,
-    so that the strict check reports them."""
+def _from_diffusers(sd, tables=_FROM_DIFFUSERS):
+    """Rename (and fuse) a diffusers state dict to Tencent's names (tables: _FROM_DIFFUSERS's rows, or another
+    model's). Keys it does not know keep their name, so that the strict check reports them."""
     out, groups = {}, {}  # groups: fused Tencent key -> {diffusers module: tensor}
     for key, value in sd.items():
-        for scope, target, table in _FROM_DIFFUSERS:
+        for scope, target, table in tables:
             m = _match_scope(scope, key)
             if not m:
                 continue
@@ -2649,20 +2681,20 @@ def _from_diffusers(sd):
             out.update({f"{key} (part {p})": v for p, (_, v) in found.items()})
     for param in ("weight", "bias"):  # diffusers' final modulation is (scale, shift); Tencent's (shift, scale)
         key = f"final_layer.adaLN_modulation.1.{param}"
-        if key in out:
+        if key in out and f"norm_out.linear.{param}" in sd:
             scale, shift = mx.split(out[key], 2, axis=0)
             out[key] = mx.concatenate([shift, scale], axis=0)
     return out
 
 
-def _to_diffusers(sd):
+def _to_diffusers(sd, tables=_FROM_DIFFUSERS):
     """Tencent names -> diffusers names, splitting the fused tensors: the inverse of _from_diffusers."""
     out = {}
     dim = sd["img_in.proj.weight"].shape[0]
     for key, value in sd.items():
         if key.startswith("final_layer.adaLN_modulation.1."):  # (shift, scale) -> (scale, shift)
             value = mx.concatenate(mx.split(value, 2, axis=0)[::-1], axis=0)
-        for scope, target, table in _FROM_DIFFUSERS:
+        for scope, target, table in tables:
             m = _match_scope(target, key)
             dst = next((src for src, t in table.items() if m and t == m.groups()[-2]), None)
             if dst is None:
@@ -3031,12 +3063,12 @@ def _tencent_names(weights):
     return weights
 
 
-def _transformer_weights(source):
+def _transformer_weights(source, model_class):
     """A transformer checkpoint's tensors under Tencent's names (lazy for safetensors), and its config."""
     weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
                                             ".pt or ComfyUI .safetensors file")
-    _check_class(config, "HunyuanVideoTransformer3DModel", source, "transformer")
-    return _tencent_names(weights), config
+    _check_class(config, model_class.diffusers_class, source, "transformer")
+    return model_class.names(weights), config
 
 
 _BLOCK_KEY = re.compile(r"(?:.+\.)?(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
@@ -3063,7 +3095,7 @@ def _block_reader(files, model, dtype, structure, prepare, lora):
                       if keep(k.rpartition(".")[0] + ".weight" if k.endswith(_FP8_SCALES + _FP8_UNUSED) else k)}
             weights.update(_fp8_dequantized(_read_tensors(f, wanted, start), {k: t[1] for k, t in wanted.items()}))
         prefix = f"{kind}.{i}."
-        weights = _tencent_names(weights)
+        weights = model.names(weights)
         merge_lora(weights, lora)  # the quantized layers' branches are attached to the model once, at load
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         block = (DoubleBlock if kind == "double_blocks" else SingleBlock)(*args)
@@ -3079,7 +3111,7 @@ def _block_reader(files, model, dtype, structure, prepare, lora):
 
 def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=None, quantize_modulation=False,
                      stream=False, progress=None, lazy_modulation=False, loras=(), lora_ignore_unmatched=False,
-                     **sizes):
+                     model_class=HunyuanVideoTransformer, **sizes):
     """The HunyuanVideo DiT from a diffusers transformer/ folder (config.json + safetensors shards), a
     Tencent state dict (mp_rank_00_model_states.pt, its fp8 variant with the _map.pt beside it, or their
     folder), a ComfyUI single .safetensors file, or a folder written by convert_weights.py.
@@ -3091,15 +3123,14 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
     loras: [(file, scale) or file, ...] in any of the four layouts (see read_lora), merged into the weights before
     any quantization, or beside the layers of a converted quantized checkpoint as low-rank branches.
     Sizes come from the tensors' shapes and the folder's config.json; keyword arguments override them
-    (Tencent files carry no RoPE settings, for instance)."""
+    (Tencent files carry no RoPE settings, for instance). model_class: this DiT, or HunyuanVideo 1.5's."""
     source = Path(path).expanduser()
-    weights, config = _transformer_weights(source)
-    sizes = {**_sizes(HunyuanVideoTransformer, _transformer_shapes, weights, config, source, "transformer"),
-             **sizes}
+    weights, config = _transformer_weights(source, model_class)
+    sizes = {**_sizes(model_class, model_class.shapes, weights, config, source, "transformer"), **sizes}
     if sizes["attention_head_dim"] != 128 and "rope_axes_dim" not in sizes:
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
                                 f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
-    model = HunyuanVideoTransformer(**sizes)
+    model = model_class(**sizes)
     lora = read_loras(loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched)
     structure, prepare = _quantized_loading(config, quantization, quantize_modulation, source)
     if structure:
@@ -3151,11 +3182,9 @@ def save_transformer(model, folder):
     """The DiT as one safetensors file under Tencent's names (quantized layers as MLX stores them) and a
     complete config.json (its sizes, RoPE, quantization): load_transformer reads it directly."""
     weights = _checkpoint_weights(model)
-    _save_component(folder, weights, {"_class_name": "HunyuanVideoTransformer3DModel", "layout": "tencent",
-                                      **_transformer_shapes(weights), "rope_axes_dim": list(model.rope_axes_dim),
-                                      "rope_theta": model.rope_theta, "hunyuan_apple_version": __version__,
-                                      "image_condition_type": model.image_condition_type,
-                                      **_quantization_record(model)})
+    _save_component(folder, weights, {"_class_name": model.diffusers_class, "layout": "tencent",
+                                      **model.shapes(weights), **model.settings(),
+                                      "hunyuan_apple_version": __version__, **_quantization_record(model)})
 
 
 def save_text_encoder(model, folder, config):
@@ -3438,8 +3467,8 @@ def _sizes_of(cls, config, info=None, read=None, source=None, what=None):
         found = _hf_sizes(cls, config)
     else:
         shapes = {k: mx.zeros(shape, mx.bfloat16) for k, (shape, _) in info.items()}
-        found = _sizes(cls, read, _tencent_names(shapes) if cls is HunyuanVideoTransformer else _strip_prefix(shapes),
-                       config, source, what)
+        found = _sizes(cls, read, cls.names(shapes) if issubclass(cls, HunyuanVideoTransformer) else
+                       _strip_prefix(shapes), config, source, what)
     return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **found}
 
 
@@ -4887,6 +4916,7 @@ class HunyuanVideoPipeline:
         after that."""
         if download:
             self.download()
+        gc.collect()  # garbage from before is freed now: not counted in this phase's peak, nor held through it
         mx.reset_peak_memory()
         limit = mx.set_cache_limit(0) if self.low_memory else None  # give freed buffers back at once
         start = time.perf_counter()

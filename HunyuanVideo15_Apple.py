@@ -1,0 +1,458 @@
+"""HunyuanVideo 1.5 (Tencent's 8.3B text- and image-to-video model) in plain MLX, on HunyuanVideo_Apple's machinery.
+
+One module, in the order data flows, holding only what 1.5 changes:
+  1. the diffusion transformer (DiT): 54 double-stream blocks and no single-stream ones, patch 1x1x1, 65 input
+     channels (the noisy latents, an image's latents and its frame mask), no pooled text vector and no guidance
+     embedding (an optional second timestep instead, mean-flow's). Its text stream joins three sources: the LLM's
+     states through 13B's token refiner, byT5's glyph states and SigLIP's image tokens, each projected and tagged
+     by a type embedding, every row reordered so that its valid tokens come first;
+  2. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly.
+Everything else is HunyuanVideo_Apple's, imported and not copied: the double-stream block (1.5's separate q, k and
+v projections are fused at load, as 13B's diffusers layout is), attention and RoPE, the token refiner, the blocks'
+modulation tables, block streaming, quantization, the step caches' entry points (embed, blocks, final) and the
+sequence split over several processes.
+
+Conventions are HunyuanVideo_Apple's: channels-last video tensors (B, T, H, W, C); module attribute names are
+Tencent's checkpoint names. The reference for every number is diffusers (HunyuanVideo15Transformer3DModel).
+"""
+
+import math
+import re
+from collections import namedtuple
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+import HunyuanVideo_Apple as H
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: the text stream's other sources
+# ---------------------------------------------------------------------------------------------------
+# Besides the LLM's states, 1.5's text stream reads byT5's states of the prompt's quoted text (its glyphs) and,
+# for image to video, SigLIP's tokens of the image. Each source is projected to the model's width and gets its
+# type's embedding (0 LLM, 1 byT5, 2 image).
+
+# what the DiT takes besides the LLM's states (the 13B model's pooled vector's place): byT5's states (B, Lb, 1472)
+# and mask (B, Lb), and SigLIP's image tokens (B, 729, 1152), all zeros (or None) for text to video
+Conditions = namedtuple("Conditions", "byt5 byt5_mask image")
+
+
+class ByT5Projection(nn.Module):
+    """byT5's states to the model's width: LayerNorm -> Linear -> GELU -> Linear -> GELU -> Linear (Tencent's
+    byt5_in: layernorm, fc1, fc2, fc3)."""
+
+    def __init__(self, in_dim, hidden, dim):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(in_dim)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(in_dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, dim)
+
+    def __call__(self, x):
+        return self.fc3(nn.gelu(self.fc2(nn.gelu(self.fc1(self.layernorm(x))))))
+
+
+class ImageProjection(nn.Module):
+    """SigLIP's image tokens to the model's width: LayerNorm -> Linear -> GELU -> Linear -> LayerNorm (Tencent's
+    vision_in.proj, a Sequential: 0, 1, (2: the GELU), 3, 4)."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.proj = [nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, dim),
+                     nn.LayerNorm(dim)]
+
+    def __call__(self, x):
+        for layer in self.proj:
+            x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DiT: the model
+# ---------------------------------------------------------------------------------------------------
+
+class HunyuanVideo15Transformer(H.HunyuanVideoTransformer):
+    """HunyuanVideo 1.5's DiT. The defaults are the real model (480p and 720p, T2V and I2V, share them); tests build
+    smaller ones by keyword. The keywords are diffusers' config names, so a diffusers config.json passes straight
+    through (byt5_width, the byT5 projection's hidden width, is 2048 there and not in its config).
+
+    Called as HunyuanVideo_Apple.HunyuanVideoTransformer is, (latents, timestep, text_states, text_mask, conditions,
+    timestep_r, modulation, radial, split), with 1.5's inputs in the places of 13B's pooled vector and guidance:
+    latents (B, T, H, W, 65); text_states (B, L, 3584), the LLM's, and text_mask (B, L); conditions, a Conditions;
+    timestep_r (B,) mean-flow's second timestep (its checkpoints only), or None."""
+
+    diffusers_class = "HunyuanVideo15Transformer3DModel"
+    saved = ("target_size", "task_type")
+
+    def __init__(self, in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+                 num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+                 text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
+                 rope_axes_dim=(16, 56, 56), target_size=640, task_type="i2v", use_meanflow=False, byt5_width=2048):
+        if qk_norm != "rms_norm":
+            raise H.HunyuanVideoError(f"qk_norm {qk_norm!r}: HunyuanVideo 1.5 normalizes queries and keys by "
+                                      f"rms_norm.")
+        super().__init__(in_channels=in_channels, out_channels=out_channels, num_attention_heads=num_attention_heads,
+                         attention_head_dim=attention_head_dim, num_layers=num_layers, num_single_layers=0,
+                         num_refiner_layers=num_refiner_layers, mlp_ratio=mlp_ratio, patch_size=patch_size,
+                         patch_size_t=patch_size_t, guidance_embeds=False, text_embed_dim=text_embed_dim,
+                         pooled_projection_dim=None, rope_theta=rope_theta, rope_axes_dim=rope_axes_dim)
+        dim = num_attention_heads * attention_head_dim
+        self.byt5_in = ByT5Projection(text_embed_2_dim, byt5_width, dim)
+        self.vision_in = ImageProjection(image_embed_dim, dim)
+        self.cond_type_embedding = nn.Embedding(3, dim)
+        if use_meanflow:
+            self.time_r_in = H.TimestepEmbedder(dim)
+        # the resolution the checkpoint was trained at (640: 480p, 960: 720p) and its task ("t2v" or "i2v")
+        self.target_size, self.task_type = target_size, task_type
+
+    @staticmethod
+    def names(weights):
+        return _names(weights)
+
+    @staticmethod
+    def shapes(weights):
+        return _shapes(weights)
+
+    def conditioning(self, timestep, conditions, timestep_r=None):
+        """The conditioning vector (B, D): time_in(t), plus time_r_in(r) given mean-flow's second timestep (summed,
+        as diffusers does; Tencent's code averages the two)."""
+        vec = self.time_in(timestep.astype(mx.float32), self.dtype)
+        if timestep_r is None:
+            return vec
+        if "time_r_in" not in self:
+            raise H.HunyuanVideoError("this checkpoint has no mean-flow timestep embedding: leave timestep_r out.")
+        return vec + self.time_r_in(timestep_r.astype(mx.float32), self.dtype)
+
+    def text(self, text_states, text_mask, timestep, conditions):
+        """The text stream (B, keep, D) and its mask (B, keep) bool on the host, as the reference orders it: in each
+        row its valid image tokens, valid byT5 tokens and valid LLM tokens, then its padding (masked: its content
+        never reaches a valid output). The image's tokens count only where some image is given (all zeros is text
+        to video, as the reference decides it)."""
+        dtype, types = self.dtype, self.cond_type_embedding.weight.astype(self.dtype)
+        llm_mask, llm = H._valid_prefix(text_mask, text_states)
+        byt5_mask, byt5 = H._valid_prefix(conditions.byt5_mask, conditions.byt5)
+        sources = [(self.byt5_in(byt5.astype(dtype)) + types[1], byt5_mask),
+                   (self.txt_in(llm.astype(dtype), timestep, llm_mask) + types[0], llm_mask)]
+        image = conditions.image
+        if image is not None and mx.any(image != 0).item():
+            image = self.vision_in(image.astype(dtype)) + types[2]  # (B, 729, D)
+            sources.insert(0, (image, np.ones(image.shape[:2], bool)))
+        tokens = mx.concatenate([t for t, _ in sources], axis=1)  # (B, Ni + Lb + L, D)
+        valid = np.concatenate([m for _, m in sources], axis=1)
+        counts = valid.sum(axis=1)
+        keep = max(int(counts.max()), 1)
+        order = np.zeros((len(valid), keep), np.int32)  # each row's valid tokens, in order; the padding: token 0
+        for b, row in enumerate(valid):
+            order[b, :counts[b]] = np.nonzero(row)[0]
+        return mx.take_along_axis(tokens, mx.array(order)[..., None], axis=1), np.arange(keep) < counts[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE: 16x smaller in height and width, 4x fewer frames, 32 channels
+# ---------------------------------------------------------------------------------------------------
+# AutoencoderKLHunyuanVideo15 keeps 13B's causal convolutions (HunyuanVideo_Apple.CausalConv3d) and frame-causal
+# attention, but normalizes by RMS over the channels, resamples by moving pixels into channels and back (DC-AE's
+# way) with a shortcut beside each resampling convolution that moves the input's pixels the same way (averaged or
+# repeated to the output's channels), and adds such shortcuts around the encoder's output and the decoder's input.
+# In time, frame 0 is resampled on its own (an image), the rest in pairs. Channels-last, (B, T, H, W, C); names are
+# diffusers'.
+
+class RMSNorm(nn.Module):
+    """x / |x| * sqrt(C) * gamma over the channels: RMS normalization without eps (F.normalize's 1e-12 floor)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.gamma = mx.ones((channels,))
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.gamma, 1e-24)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = RMSNorm(cin), H.CausalConv3d(cin, cout, 3)
+        self.norm2, self.conv2 = RMSNorm(cout), H.CausalConv3d(cout, cout, 3)
+        if cin != cout:
+            self.conv_shortcut = nn.Conv3d(cin, cout, 1)
+
+    def __call__(self, x):
+        h = self.conv2(nn.silu(self.norm2(self.conv1(nn.silu(self.norm1(x))))))
+        return h + (self.conv_shortcut(x) if "conv_shortcut" in self else x)
+
+
+class VAEAttention(nn.Module):
+    """One head over all positions, frame-causal, its projections 1x1x1 convolutions."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = RMSNorm(channels)
+        self.to_q, self.to_k, self.to_v, self.proj_out = (nn.Conv3d(channels, channels, 1) for _ in range(4))
+
+    def __call__(self, x):
+        h = self.norm(x)
+        return x + self.proj_out(H._frame_causal_attention(self.to_q(h), self.to_k(h), self.to_v(h)))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels), ResnetBlock(channels, channels)]
+        self.attentions = [VAEAttention(channels)]
+
+    def __call__(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+def _to_channels(x, rt, rs=2):
+    """(B, rt*T, rs*H, rs*W, C) -> (B, T, H, W, rt*rs*rs*C), channels ordered (t, h, w offset, channel)."""
+    B, T, Hh, W, C = x.shape
+    x = x.reshape(B, T // rt, rt, Hh // rs, rs, W // rs, rs, C)
+    return x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(B, T // rt, Hh // rs, W // rs, rt * rs * rs * C)
+
+
+def _from_channels(x, rt, rs=2):
+    """The inverse of _to_channels: (B, T, H, W, rt*rs*rs*C) -> (B, rt*T, rs*H, rs*W, C)."""
+    B, T, Hh, W, C = x.shape
+    x = x.reshape(B, T, Hh, W, rt, rs, rs, C // (rt * rs * rs))
+    return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(B, T * rt, Hh * rs, W * rs, -1)
+
+
+def _channel_mean(x, group):
+    """Each run of `group` consecutive channels averaged: (..., C) -> (..., C / group)."""
+    return x.reshape(*x.shape[:-1], -1, group).mean(axis=-1)
+
+
+class Downsample(nn.Module):
+    """Halve H and W (and T after frame 0, with `time`): a convolution to cout / 4 (or / 8) channels whose pixels
+    move into channels, plus the input's pixels moved likewise and averaged down to cout channels."""
+
+    def __init__(self, cin, cout, time):
+        super().__init__()
+        self.time, factor = time, 8 if time else 4
+        self.conv = H.CausalConv3d(cin, cout // factor, 3)
+        self.group = factor * cin // cout
+
+    def __call__(self, x):
+        h = self.conv(x)
+        if not self.time:
+            return _to_channels(h, 1) + _channel_mean(_to_channels(x, 1), self.group)
+        first = _to_channels(h[:, :1], 1)  # frame 0: in space only, its channels twice
+        h = mx.concatenate([mx.concatenate([first, first], axis=-1), _to_channels(h[:, 1:], 2)], axis=1)
+        shortcut = mx.concatenate([_channel_mean(_to_channels(x[:, :1], 1), self.group // 2),
+                                   _channel_mean(_to_channels(x[:, 1:], 2), self.group)], axis=1)
+        return h + shortcut
+
+
+class Upsample(nn.Module):
+    """Double H and W (and T after frame 0, with `time`): a convolution to 4 (or 8) x cout channels moved out into
+    pixels, plus the input's channels repeated and moved likewise."""
+
+    def __init__(self, cin, cout, time):
+        super().__init__()
+        self.time, factor = time, 8 if time else 4
+        self.conv = H.CausalConv3d(cin, cout * factor, 3)
+        self.repeats = factor * cout // cin
+
+    def __call__(self, x):
+        h = self.conv(x)
+        if not self.time:
+            return _from_channels(h, 1) + _from_channels(mx.repeat(x, self.repeats, axis=-1), 1)
+        first = _from_channels(h[:, :1], 1)  # frame 0: in space only, the first half of its channels
+        h = mx.concatenate([first[..., :first.shape[-1] // 2], _from_channels(h[:, 1:], 2)], axis=1)
+        shortcut = mx.concatenate([mx.repeat(_from_channels(x[:, :1], 1), self.repeats // 2, axis=-1),
+                                   mx.repeat(_from_channels(x[:, 1:], 2), self.repeats, axis=-1)], axis=1)
+        return h + shortcut
+
+
+def _levels(n, spatial_ratio, temporal_ratio, encoder):
+    """Each level's resampling: None, "space" or "time" (space and time). The encoder halves space at its first
+    log2(spatial) levels and time too from level log2(spatial / temporal) on; the decoder doubles space at its
+    first log2(spatial) levels and time too at its first log2(temporal)."""
+    space, time = math.log2(spatial_ratio), math.log2(temporal_ratio)
+    return [None if i >= space else
+            "time" if (i >= space - time if encoder else i < time) else "space" for i in range(n)]
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, cin, latent, block_out, layers, spatial_ratio, temporal_ratio):
+        super().__init__()
+        self.conv_in = H.CausalConv3d(cin, block_out[0], 3)
+        self.down_blocks, prev = [], block_out[0]
+        for i, (cout, level) in enumerate(zip(block_out, _levels(len(block_out), spatial_ratio, temporal_ratio,
+                                                                 True))):
+            block = nn.Module()
+            block.resnets = [ResnetBlock(prev if j == 0 else cout, cout) for j in range(layers)]
+            prev = cout
+            if level:
+                block.downsamplers = [Downsample(cout, block_out[i + 1], level == "time")]
+                prev = block_out[i + 1]
+            self.down_blocks.append(block)
+        self.mid_block = MidBlock(block_out[-1])
+        self.norm_out = RMSNorm(block_out[-1])
+        self.conv_out = H.CausalConv3d(block_out[-1], 2 * latent, 3)
+        self.group = block_out[-1] // (2 * latent)
+
+    def __call__(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            for layer in block.resnets + block.get("downsamplers", []):
+                x = layer(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.norm_out(x))) + _channel_mean(x, self.group)
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, latent, cout, block_out, layers, spatial_ratio, temporal_ratio):
+        super().__init__()
+        block_out = block_out[::-1]  # widest first
+        self.conv_in = H.CausalConv3d(latent, block_out[0], 3)
+        self.repeats = block_out[0] // latent
+        self.mid_block = MidBlock(block_out[0])
+        self.up_blocks, prev = [], block_out[0]
+        for i, (c, level) in enumerate(zip(block_out, _levels(len(block_out), spatial_ratio, temporal_ratio,
+                                                               False))):
+            block = nn.Module()
+            block.resnets = [ResnetBlock(prev if j == 0 else c, c) for j in range(layers + 1)]
+            prev = c
+            if level:
+                block.upsamplers = [Upsample(c, block_out[i + 1], level == "time")]
+                prev = block_out[i + 1]
+            self.up_blocks.append(block)
+        self.norm_out = RMSNorm(block_out[-1])
+        self.conv_out = H.CausalConv3d(block_out[-1], cout, 3)
+
+    def __call__(self, z):
+        x = self.mid_block(self.conv_in(z) + mx.repeat(z, self.repeats, axis=-1))
+        for block in self.up_blocks:
+            for layer in block.resnets + block.get("upsamplers", []):
+                x = layer(x)
+        return self.conv_out(nn.silu(self.norm_out(x)))
+
+
+# The reference tiles 1.5's VAE in space only, with 13B's tiles and strides (256 and 192 pixels) and blending:
+# HunyuanVideo_Apple.HunyuanVideoVAE's decode and encode, given a tile longer than any clip.
+VAE_TILE = (1 << 20, 256, 256)  # (frames, height, width) in pixels
+VAE_STRIDE = (1 << 20, 192, 192)
+
+
+class HunyuanVideo15VAE(H.HunyuanVideoVAE):
+    """AutoencoderKLHunyuanVideo15. The defaults are the real model; keywords are diffusers' config names. Decodes
+    and encodes as HunyuanVideo_Apple.HunyuanVideoVAE (tiled with VAE_TILE and VAE_STRIDE as the reference)."""
+
+    def __init__(self, in_channels=3, out_channels=3, latent_channels=32,
+                 block_out_channels=(128, 256, 512, 1024, 1024), layers_per_block=2, spatial_compression_ratio=16,
+                 temporal_compression_ratio=4, downsample_match_channel=True, upsample_match_channel=True,
+                 scaling_factor=1.03682):
+        nn.Module.__init__(self)
+        if not (downsample_match_channel and upsample_match_channel):
+            raise H.HunyuanVideoError("downsample_match_channel and upsample_match_channel must be true: the "
+                                      "HunyuanVideo 1.5 VAE resamples to the next level's width.")
+        args = (tuple(block_out_channels), layers_per_block, spatial_compression_ratio, temporal_compression_ratio)
+        self.encoder = VAEEncoder(in_channels, latent_channels, *args)
+        self.decoder = VAEDecoder(latent_channels, out_channels, *args)
+        self.scaling_factor = scaling_factor
+        self.ratio = (temporal_compression_ratio, spatial_compression_ratio)
+
+    @property
+    def dtype(self):
+        return self.decoder.conv_in.conv.weight.dtype
+
+    def _decode(self, z):
+        return self.decoder(z)
+
+    def _encode(self, x):
+        return self.encoder(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: layouts
+# ---------------------------------------------------------------------------------------------------
+# The model's names are Tencent's, but for the double blocks' q, k and v, fused as in the 13B model (img_attn_qkv,
+# txt_attn_qkv). diffusers' layout is renamed by HunyuanVideo_Apple's rows for the blocks and the token refiner
+# (the same modules as 13B's) and 1.5's own for the rest: the inverse of diffusers'
+# convert_hyvideo15_transformer_to_diffusers (scripts/convert_hunyuan_video1_5_to_diffusers.py).
+
+_FROM_DIFFUSERS = [H._FROM_DIFFUSERS[0], H._FROM_DIFFUSERS[2], H._FROM_DIFFUSERS[3], ("", "", {
+    "x_embedder.proj": "img_in.proj",
+    "time_embed.timestep_embedder.linear_1": "time_in.mlp.0",
+    "time_embed.timestep_embedder.linear_2": "time_in.mlp.2",
+    "time_embed.timestep_embedder_r.linear_1": "time_r_in.mlp.0",
+    "time_embed.timestep_embedder_r.linear_2": "time_r_in.mlp.2",
+    "context_embedder_2.norm": "byt5_in.layernorm", "context_embedder_2.linear_1": "byt5_in.fc1",
+    "context_embedder_2.linear_2": "byt5_in.fc2", "context_embedder_2.linear_3": "byt5_in.fc3",
+    "image_embedder.norm_in": "vision_in.proj.0", "image_embedder.linear_1": "vision_in.proj.1",
+    "image_embedder.linear_2": "vision_in.proj.3", "image_embedder.norm_out": "vision_in.proj.4",
+    "cond_type_embed": "cond_type_embedding",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped by _from_diffusers
+    "proj_out": "final_layer.linear"})]
+
+# Tencent's layout: only the double blocks' projections are fused
+_FROM_TENCENT = [("double_blocks.{}", "double_blocks.{}", {
+    ("img_attn_q", "img_attn_k", "img_attn_v"): "img_attn_qkv",
+    ("txt_attn_q", "txt_attn_k", "txt_attn_v"): "txt_attn_qkv"})]
+
+
+def _names(weights):
+    """A 1.5 DiT's tensors (or one block's) under the model's names, from either layout."""
+    weights = H._strip_prefix(weights)
+    diffusers = any(k.startswith(("transformer_blocks.", "x_embedder.")) for k in weights)
+    return H._from_diffusers(weights, _FROM_DIFFUSERS if diffusers else _FROM_TENCENT)
+
+
+def _shapes(sd):
+    """The 1.5 DiT's constructor keywords, read off its tensors' shapes (the model's names)."""
+    dim, cin, pt, ph, pw = sd["img_in.proj.weight"].shape
+    head_dim = sd["double_blocks.0.img_attn_q_norm.weight"].shape[0]
+    return dict(
+        in_channels=cin, out_channels=sd["final_layer.linear.weight"].shape[0] // (pt * ph * pw),
+        num_attention_heads=dim // head_dim, attention_head_dim=head_dim, num_layers=H._count(sd, "double_blocks"),
+        num_refiner_layers=H._count(sd, "txt_in.individual_token_refiner.blocks"),
+        mlp_ratio=sd["double_blocks.0.img_mlp.fc1.weight"].shape[0] / dim, patch_size=ph, patch_size_t=pt,
+        text_embed_dim=sd["txt_in.input_embedder.weight"].shape[1], text_embed_2_dim=sd["byt5_in.fc1.weight"].shape[1],
+        byt5_width=sd["byt5_in.fc1.weight"].shape[0], image_embed_dim=sd["vision_in.proj.0.weight"].shape[0],
+        use_meanflow="time_r_in.mlp.0.weight" in sd)
+
+
+def load_transformer(path, dtype=H.DEFAULT_DTYPES["transformer"], **options):
+    """The 1.5 DiT from a diffusers transformer/ folder, Tencent's transformer/<name>/ folder or file, a ComfyUI
+    single file, or a folder written by convert_weights.py: HunyuanVideo_Apple.load_transformer's options
+    (quantization, stream, lazy_modulation, loras, progress) and sizes, for this model."""
+    return H.load_transformer(path, dtype, model_class=HunyuanVideo15Transformer, **options)
+
+
+def _vae_shapes(sd):
+    """The 1.5 VAE's constructor keywords, read off its tensors' shapes."""
+    levels = H._count(sd, "encoder.down_blocks")
+    return dict(in_channels=sd["encoder.conv_in.conv.weight"].shape[1],
+                out_channels=sd["decoder.conv_out.conv.weight"].shape[0],
+                latent_channels=sd["decoder.conv_in.conv.weight"].shape[1],
+                block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.conv.weight"].shape[0]
+                                         for i in range(levels)),
+                layers_per_block=H._count(sd, "encoder.down_blocks.0.resnets"))
+
+
+# Tencent's VAE names -> diffusers' (the inverse of diffusers' convert_hunyuan_video_15_vae_checkpoint_to_diffusers)
+_VAE_FROM_TENCENT = [(r"\.(down|up)\.(\d+)\.block\.", lambda m: f".{m[1]}_blocks.{m[2]}.resnets."),
+                     (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
+                     (r"\.up\.(\d+)\.upsample\.", r".up_blocks.\1.upsamplers.0."),
+                     (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+                     (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
+                     (r"\.mid\.attn_1\.", ".mid_block.attentions.0.")]
+
+
+def load_vae(path, dtype=H.DEFAULT_DTYPES["vae"], **sizes):
+    """The 1.5 VAE from a diffusers vae/ folder, Tencent's vae/ folder or a single file in either layout (ComfyUI's).
+    Keywords override sizes."""
+    source = Path(path).expanduser()
+    weights, config = H._read_weights(source, "pass the vae/ folder of a HunyuanVideo 1.5 checkpoint")
+    if config.get("_class_name") != "AutoencoderKLConv3D":  # Tencent's own name for the same VAE
+        H._check_class(config, "AutoencoderKLHunyuanVideo15", source, "vae")
+    weights = H._strip_prefix(weights)
+    for pattern, name in _VAE_FROM_TENCENT:
+        weights = {re.sub(pattern, name, k): v for k, v in weights.items()}
+    model = HunyuanVideo15VAE(**{**H._sizes(HunyuanVideo15VAE, _vae_shapes, weights, config, source, "VAE"), **sizes})
+    # PyTorch layout: Conv3d (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I); the norms' gamma (C, 1, 1, 1) -> (C,)
+    weights = {k: v.transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v.reshape(-1) if k.endswith(".gamma") else v
+               for k, v in weights.items()}
+    return H._load_strict(model, weights, dtype, source)

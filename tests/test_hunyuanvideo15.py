@@ -1,0 +1,298 @@
+"""HunyuanVideo 1.5's DiT and VAE against diffusers' HunyuanVideo15Transformer3DModel and AutoencoderKLHunyuanVideo15,
+run live on the same random weights (the DiT in diffusers' layout and in Tencent's).
+
+Tolerances (relative error = max |ours - ref| / max |ref|), about 3-10x what was measured on this project's Linux
+machine:
+  float32: 5e-5 (measured 1.8e-6 to 5.1e-6 over the three configs and the two layouts);
+  bfloat16 (ours, the default) against bfloat16 (the reference): 5e-2 (measured 1.4e-2; the other configs 6.5e-3
+    and 1.7e-2);
+  the VAE in float32, decode and encode, whole and tiled: 1.5e-5 (measured 1.3e-6 to 1.5e-6);
+  the VAE's decode in float16 (ours, the default) against the reference in float16: 2e-2 (measured 2.3e-3).
+"""
+
+import copy
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from conftest import randomize, rel_err
+from diffusers import HunyuanVideo15Transformer3DModel
+from safetensors.torch import save_file
+
+import HunyuanVideo15_Apple as H15
+import HunyuanVideo_Apple as H
+
+F32_TOL = 5e-5
+BF16_TOL = 5e-2
+VAE_TOL = 1.5e-5
+VAE_FP16_TOL = 2e-2
+
+MODEL = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6),
+             num_layers=2, num_refiner_layers=1, text_embed_dim=24, text_embed_2_dim=20, image_embed_dim=12)
+# What differs between checkpoints and requests: batch 2 with different text lengths and a prompt without quoted
+# text (byT5 all padding); an image's tokens (image to video); the mean-flow timestep; odd latent shapes.
+CONFIGS = {
+    "t2v-batch2": dict(model=MODEL, latent=(2, 4, 6), llm=(12, (5, 9)), byt5=(6, (3, 0)), image=None),
+    "i2v": dict(model=MODEL, latent=(3, 4, 4), llm=(10, (7,)), byt5=(6, (4,)), image=5),
+    "meanflow": dict(model={**MODEL, "use_meanflow": True, "num_refiner_layers": 2}, latent=(1, 6, 2),
+                     llm=(8, (8,)), byt5=(4, (2,)), image=None),
+}
+
+
+def make_inputs(cfg, seed=1):
+    """Channels-first torch inputs, as the reference takes them."""
+    g = torch.Generator().manual_seed(seed)
+    m = cfg["model"]
+    B = len(cfg["llm"][1])
+
+    def states(length, lengths, width):
+        mask = (torch.arange(length)[None] < torch.tensor(lengths)[:, None]).long()
+        return torch.randn(B, length, width, generator=g), mask
+    text, mask = states(*cfg["llm"], m["text_embed_dim"])
+    byt5, byt5_mask = states(*cfg["byt5"], m["text_embed_2_dim"])
+    image = torch.zeros(B, 3, m["image_embed_dim"]) if cfg["image"] is None else \
+        torch.randn(B, cfg["image"], m["image_embed_dim"], generator=g)
+    return dict(hidden_states=torch.randn(B, m["in_channels"], *cfg["latent"], generator=g),
+                timestep=torch.tensor([700.0, 250.0][:B]), encoder_hidden_states=text, encoder_attention_mask=mask,
+                encoder_hidden_states_2=byt5, encoder_attention_mask_2=byt5_mask, image_embeds=image,
+                timestep_r=torch.tensor([500.0][:B]) if m.get("use_meanflow") else None)
+
+
+def run_reference(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]  # (B, C, T, H, W)
+    return out.float().permute(0, 2, 3, 4, 1).numpy()  # channels-last, like ours
+
+
+def run_ours(model, inputs):
+    x = lambda t: None if t is None else mx.array(t.float().numpy())  # noqa: E731
+    conditions = H15.Conditions(x(inputs["encoder_hidden_states_2"]), x(inputs["encoder_attention_mask_2"]),
+                                x(inputs["image_embeds"]))
+    out = model(mx.array(inputs["hidden_states"].permute(0, 2, 3, 4, 1).float().numpy()), x(inputs["timestep"]),
+                x(inputs["encoder_hidden_states"]), x(inputs["encoder_attention_mask"]), conditions,
+                x(inputs["timestep_r"]))
+    return np.array(out.astype(mx.float32))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_diffusers_folder_float32(name, tmp_path):
+    cfg = CONFIGS[name]
+    ref = randomize(HunyuanVideo15Transformer3DModel(**cfg["model"]), seed=0).eval()
+    ref.save_pretrained(tmp_path / "transformer", max_shard_size="2MB")  # sharded, with an index
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+    ours = H15.load_transformer(tmp_path / "transformer", dtype=mx.float32)
+    assert len(ours.double_blocks) == cfg["model"]["num_layers"] and not ours.single_blocks
+    inputs = make_inputs(cfg)
+    err = rel_err(run_ours(ours, inputs), run_reference(ref, inputs))
+    assert err <= F32_TOL, f"{name}: relative error {err:.2e} > {F32_TOL}"
+
+
+# Tencent's names for diffusers' (diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py, read in the other
+# direction), written out here: {} is a block's index; the refiner's q, k, v are one fused tensor in Tencent's
+# files, the final modulation's halves are in the other order
+TENCENT = {
+    "time_in.mlp.0": "time_embed.timestep_embedder.linear_1", "time_in.mlp.2": "time_embed.timestep_embedder.linear_2",
+    "time_r_in.mlp.0": "time_embed.timestep_embedder_r.linear_1",
+    "time_r_in.mlp.2": "time_embed.timestep_embedder_r.linear_2",
+    "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+    "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+    "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
+    "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2",
+    "txt_in.input_embedder": "context_embedder.proj_in",
+    "byt5_in.layernorm": "context_embedder_2.norm", "byt5_in.fc1": "context_embedder_2.linear_1",
+    "byt5_in.fc2": "context_embedder_2.linear_2", "byt5_in.fc3": "context_embedder_2.linear_3",
+    "vision_in.proj.0": "image_embedder.norm_in", "vision_in.proj.1": "image_embedder.linear_1",
+    "vision_in.proj.3": "image_embedder.linear_2", "vision_in.proj.4": "image_embedder.norm_out",
+    "img_in.proj": "x_embedder.proj", "cond_type_embedding": "cond_type_embed",
+    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+TENCENT_REFINER = {"norm1": "norm1", "norm2": "norm2", "self_attn_proj": "attn.to_out.0", "mlp.fc1": "ff.net.0.proj",
+                   "mlp.fc2": "ff.net.2", "adaLN_modulation.1": "norm_out.linear"}
+TENCENT_BLOCK = {
+    "img_mod.linear": "norm1.linear", "txt_mod.linear": "norm1_context.linear",
+    "img_attn_q": "attn.to_q", "img_attn_k": "attn.to_k", "img_attn_v": "attn.to_v",
+    "img_attn_q_norm": "attn.norm_q", "img_attn_k_norm": "attn.norm_k", "img_attn_proj": "attn.to_out.0",
+    "txt_attn_q": "attn.add_q_proj", "txt_attn_k": "attn.add_k_proj", "txt_attn_v": "attn.add_v_proj",
+    "txt_attn_q_norm": "attn.norm_added_q", "txt_attn_k_norm": "attn.norm_added_k", "txt_attn_proj": "attn.to_add_out",
+    "img_mlp.fc1": "ff.net.0.proj", "img_mlp.fc2": "ff.net.2",
+    "txt_mlp.fc1": "ff_context.net.0.proj", "txt_mlp.fc2": "ff_context.net.2"}
+
+
+def tencent_state_dict(ref, cfg):
+    sd = ref.state_dict()
+    names = dict(TENCENT)
+    for i in range(cfg["num_layers"]):
+        names.update({f"double_blocks.{i}.{t}": f"transformer_blocks.{i}.{d}" for t, d in TENCENT_BLOCK.items()})
+    for i in range(cfg["num_refiner_layers"]):
+        names.update({f"txt_in.individual_token_refiner.blocks.{i}.{t}":
+                      f"context_embedder.token_refiner.refiner_blocks.{i}.{d}" for t, d in TENCENT_REFINER.items()})
+    out = {}
+    for t, d in names.items():
+        for p in ("weight", "bias"):
+            if f"{d}.{p}" in sd:
+                out[f"{t}.{p}"] = sd.pop(f"{d}.{p}")
+    for key in [k for k in out if k.startswith("final_layer.adaLN_modulation.1.")]:
+        scale, shift = out[key].chunk(2)
+        out[key] = torch.cat([shift, scale])
+    for i in range(cfg["num_refiner_layers"]):
+        d = f"context_embedder.token_refiner.refiner_blocks.{i}.attn."
+        for p in ("weight", "bias"):
+            out[f"txt_in.individual_token_refiner.blocks.{i}.self_attn_qkv.{p}"] = torch.cat(
+                [sd.pop(f"{d}to_{x}.{p}") for x in "qkv"])
+    assert not sd, sorted(sd)  # every tensor renamed
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_tencent_and_comfyui_files_float32(tmp_path):
+    cfg = CONFIGS["i2v"]
+    ref = randomize(HunyuanVideo15Transformer3DModel(**cfg["model"]), seed=2).eval()
+    sd = tencent_state_dict(ref, cfg["model"])
+    save_file(sd, tmp_path / "tencent.safetensors")
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, tmp_path / "comfyui.safetensors")
+    inputs = make_inputs(cfg)
+    expected = run_reference(ref, inputs)
+    for name in ("tencent", "comfyui"):
+        ours = H15.load_transformer(tmp_path / f"{name}.safetensors", dtype=mx.float32, rope_axes_dim=(4, 6, 6))
+        err = rel_err(run_ours(ours, inputs), expected)
+        assert err <= F32_TOL, f"{name}: relative error {err:.2e} > {F32_TOL}"
+
+
+def test_bfloat16_default_against_the_reference_in_bfloat16(tmp_path):
+    cfg = CONFIGS["t2v-batch2"]
+    ref = randomize(HunyuanVideo15Transformer3DModel(**cfg["model"]), seed=0).eval().to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "transformer")  # checkpoints ship in bf16
+    ours = H15.load_transformer(tmp_path / "transformer")
+    assert ours.dtype == mx.bfloat16
+    inputs = make_inputs(cfg)
+    ref_inputs = {k: v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
+    out = run_ours(ours, inputs)
+    err = rel_err(out, run_reference(ref, ref_inputs))
+    assert np.isfinite(out).all() and err <= BF16_TOL, f"bf16 relative error {err:.2e} > {BF16_TOL}"
+
+
+def test_a_13b_transformer_is_refused_in_one_sentence(tmp_path):
+    """A 13B DiT folder given where a 1.5 one is expected (and the reverse): one sentence naming what it holds."""
+    small = dict(num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=1,
+                 num_single_layers=1, num_refiner_layers=1, text_embed_dim=24, pooled_projection_dim=8)
+    from diffusers import HunyuanVideoTransformer3DModel
+    HunyuanVideoTransformer3DModel(**small).save_pretrained(tmp_path / "13b")
+    HunyuanVideo15Transformer3DModel(**MODEL).save_pretrained(tmp_path / "15")
+    with pytest.raises(H.HunyuanVideoError, match="holds a HunyuanVideoTransformer3DModel where a "
+                                                  "HunyuanVideo15Transformer3DModel was expected"):
+        H15.load_transformer(tmp_path / "13b")
+    with pytest.raises(H.HunyuanVideoError, match="holds a HunyuanVideo15Transformer3DModel where a "
+                                                  "HunyuanVideoTransformer3DModel was expected"):
+        H.load_transformer(tmp_path / "15")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The VAE against diffusers' AutoencoderKLHunyuanVideo15
+# ---------------------------------------------------------------------------------------------------
+
+TINY_VAE = dict(block_out_channels=(8, 16, 16, 16, 16), layers_per_block=1, latent_channels=4)
+VAE_TILE, VAE_STRIDE = (H15.VAE_TILE[0], 64, 64), (H15.VAE_STRIDE[0], 48, 48)  # pixels: 4 latents every 3
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    ref = randomize(AutoencoderKLHunyuanVideo15(**TINY_VAE), seed=0).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "vae"
+    ref.save_pretrained(path)
+    return ref, path
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_vae_decode_float32(vae, tiled):
+    ref, path = vae
+    ours = H15.load_vae(path, dtype=mx.float32)
+    z = torch.randn(1, 4, 2, 6, 7, generator=torch.Generator().manual_seed(1))  # 5 frames of 96 x 112 pixels
+    if tiled:
+        ref.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_latent_min_height=4,
+                          tile_latent_min_width=4, tile_overlap_factor=0.25)
+    with torch.no_grad():
+        expected = ref.decode(z).sample.permute(0, 2, 3, 4, 1).numpy()
+    ref.disable_tiling()
+    out = ours.decode(mx.array(z.permute(0, 2, 3, 4, 1).numpy()), *((VAE_TILE, VAE_STRIDE) if tiled else ()))
+    assert out.shape == expected.shape == (1, 5, 96, 112, 3)
+    err = rel_err(np.array(out), expected)
+    assert err <= VAE_TOL, f"relative error {err:.2e} > {VAE_TOL}"
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_vae_encode_float32(vae, tiled):
+    ref, path = vae
+    ours = H15.load_vae(path, dtype=mx.float32)
+    x = torch.rand(1, 3, 5, 96, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    if tiled:
+        ref.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_latent_min_height=4,
+                          tile_latent_min_width=4, tile_overlap_factor=0.25)
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.mode().permute(0, 2, 3, 4, 1).numpy()
+    ref.disable_tiling()
+    out = ours.encode(mx.array(x.permute(0, 2, 3, 4, 1).numpy()), *((VAE_TILE, VAE_STRIDE) if tiled else ()))
+    assert out.shape == expected.shape == (1, 2, 6, 7, 4)
+    err = rel_err(np.array(out), expected)
+    assert err <= VAE_TOL, f"relative error {err:.2e} > {VAE_TOL}"
+
+
+def test_vae_decode_float16_default_against_the_reference_in_float16(vae):
+    ref, path = vae
+    ours = H15.load_vae(path)
+    assert ours.dtype == mx.float16
+    z = torch.randn(1, 4, 2, 3, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # a copy in float16: the fixture's stays float32 for the other tests
+        expected = copy.deepcopy(ref).half().decode(z.half()).sample.float().permute(0, 2, 3, 4, 1).numpy()
+    out = np.array(ours.decode(mx.array(z.permute(0, 2, 3, 4, 1).numpy())).astype(mx.float32))
+    err = rel_err(out, expected)
+    assert np.isfinite(out).all() and err <= VAE_FP16_TOL, f"fp16 relative error {err:.2e} > {VAE_FP16_TOL}"
+
+
+def test_an_int8_checkpoint_written_by_us_loads_as_it_was_saved(tmp_path):
+    """The 1.5 DiT quantized (int8) and saved as convert_weights.py saves it loads back to the same model: its
+    blocks' layers quantized (not the modulation), its output equal to the saved model's, to the bit, and within
+    int8's error of the float32 reference (measured 1.2e-2; bound 3e-2)."""
+    cfg = {**MODEL, "attention_head_dim": 32, "rope_axes_dim": (8, 12, 12)}  # width 64: one quantization group
+    ref = randomize(HunyuanVideo15Transformer3DModel(**cfg), seed=4).eval()
+    ref.save_pretrained(tmp_path / "transformer")
+    model = H15.load_transformer(tmp_path / "transformer", dtype=mx.float32, quantization="int8")
+    H.save_transformer(model, tmp_path / "int8")
+    again = H15.load_transformer(tmp_path / "int8", dtype=mx.float32)
+    assert again.quantization == "int8" and isinstance(again.double_blocks[0].img_attn_qkv, nn.QuantizedLinear)
+    assert not isinstance(again.double_blocks[0].img_mod.linear, nn.QuantizedLinear)
+    inputs = make_inputs({**CONFIGS["i2v"], "model": cfg})
+    out = run_ours(again, inputs)
+    assert np.array_equal(out, run_ours(model, inputs))
+    err = rel_err(out, run_reference(ref, inputs))
+    assert err <= 3e-2, f"int8 relative error {err:.2e}"
+
+
+def tencent_vae_name(name):
+    """A VAE tensor's name in Tencent's files, from diffusers' (convert_hunyuan_video_15_vae_checkpoint_to_diffusers,
+    read in the other direction)."""
+    for old, new in [("down_blocks.{}.resnets.", "down.{}.block."),
+                     ("down_blocks.{}.downsamplers.0.", "down.{}.downsample."),
+                     ("up_blocks.{}.resnets.", "up.{}.block."), ("up_blocks.{}.upsamplers.0.", "up.{}.upsample."),
+                     ("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
+                     ("mid_block.attentions.0.to_q.", "mid.attn_1.q."),
+                     ("mid_block.attentions.0.to_k.", "mid.attn_1.k."),
+                     ("mid_block.attentions.0.to_v.", "mid.attn_1.v."), ("mid_block.attentions.0.", "mid.attn_1.")]:
+        for i in range(5):
+            name = name.replace(old.format(i), new.format(i))
+    return name
+
+
+def test_vae_in_tencent_layout_float32(vae, tmp_path):
+    ref, _ = vae
+    sd = {tencent_vae_name(k): v.contiguous() for k, v in ref.state_dict().items()}
+    assert "encoder.down.0.block.0.conv1.conv.weight" in sd and "decoder.mid.attn_1.q.weight" in sd
+    save_file(sd, tmp_path / "vae.safetensors")
+    ours = H15.load_vae(tmp_path / "vae.safetensors", dtype=mx.float32)
+    z = torch.randn(1, 4, 2, 3, 2, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ref.decode(z).sample.permute(0, 2, 3, 4, 1).numpy()
+    err = rel_err(np.array(ours.decode(mx.array(z.permute(0, 2, 3, 4, 1).numpy()))), expected)
+    assert err <= VAE_TOL, f"relative error {err:.2e} > {VAE_TOL}"
