@@ -92,3 +92,23 @@ def test_a_13b_text_encoder_is_refused_in_one_sentence(tmp_path):
                            num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "llama")
     with pytest.raises(H.HunyuanVideoError, match="holds a llama where Qwen2.5-VL's language model was expected"):
         H15.load_text_encoder(tmp_path / "llama")
+
+
+def test_the_whole_qwen2_5_vl_loads_as_its_language_model(tmp_path):
+    """Tencent's text_encoder/llm/ is the whole Qwen2.5-VL-7B-Instruct (vision tower, head): its language model is
+    read, the rest left on disk, and gives transformers' hidden_states[-3] (measured 5.3e-7; bound 5e-6)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                  fullatt_block_indexes=[0])
+    ref = randomize(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)), 2)
+    ref.eval().save_pretrained(tmp_path / "llm")
+    ours = H15.load_text_encoder(tmp_path / "llm", dtype=mx.float32)
+    ids = torch.tensor([[5, 17, 200, 3, 9, 41]])
+    with torch.no_grad():
+        expected = ref.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states[-3].numpy()
+    err = rel_err(np.array(ours(mx.array(ids.numpy()))), expected)
+    assert err <= 5e-6, f"relative error {err:.2e}"
