@@ -2,7 +2,8 @@
 
 One module, in the order data flows, holding only what 1.5 changes:
   1. the text encoders: Qwen2.5-VL's language model (13B's Llama encoder with biased q, k, v) reading the prompt in
-     Qwen's chat format, and byT5 (T5's encoder) reading only the prompt's quoted text;
+     Qwen's chat format, and byT5 (T5's encoder) reading only the prompt's quoted text; for image to video,
+     SigLIP's vision tower reading the image;
   2. the diffusion transformer (DiT): 54 double-stream blocks and no single-stream ones, patch 1x1x1, 65 input
      channels (the noisy latents, an image's latents and its frame mask), no pooled text vector and no guidance
      embedding (an optional second timestep instead, mean-flow's). Its text stream joins three sources: the LLM's
@@ -18,7 +19,7 @@ final), the sequence split over several processes, the causal convolutions, the 
 Conventions are HunyuanVideo_Apple's: channels-last video tensors (B, T, H, W, C); the DiT's module names are
 Tencent's checkpoint names, the VAE's and the encoders' diffusers' and transformers'. The reference for every number
 is diffusers (HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel, AutoencoderKLHunyuanVideo15) with
-transformers (Qwen2_5_VLTextModel, T5EncoderModel).
+transformers (Qwen2_5_VLTextModel, T5EncoderModel, SiglipVisionModel).
 """
 
 import math
@@ -181,6 +182,57 @@ def encode_prompt(prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
     states (B, 256, 1472) and mask (and no image: text to video)."""
     states, mask = encode_qwen(prompt, tokenizer, text_encoder)
     return states, mask, Conditions(*encode_byt5(prompt, tokenizer_2, text_encoder_2), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image encoder: SigLIP's vision tower (image to video)
+# ---------------------------------------------------------------------------------------------------
+# For image to video the DiT reads the image twice: its VAE latents as input channels, and SigLIP's 729 tokens of
+# it (so400m-patch14-384, the tower of FLUX.1-Redux) in its text stream. The tower is 13B's CLIP layers without a
+# class token or a first norm, its GELU the tanh one, a final LayerNorm; its pooling head is not used (not built).
+
+class SiglipVisionTower(nn.Module):
+    """transformers' SiglipVisionModel's last_hidden_state: pixels (B, 384, 384, 3) -> (B, 729, 1152). Keywords: its
+    config.json names."""
+
+    def __init__(self, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                 image_size=384, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", num_channels=3):
+        super().__init__()
+        if hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise H.HunyuanVideoError(f"SigLIP hidden_act {hidden_act!r} is not supported: use gelu_pytorch_tanh.")
+        act = nn.gelu_approx if hidden_act == "gelu_pytorch_tanh" else nn.gelu
+        self.embeddings = nn.Module()
+        self.embeddings.patch_embedding = nn.Conv2d(num_channels, hidden_size, patch_size, stride=patch_size)
+        self.embeddings.position_embedding = nn.Embedding((image_size // patch_size) ** 2, hidden_size)
+        self.encoder = nn.Module()
+        self.encoder.layers = [H.CLIPLayer(hidden_size, intermediate_size, num_attention_heads, layer_norm_eps, act,
+                                           causal=False) for _ in range(num_hidden_layers)]
+        self.post_layernorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    @property
+    def dtype(self):
+        return self.post_layernorm.weight.dtype
+
+    def __call__(self, pixels):
+        e = self.embeddings
+        x = e.patch_embedding(pixels.astype(self.dtype))  # (B, 27, 27, width)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, 729, width), row by row as the reference flattens
+        x = x + e.position_embedding(mx.arange(x.shape[1]))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+def siglip_pixels(image, config):
+    """An image (PIL) as SigLIP's image processor (config: the checkpoint's feature_extractor/
+    preprocessor_config.json) prepares it: RGB, resized to its size (384 x 384, bicubic, the aspect not kept),
+    scaled to [0, 1], normalized by mean and std (0.5). -> (1, H, W, 3) float32."""
+    size = config.get("size", {"height": 384, "width": 384})
+    image = image.convert("RGB").resize((size["width"], size["height"]), resample=config.get("resample", 3))
+    x = (np.asarray(image).astype(np.float64) * config.get("rescale_factor", 1 / 255)).astype(np.float32)
+    mean = np.array(config.get("image_mean", [0.5] * 3), np.float32)
+    std = np.array(config.get("image_std", [0.5] * 3), np.float32)
+    return mx.array((x - mean) / std)[None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -656,4 +708,22 @@ def load_byt5(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
     tied = weights.pop("encoder.embed_tokens.weight", None)  # the same table as shared (tied), where both are saved
     weights.setdefault("shared.weight", tied)
     weights = {k: v for k, v in weights.items() if v is not None and not k.startswith(("decoder.", "lm_head."))}
+    return H._load_strict(model, weights, dtype, source)
+
+
+def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
+    """SigLIP's vision tower from a diffusers image_encoder/ folder (transformers' SiglipVisionModel, with or
+    without the vision_model. prefix of transformers 4); its pooling head is left on disk."""
+    source = Path(path).expanduser()
+    weights, config = H._read_weights(source, "pass the image_encoder/ folder of a HunyuanVideo 1.5 image-to-video "
+                                              "checkpoint")
+    if config.get("model_type") not in ("siglip_vision_model", "siglip"):
+        raise H.HunyuanVideoError(f"{source} holds a {config.get('model_type', 'model without config.json')} where "
+                                  f"SigLIP's vision tower was expected: pass the checkpoint's image_encoder/.")
+    model = SiglipVisionTower(**H._hf_sizes(SiglipVisionTower, config.get("vision_config", config)))
+    weights = {k.removeprefix("vision_model."): v for k, v in weights.items()}
+    channels = model.embeddings.patch_embedding.weight.shape[-1]
+    weights = {k: v.transpose(0, 2, 3, 1) if k == "embeddings.patch_embedding.weight" and v.shape[1] == channels
+               else v for k, v in weights.items()  # PyTorch's Conv2d (O, I, kh, kw) -> MLX's (O, kh, kw, I)
+               if not k.startswith(("head.", "text_model.")) and not k.endswith("position_ids")}
     return H._load_strict(model, weights, dtype, source)

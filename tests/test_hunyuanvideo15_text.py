@@ -1,11 +1,14 @@
-"""HunyuanVideo 1.5's text path against the reference, live: Qwen2.5-VL's language model (transformers'
+"""HunyuanVideo 1.5's encoders against the reference, live: Qwen2.5-VL's language model (transformers'
 Qwen2_5_VLTextModel) read through diffusers' HunyuanVideo15Pipeline._get_mllm_prompt_embeds with Qwen2.5's real
-vocabulary, and byT5 (transformers' T5EncoderModel, ByT5Tokenizer) through its _get_byt5_prompt_embeds, on tiny random
-weights in float32; the quoted-text formatter against diffusers' extract_glyph_texts.
+vocabulary, byT5 (transformers' T5EncoderModel, ByT5Tokenizer) through its _get_byt5_prompt_embeds, and SigLIP's vision
+tower through HunyuanVideo15ImageToVideoPipeline._get_image_embeds, on tiny random weights in float32; the quoted-text
+formatter against diffusers' extract_glyph_texts.
 
 Tolerances (relative error = max |ours - ref| / max |ref|), about 10x what was measured on this project's Linux
-machine: Qwen 8e-6 (measured 7.7e-7), byT5 2e-5 (measured 1.8e-6).
+machine: Qwen 8e-6 (measured 7.7e-7), byT5 2e-5 (measured 1.8e-6), SigLIP 3e-6 (measured 2.4e-7).
 """
+
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +24,7 @@ import HunyuanVideo_Apple as H
 
 QWEN_TOL = 8e-6
 BYT5_TOL = 2e-5
+SIGLIP_TOL = 3e-6
 PROMPTS = ['A neon sign that says "OPEN" over a café door, and a cat', "a dog runs on the beach at sunset",
            "“Hello”, then \"world\", then \"Hello\" again; it's 12:30", ""]
 
@@ -112,3 +116,28 @@ def test_the_whole_qwen2_5_vl_loads_as_its_language_model(tmp_path):
         expected = ref.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states[-3].numpy()
     err = rel_err(np.array(ours(mx.array(ids.numpy()))), expected)
     assert err <= 5e-6, f"relative error {err:.2e}"
+
+
+def test_siglip_image_tokens_match_the_reference(tmp_path):
+    """SigLIP's tokens of an image (not square: resized without keeping its aspect, bicubic) as diffusers'
+    HunyuanVideo15ImageToVideoPipeline._get_image_embeds makes them with transformers' SiglipVisionModel and its
+    image processor."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from PIL import Image
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=28, patch_size=7)
+    ref = randomize(SiglipVisionModel(config), seed=3).eval()
+    ref.save_pretrained(tmp_path / "image_encoder")
+    processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    processor.save_pretrained(tmp_path / "feature_extractor")
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    with torch.no_grad():
+        expected = HunyuanVideo15ImageToVideoPipeline._get_image_embeds(ref, processor, image, "cpu").numpy()
+    config = json.loads((tmp_path / "feature_extractor" / "preprocessor_config.json").read_text())
+    tower = H15.load_image_encoder(tmp_path / "image_encoder", dtype=mx.float32)
+    out = np.array(tower(H15.siglip_pixels(image, config)))
+    assert out.shape == expected.shape == (1, 16, 32)
+    err = rel_err(out, expected)
+    assert err <= SIGLIP_TOL, f"relative error {err:.2e} > {SIGLIP_TOL}"
