@@ -22,6 +22,7 @@ is diffusers (HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel, Autoenco
 transformers (Qwen2_5_VLTextModel, T5EncoderModel, SiglipVisionModel).
 """
 
+import gc
 import math
 import re
 from collections import namedtuple
@@ -727,3 +728,70 @@ def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
                else v for k, v in weights.items()  # PyTorch's Conv2d (O, I, kh, kw) -> MLX's (O, kh, kw, I)
                if not k.startswith(("head.", "text_model.")) and not k.endswith("position_ids")}
     return H._load_strict(model, weights, dtype, source)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline: HunyuanVideo_Apple's, running 1.5's encoders, DiT and VAE
+# ---------------------------------------------------------------------------------------------------
+# The stream of events, the phases (each one's weights freed before the next), the sampler, true CFG, the step
+# caches, LoRAs, quantization, block streaming and several ranks are HunyuanVideo_Apple.HunyuanVideoPipeline's; this
+# class replaces what is the model's. For now: text to video, from the Python API, with no memory plan (Plan.memory
+# is None, so nothing is refused before loading) and true CFG's two branches one after the other.
+
+class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
+    """A HunyuanVideo 1.5 text-to-video checkpoint in diffusers' layout (transformer/, vae/, text_encoder/ (Qwen2.5-VL's
+    language model), text_encoder_2/ (byT5), tokenizer/, tokenizer_2/), run as HunyuanVideo_Apple's pipeline is:
+    from_pretrained(folder), then generate(request) or pipe(prompt, **settings). 1.5's base checkpoints run true CFG:
+    give negative_prompt ("" is the reference's default) and cfg_scale (6)."""
+
+    dit_class = HunyuanVideo15Transformer
+    text_parts = ("states", "mask", "byt5", "byt5_mask")
+    prompt_template = QWEN_TEMPLATE
+
+    def image_condition(self):
+        return None  # text to video
+
+    def plan(self, request, encode=True):
+        r = request
+        return H.Plan(r, self.cfg_mode(r.height, r.width, r.frames, r.cache, r.steps)
+                      if r.negative_prompt is not None and r.cfg_scale > 1 else None, None, None)
+
+    def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
+        """As HunyuanVideo_Apple's over several ranks; else "sequential" (batched needs the memory plan's yes)."""
+        if self.ranks is not None:
+            return super().cfg_mode(height, width, num_frames, "sequential", steps)
+        return "sequential"
+
+    def _encode(self, items, progress=None):
+        """The text encoders, inside the text encoders' phase: [(states, mask, byt5, byt5_mask)] for [(prompt, None,
+        None)], each prompt on its own, Qwen loaded once and gone before byT5 loads."""
+        tokenizer = H.load_tokenizer(self.folder / "tokenizer")
+        llm = load_text_encoder(self.folder / "text_encoder", self.dtypes["text_encoders"], self.quantization,
+                                H._reporter(progress, "loading the LLM"))
+        out = []
+        for p, _, _ in items:
+            out.append(encode_qwen(p, tokenizer, llm, progress=H._reporter(progress, "encoding the prompt")))
+            mx.eval(out[-1])
+        del llm
+        gc.collect()
+        mx.clear_cache()
+        byt5 = load_byt5(self.folder / "text_encoder_2", self.dtypes["text_encoders"])
+        tokenizer_2 = H.load_tokenizer(self.folder / "tokenizer_2")
+        for i, (p, _, _) in enumerate(items):
+            out[i] = (*out[i], *encode_byt5(p, tokenizer_2, byt5))
+            mx.eval(out[i])
+        return out
+
+    def _dit_text(self, text):
+        states, mask, byt5, byt5_mask = text
+        return states, mask, Conditions(byt5, byt5_mask, None)
+
+    def _extra_channels(self, image, shape, condition):
+        B, T, h, w, C = shape
+        return mx.zeros((B, T, h, w, C + 1))  # text to video: no image's latents, its mask 0 on every frame
+
+    def _load_vae(self):
+        return load_vae(self.folder / "vae", self.dtypes["vae"])
+
+    def decode(self, latents, tile=VAE_TILE, stride=VAE_STRIDE, progress=None):
+        return super().decode(latents, tile, stride, progress)

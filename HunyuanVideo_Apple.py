@@ -2256,6 +2256,13 @@ def _record(ledger, model, videos, tokens, ran, radial):
     ledger["pflop"] += videos * sum(done) / 1e15
 
 
+def _each(x, fn):
+    """fn(x) of an array, or of each array of a tuple (a namedtuple stays one; None stays None)."""
+    if isinstance(x, tuple):
+        return type(x)(*(None if a is None else fn(a) for a in x))
+    return fn(x)
+
+
 class GuidedDiT:
     """The DiT as the sampler calls it at step i: the prompt's branch alone, or with true CFG the negative
     prompt's too (one forward of batch 2, or one after the other, each through its own step cache), at the step's
@@ -2272,7 +2279,8 @@ class GuidedDiT:
         n = states.shape[0]  # B, or 2B with true CFG
         # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
         self.guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
-        self.states, self.vector = states.astype(model.dtype), pooled.astype(model.dtype)
+        # pooled: CLIP's vector (B, 768), or in its place another model's inputs (a tuple of arrays or None: 1.5's)
+        self.states, self.vector = states.astype(model.dtype), _each(pooled, lambda a: a.astype(model.dtype))
         self.tables = None  # every step's modulation, computed now (its weights never all held), or at each step
         if precompute:
             first_frame = model.first_frame_conditioning(self.vector) if condition == "token_replace" else None
@@ -2293,7 +2301,7 @@ class GuidedDiT:
         done = []
         for rows, forward in zip(self.branches, self.forwards):
             args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(self.sigmas[i], k),
-                    self.states[rows], self.mask[rows], self.vector[rows],
+                    self.states[rows], self.mask[rows], _each(self.vector, lambda a: a[rows]),
                     None if self.guidance is None else self.guidance[rows],
                     None if self.tables is None else self.tables.at(i, rows), radial, self.split)
             v, ran = forward(model, args, i, self.steps)
@@ -4693,6 +4701,12 @@ class HunyuanVideoPipeline:
         # started by mlx.launch on several processes: they make one video together (see "sequence parallel")
         self.ranks = world()
 
+    # What is the model's (HunyuanVideo15_Apple.HunyuanVideo15Pipeline replaces them): its DiT, the names of the
+    # text encoders' outputs (in the prompt cache's entries) and the template that reads a prompt.
+    dit_class = HunyuanVideoTransformer
+    text_parts = ("states", "mask", "pooled")
+    prompt_template = PROMPT_TEMPLATE
+
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
         """model: a local folder in the diffusers layout, a hub id, or "tiny" / "tiny-i2v" (the offline demos, see
@@ -4733,7 +4747,7 @@ class HunyuanVideoPipeline:
                    r.lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub,
                    r.quantized_matmul, model=r.model)
         if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
-            dit = HunyuanVideoTransformer(**pipe._dit_sizes())  # built lazily: no weights are made
+            dit = pipe.dit_class(**pipe._dit_sizes())  # built lazily: no weights are made
             read_loras(pipe.loras, _lora_layers(dit), dit.block_args[0], r.lora_ignore_unmatched)
         return pipe
 
@@ -4745,8 +4759,7 @@ class HunyuanVideoPipeline:
         """The DiT's constructor keywords, from its files' headers (or the hub's), nothing loaded."""
         info, config = _components(self.folder, self.hub, self.transformer, self.transformer_hub,
                                    only=("transformer",))["transformer"]
-        return _sizes_of(HunyuanVideoTransformer, config, info, _transformer_shapes, self.transformer_path,
-                         "transformer")
+        return _sizes_of(self.dit_class, config, info, self.dit_class.shapes, self.transformer_path, "transformer")
 
     def image_condition(self):
         """How the checkpoint's DiT takes an image, read from its config and shapes: None (text to video),
@@ -4809,7 +4822,7 @@ class HunyuanVideoPipeline:
             if first:
                 text = self.encode_prompt(self.prompt_requests(prompts, negatives, image, r.height, r.width), progress)
             if self.ranks is not None:  # rank 0's encodings, sent to the others
-                text = tuple(self.ranks.first(first and dict(zip("012", text))).values())
+                text = tuple(self.ranks.first(first and {str(i): a for i, a in enumerate(text)}).values())
             yield Encoded(text, self.prompt_hit)
         video = None
         if r.video is not None and resume is None:
@@ -4945,7 +4958,7 @@ class HunyuanVideoPipeline:
         the text encoders' outputs (the prompt, the image's pixels and interleave, the template, the tokenizers'
         files, the encoders' and image processor's configs and weight files by name, size and time, the dtype,
         the quantization and this version)."""
-        what = [prompt, PROMPT_TEMPLATE, str(self.dtypes["text_encoders"]), self.quantization, __version__]
+        what = [prompt, self.prompt_template, str(self.dtypes["text_encoders"]), self.quantization, __version__]
         if image is not None:
             what += [I2V_TEMPLATE, interleave, image.size, hashlib.sha256(image.tobytes()).hexdigest()]
         h = hashlib.sha256(json.dumps(what).encode())
@@ -4979,7 +4992,7 @@ class HunyuanVideoPipeline:
             if entry.exists():
                 try:
                     saved = mx.load(str(entry))
-                    found[p] = saved["states"], saved["mask"], saved["pooled"]
+                    found[p] = tuple(saved[name] for name in self.text_parts)
                     mx.eval(found[p])
                 except Exception as e:
                     warnings.warn(f"the prompt cache entry {entry} is unreadable ({type(e).__name__}): encoding the "
@@ -4993,17 +5006,19 @@ class HunyuanVideoPipeline:
             entry = entries[p]
             try:
                 entry.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(entry, lambda tmp: mx.save_safetensors(str(tmp), dict(zip(("states", "mask", "pooled"),
+                write_atomic(entry, lambda tmp: mx.save_safetensors(str(tmp), dict(zip(self.text_parts,
                                                                                       encoded[p]))))
             except (OSError, HunyuanVideoError) as e:
                 warnings.warn(f"the prompt cache cannot be written in {entry.parent} "
                               f"({getattr(e, 'strerror', None) or e}): going on without it (set HUNYUAN_APPLE_CACHE "
                               f"to a writable folder, or turn the prompt cache off).")
         outs = [{**found, **encoded}[p] for p in prompts]
-        longest = max(states.shape[1] for states, _, _ in outs)
-        pad = lambda a: mx.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-        return tuple(mx.concatenate([pad(a) if i < 2 else a for a in parts], axis=0)
-                     for i, parts in enumerate(zip(*outs)))
+
+        def joined(parts):  # one part of every prompt's, the shorter right-padded to the longest (LLaVA's)
+            longest = max(a.shape[1] for a in parts)
+            return mx.concatenate([mx.pad(a, [(0, 0), (0, longest - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+                                   for a in parts], axis=0)
+        return tuple(joined(parts) for parts in zip(*outs))
 
     def _encode(self, items, progress=None):
         """The text encoders, inside the text encoders' phase: [(states, mask, pooled)] for [(prompt, image or
@@ -5079,7 +5094,7 @@ class HunyuanVideoPipeline:
         """The VAE's encoder as the phase `name`: pixels (1, F, H, W, 3) in [-1, 1] -> the posterior's mean times
         the scaling factor, float32 (the DiT's latents)."""
         def work():
-            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
+            vae = self._load_vae()
             z = vae.encode(pixels, tile, stride) * vae.scaling_factor
             mx.eval(z)
             return z.astype(mx.float32)
@@ -5139,7 +5154,7 @@ class HunyuanVideoPipeline:
         if resume:
             for forward, state in zip(forwards, _split_cache_state(self._rank_state(resume["cache"]), len(forwards))):
                 _set_cache_state(forward, *state)
-        states, mask, pooled = text
+        states, mask, pooled = self._dit_text(text)
         B = states.shape[0] // (2 if cfg else 1)  # rows [0, B): the prompt; [B, 2B): the negative prompt
         strength = r.strength if video_latents is not None else 1.0
         first = r.steps - min(int(r.steps * strength), r.steps)
@@ -5147,14 +5162,14 @@ class HunyuanVideoPipeline:
         model = load_transformer(self.transformer_path, self.dtypes["transformer"], self.quantization,
                                  self.quantize_modulation, self.low_memory, _reporter(progress, "loading the DiT"),
                                  lazy_modulation=self.precompute_modulation, loras=self.loras,
-                                 lora_ignore_unmatched=self.lora_ignore_unmatched)
-        shape = (B, grid[0], r.height // 8, r.width // 8, model.out_channels)
+                                 lora_ignore_unmatched=self.lora_ignore_unmatched, model_class=self.dit_class)
+        shape = (B, grid[0], grid[1] * model.patch[1], grid[2] * model.patch[2], model.out_channels)  # the latents
         dequantized = dequantize_matmul(math.prod(grid), self.quantized_matmul or "auto")
         set_quantized_matmul(model, dequantized)
         sigmas = flow_sigmas(r.steps, r.shift)
         image = None if condition is None else mx.broadcast_to(image_latents.astype(mx.float32), (B, 1, *shape[2:]))
         x = start_latents(shape, r.seed, latents, video_latents, sigmas[first], image, condition, resume)
-        extra = _image_channels(image, shape, condition)
+        extra = self._extra_channels(image, shape, condition)
         dit = GuidedDiT(model, states, mask, pooled, r.guidance, sigmas, B, r.cfg_scale if cfg else None, batched,
                         forwards, sparse, condition, self.precompute_modulation, math.prod(grid), split, pair)
         work = self.stats["work"] = new_ledger(r.cache, r.attention, resume)
@@ -5172,12 +5187,23 @@ class HunyuanVideoPipeline:
             yield Step(i + 1, r.steps, x, x0, _joined_cache_state(forwards), {**work, "steps": list(work["steps"])})
         return x
 
+    def _dit_text(self, text):
+        """The DiT's text inputs from the text encoders' outputs: (states, mask, pooled)."""
+        return text
+
+    def _extra_channels(self, image, shape, condition):
+        """What the DiT takes beside the latents as input channels (see _image_channels), or None."""
+        return _image_channels(image, shape, condition)
+
+    def _load_vae(self):
+        return load_vae(self.folder / "vae", self.dtypes["vae"])
+
     def decode(self, latents, tile=DEFAULT_VAE_TILE, stride=DEFAULT_VAE_STRIDE, progress=None):
-        """Latents (B, t, h, w, 16) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
+        """Latents (B, t, h, w, C) -> uint8 frames (F, H, W, 3), or (B, F, H, W, 3) for B > 1. Tiled by
         default (the reference's tiles); tile=None decodes in one piece. A latent-concat I2V checkpoint's first 4
         frames are dropped, as the reference drops them."""
         def work():
-            vae = load_vae(self.folder / "vae", self.dtypes["vae"])
+            vae = self._load_vae()
             video = vae.decode(latents.astype(vae.dtype) / vae.scaling_factor, tile, stride,
                                _reporter(progress, "decoding"), self.ranks)
             if self.image_condition() == "latent_concat":

@@ -15,6 +15,7 @@ import pytest
 
 import bench_hunyuan_apple as bench
 import convert_weights as convert
+import HunyuanVideo15_Apple as H15
 import HunyuanVideo_Apple as H
 import hunyuan_apple as cli
 import hunyuan_apple_ui as ui
@@ -120,6 +121,10 @@ def called(node):
             return getattr(classes[owner], f.attr)
         if owner == "H":
             return getattr(H, f.attr)
+        if owner == "H15":
+            return getattr(H15, f.attr)
+        if owner == "H15.HunyuanVideo15Pipeline":
+            return getattr(H15.HunyuanVideo15Pipeline, f.attr)
     return None
 
 

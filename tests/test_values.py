@@ -352,8 +352,8 @@ def test_each_field_of_the_prompt_cache_key_misses(tiny, monkeypatch):
                "dtype": H.HunyuanVideoPipeline.from_pretrained(folder, dtype=mx.float32)._prompt_entry(PROMPT, image, 4),
                "quantization": H.HunyuanVideoPipeline.from_pretrained(folder, quantization="int8")._prompt_entry(
                    PROMPT, image, 4)}
-    for name in ("I2V_TEMPLATE", "PROMPT_TEMPLATE"):
-        monkeypatch.setattr(H, name, getattr(H, name).replace("Describe", "Show"))
+    for owner, name in ((H, "I2V_TEMPLATE"), (H.HunyuanVideoPipeline, "prompt_template")):  # the templates
+        monkeypatch.setattr(owner, name, getattr(owner, name).replace("Describe", "Show"))
         changed[name] = pipe._prompt_entry(PROMPT, image, 4)
         monkeypatch.undo()
     assert all(entry != base for entry in changed.values()), [k for k, v in changed.items() if v == base]

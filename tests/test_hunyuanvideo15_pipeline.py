@@ -1,0 +1,62 @@
+"""HunyuanVideo 1.5's whole text-to-video run against diffusers' HunyuanVideo15Pipeline, live: one tiny random
+checkpoint in diffusers' layout (saved by the reference pipeline itself, with Qwen2.5's real vocabulary), the same
+initial latents, true CFG on (a base checkpoint's) and off (a CFG-distilled one's), float32.
+
+Tolerance: the final latents within 5e-5 of the reference's, relative to their largest value (the issue asks for 1e-4;
+measured 5.1e-6 with true CFG and 2.4e-6 without, over 3 steps).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import make_qwen_tokenizer, randomize, rel_err
+from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
+                       HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+import HunyuanVideo15_Apple as H15
+
+TOL = 5e-5
+SIZE = dict(height=64, width=96, frames=5)  # latents 2 x 4 x 6, 32 channels -> 4 here
+
+
+def reference_pipeline(folder, cfg_scale):
+    """A tiny HunyuanVideo15Pipeline, randomly initialised, saved to folder in diffusers' layout."""
+    tok = make_qwen_tokenizer(folder / "tokenizer_src")
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_parameters=rope))
+    byt5_tok = ByT5Tokenizer()
+    byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tok), d_model=24, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
+                                   feed_forward_proj="gated-gelu"))
+    dit = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6),
+        num_layers=2, num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=12)
+    vae = AutoencoderKLHunyuanVideo15(block_out_channels=(8, 16, 16, 16, 16), layers_per_block=1, latent_channels=4)
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=randomize(qwen, 0).eval(), tokenizer=tok, transformer=randomize(dit, 1).eval(),
+        vae=randomize(vae, 2).eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        text_encoder_2=randomize(byt5, 3).eval(), tokenizer_2=byt5_tok,
+        guider=ClassifierFreeGuidance(guidance_scale=cfg_scale))
+    pipe.save_pretrained(folder / "ckpt")
+    return pipe
+
+
+@pytest.mark.parametrize("cfg_scale", [6.0, 1.0], ids=["true-cfg", "cfg-distilled"])
+def test_text_to_video_matches_diffusers(tmp_path, cfg_scale):
+    ref = reference_pipeline(tmp_path, cfg_scale)
+    prompt = 'A shop window with a sign that says "OPEN", a cat sleeping under it'
+    latents = torch.randn(1, 4, 2, 4, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ref(prompt, negative_prompt="", num_frames=SIZE["frames"], height=SIZE["height"],
+                       width=SIZE["width"], num_inference_steps=3, latents=latents.clone(), output_type="latent")
+    expected = (expected.frames if hasattr(expected, "frames") else expected[0]).permute(0, 2, 3, 4, 1).numpy()
+    pipe = H15.HunyuanVideo15Pipeline.from_pretrained(tmp_path / "ckpt", dtype=mx.float32)
+    negative = dict(negative_prompt="") if cfg_scale > 1 else {}
+    out = pipe(prompt, **negative, cfg_scale=cfg_scale, shift=5.0, steps=3, output_type="latent",
+               latents=mx.array(latents.permute(0, 2, 3, 4, 1).numpy()), **SIZE)
+    assert pipe.stats["work"]["forwards"] == (6 if cfg_scale > 1 else 3)
+    err = rel_err(np.array(out), expected)
+    assert err <= TOL, f"relative error {err:.2e} > {TOL}"
