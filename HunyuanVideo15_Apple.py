@@ -23,6 +23,7 @@ transformers (Qwen2_5_VLTextModel, T5EncoderModel, SiglipVisionModel).
 """
 
 import gc
+import json
 import math
 import re
 from collections import namedtuple
@@ -236,6 +237,38 @@ def siglip_pixels(image, config):
     return mx.array((x - mean) / std)[None]
 
 
+def fit_image(image, height, width):
+    """An image (PIL) fitted to the video as the reference's image-to-video pipeline fits it (diffusers'
+    _resize_and_crop): resized (Lanczos) to cover width x height with its aspect kept, the excess cropped evenly."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w = width if width / height > image.width / image.height else image.width * height // image.height
+    h = height if width / height <= image.width / image.height else image.height * width // image.width
+    out = Image.new("RGB", (width, height))
+    out.paste(image.resize((w, h), resample=Image.LANCZOS), box=(width // 2 - w // 2, height // 2 - h // 2))
+    return out
+
+
+def bucket_size(height, width, target_size=640, step=16):
+    """The video size the reference's image-to-video pipeline picks for an image of height x width: among the
+    sizes of about target_size^2 pixels in steps of 16 (aspect at most 4), the closest in aspect on the image's own
+    side of square (calculate_default_height_width). -> (height, width)."""
+    n = round((target_size / step) ** 2)
+    sizes, wp, hp = [], n, 1
+    while wp > 0:
+        if max(wp, hp) / min(wp, hp) <= 4:
+            sizes.append((wp * step, hp * step))  # (height, width), as the reference lists them
+        if (hp + 1) * wp <= n:
+            hp += 1
+        else:
+            wp -= 1
+    aspect = height / width
+    ratios = np.array([round(h / w, 5) for h, w in sizes]) - aspect
+    side = [i for i, d in enumerate(ratios) if (d <= 0 if aspect >= 1 else d >= 0)]
+    return sizes[min(side, key=lambda i: abs(ratios[i]))]
+
+
 # ---------------------------------------------------------------------------------------------------
 # DiT: the text stream's other sources
 # ---------------------------------------------------------------------------------------------------
@@ -447,10 +480,11 @@ class Downsample(nn.Module):
         if not self.time:
             return _to_channels(h, 1) + _channel_mean(_to_channels(x, 1), self.group)
         first = _to_channels(h[:, :1], 1)  # frame 0: in space only, its channels twice
-        h = mx.concatenate([mx.concatenate([first, first], axis=-1), _to_channels(h[:, 1:], 2)], axis=1)
-        shortcut = mx.concatenate([_channel_mean(_to_channels(x[:, :1], 1), self.group // 2),
-                                   _channel_mean(_to_channels(x[:, 1:], 2), self.group)], axis=1)
-        return h + shortcut
+        out = mx.concatenate([first, first], axis=-1) + _channel_mean(_to_channels(x[:, :1], 1), self.group // 2)
+        if x.shape[1] == 1:  # an image
+            return out
+        rest = _to_channels(h[:, 1:], 2) + _channel_mean(_to_channels(x[:, 1:], 2), self.group)
+        return mx.concatenate([out, rest], axis=1)
 
 
 class Upsample(nn.Module):
@@ -468,10 +502,11 @@ class Upsample(nn.Module):
         if not self.time:
             return _from_channels(h, 1) + _from_channels(mx.repeat(x, self.repeats, axis=-1), 1)
         first = _from_channels(h[:, :1], 1)  # frame 0: in space only, the first half of its channels
-        h = mx.concatenate([first[..., :first.shape[-1] // 2], _from_channels(h[:, 1:], 2)], axis=1)
-        shortcut = mx.concatenate([mx.repeat(_from_channels(x[:, :1], 1), self.repeats // 2, axis=-1),
-                                   mx.repeat(_from_channels(x[:, 1:], 2), self.repeats, axis=-1)], axis=1)
-        return h + shortcut
+        out = first[..., :first.shape[-1] // 2] + mx.repeat(_from_channels(x[:, :1], 1), self.repeats // 2, axis=-1)
+        if x.shape[1] == 1:  # an image
+            return out
+        rest = _from_channels(h[:, 1:], 2) + mx.repeat(_from_channels(x[:, 1:], 2), self.repeats, axis=-1)
+        return mx.concatenate([out, rest], axis=1)
 
 
 def _levels(n, spatial_ratio, temporal_ratio, encoder):
@@ -735,21 +770,32 @@ def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
 # ---------------------------------------------------------------------------------------------------
 # The stream of events, the phases (each one's weights freed before the next), the sampler, true CFG, the step
 # caches, LoRAs, quantization, block streaming and several ranks are HunyuanVideo_Apple.HunyuanVideoPipeline's; this
-# class replaces what is the model's. For now: text to video, from the Python API, with no memory plan (Plan.memory
-# is None, so nothing is refused before loading) and true CFG's two branches one after the other.
+# class replaces what is the model's. For now: from the Python API, with no memory plan (Plan.memory is None, so
+# nothing is refused before loading) and true CFG's two branches one after the other. Image to video: the image is
+# fitted to the video's size (fit_image), its VAE latents go in as input channels (the first frame, with a mask) and
+# SigLIP's tokens of it into the text stream; the reference picks the size from the image (bucket_size), which the
+# caller passes as height and width.
 
 class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
-    """A HunyuanVideo 1.5 text-to-video checkpoint in diffusers' layout (transformer/, vae/, text_encoder/ (Qwen2.5-VL's
-    language model), text_encoder_2/ (byT5), tokenizer/, tokenizer_2/), run as HunyuanVideo_Apple's pipeline is:
-    from_pretrained(folder), then generate(request) or pipe(prompt, **settings). 1.5's base checkpoints run true CFG:
-    give negative_prompt ("" is the reference's default) and cfg_scale (6)."""
+    """A HunyuanVideo 1.5 checkpoint in diffusers' layout (transformer/, vae/, text_encoder/ (Qwen2.5-VL's language
+    model), text_encoder_2/ (byT5), tokenizer/, tokenizer_2/; for image to video image_encoder/ (SigLIP) and
+    feature_extractor/), run as HunyuanVideo_Apple's pipeline is: from_pretrained(folder), then generate(request) or
+    pipe(prompt, **settings). 1.5's base checkpoints run true CFG: give negative_prompt ("" is the reference's default)
+    and cfg_scale (6)."""
 
     dit_class = HunyuanVideo15Transformer
     text_parts = ("states", "mask", "byt5", "byt5_mask")
     prompt_template = QWEN_TEMPLATE
 
     def image_condition(self):
-        return None  # text to video
+        """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says
+        task_type "i2v" (a DiT without one: the folder has an image_encoder/)."""
+        if not hasattr(self, "_condition"):
+            _, config = H._components(self.folder, self.hub, self.transformer, self.transformer_hub,
+                                      only=("transformer",))["transformer"]
+            task = config.get("task_type") or ("i2v" if (self.folder / "image_encoder").is_dir() else "t2v")
+            self._condition = "latents_and_tokens" if task == "i2v" else None
+        return self._condition
 
     def plan(self, request, encode=True):
         r = request
@@ -782,13 +828,34 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
             mx.eval(out[i])
         return out
 
+    def encode_image(self, image, height, width):
+        """Image to video: the image fitted to the video (fit_image), its VAE latents (1, 1, h, w, 32) scaled, as
+        HunyuanVideo_Apple's; then SigLIP's tokens of it (1, 729, 1152), in a phase of their own, kept for the DiT's
+        text stream."""
+        image = fit_image(image, height, width)
+        latents = super().encode_image(image, height, width)
+        f = self.folder / "feature_extractor" / "preprocessor_config.json"
+        with self._phase("image encoder"):
+            tower = load_image_encoder(self.folder / "image_encoder", self.dtypes["text_encoders"])
+            self.image_tokens = tower(siglip_pixels(image, json.loads(f.read_text()) if f.exists() else {}))
+            mx.eval(self.image_tokens)
+            del tower
+        return latents
+
     def _dit_text(self, text):
         states, mask, byt5, byt5_mask = text
-        return states, mask, Conditions(byt5, byt5_mask, None)
+        image = None
+        if self.image_condition():  # the same image tokens for every row (the negative prompt's too)
+            image = mx.broadcast_to(self.image_tokens, (states.shape[0], *self.image_tokens.shape[1:]))
+        return states, mask, Conditions(byt5, byt5_mask, image)
 
     def _extra_channels(self, image, shape, condition):
-        B, T, h, w, C = shape
-        return mx.zeros((B, T, h, w, C + 1))  # text to video: no image's latents, its mask 0 on every frame
+        """The image's latents on the first frame and zeros after, and a mask of the first frame (13B's latent
+        concat's channels); for text to video, zeros."""
+        if condition is None:
+            B, T, h, w, C = shape
+            return mx.zeros((B, T, h, w, C + 1))
+        return H._image_channels(image, shape, "latent_concat")
 
     def _load_vae(self):
         return load_vae(self.folder / "vae", self.dtypes["vae"])

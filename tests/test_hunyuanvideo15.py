@@ -296,3 +296,29 @@ def test_vae_in_tencent_layout_float32(vae, tmp_path):
         expected = ref.decode(z).sample.permute(0, 2, 3, 4, 1).numpy()
     err = rel_err(np.array(ours.decode(mx.array(z.permute(0, 2, 3, 4, 1).numpy()))), expected)
     assert err <= VAE_TOL, f"relative error {err:.2e} > {VAE_TOL}"
+
+
+def test_vae_encodes_and_decodes_one_frame(vae):
+    """An image (one frame): frame 0 is resampled on its own, with nothing after it (float32, as the others)."""
+    ref, path = vae
+    ours = H15.load_vae(path, dtype=mx.float32)
+    x = torch.rand(1, 3, 1, 32, 48, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with torch.no_grad():
+        z = ref.encode(x).latent_dist.mode()
+        expected = ref.decode(z).sample
+    ours_z = ours.encode(mx.array(x.permute(0, 2, 3, 4, 1).numpy()))
+    assert rel_err(np.array(ours_z), z.permute(0, 2, 3, 4, 1).numpy()) <= VAE_TOL
+    out = ours.decode(mx.array(z.permute(0, 2, 3, 4, 1).numpy()))
+    assert out.shape == (1, 1, 32, 48, 3)
+    assert rel_err(np.array(out), expected.permute(0, 2, 3, 4, 1).numpy()) <= VAE_TOL
+
+
+def test_the_size_picked_for_an_image_is_the_reference_s():
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    processor = HunyuanVideo15ImageProcessor()
+    for target in (640, 960):
+        for height in range(100, 2000, 97):
+            for width in range(100, 2000, 113):
+                assert H15.bucket_size(height, width, target) == tuple(
+                    processor.calculate_default_height_width(height, width, target)), (height, width, target)

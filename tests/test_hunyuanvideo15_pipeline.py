@@ -1,9 +1,10 @@
-"""HunyuanVideo 1.5's whole text-to-video run against diffusers' HunyuanVideo15Pipeline, live: one tiny random
-checkpoint in diffusers' layout (saved by the reference pipeline itself, with Qwen2.5's real vocabulary), the same
-initial latents, true CFG on (a base checkpoint's) and off (a CFG-distilled one's), float32.
+"""HunyuanVideo 1.5's whole runs against diffusers' HunyuanVideo15Pipeline and HunyuanVideo15ImageToVideoPipeline, live:
+one tiny random checkpoint in diffusers' layout (saved by the reference pipeline itself, with Qwen2.5's real
+vocabulary), the same initial latents, true CFG on (a base checkpoint's) and off (a CFG-distilled one's), float32.
 
 Tolerance: the final latents within 5e-5 of the reference's, relative to their largest value (the issue asks for 1e-4;
-measured 5.1e-6 with true CFG and 2.4e-6 without, over 3 steps).
+measured 5.1e-6 with true CFG and 2.4e-6 without for text to video, 7.4e-6 and 3.6e-6 for image to video (the
+image mirrored: 0.75); 3 steps).
 """
 
 import mlx.core as mx
@@ -12,8 +13,10 @@ import pytest
 import torch
 from conftest import make_qwen_tokenizer, randomize, rel_err
 from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
-                       HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
-from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+                       HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+from PIL import Image
+from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipImageProcessorPil,
+                          SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel)
 
 import HunyuanVideo15_Apple as H15
 
@@ -21,8 +24,9 @@ TOL = 5e-5
 SIZE = dict(height=64, width=96, frames=5)  # latents 2 x 4 x 6, 32 channels -> 4 here
 
 
-def reference_pipeline(folder, cfg_scale):
-    """A tiny HunyuanVideo15Pipeline, randomly initialised, saved to folder in diffusers' layout."""
+def reference_pipeline(folder, cfg_scale, i2v=False):
+    """A tiny HunyuanVideo15Pipeline (or its image-to-video one, with SigLIP), randomly initialised, saved to
+    folder in diffusers' layout."""
     tok = make_qwen_tokenizer(folder / "tokenizer_src")
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}
     qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
@@ -33,13 +37,22 @@ def reference_pipeline(folder, cfg_scale):
                                    feed_forward_proj="gated-gelu"))
     dit = HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6),
-        num_layers=2, num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=12)
+        num_layers=2, num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=12,
+        task_type="i2v" if i2v else "t2v", target_size=80)
     vae = AutoencoderKLHunyuanVideo15(block_out_channels=(8, 16, 16, 16, 16), layers_per_block=1, latent_channels=4)
-    pipe = HunyuanVideo15Pipeline(
+    parts = dict(
         text_encoder=randomize(qwen, 0).eval(), tokenizer=tok, transformer=randomize(dit, 1).eval(),
         vae=randomize(vae, 2).eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
         text_encoder_2=randomize(byt5, 3).eval(), tokenizer_2=byt5_tok,
         guider=ClassifierFreeGuidance(guidance_scale=cfg_scale))
+    if i2v:
+        siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=12, intermediate_size=24, num_hidden_layers=2,
+                                                      num_attention_heads=2, image_size=28, patch_size=7))
+        pipe = HunyuanVideo15ImageToVideoPipeline(**parts, image_encoder=randomize(siglip, 4).eval(),
+                                                  feature_extractor=SiglipImageProcessorPil(
+                                                      size={"height": 28, "width": 28}))
+    else:
+        pipe = HunyuanVideo15Pipeline(**parts)
     pipe.save_pretrained(folder / "ckpt")
     return pipe
 
@@ -58,5 +71,29 @@ def test_text_to_video_matches_diffusers(tmp_path, cfg_scale):
     out = pipe(prompt, **negative, cfg_scale=cfg_scale, shift=5.0, steps=3, output_type="latent",
                latents=mx.array(latents.permute(0, 2, 3, 4, 1).numpy()), **SIZE)
     assert pipe.stats["work"]["forwards"] == (6 if cfg_scale > 1 else 3)
+    err = rel_err(np.array(out), expected)
+    assert err <= TOL, f"relative error {err:.2e} > {TOL}"
+
+
+@pytest.mark.parametrize("cfg_scale", [6.0, 1.0], ids=["true-cfg", "cfg-distilled"])
+def test_image_to_video_matches_diffusers(tmp_path, cfg_scale):
+    """The reference picks the video's size from the image (bucket_size at the DiT's target_size) and fits the image
+    to it; we are given that size. The image is neither that size nor its aspect: fitting crops it."""
+    ref = reference_pipeline(tmp_path, cfg_scale, i2v=True)
+    image = Image.fromarray(np.random.default_rng(6).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    height, width = H15.bucket_size(image.height, image.width, 80)
+    assert (height, width) == (64, 80)
+    prompt = "the cat in the picture turns its head"
+    latents = torch.randn(1, 4, 2, height // 16, width // 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = ref(image=image, prompt=prompt, negative_prompt="", num_frames=5, num_inference_steps=3,
+                       latents=latents.clone(), output_type="latent")
+    expected = (expected.frames if hasattr(expected, "frames") else expected[0]).permute(0, 2, 3, 4, 1).numpy()
+    pipe = H15.HunyuanVideo15Pipeline.from_pretrained(tmp_path / "ckpt", dtype=mx.float32)
+    assert pipe.image_condition() == "latents_and_tokens"
+    negative = dict(negative_prompt="") if cfg_scale > 1 else {}
+    out = pipe(prompt, **negative, image=image, cfg_scale=cfg_scale, shift=5.0, steps=3, output_type="latent",
+               latents=mx.array(latents.permute(0, 2, 3, 4, 1).numpy()), height=height, width=width, frames=5)
+    assert set(pipe.stats) >= {"encode image", "image encoder", "text encoders", "denoise"}
     err = rel_err(np.array(out), expected)
     assert err <= TOL, f"relative error {err:.2e} > {TOL}"
