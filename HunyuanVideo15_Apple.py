@@ -802,11 +802,8 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
         return H.Plan(r, self.cfg_mode(r.height, r.width, r.frames, r.cache, r.steps)
                       if r.negative_prompt is not None and r.cfg_scale > 1 else None, None, None)
 
-    def cfg_mode(self, height, width, num_frames, cache=None, steps=50):
-        """As HunyuanVideo_Apple's over several ranks; else "sequential" (batched needs the memory plan's yes)."""
-        if self.ranks is not None:
-            return super().cfg_mode(height, width, num_frames, "sequential", steps)
-        return "sequential"
+    def _batch_fits(self, height, width, num_frames, steps):
+        return False  # true CFG's branches run as one batch only where the memory plan says so: 1.5 has none yet
 
     def _encode(self, items, progress=None):
         """The text encoders, inside the text encoders' phase: [(states, mask, byt5, byt5_mask)] for [(prompt, None,

@@ -4908,13 +4908,16 @@ class HunyuanVideoPipeline:
         if self.ranks is not None and self.ranks.size % 2 == 0 and (
                 self.ranks.size == 2 or cache is None or self.ranks.splits):
             return "parallel"  # each half of the ranks runs one branch
-        if cache is None:
-            est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                                  low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
-                                  cfg="batched", transformer=(self.transformer, self.transformer_hub))
-            if est["denoise"] <= 0.9 * available_memory():
-                return "batched"
+        if cache is None and self._batch_fits(height, width, num_frames, steps):
+            return "batched"
         return "sequential"
+
+    def _batch_fits(self, height, width, num_frames, steps):
+        """Whether the memory plan says true CFG's two branches fit as one batch."""
+        est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
+                              low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
+                              cfg="batched", transformer=(self.transformer, self.transformer_hub))
+        return est["denoise"] <= 0.9 * available_memory()
 
     # ---- the phases ----
 

@@ -1,7 +1,7 @@
 """The generations the several-processes tests make, in one process and under mlx.launch (this file is the script
 it starts): `python distributed_scenarios.py FOLDER I2V_FOLDER IMAGE OUT [NAME ...]` runs the named scenarios (all by
-default, and the VAE's decode) on the tiny checkpoints in float32; rank 0 writes each one's final latents and work
-ledger to OUT/NAME.npz.
+default, and the VAE's decode) on the tiny checkpoints in float32 (HunyuanVideo 1.5's: the folder t2v15 beside
+FOLDER); rank 0 writes each one's final latents and work ledger to OUT/NAME.npz.
 """
 
 import json
@@ -13,6 +13,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import HunyuanVideo15_Apple as H15  # noqa: E402
 import HunyuanVideo_Apple as H  # noqa: E402
 
 # 4 x 7 x 11 = 308 video tokens: over 3 ranks 103, 103 and 102 (an uneven split)
@@ -29,6 +30,8 @@ SCENARIOS = {  # name: (checkpoint, loading settings, generation settings)
                                     cache_threshold=0.28)),
     "i2v": ("i2v", {}, {}),
     "int8": ("t2v", dict(quantization="int8"), {}),
+    # HunyuanVideo 1.5 (its 16x VAE: the same 308 tokens), true CFG with the reference's empty negative prompt
+    "t2v15": ("t2v15", {}, dict(negative_prompt="", cfg_scale=4.0, shift=5.0)),
 }
 
 
@@ -41,7 +44,8 @@ def generate(name, folders, image):
         z = mx.random.normal((1, 3, 10, 10, 16), key=mx.random.key(0))
         return np.array(vae.decode(z, (8, 48, 48), (4, 32, 32), ranks=H.world())), {}
     which, loading, settings = SCENARIOS[name]
-    pipe = H.HunyuanVideoPipeline.from_pretrained(str(folders[which]), dtype=mx.float32, **loading)
+    pipeline = H15.HunyuanVideo15Pipeline if which == "t2v15" else H.HunyuanVideoPipeline
+    pipe = pipeline.from_pretrained(str(folders[which]), dtype=mx.float32, **loading)
     extra = dict(image=str(image)) if which == "i2v" else {}
     changes, measure = [], H._rel_l1  # the changes a step cache decides from, as it measures them
     H._rel_l1 = lambda a, b, split=None: changes.append(measure(a, b, split)) or changes[-1]
@@ -57,6 +61,6 @@ if __name__ == "__main__":
     names = sys.argv[5:] or [*SCENARIOS, "decode"]
     rank = mx.distributed.init().rank()
     for name in names:
-        latents, work = generate(name, {"t2v": folder, "i2v": i2v}, image)
+        latents, work = generate(name, {"t2v": folder, "i2v": i2v, "t2v15": Path(folder).parent / "t2v15"}, image)
         if rank == 0:
             np.savez(Path(out) / f"{name}.npz", latents=latents, work=json.dumps(work))

@@ -46,10 +46,15 @@ def launch(n, *args, cwd=None, timeout=240, wait=True):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny text-to-video and image-to-video checkpoints, an image, and one process's results of every scenario."""
+    """The tiny text-to-video and image-to-video checkpoints (and HunyuanVideo 1.5's, saved by diffusers' pipeline),
+    an image, and one process's results of every scenario."""
+    from test_hunyuanvideo15_pipeline import reference_pipeline
+
     root = tmp_path_factory.mktemp("distributed")
+    reference_pipeline(root / "hv15", 4.0)
+    (root / "hv15" / "ckpt").rename(root / "t2v15")  # beside t2v, where distributed_scenarios.py finds it
     folders = {"t2v": H.build_tiny_checkpoint(root / "t2v"),
-               "i2v": H.build_tiny_checkpoint(root / "i2v", image_condition="token_replace")}
+               "i2v": H.build_tiny_checkpoint(root / "i2v", image_condition="token_replace"), "t2v15": root / "t2v15"}
     image = root / "image.png"
     Image.fromarray((np.random.default_rng(0).random((120, 200, 3)) * 255).astype(np.uint8)).save(image)
     one = {name: D.generate(name, folders, image) for name in [*D.SCENARIOS, "decode"]}
@@ -78,7 +83,8 @@ def test_split_runs_equal_one_process(tiny, n):
     """Plain text to video, First-Block Cache at a threshold that skips some steps, Radial Attention (16-token
     blocks: 77-token frames cross them, and ranks' slices start inside them), true CFG without and with a step cache
     (CFG parallel at 2 ranks: each rank one branch; at 3, both branches split three ways), token-replace image to
-    video, an int8 DiT, and (at 2 ranks) the VAE's tiles shared: each within TOL of one process, the caches' steps the same; 3 ranks split the video's 308
+    video, an int8 DiT, HunyuanVideo 1.5 with true CFG (its four text encodings sent by rank 0), and (at 2 ranks) the
+    VAE's tiles shared: each within TOL of one process, the caches' steps the same; 3 ranks split the video's 308
     tokens 103, 103, 102."""
     names = [*D.SCENARIOS, *(["decode"] if n == 2 else [])]  # 27 tiles: a last round of one tile on 2 ranks
     one, split = tiny[3], split_run(tiny, n, names)
@@ -179,7 +185,7 @@ def test_killed_rank_stops_the_run_and_resume_finishes_it(tiny, tmp_path, monkey
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    said = [line for line in out.splitlines() if line.startswith("error:")]
+    said = errors(out)
     assert len(said) == 1 and re.search(r"rank 0 on \S+: rank 1 on \S+ stopped", said[0]), out[-3000:]
     assert "--resume" in out and checkpoint.exists() and not (tmp_path / "split.mp4").exists()
     done = launch(2, ROOT / "hunyuan_apple.py", "--resume", checkpoint, "--frames-dir", "resumed", cwd=tmp_path)
@@ -190,6 +196,12 @@ def test_killed_rank_stops_the_run_and_resume_finishes_it(tiny, tmp_path, monkey
                                                           "whole.mp4"]
     assert np.array_equal(frames_of(tmp_path / "resumed"), frames_of(tmp_path / "whole"))
     assert np.array_equal(mp4_frames(tmp_path / "split.mp4"), mp4_frames(tmp_path / "whole.mp4"))
+
+
+def errors(output):
+    """The error sentences the ranks said: each from "error: " to its line's end (mlx.launch writes its own notices
+    into the same stream, at times in the middle of a line it relays)."""
+    return re.findall(r"error: .*", output)
 
 
 def mp4_frames(path):
@@ -215,15 +227,15 @@ def test_ranks_that_differ_are_refused_before_loading(tiny, tmp_path):
     end); one that rank 1 alone refuses (its --model missing) is said by rank 1, and rank 0 names rank 1."""
     flags = ["--model", tiny[1]["t2v"], "--prompt", "a cat", "--steps", "2", "--output", "x.mp4", "--no-prompt-cache"]
     done = launch(2, rank_1_also(tmp_path, "--shift", "5"), *flags, cwd=tmp_path)
-    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    said = errors(done.stderr)
     assert len(said) == 1 and re.search(r"rank 1 on \S+ would make another video than rank 0 on \S+: the settings "
                                         r"differ \(shift\)", said[0]), done.stderr[-3000:]
     assert "loading the DiT" not in done.stderr and not list(tmp_path.glob("x*"))
     done = launch(2, ROOT / "hunyuan_apple.py", *flags, "--frames", "10", cwd=tmp_path)
-    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+    assert errors(done.stderr) == [
         "error: --frames 10: the frame count must be 4n+1 (1, 5, 9, ... 129); try 9."], done.stderr[-3000:]
     done = launch(2, rank_1_also(tmp_path, "--model", tmp_path / "nowhere"), *flags, cwd=tmp_path)
-    said = sorted(line for line in done.stderr.splitlines() if line.startswith("error:"))
+    said = sorted(errors(done.stderr))
     assert len(said) == 2 and re.fullmatch(r"error: rank 0 on \S+: rank 1 stopped, so every rank of the run stops\.",
                                            said[0]), done.stderr[-3000:]
     assert re.match(rf"error: rank 1 on \S+: the --model {tmp_path / 'nowhere'} does not exist", said[1]), said
