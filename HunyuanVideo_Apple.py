@@ -1265,6 +1265,11 @@ class HunyuanVideoTransformer(nn.Module):
         """The constructor's keywords read off the tensors' shapes (this model's names)."""
         return _transformer_shapes(weights)
 
+    @staticmethod
+    def diffusers_names():
+        """The rows that rename diffusers' layout to this model's names (a LoRA's keys too): _FROM_DIFFUSERS."""
+        return _FROM_DIFFUSERS
+
     saved = ("image_condition_type",)  # the settings a converted checkpoint's config.json keeps, besides RoPE's
 
     def settings(self):
@@ -2862,7 +2867,8 @@ _COMFY_NAMES = [(r"_mod\.lin$", "_mod.linear"), (r"(^|\.)modulation\.lin$", r"\1
                 (r"(time_in|guidance_in|t_embedder)\.out_layer$", r"\1.mlp.2"),
                 (r"c_embedder\.in_layer$", "c_embedder.linear_1"), (r"c_embedder\.out_layer$", "c_embedder.linear_2")]
 _DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
-                    "time_text_embed.", "norm_out.", "proj_out")
+                    "time_text_embed.", "norm_out.", "proj_out",
+                    "time_embed.", "context_embedder_2.", "image_embedder.")  # (the last three: HunyuanVideo 1.5's)
 
 # One LoRA piece of a layer: the parameter ("weight" or "bias") and its output rows [start, stop) it adds to
 # (stop None: to the end), down (r, in) or None, and up: (rows, r) already scaled, or the delta itself
@@ -2874,13 +2880,14 @@ def _lora_layers(model):
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _lora_target(module, layers, dim, flat):
+def _lora_target(module, layers, dim, flat, tables=_FROM_DIFFUSERS):
     """A LoRA key's module (prefix stripped) -> (Tencent layer, first row, last row or None, from diffusers), or
-    None where it names no layer of this DiT. flat: {kohya name: layer}."""
+    None where it names no layer of this DiT. flat: {kohya name: layer}. tables: the DiT's renaming from diffusers'
+    layout (its diffusers_names())."""
     if module.startswith("lora_unet_"):  # kohya: the module path with every '.' written '_'
         return (flat[module[10:]], 0, None, False) if module[10:] in flat else None
     if module.startswith(_DIFFUSERS_ROOTS):
-        for scope, target, table in _FROM_DIFFUSERS:
+        for scope, target, table in tables:
             m = _match_scope(scope, module + ".weight")
             if not m:
                 continue
@@ -2923,9 +2930,10 @@ def _linear_order(w):
     return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
 
 
-def read_lora(path, scale, layers, dim, ignore_unmatched=False):
+def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS):
     """A LoRA file (safetensors, or a weights-only .pt) -> {Tencent layer: [LoraPart, ...]} for a DiT whose
-    Linear layers are `layers` ({name: (out, in)}) and width `dim`. Keys that match no layer stop the load in
+    Linear layers are `layers` ({name: (out, in)}), width `dim` and renaming from diffusers' layout `tables` (its
+    diffusers_names()). Keys that match no layer stop the load in
     one sentence (a warning with ignore_unmatched); a LoRA that matches nothing, or whose shapes do not fit,
     is for another model and is refused either way."""
     path = given_file(path, "the LoRA", "a LoRA file (.safetensors, or a .pt)")
@@ -2939,7 +2947,7 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
     for key, value in tensors.items():
         name = next((key[len(p):] for p in _LORA_PREFIXES if key.startswith(p)), key)
         suffix = next((s for s in _LORA_SUFFIXES if name.endswith("." + s)), None)
-        target = suffix and _lora_target(name[:-len(suffix) - 1], layers, dim, flat)
+        target = suffix and _lora_target(name[:-len(suffix) - 1], layers, dim, flat, tables)
         if not target:
             unmatched.append(key)
         else:
@@ -2989,7 +2997,7 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False):
     return lora
 
 
-def read_loras(loras, layers, dim, ignore_unmatched=False):
+def read_loras(loras, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS):
     """[(file, scale) or file, ...] -> one {Tencent layer: [LoraPart, ...]} holding them all."""
     out, seen = {}, set()
     for item in loras:
@@ -2999,7 +3007,7 @@ def read_loras(loras, layers, dim, ignore_unmatched=False):
             raise HunyuanVideoError(f"the LoRA {where.name} is given twice: give it once, with the sum of the scales "
                                     f"if that is what you want.")
         seen.add(where)
-        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched).items():
+        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched, tables).items():
             out.setdefault(layer, []).extend(parts)
     return out
 
@@ -3142,7 +3150,7 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
                                 f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
     model = model_class(**sizes)
-    lora = read_loras(loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched)
+    lora = read_loras(loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched, model.diffusers_names())
     structure, prepare = _quantized_loading(config, quantization, quantize_modulation, source)
     if structure:
         structure(model)
@@ -4748,7 +4756,7 @@ class HunyuanVideoPipeline:
                    r.quantized_matmul, model=r.model)
         if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
             dit = pipe.dit_class(**pipe._dit_sizes())  # built lazily: no weights are made
-            read_loras(pipe.loras, _lora_layers(dit), dit.block_args[0], r.lora_ignore_unmatched)
+            read_loras(pipe.loras, _lora_layers(dit), dit.block_args[0], r.lora_ignore_unmatched, dit.diffusers_names())
         return pipe
 
     @property
