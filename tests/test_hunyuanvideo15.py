@@ -336,7 +336,8 @@ def test_a_lora_in_diffusers_layout_matches_the_reference(tmp_path):
     modules = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
                "transformer_blocks.1.attn.add_k_proj", "transformer_blocks.1.attn.to_out.0",
                "transformer_blocks.0.attn.to_add_out", "transformer_blocks.1.ff.net.0.proj",
-               "transformer_blocks.0.ff_context.net.2", "transformer_blocks.1.norm1.linear", "time_embed.timestep_embedder.linear_1",
+               "transformer_blocks.0.ff_context.net.2", "transformer_blocks.1.norm1.linear",
+               "time_embed.timestep_embedder.linear_1",
                "context_embedder_2.linear_3", "image_embedder.linear_1", "proj_out"]
     g = torch.Generator().manual_seed(6)
     lora = {}
