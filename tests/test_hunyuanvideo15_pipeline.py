@@ -97,3 +97,56 @@ def test_image_to_video_matches_diffusers(tmp_path, cfg_scale):
     assert set(pipe.stats) >= {"encode image", "image encoder", "text encoders", "denoise"}
     err = rel_err(np.array(out), expected)
     assert err <= TOL, f"relative error {err:.2e} > {TOL}"
+
+
+def test_first_block_cache_matches_diffusers_hook(tmp_path):
+    """First-Block Cache on 1.5 (the DiT alone, from the same text inputs and latents, 10 steps) against diffusers'
+    FirstBlockCacheConfig hook on HunyuanVideo15Pipeline's transformer, at a threshold where some steps are
+    skipped and some are not: the same steps computed (4 of 10 skipped), the final latents within 1.5e-5 (measured
+    1.4e-6; the uncached run is 0.067 away). diffusers 0.42.1 does not list 1.5's block among those its hooks know:
+    registered here with the 13B block's metadata (it returns the video's and the text's hidden states, in that
+    order)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
+
+    TransformerBlockRegistry.register(model_class=HunyuanVideo15TransformerBlock, metadata=TransformerBlockMetadata(
+        return_hidden_states_index=0, return_encoder_hidden_states_index=1))
+    ref = reference_pipeline(tmp_path, 1.0)
+    g = torch.Generator().manual_seed(9)
+    states, byt5 = torch.randn(1, 12, 32, generator=g), torch.randn(1, 6, 24, generator=g)
+    mask, byt5_mask = (torch.arange(12) < 9)[None].long(), (torch.arange(6) < 4)[None].long()
+    latents = torch.randn(1, 4, 2, 4, 6, generator=g)
+    steps = 10
+
+    def reference(threshold):
+        ran, step = [], [-1]  # one forward a step (no CFG): the step, counted as each forward starts
+        hooks = [ref.transformer.register_forward_pre_hook(lambda *a: step.__setitem__(0, step[0] + 1)),
+                 ref.transformer.transformer_blocks[-1].attn.register_forward_hook(lambda *a: ran.append(step[0]))]
+        ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        with torch.no_grad():
+            out = ref(prompt_embeds=states, prompt_embeds_mask=mask, prompt_embeds_2=byt5,
+                      prompt_embeds_mask_2=byt5_mask, num_frames=5, height=64, width=96, num_inference_steps=steps,
+                      latents=latents.clone(), output_type="latent")
+        ref.transformer.disable_cache()
+        for hook in hooks:
+            hook.remove()
+        return (out.frames if hasattr(out, "frames") else out[0]).permute(0, 2, 3, 4, 1).numpy(), \
+            [i in ran for i in range(steps)]
+
+    def ours(threshold):
+        pipe = H15.HunyuanVideo15Pipeline(tmp_path / "ckpt", dtypes=dict.fromkeys(("transformer", "vae",
+                                                                                  "text_encoders"), mx.float32))
+        text = tuple(mx.array(a.numpy()) for a in (states * mask[..., None], mask, byt5 * byt5_mask[..., None],
+                                                    byt5_mask))
+        out = pipe(text=text, height=64, width=96, frames=5, steps=steps, shift=5.0, cache="fbcache",
+                   cache_threshold=threshold, latents=mx.array(latents.permute(0, 2, 3, 4, 1).numpy()),
+                   output_type="latent")
+        return np.array(out), pipe.stats["work"]
+
+    threshold = next((t for t in (0.01, 0.03, 0.1, 0.3, 1.0) if 0 < ours(t)[1]["skipped"] < steps - 2), None)
+    assert threshold is not None, "no threshold gives a mix of skipped and computed steps"
+    (mine, work), (expected, computed) = ours(threshold), reference(threshold)
+    assert work["steps"] == computed and work["forwards"] == sum(computed)
+    err = rel_err(mine, expected)
+    assert err <= 1.5e-5, f"relative error {err:.2e}"
