@@ -4336,7 +4336,8 @@ def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
     return (heads * chunk * keys + queries * width) * itemsize if cpu else 0
 
 
-def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu, token_replace=False):
+def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu, token_replace=False,
+                     single=True, values=(64, 64)):
     """Peak activation bytes of one DiT forward. A block is evaluated in two halves, the attention first (its
     q, k, v are freed before the MLP runs), so its peak is the larger half. Per token, in elements:
       single block, attention half: its input and the [video ; text] concatenation it starts from (2D), the
@@ -4354,19 +4355,22 @@ def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsi
         output and copy (2D), projection and residual (2D), normed (D), fc1 and SiLU (2M), fc2 and residual
         (2D): 12D + 2M + text_dim.
     CPU: attention scores and the RMS norms' float32 temporaries in the attention half, a LayerNorm's in each.
-    Token replace modulates and gates in two parts joined: one more (N, D) copy in each half."""
+    Token replace modulates and gates in two parts joined: one more (N, D) copy in each half. single: the model has
+    single-stream blocks. values: (in, out), the DiT's input and output values per video token (13B: 64 and 64)."""
     b = itemsize
     ln = _cpu_norm_temporaries(tokens * D, b) if cpu else 0
     rms = _cpu_norm_temporaries(tokens * D, b, rms=True) if cpu else 0
     attention = _attention_bytes(heads, tokens, tokens, D, b, cpu) + ln + 2 * rms
     split = D if token_replace else 0
-    single = max(tokens * (14 * D + 2 * mlp + split) * b + attention, tokens * (8 * D + 2 * mlp + split) * b + ln)
+    single = max(tokens * (14 * D + 2 * mlp + split) * b + attention,
+                 tokens * (8 * D + 2 * mlp + split) * b + ln) if single else 0
     double = max(tokens * (16 * D + split) * b + attention, tokens * (9 * D + 2 * mlp + split) * b + ln)
     refiner = text * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, text, text, D, b, cpu)
     if cpu:
         refiner += _cpu_norm_temporaries(text * D, b)
-    # held throughout: the RoPE table, the text states (as encoded and cast), the latents and velocity
-    held = tokens * (D // heads) * 4 + text * text_dim * 2 * b + video_tokens * 64 * (8 + b)
+    # held throughout: the RoPE table, the text states (as encoded and cast), the latents and velocity in float32,
+    # the DiT's input
+    held = tokens * (D // heads) * 4 + text * text_dim * 2 * b + video_tokens * (8 * values[1] + b * values[0])
     return max(single, double, refiner) + held
 
 
@@ -4405,6 +4409,52 @@ def _vae_activations(frames, height, width, tile, chans, itemsize, cpu):
     return act + video * (3 * b + 4 + 1)
 
 
+def denoise_bytes(dit_info, sizes, video, text_tokens, itemsize, cpu, quantization=None, modulation=False,
+                  low_memory=False, steps=50, cfg=None, cache=None, cache_options=None, attention="dense",
+                  quantized_matmul="auto", ranks=1, token_replace=False, values=(64, 64)):
+    """The denoising phase's peak bytes on each rank, for a DiT of this module's blocks (13B's; 1.5's too): dit_info
+    its tensors' (shape, dtype) by name, sizes its constructor's keywords, `video` and `text_tokens` its tokens,
+    itemsize its dtype's bytes; the settings are estimate_memory's; values: the DiT's input and output values per
+    video token (_dit_activations)."""
+    branches, videos = (2, 2 if cfg == "batched" else 1) if cfg in ("batched", "sequential") else (1, 1)
+    split = ranks // 2 if cfg == "parallel" else ranks  # the ranks that share one branch's tokens
+    heads, D, b = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"], itemsize
+
+    def weigh(**keep):
+        return _weights_bytes(dit_info, quantization, modulation, itemsize=b, **keep)
+    # the modulation weights are never all held: each block's is read to make its table, then dropped
+    dit = weigh(keep=lambda k: not _is_modulation(k))
+    first = ("double_blocks.0.", "transformer_blocks.0.")
+    if low_memory:  # the blocks stay on disk but for the one running (and its float copy while quantizing)
+        blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+        dit = min(dit, weigh(keep=lambda k: not k.startswith(blocks)) + 2 * weigh(keep=lambda k: k.startswith(first)))
+    single = sizes.get("num_single_layers", 0)
+    table = branches * steps * D * (12 * sizes["num_layers"] + 3 * single) * b
+    making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + branches * 12 * D * steps * b
+    local = -(-video // split)  # this rank's video tokens
+    denoise = dit + table + max(making, videos * _dit_activations(
+        local + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"], b,
+        cpu, token_replace, single > 0, values))
+    if split > 1:  # every rank's keys and values, gathered (padded to one slice each) and joined with the text's
+        denoise += videos * 2 * (split * local + video + text_tokens) * D * b
+    # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
+    # two between steps, MagCache one, and each the blocks' video input during a step), or for EasyCache four
+    # latent-sized ones (values[1] a token); one cache a branch
+    denoise += branches * ({"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D}.get(cache, 0) * local +
+                           (4 * values[1] * video if cache == "easycache" else 0)) * b
+    if cache == "taylorseer":  # order + 1 float32 factors of the output, twice while a full step updates them
+        order = {**TaylorSeer.options, **(cache_options or {})}["order"]
+        denoise += branches * (2 * (order + 1) * 4 + b) * values[1] * video
+    if quantization and dequantize_matmul(video, quantized_matmul):  # one block's weights dequantized at a time
+        denoise += max(sum(math.prod(shape) for k, (shape, _) in dit_info.items() if k.startswith(p) and
+                           not _is_modulation(k)) for p in first) * b
+    if attention == "radial":  # the gathered keys and values: at most twice k and v of one attention
+        denoise += videos * 2 * 2 * (video + text_tokens) * D * b
+    if cfg == "sequential":  # the prompt's velocity, kept while the negative prompt's is made, and in float32
+        denoise += video * values[1] * (b + 4)
+    return denoise
+
+
 def _backend():
     return "cpu" if mx.default_device() == mx.cpu else "gpu"
 
@@ -4428,9 +4478,6 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     folder, cpu = Path(folder), (backend or _backend()) == "cpu"
     size = {c: d.size for c, d in {**DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
     parts = _components(folder, hub, *transformer)
-    branches, videos = (2, 2 if cfg == "batched" else 1) if cfg in ("batched", "sequential") else (1, 1)
-    split = ranks // 2 if cfg == "parallel" else ranks  # the ranks that share one branch's tokens
-
     llm_info, llm_cfg = parts["text_encoder"]
     llava = llm_cfg.get("model_type") == "llava"  # image to video: LLaVA reads the prompt with the image
     llm = _sizes_of(LlamaTextEncoder, llm_cfg.get("text_config", {}) if llava else llm_cfg)
@@ -4471,44 +4518,13 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     dit_info, dit_cfg = parts["transformer"]
     sizes = _sizes_of(HunyuanVideoTransformer, dit_cfg, dit_info, _transformer_shapes,
                       transformer[0] or folder / "transformer", "transformer")
-    heads, D = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"]
-    video = math.prod(patch_grid(height, width, num_frames))
     # the text tokens: LLaVA's image states (every 4th or 2nd; a negative prompt's every 2nd) before the prompt's
     condition = sizes.get("image_condition_type")
     text_tokens = TEXT_LENGTH - 4 + IMAGE_TOKENS // (2 if cfg else IMAGE_EMBED_INTERLEAVE[condition]) \
         if llava and condition in IMAGE_EMBED_INTERLEAVE else TEXT_LENGTH
-    def weigh(**keep):
-        return _weights_bytes(dit_info, quantization, modulation, itemsize=size["transformer"], **keep)
-    # the modulation weights are never all held: each block's is read to make its table, then dropped
-    dit = weigh(keep=lambda k: not _is_modulation(k))
-    first = ("double_blocks.0.", "transformer_blocks.0.")
-    if low_memory:  # the blocks stay on disk but for the one running (and its float copy while quantizing)
-        blocks = ("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks.")
-        dit = min(dit, weigh(keep=lambda k: not k.startswith(blocks)) + 2 * weigh(keep=lambda k: k.startswith(first)))
-    table = branches * steps * D * (12 * sizes["num_layers"] + 3 * sizes["num_single_layers"]) * size["transformer"]
-    making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + \
-        branches * 12 * D * steps * size["transformer"]
-    local = -(-video // split)  # this rank's video tokens
-    denoise = dit + table + max(making, videos * _dit_activations(
-        local + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"],
-        size["transformer"], cpu, token_replace=condition == "token_replace"))
-    if split > 1:  # every rank's keys and values, gathered (padded to one slice each) and joined with the text's
-        denoise += videos * 2 * (split * local + video + text_tokens) * D * size["transformer"]
-    # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
-    # two between steps, MagCache one, and each the blocks' video input during a step), or for EasyCache four
-    # latent-sized ones (64 values a token); one cache a branch
-    denoise += branches * ({"fbcache": 3 * D, "teacache": 3 * D, "magcache": 2 * D}.get(cache, 0) * local +
-                           (4 * 64 * video if cache == "easycache" else 0)) * size["transformer"]
-    if cache == "taylorseer":  # order + 1 float32 factors of 64 values a token, twice while a full step updates them
-        order = {**TaylorSeer.options, **(cache_options or {})}["order"]
-        denoise += branches * (2 * (order + 1) * 4 + size["transformer"]) * 64 * video
-    if quantization and dequantize_matmul(video, quantized_matmul):  # one block's weights dequantized at a time
-        denoise += max(sum(math.prod(shape) for k, (shape, _) in dit_info.items() if k.startswith(p) and
-                           not _is_modulation(k)) for p in first) * size["transformer"]
-    if attention == "radial":  # the gathered keys and values: at most twice k and v of one attention
-        denoise += videos * 2 * 2 * (video + text_tokens) * D * size["transformer"]
-    if cfg == "sequential":  # the prompt's velocity, kept while the negative prompt's is made, and in float32
-        denoise += video * 64 * (size["transformer"] + 4)
+    denoise = denoise_bytes(dit_info, sizes, math.prod(patch_grid(height, width, num_frames)), text_tokens,
+                            size["transformer"], cpu, quantization, modulation, low_memory, steps, cfg, cache,
+                            cache_options, attention, quantized_matmul, ranks, condition == "token_replace")
 
     vae_info, vae_cfg = parts["vae"]
     vae = _sizes_of(HunyuanVideoVAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
