@@ -4337,7 +4337,7 @@ def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
 
 
 def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu, token_replace=False,
-                     single=True, values=(64, 64)):
+                     single_blocks=True, values=(64, 64)):
     """Peak activation bytes of one DiT forward. A block is evaluated in two halves, the attention first (its
     q, k, v are freed before the MLP runs), so its peak is the larger half. Per token, in elements:
       single block, attention half: its input and the [video ; text] concatenation it starts from (2D), the
@@ -4355,15 +4355,15 @@ def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsi
         output and copy (2D), projection and residual (2D), normed (D), fc1 and SiLU (2M), fc2 and residual
         (2D): 12D + 2M + text_dim.
     CPU: attention scores and the RMS norms' float32 temporaries in the attention half, a LayerNorm's in each.
-    Token replace modulates and gates in two parts joined: one more (N, D) copy in each half. single: the model has
-    single-stream blocks. values: (in, out), the DiT's input and output values per video token (13B: 64 and 64)."""
+    Token replace modulates and gates in two parts joined: one more (N, D) copy in each half. single_blocks: the model
+    has single-stream blocks. values: (in, out), the DiT's input and output values per video token (13B: 64 and 64)."""
     b = itemsize
     ln = _cpu_norm_temporaries(tokens * D, b) if cpu else 0
     rms = _cpu_norm_temporaries(tokens * D, b, rms=True) if cpu else 0
     attention = _attention_bytes(heads, tokens, tokens, D, b, cpu) + ln + 2 * rms
     split = D if token_replace else 0
     single = max(tokens * (14 * D + 2 * mlp + split) * b + attention,
-                 tokens * (8 * D + 2 * mlp + split) * b + ln) if single else 0
+                 tokens * (8 * D + 2 * mlp + split) * b + ln) if single_blocks else 0
     double = max(tokens * (16 * D + split) * b + attention, tokens * (9 * D + 2 * mlp + split) * b + ln)
     refiner = text * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, text, text, D, b, cpu)
     if cpu:
@@ -4434,7 +4434,7 @@ def denoise_bytes(dit_info, sizes, video, text_tokens, itemsize, cpu, quantizati
     local = -(-video // split)  # this rank's video tokens
     denoise = dit + table + max(making, videos * _dit_activations(
         local + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"], b,
-        cpu, token_replace=token_replace, single=single > 0, values=values))
+        cpu, token_replace=token_replace, single_blocks=single > 0, values=values))
     if split > 1:  # every rank's keys and values, gathered (padded to one slice each) and joined with the text's
         denoise += videos * 2 * (split * local + video + text_tokens) * D * b
     # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache

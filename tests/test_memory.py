@@ -5,7 +5,7 @@ over budget refused before any weights load (with what would fit, changes combin
 Stated margin (CPU backend, where the tests run): each phase's estimate is at least its measured peak
 (mx.get_peak_memory) and at most 1.2x it for the DiT and the VAE, 1.4x for the text encoders, for every
 width below, at two sizes (the second tiled) with the default precisions (DiT bf16, VAE and text encoders fp16), and
-at the first in float32.
+at the first in float32; the streamed DiT's (--low-memory) at most 1.3x (see test_pipeline_low_memory).
 Nothing in the estimate was fitted to these runs: it counts the tensors the code allocates (see
 estimate_memory), and the widths differ in every component.
 
