@@ -10,7 +10,9 @@ One module, in the order data flows, holding only what 1.5 changes:
      states through 13B's token refiner, byT5's states and SigLIP's image tokens, each projected and tagged by a
      type embedding, every row reordered so that its valid tokens come first;
   3. the causal 3D VAE: 16x in space, 4x in time, 32 channels, tiled in space like the reference;
-  4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly.
+  4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly;
+  5. the memory plan: each phase's peak, counted before anything loads;
+  6. the pipeline: HunyuanVideo_Apple's, with 1.5's parts.
 Everything else is HunyuanVideo_Apple's, imported and not copied: the Llama layers, the double-stream block (1.5's
 separate q, k and v projections are fused at load, as 13B's diffusers layout is), attention and RoPE, the token
 refiner, the blocks' modulation tables, block streaming, quantization, the step caches' entry points (embed, blocks,
@@ -575,6 +577,7 @@ class VAEDecoder(nn.Module):
         for block in self.up_blocks:
             for layer in block.resnets + block.get("upsamplers", []):
                 x = layer(x)
+                mx.eval(x)  # one layer at a time: its temporaries freed before the next one's are made
         return self.conv_out(nn.silu(self.norm_out(x)))
 
 
@@ -770,12 +773,107 @@ def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Memory plan: each phase's peak, counted as HunyuanVideo_Apple counts 13B's, before anything loads
+# ---------------------------------------------------------------------------------------------------
+# The weights from the files' headers and the activations of what this code has alive at once, with
+# HunyuanVideo_Apple's pieces where the code is shared: the LLM's layers (_llm_activations, for Qwen, byT5 and
+# SigLIP alike), the DiT's double-stream blocks (denoise_bytes: no single-stream blocks, 65 values a video token in
+# and 32 out, a text stream of up to 1000 LLM, 256 byT5 and 729 image tokens). The VAE's decode is 1.5's own.
+
+def _decode_activations(frames, height, width, tile, chans, itemsize, cpu):
+    """Peak activation bytes of a tiled decode by HunyuanVideo15VAE. The largest tensors live at full resolution
+    (c0 = block_out[0] channels): in the upsampler into it, per output voxel, the convolution's output, its pixels
+    moved out, the input's channels repeated and moved, and the sum (4 c0); then in each resnet there, the input,
+    norm, SiLU, padded copy, conv1, norm, SiLU, padded copy, conv2 and the sum (10 c0 at most alive together). CPU:
+    each 3x3x3 convolution unfolds its input into 27 float32 columns per channel and output voxel, beside float32
+    copies of its padded input (6 at most), two such convolutions alive at once, and the norms' float32
+    temporaries. Then the decoded video, as HunyuanVideo_Apple's: the tiles, the blended rows and the clip in the
+    VAE's dtype, its float32 and uint8 conversions."""
+    c0 = chans[0]
+    t, h, w = frames, min(tile[1], height), min(tile[2], width)  # one tile's output: tiled in space only
+    voxels, padded = t * h * w, (t + 2) * (h + 2) * (w + 2)
+    act = 10 * c0 * voxels * itemsize + 2 * c0 * (padded - voxels) * itemsize
+    if cpu:
+        act += 2 * c0 * (27 * voxels + 6 * padded) * 4 + 2 * H._cpu_norm_temporaries(voxels * c0, itemsize, rms=True)
+    return act + frames * height * width * 3 * (3 * itemsize + 4 + 1)
+
+
+def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False, tile=VAE_TILE,
+                    low_memory=False, backend=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None,
+                    transformer=(None, None), cache_options=None, attention="dense", quantized_matmul="auto",
+                    ranks=1):
+    """Estimated peak bytes of each phase of a 1.5 generation, on each rank: {"text encoders", "denoise", "decode"},
+    and "image encoder" (SigLIP) for an image-to-video checkpoint. The settings are HunyuanVideo_Apple.
+    estimate_memory's."""
+    folder, cpu = Path(folder), (backend or H._backend()) == "cpu"
+    size = {c: d.size for c, d in {**H.DEFAULT_DTYPES, **(dtypes or {})}.items()}  # bytes per value
+    b = size["text_encoders"]
+    parts = H._components(folder, hub, *transformer)
+    out = {}
+
+    llm_info, llm_cfg = parts["text_encoder"]
+    llm = H._sizes_of(H.LlamaTextEncoder, llm_cfg.get("text_config", llm_cfg))
+    used = llm["num_hidden_layers"] - llm["skip_layers"]
+    named = {n: v for k, v in llm_info.items() if (n := _qwen_name(k)) is not None}
+    keep = lambda k: H._llm_keeps(k, used)  # noqa: E731
+    qwen = H._weights_bytes(named, quantization, dit=False, itemsize=b, keep=keep) + max(
+        H._cast_bytes(named, b, keep), H._llm_activations(
+            QWEN_LENGTH + QWEN_CROP_START, llm["hidden_size"], llm["intermediate_size"], llm["num_attention_heads"],
+            llm["num_key_value_heads"], b, cpu))
+    t5_info, t5_cfg = parts["text_encoder_2"]
+    t5 = H._sizes_of(T5Encoder, t5_cfg)
+    byt5 = H._weights_bytes(t5_info, dit=False, itemsize=b) + H._llm_activations(
+        BYT5_LENGTH, t5["d_model"], t5["d_ff"], t5["num_heads"], t5["num_heads"], b, cpu)
+    out["text encoders"] = max(qwen, byt5)  # Qwen is gone before byT5 loads
+    # the text encoders' outputs, held from then on: the prompt's and true CFG's negative prompt's (masks float32)
+    prompts = 2 if cfg else 1
+    encoded = prompts * ((QWEN_LENGTH * llm["hidden_size"] + BYT5_LENGTH * t5["d_model"]) * b +
+                         (QWEN_LENGTH + BYT5_LENGTH) * 4)
+
+    image_tokens = 0
+    if (folder / "image_encoder").is_dir():  # SigLIP: its weights, its largest tensor as stored while it loads, its
+        # layers over the image's tokens, its float32 pixels, its output; on the CPU the patch convolution's float32
+        # temporaries (the pixels unfolded, and in the model's dtype first, the weights, the output) and the final
+        # LayerNorm's
+        info, config = H._components(folder, hub, only=("image_encoder",))["image_encoder"]
+        sig = H._sizes_of(SiglipVisionTower, config.get("vision_config", config))
+        W, pixels = sig["hidden_size"], sig["image_size"] ** 2 * 3
+        image_tokens = (sig["image_size"] // sig["patch_size"]) ** 2
+        act = H._llm_activations(image_tokens, W, sig["intermediate_size"], sig["num_attention_heads"],
+                                 sig["num_attention_heads"], b, cpu) + pixels * 4 + image_tokens * W * b
+        if cpu:
+            act += pixels * (b + 4) + W * sig["patch_size"] ** 2 * 3 * 4 + image_tokens * W * 4 + \
+                H._cpu_norm_temporaries(image_tokens * W, b)
+        out["image encoder"] = encoded + H._weights_bytes(info, dit=False, itemsize=b) + max(
+            H._cast_bytes(info, b), act)
+
+    dit_info, dit_cfg = parts["transformer"]
+    sizes = H._sizes_of(HunyuanVideo15Transformer, dit_cfg, dit_info, _shapes, transformer[0] or folder /
+                        "transformer", "transformer")
+    video = math.prod(H.patch_grid(height, width, num_frames))
+    text = QWEN_LENGTH + BYT5_LENGTH + image_tokens
+    # held besides the LLM's states: byT5's and the image's, as encoded and cast (each prompt's, with true CFG)
+    held = prompts * (BYT5_LENGTH * sizes["text_embed_2_dim"] + image_tokens * sizes["image_embed_dim"]) * 2 * b
+    out["denoise"] = held + H.denoise_bytes(
+        dit_info, sizes, video, text, size["transformer"], cpu, quantization, modulation, low_memory, steps, cfg,
+        cache, cache_options, attention, quantized_matmul, ranks,
+        values=(sizes["in_channels"], sizes["out_channels"]), refined=QWEN_LENGTH)
+
+    vae_info, vae_cfg = parts["vae"]
+    vae = H._sizes_of(HunyuanVideo15VAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
+    out["decode"] = H._weights_bytes(vae_info, itemsize=size["vae"], dit=False) + _decode_activations(
+        num_frames, height, width, tile, vae["block_out_channels"], size["vae"], cpu)
+    if ranks > 1:  # the tiles of every rank, kept until they are blended (overlapping: at most twice the video)
+        out["decode"] += 2 * num_frames * height * width * 3 * size["vae"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # The pipeline: HunyuanVideo_Apple's, running 1.5's encoders, DiT and VAE
 # ---------------------------------------------------------------------------------------------------
 # The stream of events, the phases (each one's weights freed before the next), the sampler, true CFG, the step
 # caches, LoRAs, quantization, block streaming and several ranks are HunyuanVideo_Apple.HunyuanVideoPipeline's; this
-# class replaces what is the model's. For now: from the Python API, with no memory plan (Plan.memory is None, so
-# nothing is refused before loading) and true CFG's two branches one after the other. Image to video: the image is
+# class replaces what is the model's, and gives its memory plan (estimate_memory above). Image to video: the image is
 # fitted to the video's size (fit_image), its VAE latents go in as input channels (the first frame, with a mask) and
 # SigLIP's tokens of it into the text stream; the reference picks the size from the image (bucket_size), which the
 # caller passes as height and width.
@@ -790,6 +888,8 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     dit_class = HunyuanVideo15Transformer
     text_parts = ("states", "mask", "byt5", "byt5_mask")
     prompt_template = QWEN_TEMPLATE
+    estimate_memory = staticmethod(estimate_memory)
+    smaller_size = (480, 848)  # 480p
 
     def image_condition(self):
         """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says
@@ -800,14 +900,6 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
             task = config.get("task_type") or ("i2v" if (self.folder / "image_encoder").is_dir() else "t2v")
             self._condition = "latents_and_tokens" if task == "i2v" else None
         return self._condition
-
-    def plan(self, request, encode=True):
-        r = request
-        return H.Plan(r, self.cfg_mode(r.height, r.width, r.frames, r.cache, r.steps)
-                      if r.negative_prompt is not None and r.cfg_scale > 1 else None, None, None)
-
-    def _batch_fits(self, height, width, num_frames, steps):
-        return False  # true CFG's branches run as one batch only where the memory plan says so: 1.5 has none yet
 
     def _encode(self, items, progress=None):
         """The text encoders, inside the text encoders' phase: [(states, mask, byt5, byt5_mask)] for [(prompt, None,

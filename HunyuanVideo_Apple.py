@@ -4337,7 +4337,7 @@ def _attention_bytes(heads, queries, keys, width, itemsize, cpu):
 
 
 def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsize, cpu, token_replace=False,
-                     single_blocks=True, values=(64, 64)):
+                     single_blocks=True, values=(64, 64), refined=None, batch=1):
     """Peak activation bytes of one DiT forward. A block is evaluated in two halves, the attention first (its
     q, k, v are freed before the MLP runs), so its peak is the larger half. Per token, in elements:
       single block, attention half: its input and the [video ; text] concatenation it starts from (2D), the
@@ -4356,7 +4356,10 @@ def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsi
         (2D): 12D + 2M + text_dim.
     CPU: attention scores and the RMS norms' float32 temporaries in the attention half, a LayerNorm's in each.
     Token replace modulates and gates in two parts joined: one more (N, D) copy in each half. single_blocks: the model
-    has single-stream blocks. values: (in, out), the DiT's input and output values per video token (13B: 64 and 64)."""
+    has single-stream blocks. values: (in, out), the DiT's input and output values per video token (13B: 64 and 64).
+    refined: the text tokens the refiner reads (and whose states, of width text_dim, are held), where not all of the
+    text stream's (1.5's other sources join it after the refiner). batch: the videos in one forward (true CFG's
+    branches batched: 2), all of the above each but the RoPE table, which they share."""
     b = itemsize
     ln = _cpu_norm_temporaries(tokens * D, b) if cpu else 0
     rms = _cpu_norm_temporaries(tokens * D, b, rms=True) if cpu else 0
@@ -4365,13 +4368,14 @@ def _dit_activations(tokens, text, video_tokens, D, heads, mlp, text_dim, itemsi
     single = max(tokens * (14 * D + 2 * mlp + split) * b + attention,
                  tokens * (8 * D + 2 * mlp + split) * b + ln) if single_blocks else 0
     double = max(tokens * (16 * D + split) * b + attention, tokens * (9 * D + 2 * mlp + split) * b + ln)
-    refiner = text * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, text, text, D, b, cpu)
+    refined = text if refined is None else refined
+    refiner = refined * (12 * D + 2 * mlp + text_dim) * b + _attention_bytes(heads, refined, refined, D, b, cpu)
     if cpu:
-        refiner += _cpu_norm_temporaries(text * D, b)
+        refiner += _cpu_norm_temporaries(refined * D, b)
     # held throughout: the RoPE table, the text states (as encoded and cast), the latents and velocity in float32,
     # the DiT's input
-    held = tokens * (D // heads) * 4 + text * text_dim * 2 * b + video_tokens * (8 * values[1] + b * values[0])
-    return max(single, double, refiner) + held
+    held = refined * text_dim * 2 * b + video_tokens * (8 * values[1] + b * values[0])
+    return batch * (max(single, double, refiner) + held) + tokens * (D // heads) * 4
 
 
 def _llm_activations(tokens, W, I, heads, kv_heads, itemsize, cpu):
@@ -4411,11 +4415,10 @@ def _vae_activations(frames, height, width, tile, chans, itemsize, cpu):
 
 def denoise_bytes(dit_info, sizes, video, text_tokens, itemsize, cpu, quantization=None, modulation=False,
                   low_memory=False, steps=50, cfg=None, cache=None, cache_options=None, attention="dense",
-                  quantized_matmul="auto", ranks=1, token_replace=False, values=(64, 64)):
+                  quantized_matmul="auto", ranks=1, token_replace=False, values=(64, 64), refined=None):
     """The denoising phase's peak bytes on each rank, for a DiT of this module's blocks (13B's; 1.5's too): dit_info
     its tensors' (shape, dtype) by name, sizes its constructor's keywords, `video` and `text_tokens` its tokens,
-    itemsize its dtype's bytes; the settings are estimate_memory's; values: the DiT's input and output values per
-    video token (_dit_activations)."""
+    itemsize its dtype's bytes; the settings are estimate_memory's; values and refined: _dit_activations'."""
     branches, videos = (2, 2 if cfg == "batched" else 1) if cfg in ("batched", "sequential") else (1, 1)
     split = ranks // 2 if cfg == "parallel" else ranks  # the ranks that share one branch's tokens
     heads, D, b = sizes["num_attention_heads"], sizes["num_attention_heads"] * sizes["attention_head_dim"], itemsize
@@ -4431,10 +4434,11 @@ def denoise_bytes(dit_info, sizes, video, text_tokens, itemsize, cpu, quantizati
     single = sizes.get("num_single_layers", 0)
     table = branches * steps * D * (12 * sizes["num_layers"] + 3 * single) * b
     making = weigh(keep=lambda k: _is_modulation(k) and k.startswith(first)) + branches * 12 * D * steps * b
+    loading = _cast_bytes(dit_info, b, lambda k: not _is_modulation(k))  # a tensor as stored beside its cast
     local = -(-video // split)  # this rank's video tokens
-    denoise = dit + table + max(making, videos * _dit_activations(
+    denoise = dit + table + max(making, loading, _dit_activations(
         local + text_tokens, text_tokens, video, D, heads, int(D * sizes["mlp_ratio"]), sizes["text_embed_dim"], b,
-        cpu, token_replace=token_replace, single_blocks=single > 0, values=values))
+        cpu, token_replace=token_replace, single_blocks=single > 0, values=values, refined=refined, batch=videos))
     if split > 1:  # every rank's keys and values, gathered (padded to one slice each) and joined with the text's
         denoise += videos * 2 * (split * local + video + text_tokens) * D * b
     # what a step cache keeps, in the DiT's dtype: video-token tensors of width D (First-Block Cache and TeaCache
@@ -4618,32 +4622,34 @@ class OverBudget(HunyuanVideoError):
 
 def check_memory(folder, height, width, num_frames, quantization=None, modulation=False, low_memory=False,
                  budget=None, dtypes=None, hub=None, cache=None, steps=50, cfg=None, transformer=(None, None),
-                 rewrite=None, cache_options=None, attention="dense", quantized_matmul="auto", ranks=1):
+                 rewrite=None, cache_options=None, attention="dense", quantized_matmul="auto", ranks=1,
+                 estimate=estimate_memory, smaller=(544, 960)):
     """Refuse, in one sentence, a request whose estimated peak does not fit (with 10% to spare), naming what
-    would fit: the fewest changes that do (a quantization, low_memory, a smaller size), together where no
-    single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise. Nothing
-    is loaded. rewrite: (model, prompt) when the prompt is rewritten first, a phase of its own (estimate_rewrite)."""
+    would fit: the fewest changes that do (a quantization, low_memory, the smaller size (height, width)), together
+    where no single one is enough, and fewer frames only where nothing else fits; return the estimate otherwise.
+    Nothing is loaded. rewrite: (model, prompt) when the prompt is rewritten first, a phase of its own
+    (estimate_rewrite). estimate: the model's estimate_memory (HunyuanVideo 1.5's for its checkpoints)."""
     budget = budget or available_memory()
     request = dict(height=height, width=width, num_frames=num_frames, quantization=quantization,
                    modulation=modulation, low_memory=low_memory, dtypes=dtypes, hub=hub, cache=cache, steps=steps,
                    cfg=cfg, transformer=transformer, cache_options=cache_options, attention=attention,
                    quantized_matmul=quantized_matmul, ranks=ranks)
     first = {"rewrite": estimate_rewrite(*rewrite)} if rewrite else {}
-    est = {**first, **estimate_memory(folder, **request)}
+    est = {**first, **estimate(folder, **request)}
     phase = max(est, key=est.get)
     if est[phase] <= 0.9 * budget:
         return est
 
     def fits(change):
-        return max({**first, **estimate_memory(folder, **{**request, **change})}.values()) <= 0.9 * budget
+        return max({**first, **estimate(folder, **{**request, **change})}.values()) <= 0.9 * budget
 
     bits = QUANTIZATIONS.get(quantization, {"bits": 16})["bits"]
     levers = [(f"{{quantization}} {q}", dict(quantization=q)) for q in ("int8", "int4")
               if QUANTIZATIONS[q]["bits"] < bits]
     if not low_memory:
         levers.append(("{low_memory}", dict(low_memory=True)))
-    if height * width > 544 * 960:
-        levers.append(("{resolution} 544 960", dict(height=544, width=960)))
+    if height * width > smaller[0] * smaller[1]:
+        levers.append((f"{{resolution}} {smaller[0]} {smaller[1]}", dict(height=smaller[0], width=smaller[1])))
     combos = [combo for n in range(len(levers) + 1) for combo in itertools.combinations(levers, n)
               if sum(flag.startswith("{quantization}") for flag, _ in combo) <= 1]
     options = []
@@ -4726,10 +4732,13 @@ class HunyuanVideoPipeline:
         self.ranks = world()
 
     # What is the model's (HunyuanVideo15_Apple.HunyuanVideo15Pipeline replaces them): its DiT, the names of the
-    # text encoders' outputs (in the prompt cache's entries) and the template that reads a prompt.
+    # text encoders' outputs (in the prompt cache's entries), the template that reads a prompt, its memory plan's
+    # estimate and the size the plan suggests when a larger one does not fit.
     dit_class = HunyuanVideoTransformer
     text_parts = ("states", "mask", "pooled")
     prompt_template = PROMPT_TEMPLATE
+    estimate_memory = staticmethod(estimate_memory)
+    smaller_size = (544, 960)
 
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
@@ -4853,7 +4862,10 @@ class HunyuanVideoPipeline:
             video = self.encode_video(_video_frames(r.video), r.height, r.width, r.frames, progress=progress)
         image = self.encode_image(image, r.height, r.width) if image is not None else None
         with self._phase("denoise"):
-            x = yield from self._denoise(r, plan.cfg, text, latents, resume, video, image, progress)
+            try:
+                x = yield from self._denoise(r, plan.cfg, text, latents, resume, video, image, progress)
+            finally:
+                _rope_table.cache_clear()  # the steps' RoPE table goes with their phase
         yield Denoised(x, r, self.stats["work"])
         yield Decoded(self.decode(x, progress=progress))
 
@@ -4919,7 +4931,8 @@ class HunyuanVideoPipeline:
                                                                                       self.transformer_hub),
                                   rewrite=rewrite, cache_options=cache_options(r), attention=r.attention,
                                   quantized_matmul=self.quantized_matmul or "auto",
-                                  ranks=self.ranks.size if self.ranks else 1), None)
+                                  ranks=self.ranks.size if self.ranks else 1, estimate=self.estimate_memory,
+                                  smaller=self.smaller_size), None)
         except OverBudget as e:
             return Plan(r, cfg, None, e)
 
@@ -4938,9 +4951,10 @@ class HunyuanVideoPipeline:
 
     def _batch_fits(self, height, width, num_frames, steps):
         """Whether the memory plan says true CFG's two branches fit as one batch."""
-        est = estimate_memory(self.folder, height, width, num_frames, self.quantization, self.quantize_modulation,
-                              low_memory=self.low_memory, dtypes=self.dtypes, hub=self.hub, steps=steps,
-                              cfg="batched", transformer=(self.transformer, self.transformer_hub))
+        est = self.estimate_memory(self.folder, height, width, num_frames, self.quantization,
+                                   self.quantize_modulation, low_memory=self.low_memory, dtypes=self.dtypes,
+                                   hub=self.hub, steps=steps, cfg="batched",
+                                   transformer=(self.transformer, self.transformer_hub))
         return est["denoise"] <= 0.9 * available_memory()
 
     # ---- the phases ----

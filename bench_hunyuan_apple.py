@@ -185,18 +185,23 @@ def bench_phases(args, sizes):
                 print(f"{q:>9} {s:>14} {name:>14} {sec:>9.3f} {peak:>8.3g}")
 
 
+def _write_header(folder, name, params, config):
+    """A component's folder: its tensors as a safetensors header without data (bf16, as released), its config."""
+    d = folder / name
+    d.mkdir(parents=True)
+    header = {k: {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [0, 0]} for k, v in params.items()}
+    raw = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (d / "config.json").write_text(json.dumps(config))
+
+
 def header_only_checkpoint(folder, image_condition=None):
     """The real model's components as safetensors headers without data (and configs): enough for the memory
     plan, which reads only names, shapes and dtypes. MLX builds the models lazily, so this costs nothing.
     image_condition: HunyuanVideo-I2V's ("token_replace", or "latent_concat": 33 input channels), with LLaVA's
     vision tower and projector in the text encoder."""
     def write(name, params, config):
-        d = folder / name
-        d.mkdir(parents=True)
-        header = {k: {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [0, 0]} for k, v in params.items()}
-        raw = json.dumps(header).encode()
-        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
-        (d / "config.json").write_text(json.dumps(config))
+        _write_header(folder, name, params, config)
     vae = {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout, as the files have it
            for k, v in tree_flatten(H.HunyuanVideoVAE().parameters())}
     llm = dict(tree_flatten(H.LlamaTextEncoder(skip_layers=0).parameters()))
@@ -216,6 +221,46 @@ def header_only_checkpoint(folder, image_condition=None):
     write("transformer", H._checkpoint_weights(dit), dict(image_condition_type=image_condition))
     write("vae", vae, {})
     return folder
+
+
+def header_only_checkpoint15(folder, i2v=False):
+    """HunyuanVideo 1.5's components as header_only_checkpoint writes 13B's: Qwen2.5-VL-7B's language model, byT5
+    (Glyph-SDXL-v2's byt5-small), the DiT, the VAE, and for image to video SigLIP's vision tower (so400m-patch14-384):
+    the real sizes, the modules' own names (those the loaders read)."""
+    import HunyuanVideo15_Apple as H15
+    qwen = dict(model_type="qwen2_5_vl_text", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6)
+    llm = H.LlamaTextEncoder(**{**H._hf_sizes(H.LlamaTextEncoder, qwen), "attention_bias": True, "skip_layers": 0})
+    _write_header(folder, "text_encoder", {**dict(tree_flatten(llm.parameters())), "norm.weight": mx.zeros((3584,))},
+                  qwen)
+    _write_header(folder, "text_encoder_2", dict(tree_flatten(H15.T5Encoder().parameters())),
+                  dict(model_type="t5", d_model=1472, d_ff=3584, d_kv=64, num_heads=6, num_layers=12, vocab_size=384,
+                       feed_forward_proj="gated-gelu"))
+    dit = H15.HunyuanVideo15Transformer(task_type="i2v" if i2v else "t2v")
+    _write_header(folder, "transformer", H._checkpoint_weights(dit), dict(task_type=dit.task_type))
+    vae = {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout, as the files have it
+           for k, v in tree_flatten(H15.HunyuanVideo15VAE().parameters())}
+    _write_header(folder, "vae", vae, {})
+    if i2v:
+        tower = {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
+                 for k, v in tree_flatten(H15.SiglipVisionTower().parameters())}
+        _write_header(folder, "image_encoder", tower, dict(model_type="siglip_vision_model"))
+    return folder
+
+
+def print_plan15(settings):
+    """The memory plan of HunyuanVideo 1.5 at full size (header-only files, GPU estimates): each phase's GiB."""
+    import HunyuanVideo15_Apple as H15
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {kind: header_only_checkpoint15(Path(tmp) / kind, kind == "I2V") for kind in ("T2V", "I2V")}
+        print(f"{'HunyuanVideo 1.5':>16} {'model':>5} {'precision':>9} {'true CFG':>10} {'text GiB':>8} "
+              f"{'image GiB':>9} {'denoise GiB':>11} {'decode GiB':>10} {'peak GiB':>8}   (derived estimates for a "
+              f"GPU: Metal or CUDA; 50 steps)")
+        for s, q, cfg, kind in settings:
+            est = H15.estimate_memory(folders[kind], *parse_size(s), q, backend="gpu", cfg=cfg)
+            image = f"{est['image encoder'] / H.GB:>9.1f}" if "image encoder" in est else f"{'-':>9}"
+            print(f"{s:>16} {kind:>5} {q or 'bf16':>9} {cfg or 'no':>10} {est['text encoders'] / H.GB:>8.1f} {image} "
+                  f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
 
 
 def print_plan(settings):
@@ -476,6 +521,10 @@ PLAN = [("544x960x129", None, False), ("720x1280x129", None, False), ("480x848x2
         ("720x1280x129", None, False, None, "token_replace"), ("544x960x129", None, False, None, "latent_concat"),
         ("720x1280x129", None, False, None, "latent_concat"), ("720x1280x129", "int8", False, None, "token_replace")]
 # (size, quantization, --low-memory[, true CFG[, image-to-video conditioning]])
+PLAN15 = [(size, q, cfg, "T2V") for size in ("480x848x121", "720x1280x121") for q in (None, "int8", "int4")
+          for cfg in ("sequential", None)] + [(size, None, "sequential", "I2V") for size in ("480x848x121",
+                                                                                          "720x1280x121")]
+# HunyuanVideo 1.5: (size, quantization, true CFG (the base checkpoints; None: CFG-distilled), T2V or I2V)
 
 
 # Several machines: published figures the projection uses (docs/several-machines.md lists them)
@@ -620,7 +669,8 @@ def run(ap, args):
     if args.work:
         return print_work(args, args.sizes or (["96x160x9"] if args.tiny else WORK_SIZES))
     if args.plan:
-        return print_plan(PLAN)
+        print_plan(PLAN)
+        return print_plan15(PLAN15)
     if args.radial:
         return print_radial(args.sizes or ["768x1280x117", "544x960x129", "720x1280x129"])
     if args.page:

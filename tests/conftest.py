@@ -192,3 +192,47 @@ def run_to_end(events, stop=None):
     finally:
         events.close()
     return seen
+
+
+def hunyuanvideo15_reference(folder, cfg_scale, i2v=False, heads=2, head_dim=16, llm=32,
+                             block_out=(8, 16, 16, 16, 16), siglip=(12, 28, 7)):
+    """A tiny HunyuanVideo15Pipeline (or its image-to-video one, with SigLIP), randomly initialised, saved to
+    folder / "ckpt" in diffusers' layout: Qwen2.5's real vocabulary, 4 LLM layers of width llm, byT5 of width 24,
+    a DiT of 2 blocks of heads x head_dim, a VAE of block_out channels and 4 latent ones, SigLIP (width, image size,
+    patch) = siglip. Returns the reference pipeline."""
+    from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
+                           HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline,
+                           HunyuanVideo15Transformer3DModel)
+    from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipImageProcessorPil,
+                              SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel)
+    tok = make_qwen_tokenizer(folder / "tokenizer_src")
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tok), hidden_size=llm, intermediate_size=3 * llm // 2, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_parameters=rope))
+    byt5_tok = ByT5Tokenizer()
+    byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tok), d_model=24, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
+                                   feed_forward_proj="gated-gelu"))
+    axis = 3 * head_dim // 8  # the RoPE's height and width sections; time gets the rest
+    dit = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim,
+        rope_axes_dim=(head_dim - 2 * axis, axis, axis), num_layers=2, num_refiner_layers=1, text_embed_dim=llm,
+        text_embed_2_dim=24, image_embed_dim=siglip[0], task_type="i2v" if i2v else "t2v", target_size=80)
+    vae = AutoencoderKLHunyuanVideo15(block_out_channels=block_out, layers_per_block=1, latent_channels=4)
+    parts = dict(
+        text_encoder=randomize(qwen, 0).eval(), tokenizer=tok, transformer=randomize(dit, 1).eval(),
+        vae=randomize(vae, 2).eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        text_encoder_2=randomize(byt5, 3).eval(), tokenizer_2=byt5_tok,
+        guider=ClassifierFreeGuidance(guidance_scale=cfg_scale))
+    if i2v:
+        width, size, patch = siglip
+        tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=width, intermediate_size=2 * width,
+                                                     num_hidden_layers=2, num_attention_heads=2, image_size=size,
+                                                     patch_size=patch))
+        pipe = HunyuanVideo15ImageToVideoPipeline(**parts, image_encoder=randomize(tower, 4).eval(),
+                                                  feature_extractor=SiglipImageProcessorPil(
+                                                      size={"height": size, "width": size}))
+    else:
+        pipe = HunyuanVideo15Pipeline(**parts)
+    pipe.save_pretrained(folder / "ckpt")
+    return pipe

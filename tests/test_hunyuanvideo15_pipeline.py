@@ -11,50 +11,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import make_qwen_tokenizer, randomize, rel_err
-from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
-                       HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
+from conftest import hunyuanvideo15_reference as reference_pipeline
+from conftest import rel_err
 from PIL import Image
-from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipImageProcessorPil,
-                          SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel)
 
 import HunyuanVideo15_Apple as H15
 
 TOL = 5e-5
 SIZE = dict(height=64, width=96, frames=5)  # latents 2 x 4 x 6, 32 channels -> 4 here
-
-
-def reference_pipeline(folder, cfg_scale, i2v=False):
-    """A tiny HunyuanVideo15Pipeline (or its image-to-video one, with SigLIP), randomly initialised, saved to
-    folder in diffusers' layout."""
-    tok = make_qwen_tokenizer(folder / "tokenizer_src")
-    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]}
-    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-6, rope_parameters=rope))
-    byt5_tok = ByT5Tokenizer()
-    byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tok), d_model=24, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
-                                   feed_forward_proj="gated-gelu"))
-    dit = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6),
-        num_layers=2, num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=12,
-        task_type="i2v" if i2v else "t2v", target_size=80)
-    vae = AutoencoderKLHunyuanVideo15(block_out_channels=(8, 16, 16, 16, 16), layers_per_block=1, latent_channels=4)
-    parts = dict(
-        text_encoder=randomize(qwen, 0).eval(), tokenizer=tok, transformer=randomize(dit, 1).eval(),
-        vae=randomize(vae, 2).eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        text_encoder_2=randomize(byt5, 3).eval(), tokenizer_2=byt5_tok,
-        guider=ClassifierFreeGuidance(guidance_scale=cfg_scale))
-    if i2v:
-        siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=12, intermediate_size=24, num_hidden_layers=2,
-                                                      num_attention_heads=2, image_size=28, patch_size=7))
-        pipe = HunyuanVideo15ImageToVideoPipeline(**parts, image_encoder=randomize(siglip, 4).eval(),
-                                                  feature_extractor=SiglipImageProcessorPil(
-                                                      size={"height": 28, "width": 28}))
-    else:
-        pipe = HunyuanVideo15Pipeline(**parts)
-    pipe.save_pretrained(folder / "ckpt")
-    return pipe
 
 
 @pytest.mark.parametrize("cfg_scale", [6.0, 1.0], ids=["true-cfg", "cfg-distilled"])
