@@ -10,7 +10,8 @@ One module, in the order data flows, holding only what 1.5 changes:
      states through 13B's token refiner, byT5's states and SigLIP's image tokens, each projected and tagged by a
      type embedding, every row reordered so that its valid tokens come first;
   3. the causal 3D VAE: 16x in space, 4x in time, 32 channels, tiled in space like the reference;
-  4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly;
+  4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly; the offline demos (tiny15,
+     tiny15-i2v), tiny random checkpoints in diffusers' layout;
   5. the memory plan: each phase's peak, counted before anything loads;
   6. the pipeline: HunyuanVideo_Apple's, with 1.5's parts.
 Everything else is HunyuanVideo_Apple's, imported and not copied: the Llama layers, the double-stream block (1.5's
@@ -28,12 +29,14 @@ import gc
 import json
 import math
 import re
+import shutil
 from collections import namedtuple
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 import HunyuanVideo_Apple as H
 
@@ -773,6 +776,75 @@ def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The offline demos: tiny random HunyuanVideo 1.5s in the real layout
+# ---------------------------------------------------------------------------------------------------
+
+def build_tiny_checkpoint(folder, seed=0, i2v=False):
+    """A tiny random-weight HunyuanVideo 1.5 in diffusers' layout (HunyuanVideo_Apple.build_tiny_checkpoint's
+    counterpart, "tiny15" and "tiny15-i2v"): every component the real checkpoint has, in the same format and layout,
+    built without torch or network, so the whole path runs in seconds; its videos are noise. The tokenizers: a
+    word-level one in Qwen's chat tokens, and byT5's (bytes: it has no vocabulary file). i2v: image to video, with
+    SigLIP and its image processor. Built in a temporary folder, then renamed."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.random.seed(seed)
+    words = re.findall(r"\w+|[^\w\s]", re.sub(r"<\|\w+\|>", " ", QWEN_TEMPLATE)) + H._TINY_WORDS.split()
+    n_qwen = H._word_tokenizer(words, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], "$A", False, 2048,
+                               tmp / "tokenizer")
+    H._transformers().ByT5Tokenizer().save_pretrained(tmp / "tokenizer_2")
+    # widths are multiples of 64, so that quantization has layers to quantize here too
+    qwen = dict(vocab_size=n_qwen, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6)
+    llm = H.LlamaTextEncoder(**qwen, attention_bias=True, skip_layers=0)  # all layers, as the real file has them
+    H._save_component(tmp / "text_encoder", {**dict(tree_flatten(llm.parameters())), "norm.weight": mx.ones((64,))},
+                      {"model_type": "qwen2_5_vl_text", "architectures": ["Qwen2_5_VLTextModel"], **qwen})
+    t5 = dict(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    H._save_component(tmp / "text_encoder_2", dict(tree_flatten(T5Encoder(**t5).parameters())),
+                      {"model_type": "t5", "architectures": ["T5EncoderModel"], **t5})
+    sig = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+               patch_size=14)
+    # 4 latent channels (the real VAE's 32 exceed a tiny decoder's widest level): 4 + 4 + 1 DiT inputs
+    dit_cfg = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                   num_refiner_layers=1, text_embed_dim=64, text_embed_2_dim=32, image_embed_dim=32,
+                   rope_axes_dim=[8, 12, 12], target_size=160, task_type="i2v" if i2v else "t2v")
+    dit = HunyuanVideo15Transformer(**dit_cfg)  # byT5's projection at its fixed width (2048), as diffusers has it
+    H._save_component(tmp / "transformer", H._to_diffusers(H._checkpoint_weights(dit), _FROM_DIFFUSERS),
+                      {"_class_name": "HunyuanVideo15Transformer3DModel", **dit_cfg},
+                      "diffusion_pytorch_model.safetensors")
+    vae_cfg = dict(block_out_channels=[8, 16, 16, 16, 16], layers_per_block=1, latent_channels=4)
+    vae = tree_flatten(HunyuanVideo15VAE(**vae_cfg).parameters())  # in PyTorch's layouts, as load_vae reads them
+    H._save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else
+                                    v.reshape(-1, 1, 1, 1) if k.endswith(".gamma") else v for k, v in vae},
+                      {"_class_name": "AutoencoderKLHunyuanVideo15", "scaling_factor": 1.03682, **vae_cfg},
+                      "diffusion_pytorch_model.safetensors")
+    if i2v:
+        tower = {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v  # PyTorch's Conv2d layout
+                 for k, v in tree_flatten(SiglipVisionTower(**sig).parameters())}
+        W, I = sig["hidden_size"], sig["intermediate_size"]  # the pooling head the real file has (and 1.5 leaves)
+        tower.update({f"head.{k}": mx.random.normal(shape) * 0.02 for k, shape in {
+            "probe": (1, 1, W), "attention.in_proj_weight": (3 * W, W), "attention.in_proj_bias": (3 * W,),
+            "attention.out_proj.weight": (W, W), "attention.out_proj.bias": (W,), "layernorm.weight": (W,),
+            "layernorm.bias": (W,), "mlp.fc1.weight": (I, W), "mlp.fc1.bias": (I,), "mlp.fc2.weight": (W, I),
+            "mlp.fc2.bias": (W,)}.items()})
+        H._save_component(tmp / "image_encoder", tower, {"model_type": "siglip_vision_model", **sig})
+        (tmp / "feature_extractor").mkdir()
+        (tmp / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "SiglipImageProcessor", "size": {"height": 56, "width": 56}, "resample": 3,
+             "rescale_factor": 1 / 255, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 5.0}))
+    kind = "HunyuanVideo15ImageToVideoPipeline" if i2v else "HunyuanVideo15Pipeline"
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": kind, "tiny_demo": True,
+                                                      "hunyuan_apple_version": H.__version__}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------
 # Memory plan: each phase's peak, counted as HunyuanVideo_Apple counts 13B's, before anything loads
 # ---------------------------------------------------------------------------------------------------
 # The weights from the files' headers and the activations of what this code has alive at once, with
@@ -890,6 +962,10 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     prompt_template = QWEN_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (480, 848)  # 480p
+    unused_settings = {"guidance": "HunyuanVideo 1.5 embeds no guidance scale; leave it out (its base checkpoints "
+                                   "take true CFG: {negative_prompt} and {cfg_scale})."}
+    image_models = ("tiny15-i2v, or a 1.5 I2V checkpoint such as "
+                    "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v")
 
     def image_condition(self):
         """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says

@@ -2363,7 +2363,29 @@ def cache_dir():
     return Path(os.environ.get("HUNYUAN_APPLE_CACHE") or Path.home() / ".cache" / "hunyuan_apple").expanduser()
 
 
-TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace"}  # the offline demos: text to video, image to video
+# the offline demos: text to video, image to video (HunyuanVideo 1.5's: tiny15, tiny15-i2v)
+TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace", "tiny15": None, "tiny15-i2v": "latents_and_tokens"}
+
+
+def is_hunyuanvideo15(folder):
+    """Whether a checkpoint folder (diffusers' layout) is a HunyuanVideo 1.5: its model_index.json or its DiT's
+    config.json names 1.5's classes."""
+    for name in ("model_index.json", "transformer/config.json"):
+        try:
+            if json.loads((Path(folder) / name).read_text()).get("_class_name", "").startswith("HunyuanVideo15"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def _pipeline_class(model):
+    """The pipeline class of a model (a name or folder) where it can be told before loading: HunyuanVideo 1.5's for
+    its demos and local 1.5 folders, else this module's."""
+    if str(model) in ("tiny15", "tiny15-i2v") or is_hunyuanvideo15(Path(str(model)).expanduser()):
+        import HunyuanVideo15_Apple as H15  # it imports this module
+        return H15.HunyuanVideo15Pipeline
+    return HunyuanVideoPipeline
 
 
 def is_tiny(model):
@@ -3516,7 +3538,7 @@ def _word_tokenizer(words, specials, template, lowercase, max_length, folder):
         tk.normalizer = normalizers.Lowercase()
     tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(s, vocab[s]) for s in specials
                                                                                       if s in template])
-    bos, eos = template.split()[0], specials[-1]
+    bos, eos = next((t for t in template.split() if t in specials), None), specials[-1]  # Qwen's has no BOS
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=eos, unk_token="<unk>",
                                   model_max_length=max_length, padding_side="right")
     tok.save_pretrained(folder)
@@ -3594,13 +3616,17 @@ def build_tiny_checkpoint(folder, seed=0, image_condition=None):
 
 
 def tiny_checkpoint(name="tiny"):
-    """The tiny demo checkpoint of this version ("tiny", or "tiny-i2v": image to video by token replace), built in
-    cache_dir() on first use (a few MB, seconds)."""
+    """The tiny demo checkpoint of this version ("tiny", or "tiny-i2v": image to video by token replace; "tiny15" and
+    "tiny15-i2v": HunyuanVideo 1.5's), built in cache_dir() on first use (a few MB, seconds)."""
     folder = cache_dir() / f"{name}-{__version__}"
     if not (folder / "model_index.json").exists():
         print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
         try:
-            build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
+            if name.startswith("tiny15"):
+                import HunyuanVideo15_Apple as H15  # it imports this module
+                H15.build_tiny_checkpoint(folder, i2v=name == "tiny15-i2v")
+            else:
+                build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
         except OSError as e:
             raise HunyuanVideoError(f"cannot build the tiny demo checkpoint in {folder} ({e.strerror or e}): set "
                                     f"HUNYUAN_APPLE_CACHE to a writable folder.") from None
@@ -3976,7 +4002,8 @@ SETTINGS = {
     "preset": Setting(None, tuple(PRESETS), "loading", "Preset", "a checkpoint of the family with its own settings: "
                       + "; ".join(f"{k}: {p['about']}" for k, p in PRESETS.items()) + " (settings given too win)"),
     "model": Setting(DEFAULT_MODEL, str, "loading", "Model", "a local folder in the diffusers layout, a hub id, or "
-                     "'tiny' / 'tiny-i2v' for the offline demos (text / image to video)"),
+                     "'tiny' / 'tiny-i2v' for the offline demos (text / image to video; HunyuanVideo 1.5's: 'tiny15' / "
+                     "'tiny15-i2v')"),
     "transformer": Setting(None, str, "loading", "Transformer", "the DiT from another checkpoint (a fine-tune): its "
                            "diffusers folder, a single .safetensors or .pt file, or a hub id; the rest from the model"),
     "loras": Setting([], list, "loading", "LoRAs", "LoRAs for the DiT, [file, scale] each: diffusers, original, "
@@ -4259,6 +4286,10 @@ def check_request(settings, pipe=None, text=False):
     must agree) and whose checkpoint's rules apply (an image for an image-to-video one). text: the text encodings
     are given, so no prompt is needed."""
     r = settings if isinstance(settings, Request) else Request(**_resolved(dict(settings), pipe, text))
+    kind = pipe if pipe is not None else _pipeline_class(r.model)
+    unused = [k for k in kind.unused_settings if isinstance(settings, dict) and settings.get(k) is not None]
+    if unused:
+        raise HunyuanVideoError(f"{{{unused[0]}}} {settings[unused[0]]}: {kind.unused_settings[unused[0]]}")
     if pipe is None:
         return r
     differ = [k for k, v in pipe.loading.items() if getattr(r, k) != v]
@@ -4271,7 +4302,7 @@ def check_request(settings, pipe=None, text=False):
         raise HunyuanVideoError(f"{r.model} is an image-to-video checkpoint: give {{image}}.")
     if r.image is not None and not condition:
         raise HunyuanVideoError(f"{r.model} is a text-to-video checkpoint, which takes no image: leave {{image}} "
-                                f"out, or use an image-to-video one (HunyuanVideo-I2V, the skyreels-i2v {{preset}}).")
+                                f"out, or use an image-to-video one ({pipe.image_models}).")
     if condition == "latent_concat" and r.frames < 5:
         raise HunyuanVideoError(f"{{frames}} {r.frames}: this checkpoint's video leaves out its first 4 frames; ask "
                                 f"for 5 or more (4n+1).")
@@ -4733,12 +4764,15 @@ class HunyuanVideoPipeline:
 
     # What is the model's (HunyuanVideo15_Apple.HunyuanVideo15Pipeline replaces them): its DiT, the names of the
     # text encoders' outputs (in the prompt cache's entries), the template that reads a prompt, its memory plan's
-    # estimate and the size the plan suggests when a larger one does not fit.
+    # estimate, the size the plan suggests when a larger one does not fit, the settings it has no use for (refused
+    # when given, with why) and where its image-to-video checkpoints are.
     dit_class = HunyuanVideoTransformer
     text_parts = ("states", "mask", "pooled")
     prompt_template = PROMPT_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (544, 960)
+    unused_settings = {}
+    image_models = "HunyuanVideo-I2V, the skyreels-i2v {preset}"
 
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
@@ -4775,6 +4809,8 @@ class HunyuanVideoPipeline:
                 raise HunyuanVideoError(f"the {{transformer}} {transformer} does not exist: pass a DiT's folder or "
                                         f"file, a hub id, or a file in a hub repository (owner/name/path).")
             transformer, transformer_hub = _download(transformer, weights=False, transformer_only=True), transformer
+        if cls is HunyuanVideoPipeline:  # 1.5's pipeline, from its own module, for a 1.5 checkpoint
+            cls = _pipeline_class(folder)
         pipe = cls(folder, {component: DTYPES[getattr(r, f"{c}_dtype")] for c, component in _DTYPE_SETTINGS},
                    r.quantization, r.quantize_modulation, r.low_memory, hub, prompt_cache, r.loras,
                    r.lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub,

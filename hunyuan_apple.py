@@ -3,6 +3,7 @@
     python hunyuan_apple.py --prompt "a cat walks on the grass" --quality 540p --aspect-ratio 16:9 --frames 13
     python hunyuan_apple.py --model tiny --prompt "a cat"          # offline demo: tiny random weights, noise video
     python hunyuan_apple.py --model tiny-i2v --image cat.png --prompt "a cat"    # the image-to-video demo
+    python hunyuan_apple.py --model tiny15 --prompt "a cat"        # HunyuanVideo 1.5's demos: tiny15, tiny15-i2v
     python hunyuan_apple.py --prompt "..." --lora style.safetensors:0.8 --negative-prompt "blurry" --cfg-scale 6
     python hunyuan_apple.py --prompt "..." --video input.mp4 --strength 0.7     # video to video
     python hunyuan_apple.py --model hunyuanvideo-community/HunyuanVideo-I2V --image cat.png --prompt "..."
