@@ -779,13 +779,27 @@ def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
 # The offline demos: tiny random HunyuanVideo 1.5s in the real layout
 # ---------------------------------------------------------------------------------------------------
 
-def build_tiny_checkpoint(folder, seed=0, i2v=False):
+def vae_checkpoint_weights(vae):
+    """The VAE's tensors as diffusers' files hold them (load_vae's inverse): Conv3d (O, I, kt, kh, kw), the norms'
+    gamma (C, 1, 1, 1)."""
+    return {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v.reshape(-1, 1, 1, 1) if k.endswith(".gamma") else v
+            for k, v in tree_flatten(vae.parameters())}
+
+
+def siglip_checkpoint_weights(tower):
+    """SigLIP's tower's tensors as transformers' files hold them (load_image_encoder's inverse, less the pooling
+    head): the patch embedding as its Conv2d (O, I, kh, kw)."""
+    return {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v for k, v in tree_flatten(tower.parameters())}
+
+
+def build_tiny_checkpoint(folder, seed=0, image_condition=None):
     """A tiny random-weight HunyuanVideo 1.5 in diffusers' layout (HunyuanVideo_Apple.build_tiny_checkpoint's
     counterpart, "tiny15" and "tiny15-i2v"): every component the real checkpoint has, in the same format and layout,
     built without torch or network, so the whole path runs in seconds; its videos are noise. The tokenizers: a
-    word-level one in Qwen's chat tokens, and byT5's (bytes: it has no vocabulary file). i2v: image to video, with
-    SigLIP and its image processor. Built in a temporary folder, then renamed."""
-    folder = Path(folder)
+    word-level one in Qwen's chat tokens, and byT5's (bytes: it has no vocabulary file). image_condition
+    "latents_and_tokens": image to video, with SigLIP and its image processor. Built in a temporary folder, then
+    renamed."""
+    i2v, folder = image_condition is not None, Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -814,14 +828,11 @@ def build_tiny_checkpoint(folder, seed=0, i2v=False):
                       {"_class_name": "HunyuanVideo15Transformer3DModel", **dit_cfg},
                       "diffusion_pytorch_model.safetensors")
     vae_cfg = dict(block_out_channels=[8, 16, 16, 16, 16], layers_per_block=1, latent_channels=4)
-    vae = tree_flatten(HunyuanVideo15VAE(**vae_cfg).parameters())  # in PyTorch's layouts, as load_vae reads them
-    H._save_component(tmp / "vae", {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else
-                                    v.reshape(-1, 1, 1, 1) if k.endswith(".gamma") else v for k, v in vae},
+    H._save_component(tmp / "vae", vae_checkpoint_weights(HunyuanVideo15VAE(**vae_cfg)),
                       {"_class_name": "AutoencoderKLHunyuanVideo15", "scaling_factor": 1.03682, **vae_cfg},
                       "diffusion_pytorch_model.safetensors")
     if i2v:
-        tower = {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v  # PyTorch's Conv2d layout
-                 for k, v in tree_flatten(SiglipVisionTower(**sig).parameters())}
+        tower = siglip_checkpoint_weights(SiglipVisionTower(**sig))
         W, I = sig["hidden_size"], sig["intermediate_size"]  # the pooling head the real file has (and 1.5 leaves)
         tower.update({f"head.{k}": mx.random.normal(shape) * 0.02 for k, shape in {
             "probe": (1, 1, W), "attention.in_proj_weight": (3 * W, W), "attention.in_proj_bias": (3 * W,),
@@ -966,6 +977,7 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
                                    "take true CFG: {negative_prompt} and {cfg_scale})."}
     image_models = ("tiny15-i2v, or a 1.5 I2V checkpoint such as "
                     "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v")
+    build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)
 
     def image_condition(self):
         """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says

@@ -3622,11 +3622,7 @@ def tiny_checkpoint(name="tiny"):
     if not (folder / "model_index.json").exists():
         print(f"building the tiny offline demo checkpoint in {folder} (once; its videos are noise)", file=sys.stderr)
         try:
-            if name.startswith("tiny15"):
-                import HunyuanVideo15_Apple as H15  # it imports this module
-                H15.build_tiny_checkpoint(folder, i2v=name == "tiny15-i2v")
-            else:
-                build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
+            _pipeline_class(name).build_tiny_checkpoint(folder, image_condition=TINY_MODELS[name])
         except OSError as e:
             raise HunyuanVideoError(f"cannot build the tiny demo checkpoint in {folder} ({e.strerror or e}): set "
                                     f"HUNYUAN_APPLE_CACHE to a writable folder.") from None
@@ -4286,10 +4282,11 @@ def check_request(settings, pipe=None, text=False):
     must agree) and whose checkpoint's rules apply (an image for an image-to-video one). text: the text encodings
     are given, so no prompt is needed."""
     r = settings if isinstance(settings, Request) else Request(**_resolved(dict(settings), pipe, text))
-    kind = pipe if pipe is not None else _pipeline_class(r.model)
-    unused = [k for k in kind.unused_settings if isinstance(settings, dict) and settings.get(k) is not None]
-    if unused:
-        raise HunyuanVideoError(f"{{{unused[0]}}} {settings[unused[0]]}: {kind.unused_settings[unused[0]]}")
+    if not isinstance(settings, Request):  # the settings given that the model has no use for
+        kind = pipe if pipe is not None else _pipeline_class(r.model)
+        unused = [k for k in kind.unused_settings if settings.get(k) is not None]
+        if unused:
+            raise HunyuanVideoError(f"{{{unused[0]}}} {settings[unused[0]]}: {kind.unused_settings[unused[0]]}")
     if pipe is None:
         return r
     differ = [k for k, v in pipe.loading.items() if getattr(r, k) != v]
@@ -4765,7 +4762,7 @@ class HunyuanVideoPipeline:
     # What is the model's (HunyuanVideo15_Apple.HunyuanVideo15Pipeline replaces them): its DiT, the names of the
     # text encoders' outputs (in the prompt cache's entries), the template that reads a prompt, its memory plan's
     # estimate, the size the plan suggests when a larger one does not fit, the settings it has no use for (refused
-    # when given, with why) and where its image-to-video checkpoints are.
+    # when given, with why), where its image-to-video checkpoints are and what builds its offline demos.
     dit_class = HunyuanVideoTransformer
     text_parts = ("states", "mask", "pooled")
     prompt_template = PROMPT_TEMPLATE
@@ -4773,6 +4770,7 @@ class HunyuanVideoPipeline:
     smaller_size = (544, 960)
     unused_settings = {}
     image_models = "HunyuanVideo-I2V, the skyreels-i2v {preset}"
+    build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)  # its offline demos (TINY_MODELS)
 
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):

@@ -200,8 +200,6 @@ def header_only_checkpoint(folder, image_condition=None):
     plan, which reads only names, shapes and dtypes. MLX builds the models lazily, so this costs nothing.
     image_condition: HunyuanVideo-I2V's ("token_replace", or "latent_concat": 33 input channels), with LLaVA's
     vision tower and projector in the text encoder."""
-    def write(name, params, config):
-        _write_header(folder, name, params, config)
     vae = {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout, as the files have it
            for k, v in tree_flatten(H.HunyuanVideoVAE().parameters())}
     llm = dict(tree_flatten(H.LlamaTextEncoder(skip_layers=0).parameters()))
@@ -211,15 +209,15 @@ def header_only_checkpoint(folder, image_condition=None):
         llava = H.LlavaTextEncoder(dict(text, vocab_size=128320), {}, 128257, 128258)
         weights = {k: v for k, v in tree_flatten(llava.parameters()) if not k.startswith("language_model.")}
         weights.update({"language_model." + k: v for k, v in llm.items()})
-        write("text_encoder", weights, dict(model_type="llava", text_config=text, vision_config={},
-                                            image_token_index=128257, pad_token_id=128258))
+        _write_header(folder, "text_encoder", weights, dict(model_type="llava", text_config=text, vision_config={},
+                                                            image_token_index=128257, pad_token_id=128258))
     else:
-        write("text_encoder", {**llm, "norm.weight": mx.zeros((4096,))}, text)
-    write("text_encoder_2", dict(tree_flatten(H.CLIPTextEncoder().parameters())), {})
+        _write_header(folder, "text_encoder", {**llm, "norm.weight": mx.zeros((4096,))}, text)
+    _write_header(folder, "text_encoder_2", dict(tree_flatten(H.CLIPTextEncoder().parameters())), {})
     dit = H.HunyuanVideoTransformer(image_condition_type=image_condition,
                                     in_channels=33 if image_condition == "latent_concat" else 16)
-    write("transformer", H._checkpoint_weights(dit), dict(image_condition_type=image_condition))
-    write("vae", vae, {})
+    _write_header(folder, "transformer", H._checkpoint_weights(dit), dict(image_condition_type=image_condition))
+    _write_header(folder, "vae", vae, {})
     return folder
 
 
@@ -238,13 +236,10 @@ def header_only_checkpoint15(folder, i2v=False):
                        feed_forward_proj="gated-gelu"))
     dit = H15.HunyuanVideo15Transformer(task_type="i2v" if i2v else "t2v")
     _write_header(folder, "transformer", H._checkpoint_weights(dit), dict(task_type=dit.task_type))
-    vae = {k: v.transpose(0, 4, 1, 2, 3) if v.ndim == 5 else v  # PyTorch's conv layout, as the files have it
-           for k, v in tree_flatten(H15.HunyuanVideo15VAE().parameters())}
-    _write_header(folder, "vae", vae, {})
+    _write_header(folder, "vae", H15.vae_checkpoint_weights(H15.HunyuanVideo15VAE()), {})
     if i2v:
-        tower = {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
-                 for k, v in tree_flatten(H15.SiglipVisionTower().parameters())}
-        _write_header(folder, "image_encoder", tower, dict(model_type="siglip_vision_model"))
+        _write_header(folder, "image_encoder", H15.siglip_checkpoint_weights(H15.SiglipVisionTower()),
+                      dict(model_type="siglip_vision_model"))
     return folder
 
 
