@@ -329,6 +329,7 @@ class HunyuanVideo15Transformer(H.HunyuanVideoTransformer):
     timestep_r (B,) mean-flow's second timestep (its checkpoints only), or None."""
 
     diffusers_class = "HunyuanVideo15Transformer3DModel"
+    family = "HunyuanVideo 1.5"
     saved = ("target_size", "task_type")
 
     def __init__(self, in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
@@ -792,6 +793,35 @@ def siglip_checkpoint_weights(tower):
     return {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v for k, v in tree_flatten(tower.parameters())}
 
 
+def checkpoint_settings(model):
+    """A local 1.5 folder's own settings, read from its files before anything loads, as the reference's pipelines
+    take them: the flow shift (scheduler/scheduler_config.json), true CFG's scale (guider/guider_config.json: 6 on
+    the base checkpoints, 1 on the distilled ones), 121 frames, and the 16:9 size at the DiT's target_size
+    (transformer/config.json; target_size kept too: image to video takes the image's aspect). {} for a name that
+    is not a folder."""
+    folder = Path(str(model)).expanduser()
+    if not folder.is_dir():
+        return {}
+
+    def read(name):
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+    out = {"frames": 121}
+    shift = read("scheduler/scheduler_config.json").get("shift")
+    scale = read("guider/guider_config.json").get("guidance_scale")
+    target = read("transformer/config.json").get("target_size")
+    if isinstance(shift, (int, float)):
+        out["shift"] = float(shift)
+    if isinstance(scale, (int, float)):
+        out["cfg_scale"] = float(scale)
+    if isinstance(target, int) and target >= 16:
+        out["target_size"] = target
+        out["height"], out["width"] = bucket_size(9, 16, target)
+    return out
+
+
 def build_tiny_checkpoint(folder, seed=0, image_condition=None):
     """A tiny random-weight HunyuanVideo 1.5 in diffusers' layout (HunyuanVideo_Apple.build_tiny_checkpoint's
     counterpart, "tiny15" and "tiny15-i2v"): every component the real checkpoint has, in the same format and layout,
@@ -978,6 +1008,9 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     image_models = ("tiny15-i2v, or a 1.5 I2V checkpoint such as "
                     "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v")
     build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)
+    checkpoint_settings = staticmethod(checkpoint_settings)
+    bucket_size = staticmethod(bucket_size)
+    image_fit = "cropped"  # fit_image keeps the middle of an image, scaled to cover the video
 
     def image_condition(self):
         """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says

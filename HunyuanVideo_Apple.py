@@ -1254,6 +1254,7 @@ class HunyuanVideoTransformer(nn.Module):
         self.final_layer = FinalLayer(dim, out_channels * self.patch[0] * self.patch[1] * self.patch[2])
 
     diffusers_class = "HunyuanVideoTransformer3DModel"  # the _class_name of its config.json in diffusers' layout
+    family = "HunyuanVideo (13B)"  # what a DiT file or LoRA of another of the family's models is told (dit_family)
 
     @staticmethod
     def names(weights):
@@ -2284,19 +2285,27 @@ class GuidedDiT:
         n = states.shape[0]  # B, or 2B with true CFG
         # the reference makes the guidance in the DiT's dtype: 6.0 x 1000 is 6016 in bf16
         self.guidance = mx.full((n,), guidance_scale, dtype=model.dtype) * 1000 if "guidance_in" in model else None
+        self.mean_flow = "time_r_in" in model  # 1.5's mean-flow checkpoints: the next step's timestep, not guidance
         # pooled: CLIP's vector (B, 768), or in its place another model's inputs (a tuple of arrays or None: 1.5's)
         self.states, self.vector = states.astype(model.dtype), _each(pooled, lambda a: a.astype(model.dtype))
         self.tables = None  # every step's modulation, computed now (its weights never all held), or at each step
         if precompute:
             first_frame = model.first_frame_conditioning(self.vector) if condition == "token_replace" else None
             self.tables = model.modulation_tables(mx.stack([model.conditioning(timestep(s, n), self.vector,
-                                                                               self.guidance) for s in sigmas[:-1]]),
-                                                  first_frame)
+                                                                               self.second(i, n))
+                                                            for i, s in enumerate(sigmas[:-1])]), first_frame)
         self.branches = [slice(None)] if batched or cfg_scale is None else [slice(0, B), slice(B, 2 * B)]
         counts = mask.sum(axis=1)
         self.tokens = [video_tokens + int(counts[rows].max().item()) for rows in self.branches]  # video + text
         if pair is not None:
             self.branches = [self.branches[pair.rank]]
+
+    def second(self, i, n, rows=slice(None)):
+        """The DiT's second input at step i for n rows: 13B's embedded guidance; a mean-flow DiT's (1.5's with
+        use_meanflow) timestep of the step it moves to, 0 at the last (as the references pass timestep_r)."""
+        if self.mean_flow:
+            return timestep(self.sigmas[i + 1], n)
+        return None if self.guidance is None else self.guidance[rows]
 
     def __call__(self, inputs, i, ledger):
         model, B = self.model, self.B
@@ -2306,8 +2315,7 @@ class GuidedDiT:
         done = []
         for rows, forward in zip(self.branches, self.forwards):
             args = (mx.broadcast_to(inputs, (k, *inputs.shape[1:])).astype(model.dtype), timestep(self.sigmas[i], k),
-                    self.states[rows], self.mask[rows], _each(self.vector, lambda a: a[rows]),
-                    None if self.guidance is None else self.guidance[rows],
+                    self.states[rows], self.mask[rows], _each(self.vector, lambda a: a[rows]), self.second(i, k, rows),
                     None if self.tables is None else self.tables.at(i, rows), radial, self.split)
             v, ran = forward(model, args, i, self.steps)
             mx.eval(v)  # what made it is freed before the other branch runs
@@ -2381,8 +2389,9 @@ def is_hunyuanvideo15(folder):
 
 def _pipeline_class(model):
     """The pipeline class of a model (a name or folder) where it can be told before loading: HunyuanVideo 1.5's for
-    its demos and local 1.5 folders, else this module's."""
-    if str(model) in ("tiny15", "tiny15-i2v") or is_hunyuanvideo15(Path(str(model)).expanduser()):
+    its demos, hunyuanvideo-community's 1.5 checkpoints and local 1.5 folders, else this module's."""
+    if str(model) in ("tiny15", "tiny15-i2v") or str(model).startswith(HUNYUANVIDEO15_HUB) \
+            or is_hunyuanvideo15(Path(str(model)).expanduser()):
         import HunyuanVideo15_Apple as H15  # it imports this module
         return H15.HunyuanVideo15Pipeline
     return HunyuanVideoPipeline
@@ -2952,15 +2961,19 @@ def _linear_order(w):
     return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
 
 
-def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS):
+def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS, family=None):
     """A LoRA file (safetensors, or a weights-only .pt) -> {Tencent layer: [LoraPart, ...]} for a DiT whose
-    Linear layers are `layers` ({name: (out, in)}), width `dim` and renaming from diffusers' layout `tables` (its
-    diffusers_names()). Keys that match no layer stop the load in
-    one sentence (a warning with ignore_unmatched); a LoRA that matches nothing, or whose shapes do not fit,
-    is for another model and is refused either way."""
+    Linear layers are `layers` ({name: (out, in)}), width `dim`, renaming from diffusers' layout `tables` (its
+    diffusers_names()) and family (its family, dit_family's words). Keys that match no layer stop the load in
+    one sentence (a warning with ignore_unmatched); a LoRA that matches nothing, whose shapes do not fit, or whose
+    keys are another of the family's models', is for another model and is refused either way."""
     path = given_file(path, "the LoRA", "a LoRA file (.safetensors, or a .pt)")
     scale = _lora_scale(scale, path.name)
     tensors, _ = _read_weights(path, "pass a LoRA .safetensors file")
+    made_for = dit_family(tensors)
+    if family and made_for and made_for != family:
+        raise HunyuanVideoError(f"the LoRA {path.name} is for {made_for}'s DiT, and this model is {family}: use a "
+                                f"LoRA made for {family}.")
     integers = sorted(k for k, v in tensors.items() if not mx.issubdtype(v.dtype, mx.floating))
     if integers:
         raise HunyuanVideoError(f"the LoRA {path.name} holds integer tensors ({', '.join(integers[:3])}): LoRAs are "
@@ -3019,8 +3032,10 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIF
     return lora
 
 
-def read_loras(loras, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS):
-    """[(file, scale) or file, ...] -> one {Tencent layer: [LoraPart, ...]} holding them all."""
+def read_loras(loras, model, ignore_unmatched=False):
+    """[(file, scale) or file, ...] -> one {Tencent layer: [LoraPart, ...]} holding them all, for model's DiT (its
+    layers, width, names and family; built lazily, its weights need not be there)."""
+    layers, dim, tables = _lora_layers(model), model.block_args[0], model.diffusers_names()
     out, seen = {}, set()
     for item in loras:
         path, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
@@ -3029,7 +3044,7 @@ def read_loras(loras, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSER
             raise HunyuanVideoError(f"the LoRA {where.name} is given twice: give it once, with the sum of the scales "
                                     f"if that is what you want.")
         seen.add(where)
-        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched, tables).items():
+        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched, tables, model.family).items():
             out.setdefault(layer, []).extend(parts)
     return out
 
@@ -3104,12 +3119,38 @@ def _tencent_names(weights):
     return weights
 
 
+# Which of the family's models a DiT's or a LoRA's tensor names are for, in any layout (diffusers', Tencent's,
+# ComfyUI's, kohya's underscores): 13B's DiT has single-stream blocks (and 20 double-stream ones), 1.5's has 54
+# double-stream blocks, no single-stream one, and modules of its own (byT5's and the image's projections, the
+# tokens' type embedding, mean-flow's timestep).
+_KEYS_13B = re.compile(r"single_(?:transformer_)?blocks[._]\d")
+_KEYS_15 = re.compile(r"byt5_in|cond_type_embed|context_embedder_2|vision_in|image_embedder|time_r_in"
+                      r"|(?:double|transformer)_blocks[._](?:[2-9]\d|\d{3})[._]")
+
+
+def dit_family(keys):
+    """"HunyuanVideo (13B)" or "HunyuanVideo 1.5": the model a DiT's or a LoRA's tensor names are for, or None
+    where they do not tell."""
+    names = "\n".join(keys)
+    return "HunyuanVideo (13B)" if _KEYS_13B.search(names) else "HunyuanVideo 1.5" if _KEYS_15.search(names) else None
+
+
 def _transformer_weights(source, model_class):
     """A transformer checkpoint's tensors under Tencent's names (lazy for safetensors), and its config."""
     weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
                                             ".pt or ComfyUI .safetensors file")
+    _check_family(weights, model_class, source)
     _check_class(config, model_class.diffusers_class, source, "transformer")
     return model_class.names(weights), config
+
+
+def _check_family(keys, model_class, source):
+    """One sentence if a DiT's tensor names are another of the family's models' than model_class's."""
+    family = dit_family(keys)
+    if family and family != model_class.family:  # the other model's DiT: its encoders and VAE are its own too
+        raise HunyuanVideoError(f"{source} is {family}'s DiT, and this model is {model_class.family}: its text "
+                                f"encoders and VAE are {family}'s too; give a {family} checkpoint as {{model}} (its "
+                                f"DiT as {{transformer}}, if you like).")
 
 
 _BLOCK_KEY = re.compile(r"(?:.+\.)?(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
@@ -3172,7 +3213,7 @@ def load_transformer(path, dtype=DEFAULT_DTYPES["transformer"], quantization=Non
         raise HunyuanVideoError(f"{source} has {sizes['attention_head_dim']}-wide heads and no config.json saying how "
                                 f"RoPE splits them: pass rope_axes_dim=(t, h, w) to load_transformer.")
     model = model_class(**sizes)
-    lora = read_loras(loras, _lora_layers(model), model.block_args[0], lora_ignore_unmatched, model.diffusers_names())
+    lora = read_loras(loras, model, lora_ignore_unmatched)
     structure, prepare = _quantized_loading(config, quantization, quantize_modulation, source)
     if structure:
         structure(model)
@@ -3508,6 +3549,8 @@ def _sizes_of(cls, config, info=None, read=None, source=None, what=None):
         found = _hf_sizes(cls, config)
     else:
         shapes = {k: mx.zeros(shape, mx.bfloat16) for k, (shape, _) in info.items()}
+        if issubclass(cls, HunyuanVideoTransformer):
+            _check_family(shapes, cls, source)
         found = _sizes(cls, read, cls.names(shapes) if issubclass(cls, HunyuanVideoTransformer) else
                        _strip_prefix(shapes), config, source, what)
     return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **found}
@@ -3679,16 +3722,19 @@ def _rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def check_image(image, height, width):
-    """The image, with a warning where it is far smaller than the video (stretched more than 4 times)."""
+def check_image(image, height, width, fitted="stretched"):
+    """The image, with a warning where it is far smaller than the video (enlarged more than 4 times), or of another
+    shape (fitted: what the model's reference does to it, "stretched" or "cropped": the middle of it, enlarged to
+    cover the video)."""
     if image.size[0] * 4 < width or image.size[1] * 4 < height:
         warnings.warn(HunyuanVideoWarning(f"the image is {image.size[0]} x {image.size[1]}, far smaller than the "
-                                          f"{width} x {height} video: it is stretched more than 4 times and the video "
+                                          f"{width} x {height} video: it is enlarged more than 4 times and the video "
                                           f"will be blurred; give a larger image."))
     if abs(math.log(image.size[0] / image.size[1] * height / width)) > math.log(1.25):
         warnings.warn(HunyuanVideoWarning(f"the image is {image.size[0]} x {image.size[1]} and the video {width} x "
-                                          f"{height}: the image is stretched to the video's shape (as the reference "
-                                          f"does); crop it, or choose a {{resolution}} of its aspect ratio."))
+                                          f"{height}: the image is {fitted} to the video's shape (as the reference "
+                                          f"does); crop it as you want it, or choose a {{resolution}} of its aspect "
+                                          f"ratio."))
     return image
 
 
@@ -3938,6 +3984,30 @@ PRESETS = {
 }
 PRESETS["skyreels-i2v"] = dict(PRESETS["skyreels"], transformer="Skywork/SkyReels-V1-Hunyuan-I2V", needs_image=True,
                                about="SkyReels-V1's image-to-video fine-tune (give an image), with its T2V settings")
+# HunyuanVideo 1.5's published checkpoints in hunyuanvideo-community's diffusers layout, each with the settings of
+# Tencent's README ("optimal inference configurations"): true CFG 6 on the base checkpoints and none on the
+# CFG-distilled ones (which it says need their 50 steps), flow shift 5 at 480p and 9 (T2V) or 7 (I2V) at 720p; the
+# step-distilled one 8 steps (made for 8 to 12), shift 7. 121 frames (generate.py's default), 16:9 at the
+# checkpoint's size; image to video takes the image's aspect, at about target_size^2 pixels (the reference's bucket).
+HUNYUANVIDEO15_HUB = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-"
+
+
+def _hunyuanvideo15_preset(variant, shift, cfg_scale, steps):
+    """The preset of a 1.5 checkpoint, by Tencent's name for it (its transformer/ folder): "480p_i2v_distilled"."""
+    i2v, hd, fewer = "i2v" in variant, variant.startswith("720p"), steps < 50
+    return dict(model=HUNYUANVIDEO15_HUB + variant, steps=steps, shift=float(shift), cfg_scale=float(cfg_scale),
+                frames=121, height=720 if hd else 480, width=1280 if hd else 848, target_size=960 if hd else 640,
+                needs_image=i2v, **({"most_steps": 12} if fewer else {}),
+                about=f"HunyuanVideo 1.5 {variant[:4]} {'image' if i2v else 'text'} to video"
+                      + (", step-distilled" if fewer else ", CFG-distilled" if cfg_scale == 1 else "")
+                      + f": {steps} steps, flow shift {shift}" + (", true CFG 6" if cfg_scale > 1 else "")
+                      + (", the image's aspect" if i2v else f", {'720x1280' if hd else '480x848'}") + ", 121 frames")
+
+
+PRESETS.update({"1.5-" + v.replace("_", "-"): _hunyuanvideo15_preset(v, *rest) for v, *rest in (
+    ("480p_t2v", 5, 6, 50), ("480p_i2v", 5, 6, 50), ("720p_t2v", 9, 6, 50), ("720p_i2v", 7, 6, 50),
+    ("480p_t2v_distilled", 5, 1, 50), ("480p_i2v_distilled", 5, 1, 50), ("720p_i2v_distilled", 7, 1, 50),
+    ("480p_i2v_step_distilled", 7, 1, 8))})
 TINY_DEMO = dict(height=96, width=160, frames=9, steps=8)  # the offline demos run in seconds at this size
 MAX_FRAMES = 129  # the model's longest clip (5.4 s at 24 fps); longer ones loop back to their start
 MAX_STEPS = 1000  # the sampler's schedule has 1000 timesteps; the modulation table grows with the steps
@@ -4111,11 +4181,22 @@ def _resolved(given, pipe, text):
         given = {**pipe.loading, **given}
     preset = dict(PRESETS.get(given.get("preset"), {}))
     model = given.get("model") or preset.get("model") or DEFAULT_MODEL
+    if given.get("preset") is None:  # a checkpoint a preset names alone, named by its hub id: the preset's settings
+        preset = dict(next((p for p in PRESETS.values() if p["model"] == model and "transformer" not in p), {}))
+    kind = _pipeline_class(model)
     defaults = {k: s.default for k, s in SETTINGS.items()}
+    own = {}
     if is_tiny(model):  # the demo's own DiT and sizes, a preset's other settings
         defaults.update(TINY_DEMO)
-        preset = {k: v for k, v in preset.items() if k not in ("height", "width", "frames", "transformer")}
-    defaults.update({k: v for k, v in preset.items() if k in SETTINGS})
+        preset = {k: v for k, v in preset.items() if k not in ("height", "width", "frames", "transformer",
+                                                                "target_size")}
+    else:  # a local checkpoint's own settings (1.5's folders name their shift, CFG scale and size)
+        own = kind.checkpoint_settings(model)
+    defaults.update({k: v for k, v in {**own, **preset}.items() if k in SETTINGS})
+    target = preset.get("target_size") or own.get("target_size")
+    if target and given.get("image") is not None and "height" not in given and "width" not in given:
+        picture = read_image(given["image"])  # image to video at the image's aspect, as the reference sizes it
+        defaults["height"], defaults["width"] = kind.bucket_size(picture.height, picture.width, target)
     video = given.get("video")
     if video is not None:  # video to video: the video's own size and length, up to 129 frames
         frames = _video_frames(video)
@@ -4192,6 +4273,10 @@ def _resolved(given, pipe, text):
     if f > MAX_FRAMES:
         warnings.warn(HunyuanVideoWarning(f"{{frames}} {f} is more than HunyuanVideo's longest clip ({MAX_FRAMES}): "
                                           f"past it the video tends to loop back to its start."))
+    if preset.get("most_steps") and s["steps"] > preset["most_steps"]:
+        warnings.warn(HunyuanVideoWarning(f"{{steps}} {s['steps']}: {s['preset'] or s['model']} is step-distilled, "
+                                          f"made for {preset['steps']} to {preset['most_steps']} steps; more take "
+                                          f"longer and may look worse."))
     if s["guidance"] > 20:
         warnings.warn(HunyuanVideoWarning(f"{{guidance}} {s['guidance']} is far above what HunyuanVideo is run with "
                                           f"(6.0 by default; its fine-tunes use 1 to 10)."))
@@ -4245,8 +4330,9 @@ def _resolved(given, pipe, text):
     # where it starts from: an image, a video
     if s["image"] is not None and video is not None:
         raise HunyuanVideoError("{image} and {video}: give one of them (an image to start from, or a video).")
-    if preset.get("needs_image") and s["image"] is None:
-        raise HunyuanVideoError(f"{{preset}} {s['preset']} makes video from an image: give {{image}}.")
+    if preset.get("needs_image") and s["image"] is None and s["prompt"] is not None:  # a generation (not loading)
+        what = f"{{preset}} {s['preset']}" if s["preset"] else s["model"]
+        raise HunyuanVideoError(f"{what} makes video from an image: give {{image}}.")
     if video is None and "strength" in given:
         raise HunyuanVideoError("{strength} applies to video to video: give {video} too.")
     if video is not None:
@@ -4258,7 +4344,7 @@ def _resolved(given, pipe, text):
         if problem:
             raise HunyuanVideoError(problem)
     if s["image"] is not None:
-        check_image(read_image(s["image"]), h, w)  # readable, and not far too small
+        check_image(read_image(s["image"]), h, w, kind.image_fit)  # readable, and not far too small
 
     # how it loads
     if s["quantized_matmul"] is not None and s["quantization"] is None:
@@ -4769,6 +4855,13 @@ class HunyuanVideoPipeline:
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (544, 960)
     unused_settings = {}
+    image_fit = "stretched"  # what the reference does to an image of another shape than the video (vae_pixels)
+
+    @staticmethod
+    def checkpoint_settings(model):
+        """A local checkpoint's own defaults, read from its files before loading: none for 13B's (SETTINGS' are
+        HunyuanVideo's)."""
+        return {}
     image_models = "HunyuanVideo-I2V, the skyreels-i2v {preset}"
     build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)  # its offline demos (TINY_MODELS)
 
@@ -4815,7 +4908,7 @@ class HunyuanVideoPipeline:
                    r.quantized_matmul, model=r.model)
         if pipe.loras:  # a bad LoRA is refused now, not after the text encoders have run
             dit = pipe.dit_class(**pipe._dit_sizes())  # built lazily: no weights are made
-            read_loras(pipe.loras, _lora_layers(dit), dit.block_args[0], r.lora_ignore_unmatched, dit.diffusers_names())
+            read_loras(pipe.loras, dit, r.lora_ignore_unmatched)
         return pipe
 
     @property

@@ -195,11 +195,11 @@ def run_to_end(events, stop=None):
 
 
 def hunyuanvideo15_reference(folder, cfg_scale, i2v=False, heads=2, head_dim=16, llm=32,
-                             block_out=(8, 16, 16, 16, 16), siglip=(12, 28, 7)):
+                             block_out=(8, 16, 16, 16, 16), siglip=(12, 28, 7), meanflow=False):
     """A tiny HunyuanVideo15Pipeline (or its image-to-video one, with SigLIP), randomly initialised, saved to
     folder / "ckpt" in diffusers' layout: Qwen2.5's real vocabulary, 4 LLM layers of width llm, byT5 of width 24,
     a DiT of 2 blocks of heads x head_dim, a VAE of block_out channels and 4 latent ones, SigLIP (width, image size,
-    patch) = siglip. Returns the reference pipeline."""
+    patch) = siglip; meanflow: the DiT takes mean-flow's second timestep. Returns the reference pipeline."""
     from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
                            HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline,
                            HunyuanVideo15Transformer3DModel)
@@ -217,7 +217,8 @@ def hunyuanvideo15_reference(folder, cfg_scale, i2v=False, heads=2, head_dim=16,
     dit = HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim,
         rope_axes_dim=(head_dim - 2 * axis, axis, axis), num_layers=2, num_refiner_layers=1, text_embed_dim=llm,
-        text_embed_2_dim=24, image_embed_dim=siglip[0], task_type="i2v" if i2v else "t2v", target_size=80)
+        text_embed_2_dim=24, image_embed_dim=siglip[0], task_type="i2v" if i2v else "t2v", target_size=80,
+        use_meanflow=meanflow)
     vae = AutoencoderKLHunyuanVideo15(block_out_channels=block_out, layers_per_block=1, latent_channels=4)
     parts = dict(
         text_encoder=randomize(qwen, 0).eval(), tokenizer=tok, transformer=randomize(dit, 1).eval(),

@@ -173,17 +173,18 @@ def test_bfloat16_default_against_the_reference_in_bfloat16(tmp_path):
 
 
 def test_a_13b_transformer_is_refused_in_one_sentence(tmp_path):
-    """A 13B DiT folder given where a 1.5 one is expected (and the reverse): one sentence naming what it holds."""
+    """A 13B DiT folder given where a 1.5 one is expected (and the reverse): one sentence naming the model it is
+    for (told by its tensors' names: 13B's single-stream blocks, 1.5's byT5 projection)."""
     small = dict(num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=1,
                  num_single_layers=1, num_refiner_layers=1, text_embed_dim=24, pooled_projection_dim=8)
     from diffusers import HunyuanVideoTransformer3DModel
     HunyuanVideoTransformer3DModel(**small).save_pretrained(tmp_path / "13b")
     HunyuanVideo15Transformer3DModel(**MODEL).save_pretrained(tmp_path / "15")
-    with pytest.raises(H.HunyuanVideoError, match="holds a HunyuanVideoTransformer3DModel where a "
-                                                  "HunyuanVideo15Transformer3DModel was expected"):
+    with pytest.raises(H.HunyuanVideoError, match="is HunyuanVideo \\(13B\\)'s DiT, and this model is "
+                                                  "HunyuanVideo 1.5"):
         H15.load_transformer(tmp_path / "13b")
-    with pytest.raises(H.HunyuanVideoError, match="holds a HunyuanVideo15Transformer3DModel where a "
-                                                  "HunyuanVideoTransformer3DModel was expected"):
+    with pytest.raises(H.HunyuanVideoError, match="is HunyuanVideo 1.5's DiT, and this model is HunyuanVideo "
+                                                  "\\(13B\\)"):
         H.load_transformer(tmp_path / "15")
 
 

@@ -70,3 +70,91 @@ def test_refusals_are_one_sentence(env, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and words in lines[0], r.stderr
         assert not (tmp_path / "x.mp4").exists()
+
+
+def resolve(*args):
+    import hunyuan_apple as cli
+    return cli.resolve(cli.parse_args(["--prompt", "a cat", *args]))
+
+
+def test_a_checkpoint_named_by_its_hub_id_takes_its_presets_settings(tmp_path):
+    """--model with a 1.5 hub id is its --preset (Tencent's settings: the README's table checks the values); an
+    image-to-video one sizes the video from the image as diffusers does (calculate_default_height_width at the
+    checkpoint's target_size, run here), unless a size is given; guidance is refused before anything downloads."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+    Image.fromarray(np.zeros((600, 450, 3), np.uint8)).save(tmp_path / "tall.png")  # 3:4, taller than wide
+    for name, target in (("480p_t2v", 640), ("720p_i2v", 960), ("480p_i2v_step_distilled", 640)):
+        image = ["--image", str(tmp_path / "tall.png")] if "i2v" in name else []
+        by_id = resolve("--model", H.HUNYUANVIDEO15_HUB + name, "--seed", "1", *image)._asdict()
+        preset = resolve("--preset", "1.5-" + name.replace("_", "-"), "--seed", "1", *image)._asdict()
+        assert {**by_id, "preset": None} == {**preset, "preset": None}, name
+        if image:
+            sizes = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+            expected = sizes.calculate_default_height_width(600, 450, target)
+            assert (by_id["height"], by_id["width"]) == tuple(expected) != (600, 450), name
+            with pytest.warns(H.HunyuanVideoWarning, match="the image is cropped to the video's shape"):  # 1.5's fit
+                given = resolve("--model", H.HUNYUANVIDEO15_HUB + name, *image, "--resolution", "480", "640")
+            assert (given.height, given.width) == (480, 640)
+    with pytest.raises(H.HunyuanVideoError, match="HunyuanVideo 1.5 embeds no guidance scale"):
+        resolve("--model", H.HUNYUANVIDEO15_HUB + "480p_t2v", "--guidance", "6")
+    with pytest.raises(H.HunyuanVideoError, match="480p_i2v makes video from an image: give"):
+        resolve("--model", H.HUNYUANVIDEO15_HUB + "480p_i2v")
+    for loading in ({"model": H.HUNYUANVIDEO15_HUB + "480p_i2v"}, {"preset": "skyreels-i2v"}):  # from_pretrained's
+        assert H.check_request(loading, text=True).model  # check: loading an image-to-video checkpoint needs no image
+    with pytest.warns(H.HunyuanVideoWarning, match="step-distilled, made for 8 to 12 steps"):
+        resolve("--preset", "1.5-480p-i2v-step-distilled", "--image", str(tmp_path / "tall.png"), "--steps", "50")
+
+
+def test_a_local_folder_takes_its_own_settings(tmp_path):
+    """A 1.5 folder in diffusers' layout gives its run the shift of its scheduler, the CFG scale of its guider and
+    the size at its DiT's target_size (16:9, as diffusers' pipeline picks it), files written here by diffusers' own
+    classes; flags given win."""
+    from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+    folder = tmp_path / "hv15-720p"
+    FlowMatchEulerDiscreteScheduler(shift=9.0).save_pretrained(folder / "scheduler")
+    ClassifierFreeGuidance(guidance_scale=6.0).save_pretrained(folder / "guider")
+    HunyuanVideo15Transformer3DModel.from_config(dict(num_layers=1, num_refiner_layers=1, num_attention_heads=1,
+                                                      attention_head_dim=8, rope_axes_dim=(2, 3, 3), text_embed_dim=8,
+                                                      text_embed_2_dim=8, image_embed_dim=8, target_size=960,
+                                                      task_type="t2v")).save_config(folder / "transformer")
+    (folder / "model_index.json").write_text('{"_class_name": "HunyuanVideo15Pipeline"}')
+    s = resolve("--model", str(folder))
+    expected = HunyuanVideo15ImageProcessor(vae_scale_factor=16).calculate_default_height_width(9, 16, 960)
+    assert (s.shift, s.cfg_scale, s.negative_prompt, s.frames, (s.height, s.width)) == (9.0, 6.0, "", 121,
+                                                                                        tuple(expected))
+    s = resolve("--model", str(folder), "--shift", "5", "--cfg-scale", "1", "--frames", "33")
+    assert (s.shift, s.cfg_scale, s.negative_prompt, s.frames) == (5.0, 1.0, None, 33)
+
+
+def test_the_other_models_dit_or_lora_is_refused_in_one_sentence(env, tmp_path, monkeypatch):
+    """13B's DiT (or a LoRA for it) on 1.5 and the reverse: refused by name before anything runs, on the command line
+    in one sentence. A 13B DiT or LoRA has single-stream blocks, a 1.5 one modules of its own or double-stream blocks
+    past 13B's 20 (real LoRAs' keys, in diffusers' and kohya's layouts)."""
+    import mlx.core as mx
+
+    import HunyuanVideo15_Apple as H15
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    tiny, tiny15 = H.tiny_checkpoint("tiny"), H.tiny_checkpoint("tiny15")
+    lora13 = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": mx.zeros((4, 64)),
+              "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": mx.zeros((64, 4))}
+    lora15 = {"lora_unet_double_blocks_30_img_attn_q.lora_down.weight": mx.zeros((4, 64)),
+              "lora_unet_double_blocks_30_img_attn_q.lora_up.weight": mx.zeros((64, 4))}
+    for name, weights in (("for13b.safetensors", lora13), ("for15.safetensors", lora15)):
+        mx.save_safetensors(str(tmp_path / name), weights)
+    for args, words in [(["--transformer", str(tiny / "transformer")], "is HunyuanVideo (13B)'s DiT, and this model "
+                         "is HunyuanVideo 1.5: its text encoders and VAE are HunyuanVideo (13B)'s too; give a "
+                         "HunyuanVideo (13B) checkpoint as --model"),
+                        (["--lora", "for13b.safetensors"], "the LoRA for13b.safetensors is for HunyuanVideo (13B)'s "
+                         "DiT, and this model is HunyuanVideo 1.5: use a LoRA made for HunyuanVideo 1.5.")]:
+        r = run(env, tmp_path, "--model", "tiny15", "--prompt", "a cat", *args, "--output", "x.mp4")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and words in lines[0], r.stderr
+    with pytest.raises(H.HunyuanVideoError, match="is HunyuanVideo 1.5's DiT, and this model is HunyuanVideo "
+                                                  "\\(13B\\)"):
+        H.load_transformer(tiny15 / "transformer")
+    with pytest.raises(H.HunyuanVideoError, match="for15.safetensors is for HunyuanVideo 1.5's DiT, and this model is "
+                                                  "HunyuanVideo \\(13B\\)"):
+        H.HunyuanVideoPipeline.from_pretrained("tiny", loras=[str(tmp_path / "for15.safetensors")])
+    assert H.load_transformer(tiny15 / "transformer", model_class=H15.HunyuanVideo15Transformer).family == \
+        H15.HunyuanVideo15Transformer.family  # its own loads

@@ -294,7 +294,7 @@ def test_cfg_mode_batches_only_within_the_margin(full_size, monkeypatch):
 def readme_presets():
     """The README's preset table: {name: (checkpoint, DiT or None, settings text)}."""
     section = (ROOT / "README.md").read_text().split("**Presets**")[1].split("\n\n")[1]
-    rows = re.findall(r"^\| `([\w-]+)` \| (.+?) \| (.+?) \| [^|]+\|$", section, re.M)
+    rows = re.findall(r"^\| `([\w.-]+)` \| (.+?) \| (.+?) \| [^|]+\|$", section, re.M)
     out = {}
     for name, checkpoint, settings in rows:
         ids = re.findall(r"`([\w.-]+/[\w.-]+)`", checkpoint)
@@ -311,7 +311,7 @@ def test_every_preset_resolves_to_what_the_readme_lists(tmp_path):
     table = readme_presets()
     assert set(table) == set(H.PRESETS), (sorted(table), sorted(H.PRESETS))
     for name, (model, dit, text) in table.items():
-        extra = ["--image", str(tmp_path / "still.png")] if name.endswith("i2v") else []
+        extra = ["--image", str(tmp_path / "still.png")] if "i2v" in name else []  # 16:9
         s = cli.resolve(cli.parse_args(["--prompt", "a man walks", "--preset", name, *extra]))._asdict()
         number = lambda pattern, default: float(m.group(1)) if (m := re.search(pattern, text)) else default  # noqa
         size = re.search(r"(\d+)x(\d+)", text)
