@@ -2340,7 +2340,8 @@ class GuidedDiT:
 # Live preview: the video the current step predicts, without the VAE. The step's estimate of the clean latents
 # is x0 = x - sigma * v (flow matching: x = (1 - sigma) x0 + sigma noise, v = noise - x0), and a fixed linear
 # map from its 16 channels to RGB approximates the VAE's colours at 1/8 the size: ComfyUI's factors for
-# HunyuanVideo (comfy/latent_formats.py, HunyuanVideo.latent_rgb_factors and latent_rgb_factors_bias).
+# HunyuanVideo (comfy/latent_formats.py, HunyuanVideo.latent_rgb_factors and latent_rgb_factors_bias; 1.5's,
+# for its 32 channels at 1/16 the size, are HunyuanVideo15_Apple's).
 LATENT_RGB = np.array([[-0.0395, -0.0331, 0.0445], [0.0696, 0.0795, 0.0518], [0.0135, -0.0945, -0.0282],
                        [0.0108, -0.0250, -0.0765], [-0.0209, 0.0032, 0.0224], [-0.0804, -0.0254, -0.0639],
                        [-0.0991, 0.0271, -0.0669], [-0.0646, -0.0422, -0.0400], [-0.0696, -0.0595, -0.0894],
@@ -2350,10 +2351,17 @@ LATENT_RGB = np.array([[-0.0395, -0.0331, 0.0445], [0.0696, 0.0795, 0.0518], [0.
 LATENT_RGB_BIAS = np.array([0.0259, -0.0192, -0.0761], dtype=np.float32)
 
 
+# by the latents' channels: 16, HunyuanVideo's; HunyuanVideo15_Apple adds 1.5's 32
+LATENT_RGB_FACTORS = {16: (LATENT_RGB, LATENT_RGB_BIAS)}
+
+
 def latent_preview(latents):
-    """Latents in the DiT's space (B, t, h, w, 16) -> uint8 (t, h, w, 3) of the first video: ComfyUI's linear
-    latent-to-RGB preview, mapped from [-1, 1] as ComfyUI maps it."""
-    rgb = np.array(latents[0].astype(mx.float32)) @ LATENT_RGB + LATENT_RGB_BIAS  # (t, h, w, 3)
+    """Latents in the DiT's space (B, t, h, w, C) -> uint8 (t, h, w, 3) of the first video: ComfyUI's linear
+    latent-to-RGB preview for the model of C channels (LATENT_RGB_FACTORS), mapped from [-1, 1] as ComfyUI maps
+    it; latents of other widths (the tiny 1.5 demo's 4) show their first three channels."""
+    x = np.array(latents[0].astype(mx.float32))
+    factors = LATENT_RGB_FACTORS.get(x.shape[-1])
+    rgb = x @ factors[0] + factors[1] if factors else x[..., [c % x.shape[-1] for c in range(3)]]  # (t, h, w, 3)
     return (np.clip((rgb + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
 
 

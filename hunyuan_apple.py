@@ -629,8 +629,8 @@ def preview_file(out):
 
 
 def preview_strip(x0):
-    """A step's clean-latent estimate -> up to 8 of its frames side by side, 1/8 of the video's size, uint8
-    (h, k w, 3): what --preview writes and the page shows."""
+    """A step's clean-latent estimate -> up to 8 of its frames side by side, at the latents' size (1/8 of the
+    video's; 1.5's 1/16), uint8 (h, k w, 3): what --preview writes and the page shows."""
     t = x0.shape[1]
     chosen = mx.array(np.linspace(0, t - 1, min(t, 8)).round().astype(np.int32))  # only those frames are mapped
     return np.concatenate(list(H.latent_preview(x0[:, chosen])), axis=1)  # (h, k w, 3)

@@ -34,8 +34,10 @@ def test_the_demo_writes_a_video(env, tmp_path, model):
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), np.uint8)).save(tmp_path / "in.png")
         image = ["--image", "in.png"]
     r = run(env, tmp_path, "--model", model, "--prompt", 'a shop under a sign that says "OPEN"', *image,
-            "--seed", "3", "--output", "out.mp4")
+            "--seed", "3", "--output", "out.mp4", "--preview")
     assert r.returncode == 0, r.stderr
+    latents = (H.TINY_DEMO["height"] // 16, H.TINY_DEMO["width"] // 16)  # 1.5's VAE: 16x smaller; 3 latent frames
+    assert iio.imread(tmp_path / "out.preview.png").shape == (latents[0], 3 * latents[1], 3)
     frames = np.stack(list(iio.mimread(tmp_path / "out.mp4", memtest=False)))
     assert frames.shape == (H.TINY_DEMO["frames"], H.TINY_DEMO["height"], H.TINY_DEMO["width"], 3)
     assert frames.std() > 1  # random weights: noise, not a blank clip
@@ -158,3 +160,16 @@ def test_the_other_models_dit_or_lora_is_refused_in_one_sentence(env, tmp_path, 
         H.HunyuanVideoPipeline.from_pretrained("tiny", loras=[str(tmp_path / "for15.safetensors")])
     assert H.load_transformer(tiny15 / "transformer", model_class=H15.HunyuanVideo15Transformer).family == \
         H15.HunyuanVideo15Transformer.family  # its own loads
+
+
+def test_the_preview_maps_1_5_s_32_channels_by_comfyuis_factors():
+    """The preview of 1.5's latents (32 channels) is ComfyUI's linear map for 1.5 (its HunyuanVideo15 latent format:
+    factors and bias typed here from comfy/latent_formats.py), from [-1, 1] to 0..255."""
+    import mlx.core as mx
+
+    import HunyuanVideo15_Apple  # noqa: F401  (it adds 1.5's factors)
+    bias, channel_9 = np.array([0.0456, -0.0202, -0.0644]), np.array([0.0393, 0.0944, 0.1131])
+    x0 = mx.zeros((1, 2, 3, 4, 32))
+    assert (H.latent_preview(x0) == np.round((bias + 1) / 2 * 255)).all()
+    one = H.latent_preview(x0.at[..., 9].add(1.0))
+    assert (one[0, 0, 0] == np.round((bias + channel_9 + 1) / 2 * 255)).all()
