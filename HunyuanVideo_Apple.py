@@ -4201,7 +4201,7 @@ def _resolved(given, pipe, text):
     else:  # a local checkpoint's own settings (1.5's folders name their shift, CFG scale and size)
         own = kind.checkpoint_settings(model)
     defaults.update({k: v for k, v in {**own, **preset}.items() if k in SETTINGS})
-    target = preset.get("target_size") or own.get("target_size")
+    target, picture = preset.get("target_size") or own.get("target_size"), None  # the image, once read
     if target and given.get("image") is not None and "height" not in given and "width" not in given:
         picture = read_image(given["image"])  # image to video at the image's aspect, as the reference sizes it
         defaults["height"], defaults["width"] = kind.bucket_size(picture.height, picture.width, target)
@@ -4352,7 +4352,8 @@ def _resolved(given, pipe, text):
         if problem:
             raise HunyuanVideoError(problem)
     if s["image"] is not None:
-        check_image(read_image(s["image"]), h, w, kind.image_fit)  # readable, and not far too small
+        picture = read_image(s["image"]) if picture is None else picture
+        check_image(picture, h, w, kind.image_fit)  # readable, and not far too small
 
     # how it loads
     if s["quantized_matmul"] is not None and s["quantization"] is None:
@@ -4864,14 +4865,14 @@ class HunyuanVideoPipeline:
     smaller_size = (544, 960)
     unused_settings = {}
     image_fit = "stretched"  # what the reference does to an image of another shape than the video (vae_pixels)
+    image_models = "HunyuanVideo-I2V, the skyreels-i2v {preset}"
+    build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)  # its offline demos (TINY_MODELS)
 
     @staticmethod
     def checkpoint_settings(model):
         """A local checkpoint's own defaults, read from its files before loading: none for 13B's (SETTINGS' are
         HunyuanVideo's)."""
         return {}
-    image_models = "HunyuanVideo-I2V, the skyreels-i2v {preset}"
-    build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)  # its offline demos (TINY_MODELS)
 
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
