@@ -361,3 +361,40 @@ def test_a_lora_in_diffusers_layout_matches_the_reference(tmp_path):
     save_file(big, tmp_path / "lora13b.safetensors")
     with pytest.raises(H.HunyuanVideoError, match="lora13b.safetensors gives .* it is a LoRA for another model"):
         H15.load_transformer(tmp_path / "transformer", loras=[tmp_path / "lora13b.safetensors"])
+
+
+def test_a_comfyui_fp8_file_converts_to_the_model_its_maker_dequantizes(tmp_path):
+    """A 1.5 DiT in ComfyUI's scaled fp8 single file (E4M3 block weights, a scale_weight per layer, the scaled_fp8
+    marker, no config): convert_weights.py tells it is 1.5's from its tensors' names alone and writes the weights as
+    their makers dequantize them, bf16(W_fp8) * bf16(scale). Against diffusers on those weights, float32 (measured
+    2.9e-6; bound 5e-5, F32_TOL); as 13B's DiT it is refused."""
+    import re
+
+    import convert_weights
+    m = {**MODEL, "num_attention_heads": 1, "attention_head_dim": 128, "rope_axes_dim": (16, 56, 56)}  # real heads
+    cfg = {**CONFIGS["i2v"], "model": m}
+    ref = randomize(HunyuanVideo15Transformer3DModel(**m), seed=5).eval()
+    stored, dequantized = {}, {}
+    for k, w in tencent_state_dict(ref, m).items():
+        block = re.fullmatch(r"double_blocks\.(\d+)\.(.+)\.weight", k)
+        if block and w.ndim == 2:
+            scale = w.abs().max() / 448.0  # E4M3's largest value
+            stored[k] = (w / scale).to(torch.float8_e4m3fn)
+            stored[k.removesuffix("weight") + "scale_weight"] = scale
+            name = f"transformer_blocks.{block[1]}.{TENCENT_BLOCK[block[2]]}.weight"
+            dequantized[name] = (stored[k].to(torch.bfloat16) * scale.to(torch.bfloat16)).float()
+        else:
+            stored[k] = w
+    stored["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    assert len(dequantized) == m["num_layers"] * (len(TENCENT_BLOCK) - 4)  # each block's Linears, not its norms
+    ref.load_state_dict(dequantized, strict=False)
+    path = tmp_path / "hunyuanvideo1.5_480p_i2v_fp8_scaled.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in stored.items()}, path)
+    assert convert_weights.main(["--model", str(path), "--dtype", "float32", "--output", str(tmp_path / "mlx")]) == 0
+    ours = H15.load_transformer(tmp_path / "mlx", dtype=mx.float32)
+    inputs = make_inputs(cfg)
+    err = rel_err(run_ours(ours, inputs), run_reference(ref, inputs))
+    print(f"1.5 fp8 file: {err:.2e}")
+    assert err <= F32_TOL, f"fp8 relative error {err:.2e} > {F32_TOL}"
+    with pytest.raises(H.HunyuanVideoError, match="is HunyuanVideo 1.5's DiT, and this model is HunyuanVideo "):
+        H.load_transformer(tmp_path / "mlx")

@@ -3,6 +3,7 @@ the real layout (diffusers and transformers load every component with no key mis
 refusals in one sentence."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,11 @@ def test_the_other_models_dit_or_lora_is_refused_in_one_sentence(env, tmp_path, 
         r = run(env, tmp_path, "--model", "tiny15", "--prompt", "a cat", *args, "--output", "x.mp4")
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and words in lines[0], r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--model", str(tiny15), "--transformer",
+                        str(tiny / "transformer"), "--output", str(tmp_path / "x")], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()  # convert_weights.py words it with its own flags
+    assert r.returncode == 2 and "(13B)'s too; give a HunyuanVideo (13B) checkpoint as --model" in lines[-1], r.stderr
+    assert not (tmp_path / "x").exists()
     with pytest.raises(H.HunyuanVideoError, match="is HunyuanVideo 1.5's DiT, and this model is HunyuanVideo "
                                                   "\\(13B\\)"):
         H.load_transformer(tiny15 / "transformer")
@@ -173,3 +179,44 @@ def test_the_preview_maps_1_5_s_32_channels_by_comfyuis_factors():
     assert (H.latent_preview(x0) == np.round((bias + 1) / 2 * 255)).all()
     one = H.latent_preview(x0.at[..., 9].add(1.0))
     assert (one[0, 0, 0] == np.round((bias + channel_9 + 1) / 2 * 255)).all()
+
+
+@pytest.mark.parametrize("model, quantization", [("tiny15-i2v", "int8"), ("tiny15", "int4")])
+def test_convert_writes_a_quantized_checkpoint_that_runs_as_quantized_on_load(env, tmp_path, monkeypatch, model,
+                                                                               quantization):
+    """convert_weights.py on a whole 1.5 checkpoint: the same layout (byT5, SigLIP, its image processor and the guider
+    copied), the DiT and Qwen stored quantized exactly as quantizing at load makes them, the memory plan counting
+    what is stored, and a run of the converted folder equal, to the bit, to the original quantized at load."""
+    import mlx.core as mx
+    from diffusers import ClassifierFreeGuidance
+    from mlx.utils import tree_flatten
+
+    import HunyuanVideo15_Apple as H15
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", env["HUNYUAN_APPLE_CACHE"])
+    src = tmp_path / "src"
+    shutil.copytree(H.tiny_checkpoint(model), src)
+    ClassifierFreeGuidance(guidance_scale=6.0).save_pretrained(src / "guider")  # the base checkpoints' true CFG
+    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--model", str(src), "--quantization",
+                        quantization, "--output", str(tmp_path / "q")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "q"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert {"guider", "text_encoder_2"} <= {p.name for p in out.iterdir()}
+    assert ("image_encoder" in os.listdir(out)) == (model == "tiny15-i2v")
+    for load, part in ((H15.load_transformer, "transformer"), (H15.load_text_encoder, "text_encoder")):
+        stored = dict(tree_flatten(load(out / part).parameters()))
+        on_load = dict(tree_flatten(load(src / part, quantization=quantization).parameters()))
+        assert stored.keys() == on_load.keys() and any(k.endswith(".scales") for k in stored), part
+        assert all(mx.array_equal(stored[k], on_load[k]).item() for k in stored), part
+    assert H15.checkpoint_settings(out) == H15.checkpoint_settings(src)  # its guider's 6: true CFG
+    dit = {f: H._components(f, only=("transformer",))["transformer"][0] for f in (out, src)}  # (shape, dtype)s
+    assert H._weights_bytes(dit[out]) == H._weights_bytes(dit[src], quantization)  # the plan's stored weights
+    assert H15.estimate_memory(out, 32, 48, 5)["text encoders"] == \
+        H15.estimate_memory(src, 32, 48, 5, quantization)["text encoders"]
+    kw = dict(height=32, width=48, frames=5, steps=2, seed=3, output_type="latent", cfg_scale=6.0,
+              negative_prompt="")
+    if model == "tiny15-i2v":
+        kw["image"] = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8))
+    a = H15.HunyuanVideo15Pipeline.from_pretrained(out)("a cat", **kw)
+    b = H15.HunyuanVideo15Pipeline.from_pretrained(src, quantization=quantization)("a cat", **kw)
+    assert np.array_equal(np.array(a), np.array(b))
