@@ -1008,6 +1008,32 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
 # SigLIP's tokens of it into the text stream; the reference picks the size from the image (bucket_size), which the
 # caller passes as height and width.
 
+# MagCache's calibration for 1.5 by MagCache's authors (ComfyUI-MagCache, "hunyuan_video1.5"), made with true CFG at
+# 20 steps and at 40 (the table for runs of more than 20 steps, as theirs picks it): each step's magnitude ratio for
+# the prompt's branch and for the negative prompt's, interleaved. Their recommended settings for 1.5: threshold 0.03,
+# at most 2 steps skipped in a row, from a quarter of the steps on (13B's: 0.24, 6, a fifth).
+MAG_RATIOS = {
+    20: [1.0] * 2 + [1.01172, 1.00293, 0.9873, 1.0127, 1.01465, 0.98926, 0.99805, 1.00098, 0.99512, 0.99365, 0.99512,
+                     0.99561, 0.99316, 0.99365, 0.99365, 0.99365, 0.99316, 0.99316, 0.99268, 0.99268, 0.9917, 0.9917,
+                     0.99023, 0.99023, 0.98828, 0.98877, 0.98633, 0.98633, 0.9834, 0.9834, 0.97949, 0.97998,
+                     0.97363, 0.97363, 0.96436, 0.96436, 0.94824, 0.94873],
+    40: [1.0] * 2 + [1.04199, 1.01953, 1.01172, 1.01855, 1.00293, 1.00586, 1.00098, 1.00195, 1.0, 1.00098, 0.99805,
+                     0.99902, 0.99854, 0.99805, 0.99658, 0.99756, 0.99707, 0.99512, 0.99609, 0.99609, 0.99658,
+                     0.99658, 0.99658, 0.99805, 0.99658, 0.99707, 0.99561, 0.99561, 0.99561, 0.99658, 0.99658,
+                     0.99658, 0.99609, 0.99658, 0.99512, 0.99561, 0.99463, 0.99512, 0.99463, 0.99512, 0.99463,
+                     0.99512, 0.99365, 0.99414, 0.99365, 0.99365, 0.99219, 0.99219, 0.99219, 0.99268, 0.99072,
+                     0.99121, 0.99072, 0.99072, 0.98926, 0.98975, 0.9873, 0.98779, 0.98535, 0.98584, 0.9834, 0.9834,
+                     0.97998, 0.97998, 0.97607, 0.97607, 0.96973, 0.96973, 0.96338, 0.96338, 0.9502, 0.9502,
+                     0.93066, 0.93066, 0.896, 0.896, 0.81787, 0.81836],
+}
+
+
+def magcache(steps, branch):
+    """MagCache's 1.5 calibration for a run of `steps` steps and a branch (0 the prompt's, 1 true CFG's negative
+    prompt's): its ratios (nearest-interpolated to the steps by MagCache, as for 13B), threshold, K and retention."""
+    return dict(ratios=MAG_RATIOS[40 if steps > 20 else 20][branch::2], threshold=0.03, K=2, retention=0.25)
+
+
 class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     """A HunyuanVideo 1.5 checkpoint in diffusers' layout (transformer/, vae/, text_encoder/ (Qwen2.5-VL's language
     model), text_encoder_2/ (byT5), tokenizer/, tokenizer_2/; for image to video image_encoder/ (SigLIP) and
@@ -1028,6 +1054,11 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     checkpoint_settings = staticmethod(checkpoint_settings)
     bucket_size = staticmethod(bucket_size)
     image_fit = "cropped"  # fit_image keeps the middle of an image, scaled to cover the video
+    magcache = staticmethod(magcache)
+    uncalibrated_caches = {"teacache": "{cache} teacache rescales its indicator by a polynomial fitted on HunyuanVideo "
+                                       "(13B) and none is published for 1.5, so its skips are not calibrated for this "
+                                       "model; fbcache, magcache (calibrated for 1.5), easycache and taylorseer adapt "
+                                       "to it."}
 
     def image_condition(self):
         """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says

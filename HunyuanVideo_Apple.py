@@ -2021,12 +2021,15 @@ class MagCache:
     |1 - accumulated ratio|; while that error stays within `threshold` and at most K = 6 steps in a row were
     skipped, the video tokens get the last computed residual of all blocks instead of running them (diffusers'
     MagCacheConfig, with the 50-step ratios nearest-interpolated to the step count; the 544p or 720p table,
-    whichever is nearer the video's shorter side). Accumulated in float32, as diffusers does."""
+    whichever is nearer the video's shorter side). Accumulated in float32, as diffusers does. Another model's
+    calibration (HunyuanVideo 1.5's) comes as its ratios, K and retention."""
 
     default = 0.24  # MagCache4HunyuanVideo's, with K 6 and retention 0.2
 
-    def __init__(self, threshold, steps, size, K=6, retention=0.2):
-        table = np.array(MAG_RATIOS[min(MAG_RATIOS, key=lambda h: abs(h - min(size)))], dtype=np.float32)
+    def __init__(self, threshold, steps, size, K=6, retention=0.2, ratios=None):
+        if ratios is None:
+            ratios = MAG_RATIOS[min(MAG_RATIOS, key=lambda h: abs(h - min(size)))]
+        table = np.array(ratios, dtype=np.float32)
         index = [len(table) - 1] if steps == 1 else np.round(np.arange(steps) * (len(table) - 1) / (steps - 1))
         self.ratios = table[np.asarray(index, dtype=int)]
         self.threshold, self.K, self.start = np.float32(threshold), K, int(retention * steps + 0.5)
@@ -4163,16 +4166,28 @@ def cache_options(request):
             for k, v in TaylorSeer.options.items()}
 
 
-def step_cache(request):
+def cache_default(cache, model, steps):
+    """The threshold a step cache runs at when none is given (None without a cache, or for TaylorSeer): its
+    published default, or for MagCache the model's own calibration's (1.5's), at that many steps."""
+    if cache is None:
+        return None
+    own = _pipeline_class(model).magcache(steps, 0) if cache == "magcache" else None
+    return (own or {}).get("threshold", STEP_CACHES[cache].default)
+
+
+def step_cache(request, magcache=None):
     """The forward of one generation, from a checked request's cache settings: the whole DiT (no cache), or a fresh
-    cache at its threshold (its published default when left out), TaylorSeer at its options."""
+    cache at its threshold (its published default when left out), TaylorSeer at its options. magcache: another
+    model's MagCache calibration, {threshold (its default), K, retention, ratios}, or None for 13B's."""
     name, size = request.cache, (request.height, request.width)
     if name is None:
         return _full
     if STEP_CACHES[name].default is None:
         return STEP_CACHES[name](None, request.steps, size, **cache_options(request))
-    threshold = STEP_CACHES[name].default if request.cache_threshold is None else request.cache_threshold
-    return STEP_CACHES[name](threshold, request.steps, size)
+    calibration = dict(magcache or {}) if name == "magcache" else {}
+    default = calibration.pop("threshold", STEP_CACHES[name].default)
+    threshold = default if request.cache_threshold is None else request.cache_threshold
+    return STEP_CACHES[name](threshold, request.steps, size, **calibration)
 
 
 def _resolved(given, pipe, text):
@@ -4310,7 +4325,8 @@ def _resolved(given, pipe, text):
                     "; 1 computes every step)." if k == "interval" else ")."))
     elif s["cache"] is not None and s["cache_threshold"] is not None and not 0 <= s["cache_threshold"] < math.inf:
         raise HunyuanVideoError(f"{{cache_threshold}} {s['cache_threshold']}: use 0 or more (0 never skips; "
-                                f"{s['cache']}'s published default is {STEP_CACHES[s['cache']].default}).")
+                                f"{s['cache']}'s published default is "
+                                f"{cache_default(s['cache'], s['model'], s['steps'])}).")
     radial = [f"radial_{k}" for k in RADIAL_DEFAULTS if s[f"radial_{k}"] is not None]
     if s["attention"] == "dense" and radial:
         raise HunyuanVideoError(f"{', '.join('{' + k + '}' for k in radial)} set Radial Attention: give {{attention}} "
@@ -4382,6 +4398,8 @@ def check_request(settings, pipe=None, text=False):
         unused = [k for k in kind.unused_settings if settings.get(k) is not None]
         if unused:
             raise HunyuanVideoError(f"{{{unused[0]}}} {settings[unused[0]]}: {kind.unused_settings[unused[0]]}")
+        if r.cache in kind.uncalibrated_caches:
+            warnings.warn(HunyuanVideoWarning(kind.uncalibrated_caches[r.cache]), stacklevel=2)
     if pipe is None:
         return r
     differ = [k for k, v in pipe.loading.items() if getattr(r, k) != v]
@@ -4857,13 +4875,15 @@ class HunyuanVideoPipeline:
     # What is the model's (HunyuanVideo15_Apple.HunyuanVideo15Pipeline replaces them): its DiT, the names of the
     # text encoders' outputs (in the prompt cache's entries), the template that reads a prompt, its memory plan's
     # estimate, the size the plan suggests when a larger one does not fit, the settings it has no use for (refused
-    # when given, with why), where its image-to-video checkpoints are and what builds its offline demos.
+    # when given, with why) and the step caches it has no calibration of (warned), where its image-to-video
+    # checkpoints are, what builds its offline demos and its MagCache calibration.
     dit_class = HunyuanVideoTransformer
     text_parts = ("states", "mask", "pooled")
     prompt_template = PROMPT_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (544, 960)
     unused_settings = {}
+    uncalibrated_caches = {}  # step caches whose published calibration is another model's: warned, with why
     image_fit = "stretched"  # what the reference does to an image of another shape than the video (vae_pixels)
     image_models = "HunyuanVideo-I2V, the skyreels-i2v {preset}"
     build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)  # its offline demos (TINY_MODELS)
@@ -4873,6 +4893,12 @@ class HunyuanVideoPipeline:
         """A local checkpoint's own defaults, read from its files before loading: none for 13B's (SETTINGS' are
         HunyuanVideo's)."""
         return {}
+
+    @staticmethod
+    def magcache(steps, branch):
+        """MagCache's calibration for a run of `steps` steps, for the prompt's branch (0) or true CFG's negative
+        prompt's (1), as step_cache takes it: None, MagCache's own (13B's)."""
+        return None
 
     @classmethod
     def from_pretrained(cls, model=None, dtype=None, dtypes=None, prompt_cache=False, **loading):
@@ -5326,7 +5352,7 @@ class HunyuanVideoPipeline:
         grid = patch_grid(r.height, r.width, r.frames)
         sparse = RadialAttention(grid, r.steps, **radial_settings(r)) if r.attention == "radial" else None
         batched = cfg == "batched"
-        forwards = [step_cache(r) for _ in range(2 if cfg == "sequential" else 1)]
+        forwards = [step_cache(r, self.magcache(r.steps, branch)) for branch in range(2 if cfg == "sequential" else 1)]
         split, pair = self._split(cfg, math.prod(grid))
         if resume:
             for forward, state in zip(forwards, _split_cache_state(self._rank_state(resume["cache"]), len(forwards))):

@@ -396,8 +396,9 @@ def used_values(r):
     left empty the default the run takes (per model and preset); None where the setting does not apply."""
     radial = H.radial_settings(r) if r.attention == "radial" else {}
     taylor = H.cache_options(r) if r.cache == "taylorseer" else {}
-    defaults = {"cache_threshold": H.CACHES.get(r.cache), "rewrite_temperature": 0.0 if r.rewrite else None,
-                **{f"radial_{k}": v for k, v in radial.items()}, **{f"cache_{k}": v for k, v in taylor.items()}}
+    defaults = {"cache_threshold": H.cache_default(r.cache, r.model, r.steps),
+                "rewrite_temperature": 0.0 if r.rewrite else None, **{f"radial_{k}": v for k, v in radial.items()},
+                **{f"cache_{k}": v for k, v in taylor.items()}}
     return {k: getattr(r, k) if getattr(r, k) is not None else defaults.get(k) for k in NUMBERS}
 
 

@@ -108,6 +108,25 @@ def test_a_checkpoint_named_by_its_hub_id_takes_its_presets_settings(tmp_path):
         resolve("--preset", "1.5-480p-i2v-step-distilled", "--image", str(tmp_path / "tall.png"), "--steps", "50")
 
 
+def test_step_caches_take_1_5_s_calibration():
+    """TeaCache's rescaling polynomial is 13B's: on 1.5 it runs, warned; on 13B, and the other caches on 1.5, not.
+    MagCache's default threshold on 1.5 is its authors' for 1.5, 0.03 (ComfyUI-MagCache's README), where 13B's is
+    0.24: the page shows it, and a bad threshold's message names it (its steps and skips: test_step_caches_match_
+    diffusers_hooks)."""
+    import warnings
+
+    import hunyuan_apple_ui as ui
+    with pytest.warns(H.HunyuanVideoWarning, match="fitted on HunyuanVideo \\(13B\\) and none is published for 1.5"):
+        assert resolve("--model", "tiny15", "--cache", "teacache").cache == "teacache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve("--model", "tiny", "--cache", "teacache")
+        on_15, on_13b = (resolve("--model", m, "--cache", "magcache", "--steps", "20") for m in ("tiny15", "tiny"))
+    assert ui.used_values(on_15)["cache_threshold"] == 0.03 and ui.used_values(on_13b)["cache_threshold"] == 0.24
+    with pytest.raises(H.HunyuanVideoError, match="magcache's published default is 0.03"):
+        resolve("--model", "tiny15", "--cache", "magcache", "--cache-threshold", "-1")
+
+
 def test_a_local_folder_takes_its_own_settings(tmp_path):
     """A 1.5 folder in diffusers' layout gives its run the shift of its scheduler, the CFG scale of its guider and
     the size at its DiT's target_size (16:9, as diffusers' pipeline picks it), files written here by diffusers' own

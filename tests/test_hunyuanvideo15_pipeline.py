@@ -66,14 +66,30 @@ def test_image_to_video_matches_diffusers(tmp_path, cfg_scale, meanflow):
     assert err <= TOL, f"relative error {err:.2e} > {TOL}"
 
 
-def test_first_block_cache_matches_diffusers_hook(tmp_path):
-    """First-Block Cache on 1.5 (the DiT alone, from the same text inputs and latents, 10 steps) against diffusers'
-    FirstBlockCacheConfig hook on HunyuanVideo15Pipeline's transformer, at a threshold where some steps are
-    skipped and some are not: the same steps computed (4 of 10 skipped), the final latents within 1.5e-5 (measured
-    1.4e-6; the uncached run is 0.067 away). diffusers 0.42.1 does not list 1.5's block among those its hooks know:
-    registered here with the 13B block's metadata (it returns the video's and the text's hidden states, in that
-    order)."""
-    from diffusers.hooks import FirstBlockCacheConfig
+def diffusers_cache(cache, threshold):
+    """diffusers' hook config for one of our caches at a threshold: First-Block Cache; MagCache with 1.5's
+    calibration (the prompt's ratios of the 20-step table, K 2, retention 0.25); TaylorSeer's lite mode at its
+    defaults (factors in float32, as ours)."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    if cache == "fbcache":
+        return FirstBlockCacheConfig(threshold=threshold)
+    if cache == "magcache":
+        return MagCacheConfig(threshold=0.03 if threshold is None else threshold, max_skip_steps=2,  # the authors'
+                              retention_ratio=0.25, num_inference_steps=10, mag_ratios=H15.MAG_RATIOS[20][0::2])
+    return TaylorSeerCacheConfig(cache_interval=5, max_order=1, disable_cache_before_step=3,
+                                 taylor_factors_dtype=torch.float32, use_lite_mode=True)
+
+
+@pytest.mark.parametrize("cache", ["fbcache", "magcache", "taylorseer"])
+def test_step_caches_match_diffusers_hooks(tmp_path, cache):
+    """The step caches on 1.5 (the DiT alone, from the same text inputs and latents, 10 steps) against diffusers'
+    hooks on HunyuanVideo15Pipeline's transformer: First-Block Cache at a threshold where some steps are skipped and
+    some are not, MagCache with 1.5's own calibration (MagCache's authors', ComfyUI-MagCache), TaylorSeer (lite) at
+    its defaults. The same steps computed, the final latents within 1.5e-5 (measured 1.4e-6 for First-Block Cache,
+    1.2e-6 for MagCache, 4.7e-6 for TaylorSeer; the uncached run is 0.067 away). MagCache with 13B's calibration
+    instead computes other steps. diffusers 0.42.1 does not list 1.5's block among
+    those its hooks know: registered here with the 13B block's metadata (it returns the video's and the text's
+    hidden states, in that order)."""
     from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
 
@@ -90,7 +106,7 @@ def test_first_block_cache_matches_diffusers_hook(tmp_path):
         ran, step = [], [-1]  # one forward a step (no CFG): the step, counted as each forward starts
         hooks = [ref.transformer.register_forward_pre_hook(lambda *a: step.__setitem__(0, step[0] + 1)),
                  ref.transformer.transformer_blocks[-1].attn.register_forward_hook(lambda *a: ran.append(step[0]))]
-        ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        ref.transformer.enable_cache(diffusers_cache(cache, threshold))
         with torch.no_grad():
             out = ref(prompt_embeds=states, prompt_embeds_mask=mask, prompt_embeds_2=byt5,
                       prompt_embeds_mask_2=byt5_mask, num_frames=5, height=64, width=96, num_inference_steps=steps,
@@ -106,14 +122,17 @@ def test_first_block_cache_matches_diffusers_hook(tmp_path):
                                                                                   "text_encoders"), mx.float32))
         text = tuple(mx.array(a.numpy()) for a in (states * mask[..., None], mask, byt5 * byt5_mask[..., None],
                                                     byt5_mask))
-        out = pipe(text=text, height=64, width=96, frames=5, steps=steps, shift=5.0, cache="fbcache",
+        out = pipe(text=text, height=64, width=96, frames=5, steps=steps, shift=5.0, cache=cache,
                    cache_threshold=threshold, latents=mx.array(latents.permute(0, 2, 3, 4, 1).numpy()),
                    output_type="latent")
         return np.array(out), pipe.stats["work"]
 
-    threshold = next((t for t in (0.01, 0.03, 0.1, 0.3, 1.0) if 0 < ours(t)[1]["skipped"] < steps - 2), None)
-    assert threshold is not None, "no threshold gives a mix of skipped and computed steps"
+    # TaylorSeer takes no threshold; MagCache's default for 1.5 (None) is its authors' 0.03
+    candidates = {"fbcache": (0.01, 0.03, 0.1, 0.3, 1.0), "magcache": (None, 0.01), "taylorseer": (None,)}[cache]
+    threshold = next((t for t in candidates if 0 < ours(t)[1]["skipped"] < steps - 2), False)
+    assert threshold is not False, "no threshold gives a mix of skipped and computed steps"
     (mine, work), (expected, computed) = ours(threshold), reference(threshold)
     assert work["steps"] == computed and work["forwards"] == sum(computed)
     err = rel_err(mine, expected)
+    print(f"{cache} at {threshold}: {sum(computed)} of {steps} computed, {err:.2e}")
     assert err <= 1.5e-5, f"relative error {err:.2e}"
