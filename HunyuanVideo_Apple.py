@@ -5352,8 +5352,10 @@ class HunyuanVideoPipeline:
         grid = patch_grid(r.height, r.width, r.frames)
         sparse = RadialAttention(grid, r.steps, **radial_settings(r)) if r.attention == "radial" else None
         batched = cfg == "batched"
-        forwards = [step_cache(r, self.magcache(r.steps, branch)) for branch in range(2 if cfg == "sequential" else 1)]
         split, pair = self._split(cfg, math.prod(grid))
+        # a step cache a branch run on its own: both with sequential CFG, the one of this rank's half with parallel
+        branches = range(2) if cfg == "sequential" else [pair.rank] if pair is not None else [0]
+        forwards = [step_cache(r, self.magcache(r.steps, branch)) for branch in branches]
         if resume:
             for forward, state in zip(forwards, _split_cache_state(self._rank_state(resume["cache"]), len(forwards))):
                 _set_cache_state(forward, *state)
