@@ -13,7 +13,7 @@ One module, in the order data flows, holding only what 1.5 changes:
   4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly; the offline demos (tiny15,
      tiny15-i2v), tiny random checkpoints in diffusers' layout;
   5. the memory plan: each phase's peak, counted before anything loads;
-  6. the pipeline: HunyuanVideo_Apple's, with 1.5's parts.
+  6. the pipeline: HunyuanVideo_Apple's, with 1.5's parts, trained sizes and MagCache calibration.
 Everything else is HunyuanVideo_Apple's, imported and not copied: the Llama layers, the double-stream block (1.5's
 separate q, k and v projections are fused at load, as 13B's diffusers layout is), attention and RoPE, the token
 refiner, the blocks' modulation tables, block streaming, quantization, the step caches' entry points (embed, blocks,
@@ -1046,6 +1046,10 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     prompt_template = QWEN_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (480, 848)  # 480p
+    # the reference's buckets at 480p's and 720p's target sizes, for --quality and --aspect-ratio (width:height)
+    buckets = {quality: {ar: bucket_size(int(ar.split(":")[1]), int(ar.split(":")[0]), target)
+                         for ar in ("16:9", "9:16", "4:3", "3:4", "1:1")} for quality, target in (("480p", 640),
+                                                                                                 ("720p", 960))}
     unused_settings = {"guidance": "HunyuanVideo 1.5 embeds no guidance scale; leave it out (its base checkpoints "
                                    "take true CFG: {negative_prompt} and {cfg_scale})."}
     image_models = ("tiny15-i2v, or a 1.5 I2V checkpoint such as "

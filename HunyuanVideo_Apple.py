@@ -4874,14 +4874,19 @@ class HunyuanVideoPipeline:
 
     # What is the model's (HunyuanVideo15_Apple.HunyuanVideo15Pipeline replaces them): its DiT, the names of the
     # text encoders' outputs (in the prompt cache's entries), the template that reads a prompt, its memory plan's
-    # estimate, the size the plan suggests when a larger one does not fit, the settings it has no use for (refused
-    # when given, with why) and the step caches it has no calibration of (warned), where its image-to-video
-    # checkpoints are, what builds its offline demos and its MagCache calibration.
+    # estimate, the size the plan suggests when a larger one does not fit, its trained sizes, the settings it has no
+    # use for (refused when given, with why) and the step caches it has no calibration of (warned), where its
+    # image-to-video checkpoints are, what builds its offline demos and its MagCache calibration.
     dit_class = HunyuanVideoTransformer
     text_parts = ("states", "mask", "pooled")
     prompt_template = PROMPT_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (544, 960)
+    # its trained sizes, as the command line's --quality and --aspect-ratio (width:height) pick them: (height, width)
+    buckets = {"540p": {"16:9": (544, 960), "9:16": (960, 544), "4:3": (624, 832), "3:4": (832, 624),
+                        "1:1": (720, 720)},
+               "720p": {"16:9": (720, 1280), "9:16": (1280, 720), "4:3": (832, 1104), "3:4": (1104, 832),
+                        "1:1": (960, 960)}}
     unused_settings = {}
     uncalibrated_caches = {}  # step caches whose published calibration is another model's: warned, with why
     image_fit = "stretched"  # what the reference does to an image of another shape than the video (vae_pixels)

@@ -32,13 +32,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+import HunyuanVideo15_Apple as H15
 import HunyuanVideo_Apple as H
 
-# HunyuanVideo's trained sizes, (height, width); aspect ratios are width:height (16:9 is landscape)
-BUCKETS = {
-    "540p": {"16:9": (544, 960), "9:16": (960, 544), "4:3": (624, 832), "3:4": (832, 624), "1:1": (720, 720)},
-    "720p": {"16:9": (720, 1280), "9:16": (1280, 720), "4:3": (832, 1104), "3:4": (1104, 832), "1:1": (960, 960)},
-}
+# each model's trained sizes by --quality and --aspect-ratio: {quality: {width:height: (height, width)}}
+MODEL_SIZES = {kind.dit_class.family: kind.buckets for kind in (H.HunyuanVideoPipeline, H15.HunyuanVideo15Pipeline)}
+QUALITIES = sorted({q for buckets in MODEL_SIZES.values() for q in buckets}, key=lambda q: int(q[:-1]))
 QUANTIZE_BITS = {8: "int8", 4: "int4"}
 SIZE_FLAGS = ("resolution", "quality", "aspect_ratio")  # what sets height and width
 # the settings with flags of their own shape: the size (SIZE_FLAGS), the LoRAs (--lora FILE[:SCALE], repeated), and
@@ -62,8 +61,23 @@ RESUME_FLAGS = {"resume", "model", "overwrite", "frames_dir", "gif", "low_memory
 
 
 def sizes_table():
-    rows = [f"  {q:<5} " + "  ".join(f"{ar} {h}x{w}" for ar, (h, w) in b.items()) for q, b in BUCKETS.items()]
+    rows = [f"  {family}:\n" + "\n".join(f"    {q:<5} " + "  ".join(f"{ar} {h}x{w}" for ar, (h, w) in b.items())
+                                         for q, b in buckets.items()) for family, buckets in MODEL_SIZES.items()]
     return "\n".join(rows)
+
+
+def quality_sizes(args):
+    """{width:height: (height, width)} of the quality --quality names for the model the flags name (refused if the
+    model is not made at it), or else of the quality of the model's own default size (its first where none is)."""
+    r = H.check_request({k: getattr(args, k) for k in ("model", "preset") if k in args.given}, text=True)
+    kind = H._pipeline_class(r.model)
+    if "quality" in args.given:
+        if args.quality not in kind.buckets:
+            raise H.HunyuanVideoError(f"--quality {args.quality}: {kind.dit_class.family} is made at "
+                                      f"{' and '.join(kind.buckets)}; choose one of them, or give --resolution.")
+        return kind.buckets[args.quality]
+    first = next(iter(kind.buckets.values()))
+    return next((b for b in kind.buckets.values() if b["16:9"] == (r.height, r.width)), first)
 
 
 def parser():
@@ -81,9 +95,10 @@ def parser():
         if name == "height":
             ap.add_argument("--resolution", type=int, nargs="+", metavar="N",
                             help="HEIGHT WIDTH, or one number (the height; the width follows --aspect-ratio)")
-            ap.add_argument("--aspect-ratio", choices=list(BUCKETS["540p"]),
+            ap.add_argument("--aspect-ratio", choices=list(MODEL_SIZES[H.HunyuanVideoTransformer.family]["540p"]),
                             help="width:height; 16:9 is landscape, 9:16 portrait (default 16:9)")
-            ap.add_argument("--quality", choices=list(BUCKETS), help="540p (default) or 720p")
+            ap.add_argument("--quality", choices=QUALITIES, help="540p (13B's default) or 720p; 480p or 720p for "
+                            "HunyuanVideo 1.5 (its default: the checkpoint's)")
         elif name == "loras":
             ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="apply a LoRA to the DiT, at "
                             "SCALE (1.0 by default); repeat for several. diffusers, original, musubi/kohya and "
@@ -166,7 +181,7 @@ def typed_settings(args):
     if set(SIZE_FLAGS) & args.given:
         if args.resolution and len(args.resolution) > 2:
             raise H.HunyuanVideoError("{resolution} takes HEIGHT WIDTH, or one number (the height).")
-        h, w = BUCKETS[args.quality][args.aspect_ratio]
+        h, w = quality_sizes(args)[args.aspect_ratio]
         if args.resolution:
             ar_w, ar_h = (int(n) for n in args.aspect_ratio.split(":"))
             h = args.resolution[0]

@@ -31,8 +31,13 @@ import HunyuanVideo_Apple as H
 import hunyuan_apple as C
 
 NONE = "none"  # the dropdowns' "no rewrite / preset / quantization / cache"
+# the hub's checkpoints that presets name alone (HunyuanVideo 1.5's, each with its own settings), after the default
+HUB_MODELS = list(dict.fromkeys(p["model"] for p in H.PRESETS.values() if "transformer" not in p and
+                                p["model"] != H.DEFAULT_MODEL))
 PREVIEW = "Preview: what the current step predicts"
-SIZES = ["model default", *C.BUCKETS, "custom"]  # "model default": 540p, or the tiny demo's 96 x 160
+# "model default": the checkpoint's (540p for 13B's, 1.5's own), or the tiny demos' 96 x 160; a quality the model is
+# not made at is refused with the model's
+SIZES = ["model default", *C.QUALITIES, "custom"]
 # The form's fields. Most are the module's settings (HunyuanVideo_Apple.SETTINGS), one field each, made from its
 # table: a choice is a dropdown, a yes-or-no a box, a number a text box (left empty: the default applies). The page
 # lays out its own: the prompts and the model, the size (SIZE_FIELDS), the seed, the LoRAs and the files, read from
@@ -102,7 +107,7 @@ def flags(v, folders, rewrite_model=None):
         argv += ["--rewrite-model", rewrite_model]
     if v["negative_prompt"]:
         argv += ["--negative-prompt", v["negative_prompt"]]
-    if v["size"] in C.BUCKETS:
+    if v["size"] in C.QUALITIES:
         argv += ["--quality", v["size"], "--aspect-ratio", v["aspect_ratio"]]
     elif v["size"] == "custom":
         if v["height"] is None or v["width"] is None:
@@ -471,10 +476,12 @@ def build(page):
                 f["negative_prompt"] = gr.Textbox("", label="Negative prompt (true CFG: two DiT forwards a step)",
                                                   elem_id="negative_prompt")
                 with gr.Row():
-                    f["model"] = gr.Dropdown([*H.TINY_MODELS, H.DEFAULT_MODEL, *checkpoints], value=page.model,
-                                             label="Model", allow_custom_value=True, elem_id="model")
+                    f["model"] = gr.Dropdown([*H.TINY_MODELS, H.DEFAULT_MODEL, *HUB_MODELS, *checkpoints],
+                                             value=page.model, label="Model", allow_custom_value=True,
+                                             elem_id="model")
                     f["size"] = gr.Dropdown(SIZES, value=SIZES[0], label="Size", elem_id="size")
-                    f["aspect_ratio"] = gr.Dropdown(list(C.BUCKETS["540p"]), value="16:9", label="Aspect ratio")
+                    f["aspect_ratio"] = gr.Dropdown(list(H.HunyuanVideoPipeline.buckets["540p"]), value="16:9",
+                                                         label="Aspect ratio")
                     f["height"] = gr.Number(544, label="Height (custom)", precision=0, elem_id="height")
                     f["width"] = gr.Number(960, label="Width (custom)", precision=0, elem_id="width")
                 with gr.Row():

@@ -127,6 +127,28 @@ def test_step_caches_take_1_5_s_calibration():
         resolve("--model", "tiny15", "--cache", "magcache", "--cache-threshold", "-1")
 
 
+def test_quality_and_aspect_ratio_pick_1_5_s_buckets():
+    """--quality 480p / 720p and --aspect-ratio pick 1.5's trained sizes, the reference's buckets (diffusers'
+    calculate_default_height_width at 640 and 960, run here); without --quality, the checkpoint's own (a 720p preset:
+    720p); 13B's 540p is refused on 1.5 in one sentence, and 13B keeps its table. The page's sizes list 1.5's, and
+    its model list 1.5's checkpoints."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    import hunyuan_apple_ui as ui
+    buckets = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+    for ar in ("16:9", "9:16", "4:3", "3:4", "1:1"):
+        w, h = (int(n) * 100 for n in ar.split(":"))
+        for quality, target in (("480p", 640), ("720p", 960)):
+            r = resolve("--model", "tiny15", "--quality", quality, "--aspect-ratio", ar)
+            assert (r.height, r.width) == tuple(buckets.calculate_default_height_width(h, w, target)), (ar, quality)
+        r = resolve("--preset", "1.5-720p-t2v", "--aspect-ratio", ar)
+        assert (r.height, r.width) == tuple(buckets.calculate_default_height_width(h, w, 960)), ar
+    with pytest.raises(H.HunyuanVideoError, match="--quality 540p: HunyuanVideo 1.5 is made at 480p and 720p"):
+        resolve("--model", "tiny15", "--quality", "540p")
+    assert (resolve("--model", "tiny", "--aspect-ratio", "9:16").height, resolve("--model", "tiny").height) == (960, 96)
+    assert "480p" in ui.SIZES and H.HUNYUANVIDEO15_HUB + "720p_i2v" in ui.HUB_MODELS
+
+
 def test_a_local_folder_takes_its_own_settings(tmp_path):
     """A 1.5 folder in diffusers' layout gives its run the shift of its scheduler, the CFG scale of its guider and
     the size at its DiT's target_size (16:9, as diffusers' pipeline picks it), files written here by diffusers' own
