@@ -14,9 +14,13 @@
     python bench_hunyuan_apple.py --page                 # the web page's own cost a step (needs gradio)
     python bench_hunyuan_apple.py --distributed          # several ranks: bytes and projected time a step, and
                                                          # a tiny run measured on 1 and 2 local ranks
+    python bench_hunyuan_apple.py --family 1.5 [--reference | --parity | --vae | --phases]   # HunyuanVideo 1.5
 
 Sizes are video HEIGHTxWIDTHxFRAMES; the text is 256 valid tokens. Effective TFLOP/s counts the token-wise
-linear layers and attention of the 60 blocks (the embedders and the refiner are negligible). Each figure is
+linear layers and attention of the 60 blocks (1.5: 54; the embedders and the refiner are negligible) over the
+video's tokens and the valid text tokens. 1.5's text is the LLM's 1000 slots with 256 valid and byT5's 256 with
+none (a prompt that quotes no text), as its pipeline pads them: ours drops the padding, diffusers attends over it
+masked, with 729 zero image slots besides. Each figure is
 the mean of --repeat timed forwards after one warm-up forward. Random weights, so no checkpoint is needed.
 """
 
@@ -35,6 +39,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+import HunyuanVideo15_Apple as H15
 import HunyuanVideo_Apple as H
 from mlx.utils import tree_flatten
 
@@ -42,6 +47,12 @@ FULL_SIZES = ["544x960x25", "544x960x61", "720x1280x129"]
 TINY = dict(num_attention_heads=2, attention_head_dim=32, rope_axes_dim=(8, 12, 12), num_layers=2,
             num_single_layers=2, num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32)
 TINY_SIZES = ["64x64x5", "64x96x9"]
+FULL_SIZES15 = ["480x848x61", "480x848x121", "720x1280x121"]
+TINY15 = dict(num_attention_heads=2, attention_head_dim=32, rope_axes_dim=(8, 12, 12), num_layers=2,
+              num_refiner_layers=1, text_embed_dim=64, text_embed_2_dim=32, image_embed_dim=32)
+TINY_VAE15 = dict(block_out_channels=(8, 16, 16, 16, 16), layers_per_block=1, latent_channels=8)
+QWEN = dict(model_type="qwen2_5_vl_text", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6)  # 1.5's LLM
 
 
 def parse_size(s):
@@ -53,31 +64,66 @@ def tokens(h, w, f, text=256):
     return math.prod(H.patch_grid(h, w, f)) + text
 
 
-def forward_flops(cfg, n):
-    """H.dit_flops for a DiT built with cfg (the real model's sizes where cfg is silent)."""
-    d = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 128)
-    return H.dit_flops(n, d, int(d * cfg.get("mlp_ratio", 4.0)), cfg.get("num_layers", 20),
-                       cfg.get("num_single_layers", 40))
+def forward_flops(cfg, n, v15=False):
+    """H.dit_flops for a DiT built with cfg (the real model's sizes where cfg is silent; v15: 1.5's)."""
+    d = cfg.get("num_attention_heads", 16 if v15 else 24) * cfg.get("attention_head_dim", 128)
+    return H.dit_flops(n, d, int(d * cfg.get("mlp_ratio", 4.0)), cfg.get("num_layers", 54 if v15 else 20),
+                       0 if v15 else cfg.get("num_single_layers", 40))
 
 
-def inputs_np(cfg, h, w, f, seed=0):
+def inputs_np(cfg, h, w, f, seed=0, v15=False):
+    """Random DiT inputs, channels-last, with 256 valid text tokens, at timestep t. 1.5: 65 input channels at 1/16
+    the size, the LLM's 1000 slots and byT5's 256 (none valid), as its pipeline pads them; t 896, as 900 is not a
+    bf16 number (its pipeline gives diffusers the timestep in bf16)."""
     rng = np.random.default_rng(seed)
-    return dict(latents=rng.standard_normal((1, (f - 1) // 4 + 1, h // 8, w // 8, 16), dtype=np.float32),
-                text=rng.standard_normal((1, 256, cfg.get("text_embed_dim", 4096)), dtype=np.float32),
-                pooled=rng.standard_normal((1, cfg.get("pooled_projection_dim", 768)), dtype=np.float32))
+    rand = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    T = (f - 1) // 4 + 1
+    if not v15:
+        return dict(latents=rand(1, T, h // 8, w // 8, 16), t=900.0,
+                    text=rand(1, 256, cfg.get("text_embed_dim", 4096)), mask=np.ones((1, 256), np.int64),
+                    pooled=rand(1, cfg.get("pooled_projection_dim", 768)))
+    return dict(latents=rand(1, T, h // 16, w // 16, cfg.get("in_channels", 65)), t=896.0,
+                text=rand(1, H15.QWEN_LENGTH, cfg.get("text_embed_dim", 3584)),
+                mask=(np.arange(H15.QWEN_LENGTH) < 256)[None].astype(np.int64),
+                byt5=np.zeros((1, H15.BYT5_LENGTH, cfg.get("text_embed_2_dim", 1472)), np.float32),
+                byt5_mask=np.zeros((1, H15.BYT5_LENGTH), np.int64),
+                image=np.zeros((1, 729, cfg.get("image_embed_dim", 1152)), np.float32))  # diffusers' only
 
 
 def dit_args(x):
-    """Our DiT's arguments for inputs_np's arrays: bf16, timestep 900, 256 valid text tokens, guidance 6016."""
-    return (mx.array(x["latents"], dtype=mx.bfloat16), mx.array([900.0]), mx.array(x["text"], dtype=mx.bfloat16),
-            mx.ones((1, 256)), mx.array(x["pooled"], dtype=mx.bfloat16), mx.array([6016.0]))
+    """Our DiT's arguments for inputs_np's arrays: bf16; 13B's guidance 6016, 1.5's Conditions (no image: text to
+    video, as our pipeline gives it)."""
+    bf16 = lambda k: mx.array(x[k], dtype=mx.bfloat16)  # noqa: E731
+    head = (bf16("latents"), mx.array([x["t"]]), bf16("text"), mx.array(x["mask"]))
+    if "byt5" in x:
+        return head + (H15.Conditions(bf16("byt5"), mx.array(x["byt5_mask"]), None),)
+    return head + (bf16("pooled"), mx.array([6016.0]))
 
 
-def bench_ours(cfg, sizes, repeat):
-    model = random_model(H.HunyuanVideoTransformer, **cfg)
+def reference_args(x, dev):
+    """diffusers' keyword arguments for inputs_np's arrays, bf16 on dev (1.5: the timestep in bf16 and zero image
+    embeddings, as its text to video pipeline gives them)."""
+    import torch
+
+    t = lambda k, dtype=torch.bfloat16: torch.from_numpy(x[k]).to(dev, dtype)  # noqa: E731
+    step = torch.tensor([x["t"]], device=dev, dtype=torch.bfloat16 if "byt5" in x else torch.float32)
+    kw = dict(hidden_states=t("latents").permute(0, 4, 1, 2, 3), timestep=step,
+              encoder_hidden_states=t("text"), encoder_attention_mask=t("mask", torch.int64), return_dict=False)
+    if "byt5" in x:
+        return dict(kw, encoder_hidden_states_2=t("byt5"), encoder_attention_mask_2=t("byt5_mask", torch.int64),
+                    image_embeds=t("image"))
+    return dict(kw, pooled_projections=t("pooled"), guidance=torch.tensor([6016.0], device=dev, dtype=torch.bfloat16))
+
+
+def dit_class(v15):
+    return H15.HunyuanVideo15Transformer if v15 else H.HunyuanVideoTransformer
+
+
+def bench_ours(cfg, sizes, repeat, v15=False):
+    model = random_model(dit_class(v15), **cfg)
     results = {}
     for s in sizes:
-        args = dit_args(inputs_np(cfg, *parse_size(s)))
+        args = dit_args(inputs_np(cfg, *parse_size(s), v15=v15))
         mx.eval(model(*args))  # warm-up: compiles the fused pieces
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -90,24 +136,19 @@ def bench_ours(cfg, sizes, repeat):
     return results
 
 
-def bench_reference(cfg, sizes, repeat):
+def bench_reference(cfg, sizes, repeat, v15=False):
+    import diffusers
     import torch
-    from diffusers import HunyuanVideoTransformer3DModel
 
     dev = torch_device()
     torch.set_default_dtype(torch.bfloat16)  # build the weights in bf16 directly, on the device
     with torch.device(dev), torch.no_grad():
-        model = HunyuanVideoTransformer3DModel(**cfg).eval()
+        model = getattr(diffusers, dit_class(v15).diffusers_class)(**cfg).eval()
     torch.set_default_dtype(torch.float32)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     results = {}
     for s in sizes:
-        x = inputs_np(cfg, *parse_size(s))
-        kw = dict(hidden_states=torch.from_numpy(x["latents"]).permute(0, 4, 1, 2, 3),
-                  encoder_hidden_states=torch.from_numpy(x["text"]), pooled_projections=torch.from_numpy(x["pooled"]))
-        kw = {k: v.to(dev, torch.bfloat16) for k, v in kw.items()}
-        kw.update(timestep=torch.tensor([900.0], device=dev), guidance=torch.tensor([6016.0], device=dev),
-                  encoder_attention_mask=torch.ones(1, 256, device=dev, dtype=torch.int64), return_dict=False)
+        kw = reference_args(inputs_np(cfg, *parse_size(s), v15=v15), dev)
         with torch.no_grad():
             model(**kw)
             sync()
@@ -144,12 +185,18 @@ def random_model(cls, quantization=None, dtype=mx.bfloat16, **kw):
     return model
 
 
-def bench_phases(args, sizes):
-    """Each phase alone, per precision: random weights at full size (or tiny) unless --model has real ones."""
-    dit_kw = TINY if args.tiny else {}
+def bench_phases(args, sizes, v15=False):
+    """Each phase alone, per precision: random weights at full size (or tiny) unless --model has real ones. 1.5's
+    text encoder phase times its Qwen2.5-VL LLM (byT5, 1% of its weights, is left out)."""
+    dit_kw = (TINY15 if v15 else TINY) if args.tiny else {}
     llm_kw = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2) if args.tiny else {}
-    vae_kw = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
+    if v15:
+        llm_kw = {**H._hf_sizes(H.LlamaTextEncoder, QWEN), **llm_kw, "attention_bias": True}
+        vae_kw, tile, stride = TINY_VAE15 if args.tiny else {}, H15.VAE_TILE, H15.VAE_STRIDE
+    else:
+        vae_kw = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
+        tile, stride = H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE
     print(f"{'precision':>9} {'size':>14} {'phase':>14} {'seconds':>9} {'peak GiB':>8}")
     for q in args.quantizations:
         quant = None if q == "bf16" else q
@@ -157,7 +204,7 @@ def bench_phases(args, sizes):
             h, w, f = parse_size(s)
             rows = []
             if args.model:
-                pipe = H.HunyuanVideoPipeline.from_pretrained(args.model, quantization=quant)
+                pipe = H._pipeline_class(args.model).from_pretrained(args.model, quantization=quant)
                 pipe("a red fox runs through a snowy forest at dawn", height=h, width=w, frames=f, steps=args.steps,
                      seed=0, force=args.force)
                 rows = [(name, pipe.stats[name][0] / (args.steps if name == "denoise" else 1), pipe.stats[name][1])
@@ -165,20 +212,23 @@ def bench_phases(args, sizes):
             else:
                 llm, sec, peak = timed(lambda: random_model(H.LlamaTextEncoder, quant,
                                                             H.DEFAULT_DTYPES["text_encoders"], **llm_kw))
-                ids = mx.random.randint(0, llm.embed_tokens.weight.shape[0], (1, H.TEXT_LENGTH + H.CROP_START))
+                length = H15.QWEN_LENGTH + H15.QWEN_CROP_START if v15 else H.TEXT_LENGTH + H.CROP_START
+                ids = mx.random.randint(0, llm.embed_tokens.weight.shape[0], (1, length))
                 mx.eval(llm(ids))  # warm-up: the first quantized forward on a GPU compiles its kernels
                 _, sec2, peak2 = timed(lambda: llm(ids))
                 rows.append(("text encoder", sec2, max(peak, peak2)))
                 del llm
-                dit, _, peak = timed(lambda: random_model(H.HunyuanVideoTransformer, quant, **dit_kw))
-                a = dit_args(inputs_np(dit_kw, h, w, f))
+                dit, _, peak = timed(lambda: random_model(dit_class(v15), quant, **dit_kw))
+                a = dit_args(inputs_np(dit_kw, h, w, f, v15=v15))
                 mx.eval(dit(*a))  # warm-up
                 _, sec, peak2 = timed(lambda: dit(*a))
                 rows.append(("denoise step", sec, max(peak, peak2)))
                 del dit
-                vae = random_model(H.HunyuanVideoVAE, dtype=H.DEFAULT_DTYPES["vae"], **vae_kw)
-                z = mx.random.normal(a[0].shape).astype(vae.dtype)
-                _, sec, peak = timed(lambda: vae.decode(z, H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))
+                vae = random_model(H15.HunyuanVideo15VAE if v15 else H.HunyuanVideoVAE,
+                                   dtype=H.DEFAULT_DTYPES["vae"], **vae_kw)
+                z = mx.random.normal((*a[0].shape[:4], vae_kw.get("latent_channels", 32 if v15 else 16)))
+                z = z.astype(vae.dtype)
+                _, sec, peak = timed(lambda: vae.decode(z, tile, stride))
                 rows.append(("decode", sec, peak))
                 del vae
             for name, sec, peak in rows:
@@ -225,12 +275,9 @@ def header_only_checkpoint15(folder, i2v=False):
     """HunyuanVideo 1.5's components as header_only_checkpoint writes 13B's: Qwen2.5-VL-7B's language model, byT5
     (Glyph-SDXL-v2's byt5-small), the DiT, the VAE, and for image to video SigLIP's vision tower (so400m-patch14-384):
     the real sizes, the modules' own names (those the loaders read)."""
-    import HunyuanVideo15_Apple as H15
-    qwen = dict(model_type="qwen2_5_vl_text", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6)
-    llm = H.LlamaTextEncoder(**{**H._hf_sizes(H.LlamaTextEncoder, qwen), "attention_bias": True, "skip_layers": 0})
+    llm = H.LlamaTextEncoder(**{**H._hf_sizes(H.LlamaTextEncoder, QWEN), "attention_bias": True, "skip_layers": 0})
     _write_header(folder, "text_encoder", {**dict(tree_flatten(llm.parameters())), "norm.weight": mx.zeros((3584,))},
-                  qwen)
+                  QWEN)
     _write_header(folder, "text_encoder_2", dict(tree_flatten(H15.T5Encoder().parameters())),
                   dict(model_type="t5", d_model=1472, d_ff=3584, d_kv=64, num_heads=6, num_layers=12, vocab_size=384,
                        feed_forward_proj="gated-gelu"))
@@ -245,7 +292,6 @@ def header_only_checkpoint15(folder, i2v=False):
 
 def print_plan15(settings):
     """The memory plan of HunyuanVideo 1.5 at full size (header-only files, GPU estimates): each phase's GiB."""
-    import HunyuanVideo15_Apple as H15
     with tempfile.TemporaryDirectory() as tmp:
         folders = {kind: header_only_checkpoint15(Path(tmp) / kind, kind == "I2V") for kind in ("T2V", "I2V")}
         print(f"{'HunyuanVideo 1.5':>16} {'model':>5} {'precision':>9} {'true CFG':>10} {'text GiB':>8} "
@@ -273,7 +319,7 @@ def print_plan(settings):
                   f"{est['denoise'] / H.GB:>11.1f} {est['decode'] / H.GB:>10.1f} {max(est.values()) / H.GB:>8.1f}")
 
 
-def check_fits(args, sizes, phases):
+def check_fits(args, sizes, phases, v15=False):
     """The memory plan, before any weights are made: refuse in one sentence (as the command line does) a benchmark
     whose phases (estimate_memory's: "text encoders", "denoise", "decode") would not fit at a size and precision,
     unless --force. Full-size random weights are planned from header-only files (with --model the pipeline plans
@@ -282,10 +328,10 @@ def check_fits(args, sizes, phases):
         return
     budget = H.available_memory()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = header_only_checkpoint(Path(tmp) / "t2v")
+        folder = (header_only_checkpoint15 if v15 else header_only_checkpoint)(Path(tmp) / "t2v")
         for q in (args.quantizations if args.phases else ["bf16"]):
             for s in sizes:
-                est = H.estimate_memory(folder, *parse_size(s), None if q == "bf16" else q)
+                est = (H15 if v15 else H).estimate_memory(folder, *parse_size(s), None if q == "bf16" else q)
                 phase = max(phases, key=est.get)
                 if est[phase] > 0.9 * budget:
                     raise H.HunyuanVideoError(
@@ -300,17 +346,19 @@ def torch_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_parity(args):
-    """One double and one single block at the real width (or tiny), random weights made by diffusers on the
-    device and saved, read back through our loader; both run in bf16 on the same inputs."""
+def check_parity(args, v15=False):
+    """One double and one single block (1.5: one double block) at the real width (or tiny), random weights made by
+    diffusers on the device and saved, read back through our loader; both run in bf16 on the same inputs."""
+    import diffusers
     import torch
-    from diffusers import HunyuanVideoTransformer3DModel
 
     dev = torch_device()
-    cfg = dict(TINY, num_layers=1, num_single_layers=1) if args.tiny else dict(num_layers=1, num_single_layers=1,
-                                                                               num_refiner_layers=1)
+    cfg = dict(num_layers=1, num_refiner_layers=1) if v15 else dict(num_layers=1, num_single_layers=1,
+                                                                    num_refiner_layers=1)
+    if args.tiny:
+        cfg = dict(TINY15 if v15 else TINY, **cfg)
     torch.manual_seed(0)
-    ref = HunyuanVideoTransformer3DModel(**cfg).to(dev, torch.bfloat16).eval()
+    ref = getattr(diffusers, dit_class(v15).diffusers_class)(**cfg).to(dev, torch.bfloat16).eval()
     with torch.no_grad():  # random norms and biases too, so that nothing hides behind ones and zeros
         for name, p in ref.named_parameters():
             noise = torch.randn_like(p)
@@ -321,42 +369,45 @@ def check_parity(args):
     print(f"{'size':>14} {'rel. error (max |ours - ref| / max |ref|)':>42}   bf16, diffusers on {dev}")
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = H.load_transformer(tmp)
-        for s in args.sizes or (["64x64x5"] if args.tiny else ["544x960x13"]):
-            x = inputs_np(cfg, *parse_size(s))
+        ours = (H15 if v15 else H).load_transformer(tmp)
+        for s in args.sizes or (["64x64x5"] if args.tiny else ["480x848x21" if v15 else "544x960x13"]):
+            x = inputs_np(cfg, *parse_size(s), v15=v15)
             with torch.no_grad():
-                r = ref(hidden_states=torch.from_numpy(x["latents"]).permute(0, 4, 1, 2, 3).to(dev, torch.bfloat16),
-                        timestep=torch.tensor([900.0], device=dev),
-                        encoder_hidden_states=torch.from_numpy(x["text"]).to(dev, torch.bfloat16),
-                        encoder_attention_mask=torch.ones(1, 256, device=dev, dtype=torch.int64),
-                        pooled_projections=torch.from_numpy(x["pooled"]).to(dev, torch.bfloat16),
-                        guidance=torch.tensor([6016.0], device=dev, dtype=torch.bfloat16), return_dict=False)[0]
+                r = ref(**reference_args(x, dev))[0]
             r = r.permute(0, 2, 3, 4, 1).float().cpu().numpy()
             o = np.array(ours(*dit_args(x)).astype(mx.float32))
             print(f"{s:>14} {np.abs(o - r).max() / np.abs(r).max():>42.2e}")
 
 
-def bench_vae(args, sizes):
+def bench_vae(args, sizes, v15=False):
     """Tiled decode of random latents: ours with its default tiles, diffusers' with its own (fp16, as its
     pipeline runs it), random full-size (or tiny) weights made by diffusers and read by our loader."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKLHunyuanVideo
 
     dev = torch_device()
-    cfg = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
-    ref = AutoencoderKLHunyuanVideo(**cfg).to(dev, torch.float16).eval()
+    if v15:
+        cfg, ratio = TINY_VAE15 if args.tiny else {}, 16
+        chans = cfg.get("latent_channels", 32)
+        name, load, tile = "AutoencoderKLHunyuanVideo15", H15.load_vae, (H15.VAE_TILE, H15.VAE_STRIDE)
+    else:
+        cfg = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4) if args.tiny else {}
+        ratio, chans = 8, 16
+        name, load, tile = "AutoencoderKLHunyuanVideo", H.load_vae, (H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE)
+    ref = getattr(diffusers, name)(**cfg).to(dev, torch.float16).eval()
     ref.enable_tiling()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     print(f"{'size':>14} {'ours s':>8} {'peak GiB':>8} {'diffusers s':>12} {'peak GiB':>8}   (diffusers fp16 on {dev})")
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = H.load_vae(tmp)
+        ours = load(tmp)
         for s in sizes:
             h, w, f = parse_size(s)
-            z = np.random.default_rng(0).standard_normal((1, (f - 1) // 4 + 1, h // 8, w // 8, 16), dtype=np.float32)
+            z = np.random.default_rng(0).standard_normal((1, (f - 1) // 4 + 1, h // ratio, w // ratio, chans),
+                                                         dtype=np.float32)
             zm = mx.array(z, dtype=mx.bfloat16)
-            mx.eval(ours.decode(zm[:, :2, :8, :8], H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))  # warm-up
-            _, sec, peak = timed(lambda: ours.decode(zm, H.DEFAULT_VAE_TILE, H.DEFAULT_VAE_STRIDE))
+            mx.eval(ours.decode(zm[:, :2, :8, :8], *tile))  # warm-up
+            _, sec, peak = timed(lambda: ours.decode(zm, *tile))
             zt = torch.from_numpy(z).permute(0, 4, 1, 2, 3).to(dev, torch.float16)
             with torch.no_grad():
                 ref.decode(zt[:, :, :2, :8, :8])  # warm-up
@@ -596,6 +647,8 @@ def parser():
     ap.add_argument("--sizes", nargs="+", help="HEIGHTxWIDTHxFRAMES, e.g. 544x960x25")
     ap.add_argument("--reference", action="store_true", help="also time diffusers (needs torch and diffusers)")
     ap.add_argument("--tiny", action="store_true", help="tiny random models instead of the full-size ones")
+    ap.add_argument("--family", choices=["13B", "1.5"], help="HunyuanVideo 13B (the default) or 1.5 (8.3B): for "
+                    "the DiT forward, --reference, --parity, --vae and --phases")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--phases", action="store_true", help="time and peak memory of each phase, per precision")
     ap.add_argument("--quantizations", nargs="+", help="with --phases (default: all four)",
@@ -646,9 +699,18 @@ def run(ap, args):
             print(f"error: --{needs[0]} runs diffusers, which needs torch and diffusers: pip install -r "
                   f"requirements-dev.txt (it names the versions the tests use).", file=sys.stderr)
             return 2
-    cfg = TINY if args.tiny else {}
+    v15 = args.family == "1.5"
+    if args.model and args.family and v15 != (H._pipeline_class(args.model) is H15.HunyuanVideo15Pipeline):
+        ap.error(f"--model {args.model} is not a HunyuanVideo {args.family} checkpoint: leave --family out (the "
+                 f"model's own family is benchmarked)")
+    other = [f for f in ("plan", "work", "radial", "page", "distributed") if getattr(args, f)]
+    if args.family and other:
+        ap.error(f"--family goes with the DiT forward, --parity, --vae and --phases (--{other[0]} "
+                 f"{'prints both families' if other[0] == 'plan' else 'is HunyuanVideo 13B' + chr(39) + 's'})")
+    cfg = (TINY15 if v15 else TINY) if args.tiny else {}
     small = args.tiny or args.model and H.is_tiny(args.model)  # the tiny demo's own model runs at tiny sizes too
-    sizes = args.sizes or (TINY_SIZES if small else (["544x960x13"] if args.phases else FULL_SIZES))
+    full = (["480x848x121"] if v15 else ["544x960x13"]) if args.phases else FULL_SIZES15 if v15 else FULL_SIZES
+    sizes = args.sizes or (TINY_SIZES if small else full)
     for s in args.sizes or []:
         try:
             h, w, f = parse_size(s)
@@ -671,25 +733,27 @@ def run(ap, args):
     if args.page:
         return bench_page(args, args.sizes or ["544x960x61", "720x1280x129"])
     if args.parity:
-        return check_parity(args)
+        return check_parity(args, v15)
     if args.vae:
-        sizes = args.sizes or (["64x96x9"] if args.tiny else ["544x960x129"])
-        check_fits(args, sizes, ["decode"])
-        return bench_vae(args, sizes)
+        sizes = args.sizes or (["64x96x9"] if args.tiny else ["480x848x121" if v15 else "544x960x129"])
+        check_fits(args, sizes, ["decode"], v15)
+        return bench_vae(args, sizes, v15)
     if args.phases:
-        check_fits(args, sizes, ["text encoders", "denoise", "decode"])
-        return bench_phases(args, sizes)
-    check_fits(args, sizes, ["denoise"])
-    print(f"{'tiny' if args.tiny else 'full-size'} DiT, bf16, random weights, mean of {args.repeat}")
-    ours = bench_ours(cfg, sizes, args.repeat)
-    ref, dev = bench_reference(cfg, sizes, args.repeat) if args.reference else ({}, None)
+        v15 = v15 or bool(args.model) and H._pipeline_class(args.model) is H15.HunyuanVideo15Pipeline
+        check_fits(args, sizes, ["text encoders", "denoise", "decode"], v15)
+        return bench_phases(args, sizes, v15)
+    check_fits(args, sizes, ["denoise"], v15)
+    print(f"{'tiny' if args.tiny else 'full-size'} {'HunyuanVideo 1.5' if v15 else 'HunyuanVideo'} DiT, bf16, random "
+          f"weights, mean of {args.repeat}")
+    ours = bench_ours(cfg, sizes, args.repeat, v15)
+    ref, dev = bench_reference(cfg, sizes, args.repeat, v15) if args.reference else ({}, None)
     head = f"{'size':>14} {'tokens':>8} {'PFLOP':>7} {'ours s':>8} {'TFLOP/s':>8} {'peak GiB':>8}"
     if ref:
         head += f" {'diffusers s':>12} {'TFLOP/s':>8} {'peak GiB':>8} {'ratio':>6}   (diffusers on {dev})"
     print(head)
     for s in sizes:
         n = tokens(*parse_size(s))
-        fl = forward_flops(cfg, n)
+        fl = forward_flops(cfg, n, v15)
         t, peak = ours[s]
         line = f"{s:>14} {n:>8} {fl / 1e15:>7.3f} {t:>8.3f} {fl / t / 1e12:>8.1f} {peak:>8.3g}"
         if ref:

@@ -118,12 +118,31 @@ def test_plan_counts_the_real_model_exactly(tmp_path):
         int8 - modulation + table + activations
 
 
-def test_bench_parity_and_vae_run():
-    r = run("bench_hunyuan_apple.py", "--tiny", "--parity")
+@pytest.mark.parametrize("family", [[], ["--family", "1.5"]])
+def test_bench_parity_and_vae_run(family):
+    """The benchmark's own parity check, per family: bf16 against diffusers in bf16 (measured 7.8e-3 on both)."""
+    r = run("bench_hunyuan_apple.py", "--tiny", "--parity", *family)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.strip().splitlines()[-1].split()[-1]) <= 3e-2  # bf16, as the parity tests bound it
-    r = run("bench_hunyuan_apple.py", "--tiny", "--vae", "--sizes", "32x48x5")
+    r = run("bench_hunyuan_apple.py", "--tiny", "--vae", "--sizes", "32x48x5", *family)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].split()[0] == "32x48x5", r.stderr
+
+
+def test_bench_1_5_forward_table_and_flop_count():
+    """1.5's DiT forward: its row counts the video's tokens (the same at 1/16 with patch 1 as 13B's at 1/8 with patch
+    2) and 256 valid text tokens; its FLOPs are 54 double blocks of 24 N D^2 (q, k, v, out and a 4x MLP on both
+    streams) + 4 N^2 D (attention) at D 2048, written out here."""
+    import bench_hunyuan_apple as B
+    r = run("bench_hunyuan_apple.py", "--tiny", "--family", "1.5", "--repeat", "1", "--sizes", "32x48x5")
+    assert r.returncode == 0, r.stderr
+    assert "HunyuanVideo 1.5 DiT" in r.stdout
+    row = r.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "32x48x5" and int(row[1]) == 2 * 2 * 3 + 256 and float(row[3]) > 0
+    n, D = B.tokens(480, 848, 121), 2048
+    assert n == 31 * 30 * 53 + 256
+    assert B.forward_flops({}, n, v15=True) == 54 * (24 * n * D * D + 4 * n * n * D)
+    r = run("bench_hunyuan_apple.py", "--family", "1.5", "--plan")
+    assert r.returncode == 2 and "--family goes with the DiT forward" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_tiny_is_a_model_wherever_one_is_taken(tmp_path, monkeypatch):
@@ -157,7 +176,9 @@ def test_bench_without_torch_says_what_to_install(flag):
 @pytest.mark.parametrize("args, words", [
     ([], "at 544x960x25 in bf16 the denoise phase needs about"),
     (["--phases", "--quantizations", "int8"], "at 544x960x13 in int8 the "),
-    (["--vae", "--sizes", "720x1280x129"], "at 720x1280x129 in bf16 the decode phase needs about")])
+    (["--vae", "--sizes", "720x1280x129"], "at 720x1280x129 in bf16 the decode phase needs about"),
+    (["--family", "1.5"], "at 480x848x61 in bf16 the denoise phase needs about"),
+    (["--family", "1.5", "--phases", "--quantizations", "int4"], "at 480x848x121 in int4 the ")])
 def test_bench_plans_before_it_makes_full_size_weights(monkeypatch, capsys, args, words):
     """With no arguments the benchmark would build the full-size 13B DiT: on a machine that cannot hold it (8 GiB
     here, as HUNYUAN_APPLE_MEMORY_GB says) it is refused in one sentence before any weights are made."""
