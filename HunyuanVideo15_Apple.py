@@ -365,6 +365,10 @@ class HunyuanVideo15Transformer(H.HunyuanVideoTransformer):
     def diffusers_names():
         return _FROM_DIFFUSERS
 
+    @staticmethod
+    def original_names():
+        return _FROM_TENCENT
+
     def conditioning(self, timestep, conditions, timestep_r=None):
         """The conditioning vector (B, D): time_in(t), plus time_r_in(r) given mean-flow's second timestep (summed,
         as diffusers does; Tencent's code averages the two)."""

@@ -1271,6 +1271,12 @@ class HunyuanVideoTransformer(nn.Module):
         """The rows that rename diffusers' layout to this model's names (a LoRA's keys too): _FROM_DIFFUSERS."""
         return _FROM_DIFFUSERS
 
+    @staticmethod
+    def original_names():
+        """The rows that fuse pieces of Tencent's layout into this model's layers (a LoRA's keys too): none here,
+        Tencent's names are this model's."""
+        return []
+
     saved = ("image_condition_type",)  # the settings a converted checkpoint's config.json keeps, besides RoPE's
 
     def settings(self):
@@ -2894,8 +2900,10 @@ def _quantized_loading(config, quantization, modulation, source):
 #   original           diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight (or transformer.): Tencent names
 #   musubi / kohya     lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight, .lora_up.weight, .alpha
 #   ComfyUI            diffusion_model.double_blocks.0.img_mod.lin.lora_down.weight, img_mlp.0; .diff_b, .diff
-# scale = the user's x alpha / r where the file gives an alpha (else 1, as PEFT's default alpha = r). A piece
-# of a fused layer (diffusers' to_k is rows D..2D of img_attn_qkv) adds to those rows only. Into float weights
+# HunyuanVideo 1.5's original layout (Tencent's own training, musubi's) has q, k and v apart: img_attn_q, _k, _v.
+# scale = the user's x alpha / r where the file gives an alpha (a kohya alpha tensor, or the LoraConfig that PEFT
+# and diffusers save in the file's metadata; else 1, as diffusers' loaders take alpha = r). A piece
+# of a fused layer (diffusers' to_k, 1.5's img_attn_k: rows D..2D of img_attn_qkv) adds to those rows only. Into float weights
 # the delta is merged on load, in float32, before any quantization; beside a layer that a converted checkpoint
 # holds quantized it stays a low-rank branch (LoRAQuantizedLinear), never a dequantized copy.
 
@@ -2922,13 +2930,37 @@ def _lora_layers(model):
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _lora_target(module, layers, dim, flat, tables=_FROM_DIFFUSERS):
+def _piece_rows(j, parts, dim):
+    """The output rows [start, stop) of a fused layer that piece j of `parts` (its pieces' names) fills: dim each,
+    the last of four (a single block's MLP) to the end."""
+    return (j * dim, None if j == 3 else (j + 1) * dim) if len(parts) > 1 else (0, None)
+
+
+def _lora_pieces(layers, dim, tables):
+    """{piece's module name: (fused layer, first row, last row or None)} for the layers a DiT fuses from pieces of
+    its original layout (tables: its original_names(); 1.5's q, k and v): a LoRA trained on that layout names the
+    pieces."""
+    pieces = {}
+    for scope, target, table in tables:
+        fused = {dst: src for src, dst in table.items() if isinstance(src, tuple)}  # layer -> its pieces' names
+        for layer in layers:
+            m = _match_scope(target, layer + ".weight")
+            if m and m.group(m.lastindex - 1) in fused:
+                *idx, name, _ = m.groups()
+                where = scope.format(*idx) + "." if scope else ""
+                pieces.update({where + piece: (layer, *_piece_rows(j, fused[name], dim))
+                               for j, piece in enumerate(fused[name])})
+    return pieces
+
+
+def _lora_target(module, layers, dim, flat, tables=_FROM_DIFFUSERS, pieces=None):
     """A LoRA key's module (prefix stripped) -> (Tencent layer, first row, last row or None, from diffusers), or
-    None where it names no layer of this DiT. flat: {kohya name: layer}. tables: the DiT's renaming from diffusers'
-    layout (its diffusers_names())."""
+    None where it names no layer of this DiT. flat: {kohya name: module name}. tables: the DiT's renaming from
+    diffusers' layout (its diffusers_names()); pieces: _lora_pieces's, for its original layout's pieces."""
+    pieces = pieces or {}
     if module.startswith("lora_unet_"):  # kohya: the module path with every '.' written '_'
-        return (flat[module[10:]], 0, None, False) if module[10:] in flat else None
-    if module.startswith(_DIFFUSERS_ROOTS):
+        module = flat.get(module[10:], "")
+    elif module.startswith(_DIFFUSERS_ROOTS):
         for scope, target, table in tables:
             m = _match_scope(scope, module + ".weight")
             if not m:
@@ -2937,13 +2969,14 @@ def _lora_target(module, layers, dim, flat, tables=_FROM_DIFFUSERS):
             for src, dst in table.items():
                 parts = src if isinstance(src, tuple) else (src,)
                 if name in parts:
-                    j = parts.index(name)
-                    start, stop = (j * dim, None if j == 3 else (j + 1) * dim) if len(parts) > 1 else (0, None)
                     layer = (target.format(*idx) + "." if target else "") + dst
-                    return (layer, start, stop, True) if layer in layers else None
+                    return (layer, *_piece_rows(parts.index(name), parts, dim), True) if layer in layers else None
         return None
-    for pattern, repl in _COMFY_NAMES:  # ComfyUI's names; Tencent's pass unchanged
-        module = re.sub(pattern, repl, module)
+    elif module not in layers and module not in pieces:  # ComfyUI's names (its mlp.0 is not Tencent's time_in.mlp.0)
+        for pattern, repl in _COMFY_NAMES:
+            module = re.sub(pattern, repl, module)
+    if module in pieces:
+        return (*pieces[module], False)
     return (module, 0, None, False) if module in layers else None
 
 
@@ -2972,10 +3005,40 @@ def _linear_order(w):
     return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1) if w.ndim == 5 else w
 
 
-def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS, family=None):
+def _peft_config(path):
+    """The LoraConfig that diffusers and PEFT save in a LoRA's safetensors metadata ("lora_adapter_metadata": a
+    model's save_lora_adapter, such as HunyuanVideo 1.5's training script, unprefixed; a pipeline's save_lora_weights
+    under "transformer."), or {}."""
+    if path.suffix != ".safetensors":
+        return {}
+    with open(path, "rb") as fh:  # the header was read whole before: the file is safetensors
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    try:
+        config = json.loads((header.get("__metadata__") or {}).get("lora_adapter_metadata", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    if any(k.startswith("transformer.") for k in config):
+        config = {k[12:]: v for k, v in config.items() if k.startswith("transformer.")}
+    return config if isinstance(config, dict) else {}
+
+
+def _peft_scaling(config, module, r):
+    """PEFT's scaling of a LoRA module of rank r under a saved LoraConfig: lora_alpha / r (/ sqrt(r) with
+    use_rslora), with alpha_pattern's alpha for a module it names; 1 without a config (alpha = r, as diffusers'
+    loaders take it)."""
+    if not config:
+        return 1.0
+    patterns = config.get("alpha_pattern") or {}
+    alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?(?:{p})", module)),
+                 config.get("lora_alpha", r))
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIFFUSERS, family=None, original=()):
     """A LoRA file (safetensors, or a weights-only .pt) -> {Tencent layer: [LoraPart, ...]} for a DiT whose
     Linear layers are `layers` ({name: (out, in)}), width `dim`, renaming from diffusers' layout `tables` (its
-    diffusers_names()) and family (its family, dit_family's words). Keys that match no layer stop the load in
+    diffusers_names()), from its original layout `original` (its original_names()) and family (its family,
+    dit_family's words). Keys that match no layer stop the load in
     one sentence (a warning with ignore_unmatched); a LoRA that matches nothing, whose shapes do not fit, or whose
     keys are another of the family's models', is for another model and is refused either way."""
     path = given_file(path, "the LoRA", "a LoRA file (.safetensors, or a .pt)")
@@ -2989,15 +3052,16 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIF
     if integers:
         raise HunyuanVideoError(f"the LoRA {path.name} holds integer tensors ({', '.join(integers[:3])}): LoRAs are "
                                 f"read in bf16, fp16 or fp32; pass a float LoRA.")
-    modules, unmatched, flat = {}, [], {name.replace(".", "_"): name for name in layers}
+    pieces, peft = _lora_pieces(layers, dim, original), _peft_config(path)
+    modules, unmatched, flat = {}, [], {name.replace(".", "_"): name for name in [*layers, *pieces]}
     for key, value in tensors.items():
         name = next((key[len(p):] for p in _LORA_PREFIXES if key.startswith(p)), key)
         suffix = next((s for s in _LORA_SUFFIXES if name.endswith("." + s)), None)
-        target = suffix and _lora_target(name[:-len(suffix) - 1], layers, dim, flat, tables)
+        target = suffix and _lora_target(name[:-len(suffix) - 1], layers, dim, flat, tables, pieces)
         if not target:
             unmatched.append(key)
         else:
-            modules.setdefault(target, {})[_LORA_SUFFIXES[suffix]] = value
+            modules.setdefault(target, {"module": name[:-len(suffix) - 1]})[_LORA_SUFFIXES[suffix]] = value
     if not modules:
         some = ", ".join(sorted(tensors)[:3])
         raise HunyuanVideoError(f"the LoRA {path.name} matches no layer of HunyuanVideo's DiT (its keys start {some}): "
@@ -3026,7 +3090,8 @@ def read_lora(path, scale, layers, dim, ignore_unmatched=False, tables=_FROM_DIF
                 raise HunyuanVideoError(f"the LoRA {path.name} gives {layer} matrices of {tuple(up.shape)} and "
                                         f"{tuple(down.shape)}, where this DiT's layer is {out} x {fan_in}: it is a "
                                         f"LoRA for another model (or another size of this one).")
-            s = scale * (t["alpha"].astype(mx.float32).item() / r if "alpha" in t else 1.0)
+            s = scale * (t["alpha"].astype(mx.float32).item() / r if "alpha" in t else
+                         _peft_scaling(peft, t["module"], r))
             parts.append(LoraPart("weight", start, stop, down, up * s))
             if "up_bias" in t:
                 parts.append(LoraPart("bias", start, stop, None, t["up_bias"].astype(mx.float32) * s))
@@ -3055,7 +3120,8 @@ def read_loras(loras, model, ignore_unmatched=False):
             raise HunyuanVideoError(f"the LoRA {where.name} is given twice: give it once, with the sum of the scales "
                                     f"if that is what you want.")
         seen.add(where)
-        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched, tables, model.family).items():
+        for layer, parts in read_lora(path, scale, layers, dim, ignore_unmatched, tables, model.family,
+                                      model.original_names()).items():
             out.setdefault(layer, []).extend(parts)
     return out
 
@@ -3132,11 +3198,11 @@ def _tencent_names(weights):
 
 # Which of the family's models a DiT's or a LoRA's tensor names are for, in any layout (diffusers', Tencent's,
 # ComfyUI's, kohya's underscores): 13B's DiT has single-stream blocks (and 20 double-stream ones), 1.5's has 54
-# double-stream blocks, no single-stream one, and modules of its own (byT5's and the image's projections, the
-# tokens' type embedding, mean-flow's timestep).
+# double-stream blocks, no single-stream one, modules of its own (byT5's and the image's projections, the tokens'
+# type embedding, mean-flow's timestep), and in Tencent's layout q, k and v apart (13B's are fused there).
 _KEYS_13B = re.compile(r"single_(?:transformer_)?blocks[._]\d")
 _KEYS_15 = re.compile(r"byt5_in|cond_type_embed|context_embedder_2|vision_in|image_embedder|time_r_in"
-                      r"|(?:double|transformer)_blocks[._](?:[2-9]\d|\d{3})[._]")
+                      r"|(?:double|transformer)_blocks[._](?:[2-9]\d|\d{3})[._]|(?:img|txt)_attn_[qkv]\.")
 
 
 def dit_family(keys):

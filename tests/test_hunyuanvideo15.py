@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import randomize, rel_err
 from diffusers import HunyuanVideo15Transformer3DModel
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
 import HunyuanVideo15_Apple as H15
@@ -361,6 +362,74 @@ def test_a_lora_in_diffusers_layout_matches_the_reference(tmp_path):
     save_file(big, tmp_path / "lora13b.safetensors")
     with pytest.raises(H.HunyuanVideoError, match="lora13b.safetensors gives .* it is a LoRA for another model"):
         H15.load_transformer(tmp_path / "transformer", loras=[tmp_path / "lora13b.safetensors"])
+
+
+# A LoRA trained with PEFT on diffusers' 1.5 DiT, in diffusers' names, and those modules in Tencent's names (this
+# file's TENCENT tables, read the other way)
+LORA_MODULES = {"transformer_blocks.0.attn.to_q": "double_blocks.0.img_attn_q",
+                "transformer_blocks.0.attn.to_v": "double_blocks.0.img_attn_v",
+                "transformer_blocks.1.attn.add_k_proj": "double_blocks.1.txt_attn_k",
+                "transformer_blocks.1.attn.to_out.0": "double_blocks.1.img_attn_proj",
+                "transformer_blocks.0.ff_context.net.2": "double_blocks.0.txt_mlp.fc2",
+                "transformer_blocks.1.norm1.linear": "double_blocks.1.img_mod.linear",
+                "context_embedder_2.linear_3": "byt5_in.fc3", "image_embedder.linear_1": "vision_in.proj.1",
+                "time_embed.timestep_embedder.linear_1": "time_in.mlp.0", "proj_out": "final_layer.linear"}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "tencent", "musubi"])
+def test_a_lora_in_each_layout_with_its_alpha_matches_the_reference(layout, tmp_path):
+    """A LoRA trained as Tencent's train.py trains one (PEFT, rank 3, lora_alpha 6: scale 2; one module's alpha 1.5
+    by alpha_pattern), saved by diffusers' save_lora_adapter with its LoraConfig in the file's metadata; the same in
+    Tencent's names (q, k and v apart, as its own DiT and its training script name them) with that metadata; and in
+    musubi-tuner's (kohya's lora_unet_ names, an alpha tensor a module). Ours at scale 0.7 against diffusers' DiT
+    with the adapter at weight 0.7 (peft), float32 (measured 3.9e-6 in each layout; bound F32_TOL; the LoRA moves
+    the output 0.46). The Tencent-layout pieces of a 1.5 LoRA name it as 1.5's to 13B's DiT."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    cfg = CONFIGS["i2v"]
+    ref = randomize(HunyuanVideo15Transformer3DModel(**cfg["model"]), seed=5).eval()
+    ref.save_pretrained(tmp_path / "transformer")
+    inputs = make_inputs(cfg)
+    before = run_reference(ref, inputs)
+    torch.manual_seed(7)
+    ref.add_adapter(LoraConfig(r=3, lora_alpha=6, alpha_pattern={"proj_out": 1.5}, init_lora_weights=False,
+                               target_modules=list(LORA_MODULES)), adapter_name="a")
+    ref.set_adapters(["a"], weights=[0.7])
+    expected = run_reference(ref, inputs)
+    ref.save_lora_adapter(tmp_path / "saved", adapter_name="a")
+    saved = tmp_path / "saved" / "pytorch_lora_weights.safetensors"
+    with safe_open(saved, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    assert (config["r"], config["lora_alpha"]) == (3, 6)
+    path = tmp_path / f"{layout}.safetensors"
+    if layout == "diffusers":
+        path = saved
+    elif layout == "tencent":
+        config["alpha_pattern"] = {"final_layer.linear": 1.5}
+        save_file({k.replace(d + ".", t + "."): v for k, v in tensors.items() for d, t in LORA_MODULES.items()
+                   if k.startswith(d + ".")}, path, metadata={"lora_adapter_metadata": json.dumps(config)})
+    else:
+        musubi = {}
+        for d, t in LORA_MODULES.items():
+            name = "lora_unet_" + t.replace(".", "_")
+            musubi[f"{name}.lora_down.weight"] = tensors[f"{d}.lora_A.weight"]
+            musubi[f"{name}.lora_up.weight"] = tensors[f"{d}.lora_B.weight"]
+            musubi[f"{name}.alpha"] = torch.tensor(1.5 if d == "proj_out" else 6.0)
+        save_file(musubi, path)
+    ours = H15.load_transformer(tmp_path / "transformer", dtype=mx.float32, loras=[(path, 0.7)])
+    err = rel_err(run_ours(ours, inputs), expected)
+    assert rel_err(before, expected) > 100 * err and err <= F32_TOL, (err, rel_err(before, expected))
+    if layout != "diffusers":
+        pieces = {k: v for k, v in load_safetensors(path).items() if "_attn_q" in k or "_attn_v" in k}
+        save_file(pieces, tmp_path / "pieces.safetensors")
+        small = dict(num_attention_heads=2, attention_head_dim=16, rope_axes_dim=(4, 6, 6), num_layers=1,
+                     num_single_layers=1, num_refiner_layers=1, text_embed_dim=24, pooled_projection_dim=8)
+        with pytest.raises(H.HunyuanVideoError, match=r"pieces.safetensors is for HunyuanVideo 1.5's DiT"):
+            H.read_loras([tmp_path / "pieces.safetensors"], H.HunyuanVideoTransformer(**small))
 
 
 def test_a_comfyui_fp8_file_converts_to_the_model_its_maker_dequantizes(tmp_path):

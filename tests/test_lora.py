@@ -136,6 +136,37 @@ def test_diffusers_and_original_layouts_match_diffusers(dit, monkeypatch):
         assert err <= F32_TOL, f"{path.name}: relative error {err:.2e} > {F32_TOL}"
 
 
+def test_a_lora_diffusers_saved_with_its_config_takes_its_alpha(dit, tmp_path, monkeypatch):
+    """A LoRA trained with PEFT and saved by diffusers' HunyuanVideoPipeline.save_lora_weights with its LoraConfig
+    (rank 2, lora_alpha 8: scale 4; one module's alpha 1 by alpha_pattern; in the file's metadata under
+    "transformer."): scaled as load_lora_weights scales it, float32 (measured 2.8e-5; bound F32_TOL). Read at
+    alpha = r, as before the metadata was read, it is 4x too weak on most layers (relative error 0.4)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root, ref = dit
+    model = copy.deepcopy(ref)
+    config = LoraConfig(r=2, lora_alpha=8, alpha_pattern={"transformer_blocks.1.ff.net.2": 1},
+                        target_modules=["transformer_blocks.0.attn.to_k", "transformer_blocks.1.ff.net.2",
+                                        "single_transformer_blocks.0.proj_mlp", "norm_out.linear"],
+                        init_lora_weights=False)
+    torch.manual_seed(3)
+    model.add_adapter(config, adapter_name="trained")
+    HunyuanVideoPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(
+        model, adapter_name="trained"), transformer_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    inputs = make_inputs(CFG)
+    pipe = reference_with(ref, [(path, 0.6)], monkeypatch)
+    expected = run_reference(pipe.transformer, inputs)
+    pipe.unload_lora_weights()
+    err = rel_err(run_ours(H.load_transformer(root / "transformer", dtype=mx.float32, loras=[(path, 0.6)]), inputs),
+                  expected)
+    print(f"a LoRA saved with its config vs diffusers: {err:.2e}")
+    assert err <= F32_TOL, f"relative error {err:.2e} > {F32_TOL}"
+
+
 def comfy_name(name):
     """Tencent's module names as ComfyUI's own modules call them."""
     for a, b in ((".img_mod.linear", ".img_mod.lin"), (".modulation.linear", ".modulation.lin"),
