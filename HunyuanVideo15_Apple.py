@@ -9,7 +9,8 @@ One module, in the order data flows, holding only what 1.5 changes:
      embedding (an optional second timestep instead, mean-flow's). Its text stream joins three sources: the LLM's
      states through 13B's token refiner, byT5's states and SigLIP's image tokens, each projected and tagged by a
      type embedding, every row reordered so that its valid tokens come first;
-  3. the causal 3D VAE: 16x in space, 4x in time, 32 channels, tiled in space like the reference;
+  3. the causal 3D VAE: 16x in space, 4x in time, 32 channels, tiled in space like the reference, its decode a few
+     frames at a time (the causal context carried from piece to piece: the same video, a piece's memory);
   4. loading: diffusers' layout and Tencent's (ComfyUI's single files too), strictly; the offline demos (tiny15,
      tiny15-i2v), tiny random checkpoints in diffusers' layout;
   5. the memory plan: each phase's peak, counted before anything loads;
@@ -432,22 +433,29 @@ class ResnetBlock(nn.Module):
         if cin != cout:
             self.conv_shortcut = nn.Conv3d(cin, cout, 1)
 
-    def __call__(self, x):
-        h = self.conv2(nn.silu(self.norm2(self.conv1(nn.silu(self.norm1(x))))))
+    def __call__(self, x, cache=None):
+        h = self.conv2(nn.silu(self.norm2(self.conv1(nn.silu(self.norm1(x)), cache))), cache)
         return h + (self.conv_shortcut(x) if "conv_shortcut" in self else x)
 
 
 class VAEAttention(nn.Module):
-    """One head over all positions, frame-causal, its projections 1x1x1 convolutions."""
+    """One head over all positions, frame-causal, its projections 1x1x1 convolutions. cache: as CausalConv3d's; the
+    earlier pieces' keys and values are kept there (at the latents' size: small)."""
 
     def __init__(self, channels):
         super().__init__()
         self.norm = RMSNorm(channels)
         self.to_q, self.to_k, self.to_v, self.proj_out = (nn.Conv3d(channels, channels, 1) for _ in range(4))
 
-    def __call__(self, x):
+    def __call__(self, x, cache=None):
         h = self.norm(x)
-        return x + self.proj_out(H._frame_causal_attention(self.to_q(h), self.to_k(h), self.to_v(h)))
+        k, v = self.to_k(h), self.to_v(h)
+        if cache is not None:
+            before = cache.get(id(self))
+            if before is not None:
+                k, v = mx.concatenate([before[0], k], axis=1), mx.concatenate([before[1], v], axis=1)
+            cache[id(self)] = (k, v)
+        return x + self.proj_out(H._frame_causal_attention(self.to_q(h), k, v))
 
 
 class MidBlock(nn.Module):
@@ -456,8 +464,8 @@ class MidBlock(nn.Module):
         self.resnets = [ResnetBlock(channels, channels), ResnetBlock(channels, channels)]
         self.attentions = [VAEAttention(channels)]
 
-    def __call__(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+    def __call__(self, x, cache=None):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, cache), cache), cache)
 
 
 def _to_channels(x, rt, rs=2):
@@ -511,16 +519,20 @@ class Upsample(nn.Module):
         self.conv = H.CausalConv3d(cin, cout * factor, 3)
         self.repeats = factor * cout // cin
 
-    def __call__(self, x):
-        h = self.conv(x)
+    def __call__(self, x, cache=None):
+        image = 1 if cache is None or id(self.conv) not in cache else 0  # x starts at the video's frame 0, or not
+        h = self.conv(x, cache)
         if not self.time:
             return _from_channels(h, 1) + _from_channels(mx.repeat(x, self.repeats, axis=-1), 1)
-        first = _from_channels(h[:, :1], 1)  # frame 0: in space only, the first half of its channels
-        out = first[..., :first.shape[-1] // 2] + mx.repeat(_from_channels(x[:, :1], 1), self.repeats // 2, axis=-1)
-        if x.shape[1] == 1:  # an image
-            return out
-        rest = _from_channels(h[:, 1:], 2) + mx.repeat(_from_channels(x[:, 1:], 2), self.repeats, axis=-1)
-        return mx.concatenate([out, rest], axis=1)
+        out = []
+        if image:  # frame 0: in space only, the first half of its channels
+            first = _from_channels(h[:, :1], 1)
+            out.append(first[..., :first.shape[-1] // 2] + mx.repeat(_from_channels(x[:, :1], 1), self.repeats // 2,
+                                                                    axis=-1))
+        if x.shape[1] > image:  # the other frames: in time too
+            out.append(_from_channels(h[:, image:], 2) + mx.repeat(_from_channels(x[:, image:], 2), self.repeats,
+                                                                   axis=-1))
+        return mx.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
 def _levels(n, spatial_ratio, temporal_ratio, encoder):
@@ -580,19 +592,24 @@ class VAEDecoder(nn.Module):
         self.norm_out = RMSNorm(block_out[-1])
         self.conv_out = H.CausalConv3d(block_out[-1], cout, 3)
 
-    def __call__(self, z):
-        x = self.mid_block(self.conv_in(z) + mx.repeat(z, self.repeats, axis=-1))
+    def __call__(self, z, cache=None):
+        """z (B, T, h, w, latent) -> (B, 4T - 3, 16h, 16w, 3), or 4T frames for a piece after the first (cache: a
+        dict kept from piece to piece; see HunyuanVideo15VAE._decode)."""
+        x = self.mid_block(self.conv_in(z, cache) + mx.repeat(z, self.repeats, axis=-1), cache)
         for block in self.up_blocks:
             for layer in block.resnets + block.get("upsamplers", []):
-                x = layer(x)
-                mx.eval(x)  # one layer at a time: its temporaries freed before the next one's are made
-        return self.conv_out(nn.silu(self.norm_out(x)))
+                x = layer(x, cache)
+                mx.eval(x, cache or [])  # one layer at a time: its temporaries freed before the next one's are made
+        return self.conv_out(nn.silu(self.norm_out(x)), cache)
 
 
 # The reference tiles 1.5's VAE in space only, with 13B's tiles and strides (256 and 192 pixels) and blending:
 # HunyuanVideo_Apple.HunyuanVideoVAE's decode and encode, given a tile longer than any clip.
 VAE_TILE = (1 << 20, 256, 256)  # (frames, height, width) in pixels
 VAE_STRIDE = (1 << 20, 192, 192)
+# Where the reference decodes a tile's frames all at once, this decodes them a few at a time (the same video, to
+# float rounding): latent frames a piece, 4 x as many frames of video
+DECODE_FRAMES = 4
 
 
 class HunyuanVideo15VAE(H.HunyuanVideoVAE):
@@ -618,7 +635,16 @@ class HunyuanVideo15VAE(H.HunyuanVideoVAE):
         return self.decoder.conv_in.conv.weight.dtype
 
     def _decode(self, z):
-        return self.decoder(z)
+        """The decoder over DECODE_FRAMES latent frames at a time, each piece's causal context carried to the next in
+        a cache (each convolution's last two frames, the attention's keys and values): the video the whole clip
+        decodes to in one pass, its norms being per position, with the activations of a piece."""
+        if z.shape[1] <= DECODE_FRAMES:
+            return self.decoder(z)
+        cache, out = {}, []
+        for t in range(0, z.shape[1], DECODE_FRAMES):
+            out.append(self.decoder(z[:, t:t + DECODE_FRAMES], cache))
+            mx.eval(out[-1], cache)
+        return mx.concatenate(out, axis=1)
 
     def _encode(self, x):
         return self.encoder(x)
@@ -914,22 +940,47 @@ def build_tiny_checkpoint(folder, seed=0, image_condition=None):
 # SigLIP alike), the DiT's double-stream blocks (denoise_bytes: no single-stream blocks, 65 values a video token in
 # and 32 out, a text stream of up to 1000 LLM, 256 byT5 and 729 image tokens). The VAE's decode is 1.5's own.
 
-def _decode_activations(frames, height, width, tile, chans, itemsize, cpu):
-    """Peak activation bytes of a tiled decode by HunyuanVideo15VAE. The largest tensors live at full resolution
-    (c0 = block_out[0] channels): in the upsampler into it, per output voxel, the convolution's output, its pixels
-    moved out, the input's channels repeated and moved, and the sum (4 c0); then in each resnet there, the input,
-    norm, SiLU, padded copy, conv1, norm, SiLU, padded copy, conv2 and the sum (10 c0 at most alive together). CPU:
-    each 3x3x3 convolution unfolds its input into 27 float32 columns per channel and output voxel, beside float32
-    copies of its padded input (6 at most), two such convolutions alive at once, and the norms' float32
-    temporaries. Then the decoded video, as HunyuanVideo_Apple's: the tiles, the blended rows and the clip in the
-    VAE's dtype, its float32 and uint8 conversions."""
-    c0 = chans[0]
-    t, h, w = frames, min(tile[1], height), min(tile[2], width)  # one tile's output: tiled in space only
+def _decode_activations(frames, height, width, tile, vae, itemsize, cpu):
+    """Peak activation bytes of a tiled decode by HunyuanVideo15VAE (vae: its constructor's sizes), a piece of
+    DECODE_FRAMES latent frames at a time. The largest tensors live at full resolution (c0 = block_out[0] channels):
+    in the upsampler into it, per output voxel, the convolution's output, its pixels moved out, the input's channels
+    repeated and moved, and the sum (4 c0); then in each resnet there, the input, norm, SiLU, padded copy, conv1,
+    norm, SiLU, padded copy, conv2 and the sum (10 c0 at most alive together). CPU: each 3x3x3 convolution unfolds
+    its input into 27 float32 columns per channel and output voxel, beside float32 copies of its padded input (6 at
+    most), two such convolutions alive at once, and the norms' float32 temporaries. Beside them, what the pieces
+    carry (_decode_context). Then the decoded video, as HunyuanVideo_Apple's: the tiles, the blended rows and the
+    clip in the VAE's dtype, its float32 and uint8 conversions."""
+    c0 = vae["block_out_channels"][0]
+    latents = (frames - 1) // 4 + 1
+    t = max(4 * min(latents, DECODE_FRAMES) - 3, 4 * min(latents - DECODE_FRAMES, DECODE_FRAMES))  # the longest piece
+    h, w = min(tile[1], height), min(tile[2], width)  # one tile's output: tiled in space only
     voxels, padded = t * h * w, (t + 2) * (h + 2) * (w + 2)
     act = 10 * c0 * voxels * itemsize + 2 * c0 * (padded - voxels) * itemsize
     if cpu:
         act += 2 * c0 * (27 * voxels + 6 * padded) * 4 + 2 * H._cpu_norm_temporaries(voxels * c0, itemsize, rms=True)
+    if latents > DECODE_FRAMES:
+        act += _decode_context(latents, h, w, vae, itemsize)
     return act + frames * height * width * 3 * (3 * itemsize + 4 + 1)
+
+
+def _decode_context(latents, height, width, vae, itemsize):
+    """Bytes carried from piece to piece in a decode of a tile height x width (pixels): two frames of each causal
+    convolution's input at its level's size (conv_in, the mid block's four, each up block's resnets' and upsampler's,
+    conv_out), and the attention's keys and values over every latent frame (VAEDecoder's layers, walked as built)."""
+    block_out, layers, s = vae["block_out_channels"][::-1], vae["layers_per_block"], vae["spatial_compression_ratio"]
+    h, w = height // s, width // s
+    convs = vae["latent_channels"] * h * w + 4 * block_out[0] * h * w
+    keys = 2 * latents * block_out[0] * h * w
+    prev = block_out[0]
+    for i, (c, level) in enumerate(zip(block_out, _levels(len(block_out), s, vae["temporal_compression_ratio"],
+                                                            False))):
+        convs += (prev + (2 * layers + 1) * c) * h * w  # the first resnet's conv1 reads prev channels
+        prev = c
+        if level:
+            convs += c * h * w
+            h, w, prev = 2 * h, 2 * w, block_out[i + 1]
+    convs += prev * h * w  # conv_out
+    return (2 * convs + keys) * itemsize
 
 
 def estimate_memory(folder, height, width, num_frames, quantization=None, modulation=False, tile=VAE_TILE,
@@ -996,7 +1047,7 @@ def estimate_memory(folder, height, width, num_frames, quantization=None, modula
     vae_info, vae_cfg = parts["vae"]
     vae = H._sizes_of(HunyuanVideo15VAE, vae_cfg, vae_info, _vae_shapes, folder / "vae", "VAE")
     out["decode"] = H._weights_bytes(vae_info, itemsize=size["vae"], dit=False) + _decode_activations(
-        num_frames, height, width, tile, vae["block_out_channels"], size["vae"], cpu)
+        num_frames, height, width, tile, vae, size["vae"], cpu)
     if ranks > 1:  # the tiles of every rank, kept until they are blended (overlapping: at most twice the video)
         out["decode"] += 2 * num_frames * height * width * 3 * size["vae"]
     return out

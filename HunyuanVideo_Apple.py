@@ -1491,10 +1491,18 @@ class CausalConv3d(nn.Module):
         self.kernel = kernel
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride)
 
-    def __call__(self, x):
+    def __call__(self, x, cache=None):
+        """cache: a dict, for a video decoded a piece of frames at a time (HunyuanVideo 1.5's VAE): the k-1 frames
+        before this piece, kept there by the piece before, stand in for the padding in front, so that the pieces
+        convolve as the whole video would."""
         k = self.kernel
-        if k > 1:
+        if k > 1 and cache is None:
             x = mx.pad(x, [(0, 0), (k - 1, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)], mode="edge")
+        elif k > 1:
+            before = cache.get(id(self))
+            x = mx.concatenate([mx.repeat(x[:, :1], k - 1, axis=1) if before is None else before, x], axis=1)
+            cache[id(self)] = mx.contiguous(x[:, 1 - k:])  # a copy: a slice would keep all of x alive
+            x = mx.pad(x, [(0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)], mode="edge")
         return self.conv(x)
 
 
@@ -1563,11 +1571,14 @@ class VAEAttention(nn.Module):
 
 
 def _frame_causal_attention(q, k, v):
-    """One head over all T*H*W positions of q, k, v (B, T, H, W, C), each frame seeing itself and earlier ones."""
+    """One head over all T*H*W positions of q (B, T, H, W, C), each frame seeing itself and earlier ones; k and v
+    (B, T', H, W, C) may hold T' - T earlier frames first (a piece decoded after others)."""
     B, T, H, W, C = q.shape
-    frame = mx.arange(T * H * W) // (H * W)
-    causal = frame[None, :] <= frame[:, None]  # (N, N): key frame <= query frame
-    q, k, v = (a.reshape(B, 1, T * H * W, C) for a in (q, k, v))  # one head over (t, h, w) positions
+    Tk = k.shape[1]
+    query, key = mx.arange(T * H * W) // (H * W) + Tk - T, mx.arange(Tk * H * W) // (H * W)  # each position's frame
+    causal = key[None, :] <= query[:, None]  # (N, N'): key frame <= query frame
+    q = q.reshape(B, 1, T * H * W, C)  # one head over (t, h, w) positions
+    k, v = (a.reshape(B, 1, Tk * H * W, C) for a in (k, v))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=C ** -0.5, mask=causal).reshape(B, T, H, W, C)
 
 

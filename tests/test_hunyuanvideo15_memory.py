@@ -3,11 +3,12 @@ request over budget refused before any weights load, in 1.5's terms.
 
 Stated margin (CPU backend, where the tests run): each phase's estimate is at least its measured peak
 (mx.get_peak_memory, less what the process held before the run) and at most 1.2x it, for two checkpoints whose every
-component differs in width: text to video at two sizes (the second tiled), and image to video with true CFG's
+component differs in width: text to video at three sizes (the second tiled, the third decoded in two pieces of
+latent frames), and image to video with true CFG's
 branches batched at the first; each with the default precisions (DiT bf16, VAE and encoders fp16) and at the first
 in float32. The prompt fills the 1000 LLM tokens and the 256 byT5 ones. Measured: text encoders 1.00x to 1.03x (the
 peak is the load of Qwen's vocabulary, stored float32 here, beside its cast), denoise 1.01x to 1.17x, decode 1.04x to
-1.10x. Two bounds are wider. Denoise with the branches batched: 1.15x to 1.21x, bound 1.25 (a block's count takes
+1.11x. Two bounds are wider. Denoise with the branches batched: 1.15x to 1.21x, bound 1.25 (a block's count takes
 each op's float32 norm temporaries as alive beside the attention scores, as 13B's does; the CPU frees them op by op,
 and here the 1320 text tokens outweigh the video's 48). The image encoder: 1.01x to 1.14x quiet, 1.32x once in the
 two-process suite, bound 1.4 (a phase of a few hundred KB here, most of it the held text encodings, whose SigLIP
@@ -51,8 +52,9 @@ def test_estimate_brackets_the_measured_peak(name, tmp_path):
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), np.uint8))
         settings = dict(image=image, negative_prompt="", cfg_scale=6.0)
     ratios = {}
-    for size in [(64, 96, 5), (64, 272, 9)][:1 if siglip else 2]:  # the second is tiled (width 272 > 256)
-        for dtype in (None, mx.float32)[:2 if size[1] < 256 else 1]:  # the default precisions; float32 everywhere
+    # the second is tiled (width 272 > 256); the third decodes in two pieces (6 latent frames, DECODE_FRAMES 4)
+    for size in [(64, 96, 5), (64, 272, 9), (64, 96, 21)][:1 if siglip else 3]:
+        for dtype in (None, mx.float32)[:2 if size == (64, 96, 5) else 1]:  # the default precisions; float32
             pipe = H15.HunyuanVideo15Pipeline.from_pretrained(folder, dtype=dtype)
             gc.collect()
             held = mx.get_active_memory()  # what this process held before: not the run's
@@ -116,3 +118,18 @@ def test_plan_counts_the_real_model_exactly(tmp_path):
     assert r.returncode == 0 and {(s, m, q) for s, m, q, *_ in rows} == {
         (s, m, q) for s in ("480x848x121", "720x1280x121") for m, q in (("T2V", "bf16"), ("T2V", "int8"),
                                                                          ("T2V", "int4"), ("I2V", "bf16"))}, r.stdout
+
+
+def test_the_plan_counts_what_the_decode_s_pieces_carry():
+    """What a decode in pieces hands from piece to piece (two frames of every causal convolution's input, the
+    attention's keys and values of every latent frame so far), summed over the cache after the last piece, is what
+    the plan counts for it, to the byte."""
+    sizes = dict(block_out_channels=(8, 16, 16, 32, 32), layers_per_block=2, latent_channels=4)
+    vae = H15.HunyuanVideo15VAE(**sizes)
+    vae.set_dtype(mx.float16)
+    z = mx.random.normal((1, 6, 4, 6, 4)).astype(mx.float16)  # 6 latent frames of 64 x 96 pixels: pieces of 4 and 2
+    cache = {}
+    for t in range(0, 6, H15.DECODE_FRAMES):
+        mx.eval(vae.decoder(z[:, t:t + H15.DECODE_FRAMES], cache))
+    carried = sum(a.nbytes for value in cache.values() for a in (value if isinstance(value, tuple) else (value,)))
+    assert carried == H15._decode_context(6, 64, 96, {**H._sizes_of(H15.HunyuanVideo15VAE, {}), **sizes}, 2)
