@@ -1101,6 +1101,7 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
     prompt_template = QWEN_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (480, 848)  # 480p
+    longest_clip = 121  # 5 s at 24 fps: the reference's default and longest
     # the reference's buckets at 480p's and 720p's target sizes, for --quality and --aspect-ratio (width:height)
     buckets = {quality: {ar: bucket_size(int(ar.split(":")[1]), int(ar.split(":")[0]), target)
                          for ar in ("16:9", "9:16", "4:3", "3:4", "1:1")} for quality, target in (("480p", 640),

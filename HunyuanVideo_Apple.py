@@ -4128,7 +4128,7 @@ SETTINGS = {
                         "out)"),
     "height": Setting(544, int, "generation", "Height", "the video's height, a multiple of 16"),
     "width": Setting(960, int, "generation", "Width", "the video's width, a multiple of 16"),
-    "frames": Setting(13, int, "generation", "Frames", f"4n+1 frames ({MAX_FRAMES} is the model's longest)"),
+    "frames": Setting(13, int, "generation", "Frames", f"4n+1 frames (the longest trained: {MAX_FRAMES}, 1.5's 121)"),
     "steps": Setting(50, int, "generation", "Steps", "denoising steps"),
     "guidance": Setting(6.0, float, "generation", "Guidance", "embedded guidance scale, 0 or more"),
     "cfg_scale": Setting(1.0, float, "generation", "True CFG scale", "true CFG scale, above 1 to guide (SkyReels-V1: "
@@ -4310,7 +4310,7 @@ def _resolved(given, pipe, text):
                                         f"frame{'s' * (n != 1)}: video to video starts from a video of 5 frames or "
                                         f"more (for an image, give {{image}} to an image-to-video checkpoint), or set "
                                         f"{{frames}} 1.")
-            defaults["frames"] = min((n - 1) // 4 * 4 + 1, MAX_FRAMES)
+            defaults["frames"] = min((n - 1) // 4 * 4 + 1, kind.longest_clip)
     s = {**defaults, **given}
 
     # what the video shows
@@ -4353,8 +4353,9 @@ def _resolved(given, pipe, text):
         raise HunyuanVideoError(f"{{height}} {h} and {{width}} {w} must be positive multiples of 16 (544 x 960 is "
                                 f"HunyuanVideo's 540p).")
     if f < 1 or (f - 1) % 4:
-        n = min(max(1, round((f - 1) / 4)) * 4 + 1, MAX_FRAMES)
-        raise HunyuanVideoError(f"{{frames}} {f}: the frame count must be 4n+1 (1, 5, 9, ... {MAX_FRAMES}); try {n}.")
+        n = min(max(1, round((f - 1) / 4)) * 4 + 1, kind.longest_clip)
+        raise HunyuanVideoError(f"{{frames}} {f}: the frame count must be 4n+1 (1, 5, 9, ... {kind.longest_clip}); "
+                                f"try {n}.")
     if not 1 <= s["steps"] <= MAX_STEPS:
         raise HunyuanVideoError(f"{{steps}} {s['steps']}: use 1 to {MAX_STEPS} (50 is the default).")
     if s["seed"] is None:
@@ -4370,9 +4371,9 @@ def _resolved(given, pipe, text):
                                 f"17).")
     if not 1 <= s["fps"] <= MAX_FPS:
         raise HunyuanVideoError(f"{{fps}} {s['fps']}: use a frame rate from 1 to {MAX_FPS} (24 is HunyuanVideo's).")
-    if f > MAX_FRAMES:
-        warnings.warn(HunyuanVideoWarning(f"{{frames}} {f} is more than HunyuanVideo's longest clip ({MAX_FRAMES}): "
-                                          f"past it the video tends to loop back to its start."))
+    if f > kind.longest_clip:
+        warnings.warn(HunyuanVideoWarning(f"{{frames}} {f} is more than {kind.dit_class.family}'s longest clip "
+                                          f"({kind.longest_clip}): past it the video tends to loop back to its start."))
     if preset.get("most_steps") and s["steps"] > preset["most_steps"]:
         warnings.warn(HunyuanVideoWarning(f"{{steps}} {s['steps']}: {s['preset'] or s['model']} is step-distilled, "
                                           f"made for {preset['steps']} to {preset['most_steps']} steps; more take "
@@ -4959,6 +4960,7 @@ class HunyuanVideoPipeline:
     prompt_template = PROMPT_TEMPLATE
     estimate_memory = staticmethod(estimate_memory)
     smaller_size = (544, 960)
+    longest_clip = MAX_FRAMES  # frames; longer clips tend to loop back to their start
     # its trained sizes, as the command line's --quality and --aspect-ratio (width:height) pick them: (height, width)
     buckets = {"540p": {"16:9": (544, 960), "9:16": (960, 544), "4:3": (624, 832), "3:4": (832, 624),
                         "1:1": (720, 720)},

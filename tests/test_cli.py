@@ -328,7 +328,7 @@ def test_warnings_and_help(env, tmp_path):
     and the defaults in --help."""
     r = run({**env, "HUNYUAN_APPLE_MEMORY_GB": "1e-6"}, tmp_path, "--prompt", "a cat", *SMALL, "--frames", "133",
             "--guidance", "30")
-    assert "warning: --frames 133 is more than HunyuanVideo's longest clip (129)" in r.stderr, r.stderr
+    assert "warning: --frames 133 is more than HunyuanVideo (13B)'s longest clip (129)" in r.stderr, r.stderr
     assert "warning: --guidance 30.0 is far above" in r.stderr and "133 frames, 2 steps" in r.stderr
     r = run(env, tmp_path, "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"hunyuan-apple {H.__version__} (MLX {mx.__version__})"

@@ -127,6 +127,20 @@ def test_step_caches_take_1_5_s_calibration():
         resolve("--model", "tiny15", "--cache", "magcache", "--cache-threshold", "-1")
 
 
+def test_past_1_5_s_longest_clip_a_warning_in_its_terms():
+    """1.5 is trained up to 121 frames (5 s at 24 fps, the reference's default), 13B up to 129: past each, a warning
+    naming the model and its length; a frame count that is not 4n+1 is answered with the nearest within it."""
+    with pytest.warns(H.HunyuanVideoWarning, match=r"125 is more than HunyuanVideo 1\.5's longest clip "
+                                                    r"\(121\)"):
+        resolve("--model", "tiny15", "--frames", "125")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve("--model", "tiny", "--frames", "125")
+    with pytest.raises(H.HunyuanVideoError, match=r"4n\+1 \(1, 5, 9, ... 121\); try 121"):
+        resolve("--model", "tiny15", "--frames", "124")
+
+
 def test_quality_and_aspect_ratio_pick_1_5_s_buckets():
     """--quality 480p / 720p and --aspect-ratio pick 1.5's trained sizes, the reference's buckets (diffusers'
     calculate_default_height_width at 640 and 960, run here); without --quality, the checkpoint's own (a 720p preset:
