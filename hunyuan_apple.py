@@ -66,10 +66,13 @@ def sizes_table():
     return "\n".join(rows)
 
 
-def quality_sizes(args):
-    """{width:height: (height, width)} of the quality --quality names for the model the flags name (refused if the
-    model is not made at it), or else of the quality of the model's own default size (its first where none is)."""
-    r = H.check_request({k: getattr(args, k) for k in ("model", "preset") if k in args.given}, text=True)
+def quality_sizes(args, saved=None):
+    """{width:height: (height, width)} of the quality --quality names for the model the flags name, or else the
+    saved settings (--from-metadata's), refused if the model is not made at it; or else of the quality of the
+    model's own default size (its first where none is)."""
+    chosen = {k: v for k, v in (saved or {}).items() if k in ("model", "preset") and v is not None}
+    r = H.check_request({**chosen, **{k: getattr(args, k) for k in ("model", "preset") if k in args.given}},
+                        text=True)
     kind = H._pipeline_class(r.model)
     if "quality" in args.given:
         if args.quality not in kind.buckets:
@@ -174,14 +177,15 @@ def flag_reference():
     return "\n".join(rows) + "\n"
 
 
-def typed_settings(args):
+def typed_settings(args, saved=None):
     """The settings the flags typed give, by name: each setting's own flag, the size from --resolution (or --quality
-    and --aspect-ratio), the quantization from --quantize, the LoRAs from --lora."""
+    and --aspect-ratio, for the model the flags or the saved settings name), the quantization from --quantize, the
+    LoRAs from --lora."""
     s = {k: getattr(args, k) for k in H.SETTINGS if k in args.given and k not in OWN_FLAGS}
     if set(SIZE_FLAGS) & args.given:
         if args.resolution and len(args.resolution) > 2:
             raise H.HunyuanVideoError("{resolution} takes HEIGHT WIDTH, or one number (the height).")
-        h, w = quality_sizes(args)[args.aspect_ratio]
+        h, w = quality_sizes(args, saved)[args.aspect_ratio]
         if args.resolution:
             ar_w, ar_h = (int(n) for n in args.aspect_ratio.split(":"))
             h = args.resolution[0]
@@ -202,8 +206,8 @@ def resolve(args, notes=None):
     typed beside --from-metadata win over its settings; a saved setting that no longer applies with them (the saved
     settings pass alone, and a refusal names it: Radial's settings under --attention dense, TaylorSeer's under
     --cache teacache, dense steps beyond fewer --steps) is left out, with a line in notes (a list)."""
-    typed = typed_settings(args)
     s = read_metadata(input_file(args, "from_metadata")) if args.from_metadata else {}
+    typed = typed_settings(args, s)
     if "prompt" in typed or "original_prompt" not in s:  # a new prompt: rewritten (if asked) afresh
         s["original_prompt"] = None
     elif "rewrite" in typed and s.get("original_prompt"):  # an earlier run's prompt, rewritten in the mode asked now
@@ -729,7 +733,7 @@ def read_checkpoint(args, ranks=None):
     finally:
         if copy is not None:
             shutil.rmtree(copy.parent)
-    typed = typed_settings(args)
+    typed = typed_settings(args, settings)
     differ = [k for k in typed if k not in ("model", *H.UNSAVED) and typed[k] != settings.get(k)]
     if differ:
         said = ", ".join(f"{FLAGS[k]} {typed[k]} (the checkpoint: {settings.get(k)})" for k in differ)

@@ -163,6 +163,21 @@ def test_quality_and_aspect_ratio_pick_1_5_s_buckets():
     assert "480p" in ui.SIZES and H.HUNYUANVIDEO15_HUB + "720p_i2v" in ui.HUB_MODELS
 
 
+def test_quality_with_from_metadata_takes_the_saved_model_s_sizes(tmp_path):
+    """--from-metadata with a 1.5 run's settings (its model named there, not by a flag): --quality 480p and
+    --aspect-ratio pick 1.5's bucket (diffusers' calculate_default_height_width at 640), where they were refused as
+    13B's (the default model, which has no 480p)."""
+    import json
+
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(dict(prompt="a cat", model="tiny15", height=96, width=160, frames=9, steps=8)))
+    r = resolve("--from-metadata", str(saved), "--quality", "480p", "--aspect-ratio", "4:3")
+    expected = HunyuanVideo15ImageProcessor(vae_scale_factor=16).calculate_default_height_width(300, 400, 640)
+    assert (r.model, r.height, r.width) == ("tiny15", *expected)
+
+
 def test_a_local_folder_takes_its_own_settings(tmp_path):
     """A 1.5 folder in diffusers' layout gives its run the shift of its scheduler, the CFG scale of its guider and
     the size at its DiT's target_size (16:9, as diffusers' pipeline picks it), files written here by diffusers' own
