@@ -4120,7 +4120,8 @@ SETTINGS = {
                             "the rewrite's sampling seed (with a temperature)"),
     "original_prompt": Setting(None, str, "record", None, "the prompt as typed, when it was rewritten"),
     "image": Setting(None, str, "generation", "Image", "image to video, for the checkpoints that take one "
-                     "(HunyuanVideo-I2V and its 33-channel variant, SkyReels-V1 I2V): the video starts from it"),
+                     "(HunyuanVideo-I2V and its 33-channel variant, SkyReels-V1 I2V, HunyuanVideo 1.5's I2V): the video "
+                     "starts from it"),
     "video": Setting(None, str, "generation", "Video", "video to video: start from this video (its own size rounded "
                      "to 16 and its length, unless the size and the frames are given)"),
     "strength": Setting(None, float, "generation", "Strength", "with a video: how much to change it, 0 (keep) to 1 "
@@ -4139,7 +4140,8 @@ SETTINGS = {
                      "predicts: " + ", ".join(f"{k} (threshold {c.default})" if c.default is not None else
                                               f"{k} (interval, order, warmup)" for k, c in STEP_CACHES.items())),
     "cache_threshold": Setting(None, float, "generation", "Cache threshold", "the cache's threshold: higher skips "
-                               "more; 0 never skips (its published default when left out)"),
+                               "more; 0 never skips (its published default when left out; magcache on 1.5: "
+                               "0.03, its authors' for 1.5)"),
     **{f"cache_{k}": Setting(None, int, "generation", f"TaylorSeer {k}", f"taylorseer: {what} ({v} when left out)")
        for (k, v), what in zip(TaylorSeer.options.items(), ("a full forward every N (1 computes every step)",
                                                              "the Taylor expansion's order, 1 to 4",
