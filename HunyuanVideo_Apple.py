@@ -1799,11 +1799,12 @@ class HunyuanVideoVAE(nn.Module):
         # several ranks: the tiles' inputs first (their outputs' shapes are known without decoding: zeros stand in
         # for them while the tiling is walked), then each round of N tiles decoded one per rank and gathered,
         # padded to the round's largest, then the same tiling over the decoded tiles: the one-process video
-        inputs, shapes = [], []  # each tile's input and its output's shape
+        inputs, shapes = [], []  # each tile's input and its output's shape (causal: T latent frames, 4T - 3 frames)
+        channels = self.decoder.conv_out.conv.weight.shape[0]
 
         def walk(z):
             inputs.append(z)
-            shapes.append(self._decode(z).shape)  # a graph, not evaluated
+            shapes.append((z.shape[0], (z.shape[1] - 1) * rt + 1, z.shape[2] * rs, z.shape[3] * rs, channels))
             return mx.zeros(shapes[-1], self.dtype)
         tiled(walk)
         tiles = []
@@ -2913,8 +2914,8 @@ def _quantized_loading(config, quantization, modulation, source):
 #   ComfyUI            diffusion_model.double_blocks.0.img_mod.lin.lora_down.weight, img_mlp.0; .diff_b, .diff
 # HunyuanVideo 1.5's original layout (Tencent's own training, musubi's) has q, k and v apart: img_attn_q, _k, _v.
 # scale = the user's x alpha / r where the file gives an alpha (a kohya alpha tensor, or the LoraConfig that PEFT
-# and diffusers save in the file's metadata; else 1, as diffusers' loaders take alpha = r). A piece
-# of a fused layer (diffusers' to_k, 1.5's img_attn_k: rows D..2D of img_attn_qkv) adds to those rows only. Into float weights
+# and diffusers save in the file's metadata; else 1, as diffusers' loaders take alpha = r). A piece of a fused
+# layer (diffusers' to_k, 1.5's img_attn_k: rows D..2D of img_attn_qkv) adds to those rows only. Into float weights
 # the delta is merged on load, in float32, before any quantization; beside a layer that a converted checkpoint
 # holds quantized it stays a low-rank branch (LoRAQuantizedLinear), never a dequantized copy.
 
@@ -4120,8 +4121,8 @@ SETTINGS = {
                             "the rewrite's sampling seed (with a temperature)"),
     "original_prompt": Setting(None, str, "record", None, "the prompt as typed, when it was rewritten"),
     "image": Setting(None, str, "generation", "Image", "image to video, for the checkpoints that take one "
-                     "(HunyuanVideo-I2V and its 33-channel variant, SkyReels-V1 I2V, HunyuanVideo 1.5's I2V): the video "
-                     "starts from it"),
+                     "(HunyuanVideo-I2V and its 33-channel variant, SkyReels-V1 I2V, HunyuanVideo 1.5's I2V): the "
+                     "video starts from it"),
     "video": Setting(None, str, "generation", "Video", "video to video: start from this video (its own size rounded "
                      "to 16 and its length, unless the size and the frames are given)"),
     "strength": Setting(None, float, "generation", "Strength", "with a video: how much to change it, 0 (keep) to 1 "

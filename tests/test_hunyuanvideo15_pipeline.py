@@ -136,3 +136,22 @@ def test_step_caches_match_diffusers_hooks(tmp_path, cache):
     err = rel_err(mine, expected)
     print(f"{cache} at {threshold}: {sum(computed)} of {steps} computed, {err:.2e}")
     assert err <= 1.5e-5, f"relative error {err:.2e}"
+
+
+def test_the_prompt_cache_holds_1_5_s_four_parts(tmp_path, monkeypatch):
+    """A 1.5 prompt seen before is read back whole (Qwen's states and mask, byT5's states and mask: a prompt quoting
+    text, so byT5's are not empty), to the bit, with neither encoder loaded; 13B's demo has an entry of its own for
+    the same prompt."""
+    import HunyuanVideo_Apple as H
+
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))
+    pipe = H15.HunyuanVideo15Pipeline.from_pretrained(H15.build_tiny_checkpoint(tmp_path / "t15"), prompt_cache=True)
+    prompt = 'a shop at night under a sign that says "OPEN"'
+    first = pipe.encode_prompt(prompt)
+    assert not pipe.prompt_hit and len(first) == 4 and np.array(first[3]).sum() > 0
+    for name in ("load_text_encoder", "load_byt5"):
+        monkeypatch.setattr(H15, name, lambda *a, **k: pytest.fail("an encoder was loaded"))
+    again = pipe.encode_prompt(prompt)
+    assert pipe.prompt_hit and all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(first, again))
+    other = H.HunyuanVideoPipeline.from_pretrained(H.build_tiny_checkpoint(tmp_path / "t13"), prompt_cache=True)
+    assert other._prompt_entry(prompt) != pipe._prompt_entry(prompt)
