@@ -252,6 +252,28 @@ def test_vae_decodes_a_few_frames_at_a_time_as_the_reference_decodes_all(vae, ti
     assert err <= VAE_TOL, f"relative error {err:.2e} > {VAE_TOL}"
 
 
+def test_a_rank_decodes_only_its_own_tiles(vae, monkeypatch):
+    """Two ranks share a tiled decode: this one (rank 0) decodes every second of the 6 tiles, and the tiling is
+    walked with the tiles' output shapes computed (1.5's decoder evaluates layer by layer: decoding them to learn
+    their shapes cost every rank every tile). The other rank stands in here by giving back this rank's tile."""
+    ref, path = vae
+    ours = H15.load_vae(path, dtype=mx.float32)
+
+    class Two:
+        size, rank = 2, 0
+
+        @staticmethod
+        def gather(x):  # (1, ...) -> (2, ...): this rank's tile and the other's (here the same)
+            return mx.concatenate([x, x])
+
+    calls, call = [], H15.VAEDecoder.__call__
+    monkeypatch.setattr(H15.VAEDecoder, "__call__", lambda self, z, cache=None: calls.append(z.shape) or
+                        call(self, z, cache))
+    z = mx.random.normal((1, 2, 6, 7, 4), key=mx.random.key(5))
+    out = ours.decode(z, VAE_TILE, VAE_STRIDE, ranks=Two())
+    assert out.shape == (1, 5, 96, 112, 3) and len(calls) == 3, calls
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 def test_vae_encode_float32(vae, tiled):
     ref, path = vae
