@@ -154,17 +154,22 @@ def test_the_docs_python_names_what_exists():
 
 
 def test_readmes_memory_table_is_the_plans(tmp_path):
-    """Each cell is the memory plan's peak (GPU, 50 steps) on header-only files of the real model, in GiB to 0.1."""
+    """Each cell is the memory plan's peak (GPU, 50 steps) on header-only files of the real model, in GiB to 0.1;
+    the HunyuanVideo 1.5 rows 1.5's plan with true CFG's branches one after the other."""
+    import HunyuanVideo15_Apple as H15
+
     readme = (ROOT / "README.md").read_text()
     head, _, *rows = re.search(r"^\| size \| bf16 .*?\n\n", readme, re.S | re.M).group(0).strip().split("\n")
     columns = [c.strip() for c in head.strip("|").split("|")][1:]
-    folder = bench.header_only_checkpoint(tmp_path)
+    folder, folder15 = bench.header_only_checkpoint(tmp_path / "13b"), bench.header_only_checkpoint15(tmp_path / "15")
     settings = {"bf16": {}, "int8": dict(quantization="int8"), "int4": dict(quantization="int4"),
                 "int8, `--low-memory`": dict(quantization="int8", low_memory=True)}
-    assert columns == list(settings) and len(rows) == 3
+    assert columns == list(settings) and len(rows) == 5
     for row in rows:
         size, *cells = [c.strip() for c in row.strip("|").split("|")]
-        h, w, f = map(int, size.split("x"))
+        v15 = size.startswith("HunyuanVideo 1.5, ")
+        h, w, f = map(int, re.search(r"(\d+)x(\d+)x(\d+)", size).groups())
         for column, cell in zip(columns, cells):
-            peak = max(H.estimate_memory(folder, h, w, f, backend="gpu", **settings[column]).values())
-            assert cell == f"{peak / H.GB:.1f}", (size, column)
+            plan = H15.estimate_memory(folder15, h, w, f, backend="gpu", cfg="sequential", **settings[column]) if v15 \
+                else H.estimate_memory(folder, h, w, f, backend="gpu", **settings[column])
+            assert cell == f"{max(plan.values()) / H.GB:.1f}", (size, column)
