@@ -370,6 +370,19 @@ class HunyuanVideo15Transformer(H.HunyuanVideoTransformer):
     def original_names():
         return _FROM_TENCENT
 
+    @staticmethod
+    def diffusers_config(config):
+        """A DiT folder's config.json in diffusers' names: Tencent's own (transformer/480p_t2v/ and the like in
+        tencent/HunyuanVideo-1.5; its in_channels counts the latents alone, its patch_size is a list) read for what
+        the tensors do not tell: mean-flow, the task and the trained resolution, RoPE."""
+        if config.get("_class_name") != TENCENT_CLASS:
+            return config
+        out = {"_class_name": HunyuanVideo15Transformer.diffusers_class, "use_meanflow": config.get("use_meanflow")}
+        out["task_type"] = config.get("ideal_task")
+        out["target_size"] = {"480p": 640, "720p": 960}.get(config.get("ideal_resolution"))
+        out["rope_theta"], out["rope_axes_dim"] = config.get("rope_theta"), config.get("rope_dim_list")
+        return {k: v for k, v in out.items() if v is not None}
+
     def conditioning(self, timestep, conditions, timestep_r=None):
         """The conditioning vector (B, D): time_in(t), plus time_r_in(r) given mean-flow's second timestep (summed,
         as diffusers does; Tencent's code averages the two)."""
@@ -689,7 +702,8 @@ _FROM_DIFFUSERS = [H._FROM_DIFFUSERS[0], H._FROM_DIFFUSERS[2], H._FROM_DIFFUSERS
     "norm_out.linear": "final_layer.adaLN_modulation.1",  # halves swapped by _from_diffusers
     "proj_out": "final_layer.linear"})]
 
-# Tencent's layout: only the double blocks' projections are fused
+# Tencent's layout: only the double blocks' projections are fused. Its DiT folders' config.json names its own class
+TENCENT_CLASS = "HunyuanVideo_1_5_DiffusionTransformer"
 _FROM_TENCENT = [("double_blocks.{}", "double_blocks.{}", {
     ("img_attn_q", "img_attn_k", "img_attn_v"): "img_attn_qkv",
     ("txt_attn_q", "txt_attn_k", "txt_attn_v"): "txt_attn_qkv"})]
@@ -1122,11 +1136,12 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
 
     def image_condition(self):
         """None (text to video), or "latents_and_tokens" for an image-to-video checkpoint: its DiT's config.json says
-        task_type "i2v" (a DiT without one: the folder has an image_encoder/)."""
+        task_type "i2v", or Tencent's ideal_task (a DiT without one: the folder has an image_encoder/)."""
         if not hasattr(self, "_condition"):
             _, config = H._components(self.folder, self.hub, self.transformer, self.transformer_hub,
                                       only=("transformer",))["transformer"]
-            task = config.get("task_type") or ("i2v" if (self.folder / "image_encoder").is_dir() else "t2v")
+            task = HunyuanVideo15Transformer.diffusers_config(config).get("task_type") or (
+                "i2v" if (self.folder / "image_encoder").is_dir() else "t2v")
             self._condition = "latents_and_tokens" if task == "i2v" else None
         return self._condition
 

@@ -1277,6 +1277,11 @@ class HunyuanVideoTransformer(nn.Module):
         Tencent's names are this model's."""
         return []
 
+    @staticmethod
+    def diffusers_config(config):
+        """A DiT folder's config.json in diffusers' names (this model's keywords): here as it is."""
+        return config
+
     saved = ("image_condition_type",)  # the settings a converted checkpoint's config.json keeps, besides RoPE's
 
     def settings(self):
@@ -3229,6 +3234,7 @@ def _transformer_weights(source, model_class):
     weights, config = _read_weights(source, "pass the transformer/ folder of a diffusers checkpoint, or a Tencent "
                                             ".pt or ComfyUI .safetensors file")
     _check_family(weights, model_class, source)
+    config = model_class.diffusers_config(config)
     _check_class(config, model_class.diffusers_class, source, "transformer")
     return model_class.names(weights), config
 
@@ -3640,6 +3646,7 @@ def _sizes_of(cls, config, info=None, read=None, source=None, what=None):
         shapes = {k: mx.zeros(shape, mx.bfloat16) for k, (shape, _) in info.items()}
         if issubclass(cls, HunyuanVideoTransformer):
             _check_family(shapes, cls, source)
+            config = cls.diffusers_config(config)
         found = _sizes(cls, read, cls.names(shapes) if issubclass(cls, HunyuanVideoTransformer) else
                        _strip_prefix(shapes), config, source, what)
     return {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **found}

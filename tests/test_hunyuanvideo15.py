@@ -146,18 +146,49 @@ def tencent_state_dict(ref, cfg):
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def tencent_config(m, task, resolution):
+    """A DiT folder's config.json as Tencent's HunyuanVideo_1_5_DiffusionTransformer writes it (diffusers'
+    ConfigMixin over its __init__'s names, read in Tencent's hyvideo/models/transformers/): its in_channels counts
+    the latents alone (the patch embedding takes 2 x in_channels + 1 with concat_condition)."""
+    return {"_class_name": "HunyuanVideo_1_5_DiffusionTransformer", "_diffusers_version": "0.35.0",
+            "patch_size": [1, 1, 1], "in_channels": (m["in_channels"] - 1) // 2, "concat_condition": True,
+            "out_channels": m["out_channels"], "hidden_size": m["num_attention_heads"] * m["attention_head_dim"],
+            "heads_num": m["num_attention_heads"], "mlp_width_ratio": 4.0, "mlp_act_type": "gelu_tanh",
+            "mm_double_blocks_depth": m["num_layers"], "mm_single_blocks_depth": 0, "rope_dim_list": [4, 6, 6],
+            "qkv_bias": True, "qk_norm": True, "qk_norm_type": "rms", "guidance_embed": False,
+            "use_meanflow": m.get("use_meanflow", False), "text_projection": "single_refiner",
+            "use_attention_mask": True, "text_states_dim": m["text_embed_dim"],
+            "text_states_dim_2": m["text_embed_2_dim"],
+            "rope_theta": 256, "attn_mode": "flash", "glyph_byT5_v2": True, "vision_projection": "linear",
+            "vision_states_dim": m["image_embed_dim"], "is_reshape_temporal_channels": False,
+            "use_cond_type_embedding": True, "ideal_resolution": resolution, "ideal_task": task}
+
+
 def test_tencent_and_comfyui_files_float32(tmp_path):
+    """Tencent's single file and a transformer/720p_t2v/ folder of its (its own config.json: in_channels 4 where
+    the tensors take 9, patch_size a list; its task and resolution read from it), ComfyUI's file: each against the
+    reference (bound F32_TOL). A pipeline given that folder as its DiT, with an image-to-video checkpoint's other
+    parts, runs text to video, as the DiT's config says."""
+    import json
+
     cfg = CONFIGS["i2v"]
     ref = randomize(HunyuanVideo15Transformer3DModel(**cfg["model"]), seed=2).eval()
     sd = tencent_state_dict(ref, cfg["model"])
     save_file(sd, tmp_path / "tencent.safetensors")
     save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, tmp_path / "comfyui.safetensors")
+    folder = tmp_path / "transformer" / "720p_t2v"
+    folder.mkdir(parents=True)
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(tencent_config(cfg["model"], "t2v", "720p")))
     inputs = make_inputs(cfg)
     expected = run_reference(ref, inputs)
-    for name in ("tencent", "comfyui"):
-        ours = H15.load_transformer(tmp_path / f"{name}.safetensors", dtype=mx.float32, rope_axes_dim=(4, 6, 6))
+    for name in ("tencent.safetensors", "comfyui.safetensors", "transformer/720p_t2v"):
+        ours = H15.load_transformer(tmp_path / name, dtype=mx.float32, **({} if "/" in name else
+                                                                           dict(rope_axes_dim=(4, 6, 6))))
+        assert "/" not in name or (ours.task_type, ours.target_size) == ("t2v", 960)
         err = rel_err(run_ours(ours, inputs), expected)
         assert err <= F32_TOL, f"{name}: relative error {err:.2e} > {F32_TOL}"
+    assert H15.HunyuanVideo15Pipeline.from_pretrained("tiny15-i2v", transformer=str(folder)).image_condition() is None
 
 
 def test_bfloat16_default_against_the_reference_in_bfloat16(tmp_path):
