@@ -837,6 +837,100 @@ def load_image_encoder(path, dtype=H.DEFAULT_DTYPES["text_encoders"]):
     return H._load_strict(model, weights, dtype, source)
 
 
+# Tencent's own checkpoint folder: tencent/HunyuanVideo-1.5 (transformer/<version>/ such as 480p_t2v, vae/) with
+# the encoders its checkpoints-download.md puts beside them: text_encoder/llm/ (the whole Qwen2.5-VL-7B-Instruct, its
+# tokenizer with it), text_encoder/byt5-small/ (google's: its config and tokenizer) and text_encoder/Glyph-SDXL-v2/
+# (checkpoints/byt5_model.pt, byT5's weights; assets/, the color and font tokens its vocabulary adds), and for image
+# to video vision_encoder/siglip/ (FLUX.1-Redux-dev's image_encoder/ and feature_extractor/). It is read as diffusers'
+# converter reads it (scripts/convert_hunyuan_video1_5_to_diffusers.py), through a view of it in diffusers' layout,
+# made once in the cache folder: links to its parts; byT5 with the Glyph weights and its tokenizer with the added
+# tokens, written; the version's flow shift and CFG scale (Tencent's PIPELINE_CONFIGS) as a scheduler's and a guider's.
+
+def is_tencent_checkpoint(folder):
+    folder = Path(str(folder)).expanduser()
+    return (folder / "text_encoder" / "llm").is_dir() and (folder / "transformer").is_dir() and \
+        not (folder / "transformer" / "config.json").exists()
+
+
+def tencent_version(folder, transformer=None):
+    """The transformer/<version>/ of Tencent's folder a run takes: the one `transformer` names, or its only one;
+    several and none named: one sentence listing them."""
+    versions = sorted(d.name for d in (folder / "transformer").iterdir() if (d / "config.json").is_file())
+    if transformer is not None and Path(transformer).expanduser().resolve().parent == \
+            (folder / "transformer").resolve():
+        return Path(transformer).name
+    if len(versions) != 1:
+        held = f"the transformers {', '.join(versions)}" if versions else "no transformer/<version>/ with a config"
+        raise H.HunyuanVideoError(f"{folder} holds {held}: name the one to run with {{transformer}} "
+                                  f"{folder / 'transformer' / (versions or ['480p_t2v'])[0]}.")
+    return versions[0]
+
+
+def tencent_settings(version):
+    """Tencent's PIPELINE_CONFIGS for a version: its flow shift and CFG scale (1 for the distilled ones)."""
+    shift = 7.0 if "step_distilled" in version else 5.0 if version.startswith("480p") else \
+        9.0 if "t2v" in version else 7.0
+    return shift, 1.0 if "distilled" in version else 6.0
+
+
+def tencent_view(folder, transformer=None):
+    """Tencent's checkpoint folder as a folder in diffusers' layout (see above), made in the cache folder once per
+    folder and version and kept (a byT5 of Glyph's weights, about 1 GB, is its only copy)."""
+    import hashlib
+
+    folder = Path(folder).expanduser().resolve()
+    version = tencent_version(folder, transformer)
+    text, glyph = folder / "text_encoder", folder / "text_encoder" / "Glyph-SDXL-v2"
+    weights = glyph / "checkpoints" / "byt5_model.pt"
+    for need in (text / "byt5-small", weights, glyph / "assets"):
+        if not need.exists():
+            raise H.HunyuanVideoError(f"{need} is missing: download byT5 and Glyph-SDXL-v2 as Tencent's "
+                                      f"checkpoints-download.md says, into {text}.")
+    stamp = f"{folder} {version} {weights.stat().st_size} {weights.stat().st_mtime_ns} {H.__version__}"
+    view = H.cache_dir() / "tencent" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    if (view / "model_index.json").exists():
+        return view
+    tmp = view.with_name(view.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    siglip = folder / "vision_encoder" / "siglip"
+    links = {"transformer": folder / "transformer" / version, "vae": folder / "vae", "text_encoder": text / "llm",
+             "tokenizer": text / "llm", "image_encoder": siglip / "image_encoder",
+             "feature_extractor": siglip / "feature_extractor"}
+    for name, target in links.items():
+        if target.exists():
+            (tmp / name).symlink_to(target, target_is_directory=True)
+    # byT5: Glyph's weights under the encoder's names ('encoder.' for its 'module.text_tower.encoder.'), the shared
+    # embedding its own table (tied); google's config with the vocabulary those weights have
+    tensors = {"encoder." + k.removeprefix("module.text_tower.encoder."): v for k, v in H._read_pt(weights).items()}
+    tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
+    config = json.loads((text / "byt5-small" / "config.json").read_text())
+    config["vocab_size"] = tensors["shared.weight"].shape[0]
+    (tmp / "text_encoder_2").mkdir()
+    mx.save_safetensors(str(tmp / "text_encoder_2" / "model.safetensors"), tensors)
+    (tmp / "text_encoder_2" / "config.json").write_text(json.dumps(config))
+    tokenizer = H.load_tokenizer(text / "byt5-small")  # its tokens for Glyph's colors and fonts, in Glyph's order
+    fonts = json.loads((glyph / "assets" / "multilingual_10-lang_idx.json").read_text())
+    colors = json.loads((glyph / "assets" / "color_idx.json").read_text())
+    tokenizer.add_tokens([f"<color-{i}>" for i in range(len(colors))] +
+                         [f"<{code[:2]}-font-{fonts[code]}>" for code in fonts], special_tokens=True)
+    if len(tokenizer) != config["vocab_size"]:
+        raise H.HunyuanVideoError(f"{weights} holds {config['vocab_size']} byT5 tokens, and byt5-small with Glyph's "
+                                  f"colors and fonts makes {len(tokenizer)}: download Glyph-SDXL-v2 again.")
+    tokenizer.save_pretrained(str(tmp / "tokenizer_2"))
+    shift, scale = tencent_settings(version)
+    for name, file, kind, values in (("scheduler", "scheduler_config.json", "FlowMatchEulerDiscreteScheduler",
+                                      {"shift": shift}),
+                                     ("guider", "guider_config.json", "ClassifierFreeGuidance",
+                                      {"guidance_scale": scale})):
+        (tmp / name).mkdir()
+        (tmp / name / file).write_text(json.dumps({"_class_name": kind, **values}))
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": HunyuanVideo15Pipeline.__name__}))
+    shutil.rmtree(view, ignore_errors=True)
+    tmp.rename(view)
+    return view
+
+
 # ---------------------------------------------------------------------------------------------------
 # The offline demos: tiny random HunyuanVideo 1.5s in the real layout
 # ---------------------------------------------------------------------------------------------------
@@ -854,15 +948,27 @@ def siglip_checkpoint_weights(tower):
     return {k: v.transpose(0, 3, 1, 2) if v.ndim == 4 else v for k, v in tree_flatten(tower.parameters())}
 
 
-def checkpoint_settings(model):
+def checkpoint_settings(model, transformer=None):
     """A local 1.5 folder's own settings, read from its files before anything loads, as the reference's pipelines
     take them: the flow shift (scheduler/scheduler_config.json), true CFG's scale (guider/guider_config.json: 6 on
     the base checkpoints, 1 on the distilled ones), 121 frames, and the 16:9 size at the DiT's target_size
-    (transformer/config.json; target_size kept too: image to video takes the image's aspect). {} for a name that
-    is not a folder."""
+    (transformer/config.json; target_size kept too: image to video takes the image's aspect). Tencent's folder: its
+    version's (tencent_settings, and its DiT's config), the version `transformer` names or its only one. {} for a
+    name that is not a folder."""
     folder = Path(str(model)).expanduser()
     if not folder.is_dir():
         return {}
+    if is_tencent_checkpoint(folder):
+        try:
+            version = tencent_version(folder, transformer)
+        except H.HunyuanVideoError:
+            return {"frames": 121}  # from_pretrained says which versions there are
+        shift, scale = tencent_settings(version)
+        config = HunyuanVideo15Transformer.diffusers_config(
+            json.loads((folder / "transformer" / version / "config.json").read_text()))
+        target = config.get("target_size", 960 if version.startswith("720p") else 640)
+        return {"frames": 121, "shift": shift, "cfg_scale": scale, "target_size": target,
+                **dict(zip(("height", "width"), bucket_size(9, 16, target)))}
 
     def read(name):
         try:
@@ -1126,6 +1232,11 @@ class HunyuanVideo15Pipeline(H.HunyuanVideoPipeline):
                     "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v")
     build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)
     checkpoint_settings = staticmethod(checkpoint_settings)
+
+    @staticmethod
+    def diffusers_folder(folder, transformer=None):
+        """Tencent's own checkpoint folder as a folder in diffusers' layout (tencent_view); others as they are."""
+        return tencent_view(folder, transformer) if is_tencent_checkpoint(folder) else folder
     bucket_size = staticmethod(bucket_size)
     image_fit = "cropped"  # fit_image keeps the middle of an image, scaled to cover the video
     magcache = staticmethod(magcache)

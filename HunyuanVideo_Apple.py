@@ -2411,7 +2411,9 @@ TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace", "tiny15": None, "tiny1
 
 def is_hunyuanvideo15(folder):
     """Whether a checkpoint folder (diffusers' layout) is a HunyuanVideo 1.5: its model_index.json or its DiT's
-    config.json names 1.5's classes."""
+    config.json names 1.5's classes; or Tencent's own 1.5 folder (its Qwen2.5-VL in text_encoder/llm/)."""
+    if (Path(folder) / "text_encoder" / "llm").is_dir():
+        return True
     for name in ("model_index.json", "transformer/config.json"):
         try:
             if json.loads((Path(folder) / name).read_text()).get("_class_name", "").startswith("HunyuanVideo15"):
@@ -4165,9 +4167,9 @@ SETTINGS = {
         ("block", f"tokens a block, a power of two ({RADIAL_DEFAULTS['block']} when left out)"))},
     "preset": Setting(None, tuple(PRESETS), "loading", "Preset", "a checkpoint of the family with its own settings: "
                       + "; ".join(f"{k}: {p['about']}" for k, p in PRESETS.items()) + " (settings given too win)"),
-    "model": Setting(DEFAULT_MODEL, str, "loading", "Model", "a local folder in the diffusers layout, a hub id, or "
-                     "'tiny' / 'tiny-i2v' for the offline demos (text / image to video; HunyuanVideo 1.5's: 'tiny15' / "
-                     "'tiny15-i2v')"),
+    "model": Setting(DEFAULT_MODEL, str, "loading", "Model", "a local folder in the diffusers layout (or Tencent's own "
+                     "HunyuanVideo 1.5 folder), a hub id, or 'tiny' / 'tiny-i2v' for the offline demos (text / image "
+                     "to video; HunyuanVideo 1.5's: 'tiny15' / 'tiny15-i2v')"),
     "transformer": Setting(None, str, "loading", "Transformer", "the DiT from another checkpoint (a fine-tune): its "
                            "diffusers folder, a single .safetensors or .pt file, or a hub id; the rest from the model"),
     "loras": Setting([], list, "loading", "LoRAs", "LoRAs for the DiT, [file, scale] each: diffusers, original, "
@@ -4301,7 +4303,7 @@ def _resolved(given, pipe, text):
         preset = {k: v for k, v in preset.items() if k not in ("height", "width", "frames", "transformer",
                                                                 "target_size")}
     else:  # a local checkpoint's own settings (1.5's folders name their shift, CFG scale and size)
-        own = kind.checkpoint_settings(model)
+        own = kind.checkpoint_settings(model, given.get("transformer"))
     defaults.update({k: v for k, v in {**own, **preset}.items() if k in SETTINGS})
     target, picture = preset.get("target_size") or own.get("target_size"), None  # the image, once read
     if target and given.get("image") is not None and "height" not in given and "width" not in given:
@@ -4983,10 +4985,15 @@ class HunyuanVideoPipeline:
     build_tiny_checkpoint = staticmethod(build_tiny_checkpoint)  # its offline demos (TINY_MODELS)
 
     @staticmethod
-    def checkpoint_settings(model):
-        """A local checkpoint's own defaults, read from its files before loading: none for 13B's (SETTINGS' are
-        HunyuanVideo's)."""
+    def checkpoint_settings(model, transformer=None):
+        """A local checkpoint's own defaults, read from its files before loading (with the DiT `transformer` names):
+        none for 13B's (SETTINGS' are HunyuanVideo's)."""
         return {}
+
+    @staticmethod
+    def diffusers_folder(folder, transformer=None):
+        """The checkpoint folder to load from, in diffusers' layout: 13B's as it is."""
+        return folder
 
     @staticmethod
     def magcache(steps, branch):
@@ -5020,6 +5027,9 @@ class HunyuanVideoPipeline:
                 raise HunyuanVideoError(f"the {{model}} {folder} does not exist: pass a HunyuanVideo folder in the "
                                         f"diffusers layout or a hub id such as {DEFAULT_MODEL}.")
             folder, hub = _download(r.model, weights=False), r.model
+        if cls is HunyuanVideoPipeline:  # 1.5's pipeline, from its own module, for a 1.5 checkpoint
+            cls = _pipeline_class(folder)
+        folder = cls.diffusers_folder(folder, transformer)  # Tencent's own 1.5 folder: a view of it
         missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
         if missing:
             raise HunyuanVideoError(f"{folder} lacks {', '.join(missing)}: pass a complete HunyuanVideo checkpoint "
@@ -5029,8 +5039,6 @@ class HunyuanVideoPipeline:
                 raise HunyuanVideoError(f"the {{transformer}} {transformer} does not exist: pass a DiT's folder or "
                                         f"file, a hub id, or a file in a hub repository (owner/name/path).")
             transformer, transformer_hub = _download(transformer, weights=False, transformer_only=True), transformer
-        if cls is HunyuanVideoPipeline:  # 1.5's pipeline, from its own module, for a 1.5 checkpoint
-            cls = _pipeline_class(folder)
         pipe = cls(folder, {component: DTYPES[getattr(r, f"{c}_dtype")] for c, component in _DTYPE_SETTINGS},
                    r.quantization, r.quantize_modulation, r.low_memory, hub, prompt_cache, r.loras,
                    r.lora_ignore_unmatched, transformer and Path(transformer).expanduser(), transformer_hub,

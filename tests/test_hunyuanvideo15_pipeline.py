@@ -64,6 +64,13 @@ def test_image_to_video_matches_diffusers(tmp_path, cfg_scale, meanflow):
     assert set(pipe.stats) >= {"encode image", "image encoder", "text encoders", "denoise"}
     err = rel_err(np.array(out), expected)
     assert err <= TOL, f"relative error {err:.2e} > {TOL}"
+    # two versions: the one to run is named by --transformer, else one sentence names them (and its settings)
+    (root / "transformer" / "720p_i2v").mkdir()
+    (root / "transformer" / "720p_i2v" / "config.json").write_text(json.dumps(tencent_config(dit, "i2v", "720p")))
+    with pytest.raises(H.HunyuanVideoError, match="holds the transformers 480p_t2v, 720p_i2v: name the one to run"):
+        H.HunyuanVideoPipeline.from_pretrained(root)
+    request = H.check_request(dict(model=str(root), transformer=str(root / "transformer" / "720p_i2v"), prompt="x"))
+    assert (request.shift, request.cfg_scale, request.height, request.width) == (7.0, 6.0, 720, 1280)
 
 
 def diffusers_cache(cache, threshold):
@@ -155,3 +162,80 @@ def test_the_prompt_cache_holds_1_5_s_four_parts(tmp_path, monkeypatch):
     assert pipe.prompt_hit and all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(first, again))
     other = H.HunyuanVideoPipeline.from_pretrained(H.build_tiny_checkpoint(tmp_path / "t13"), prompt_cache=True)
     assert other._prompt_entry(prompt) != pipe._prompt_entry(prompt)
+
+
+def test_tencent_s_own_folder_runs_as_the_reference_does(tmp_path, monkeypatch):
+    """Tencent's checkpoint folder (tencent/HunyuanVideo-1.5's transformer/480p_t2v/ and vae/, with the encoders its
+    checkpoints-download.md adds: the whole Qwen2.5-VL in text_encoder/llm/, google's byt5-small and Glyph-SDXL-v2's
+    byt5_model.pt and assets), written here from the reference pipeline's own parts by the inverse of diffusers'
+    converter (scripts/convert_hunyuan_video1_5_to_diffusers.py): the reference's byT5 takes Glyph's color and font
+    tokens as that converter adds them, and the prompt quotes one. Our run from the folder, at the version's own
+    settings (flow shift 5, true CFG 6), against the reference's (measured 4.9e-6; bound TOL; with Glyph's tokens
+    added in another order, 0.40)."""
+    import json
+
+    from safetensors.torch import save_file
+    from test_hunyuanvideo15 import tencent_config, tencent_state_dict, tencent_vae_name
+    from transformers import ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import HunyuanVideo_Apple as H
+
+    monkeypatch.setenv("HUNYUAN_APPLE_CACHE", str(tmp_path / "cache"))  # where the folder's view is made
+    ref = reference_pipeline(tmp_path, 6.0)
+    root, text = tmp_path / "tencent", tmp_path / "tencent" / "text_encoder"
+    colors, fonts = {"white": 0, "black": 1, "red": 2}, {"en-Montserrat": 0, "zh-SimHei": 1}
+    tokens = [f"<color-{i}>" for i in range(3)] + ["<en-font-0>", "<zh-font-1>"]  # the converter's order
+    ref.tokenizer_2.add_tokens(tokens, special_tokens=True)
+    ref.text_encoder_2.resize_token_embeddings(len(ref.tokenizer_2), mean_resizing=False)
+    torch.manual_seed(9)
+    ref.text_encoder_2.shared.weight.data[384:] = torch.randn(5, 24)
+    # the DiT and the VAE under Tencent's names, with Tencent's configs
+    dit = ref.transformer.config
+    (root / "transformer" / "480p_t2v").mkdir(parents=True)
+    save_file(tencent_state_dict(ref.transformer, dit), root / "transformer" / "480p_t2v" /
+              "diffusion_pytorch_model.safetensors")
+    (root / "transformer" / "480p_t2v" / "config.json").write_text(json.dumps(tencent_config(dit, "t2v", "480p")))
+    (root / "vae").mkdir()
+    save_file({tencent_vae_name(k): v.contiguous() for k, v in ref.vae.state_dict().items()},
+              root / "vae" / "diffusion_pytorch_model.safetensors")
+    vae = ref.vae.config
+    (root / "vae" / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKLConv3D", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": list(vae.block_out_channels), "layers_per_block": 1, "ffactor_spatial": 16,
+        "ffactor_temporal": 4, "scaling_factor": vae.scaling_factor}))
+    # the whole Qwen2.5-VL with its language model the reference's, and its tokenizer
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=ref.text_encoder.config.to_dict(), vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[0])))
+    qwen.model.language_model.load_state_dict(ref.text_encoder.state_dict())
+    qwen.save_pretrained(text / "llm")
+    ref.tokenizer.save_pretrained(text / "llm")
+    # google's byt5-small (its own vocabulary) and Glyph's weights and assets
+    byt5 = ref.text_encoder_2.config.to_dict()
+    (text / "byt5-small").mkdir()
+    (text / "byt5-small" / "config.json").write_text(json.dumps({**byt5, "vocab_size": 384}))
+    ByT5Tokenizer().save_pretrained(text / "byt5-small")
+    (text / "Glyph-SDXL-v2" / "checkpoints").mkdir(parents=True)
+    (text / "Glyph-SDXL-v2" / "assets").mkdir()
+    torch.save({"module.text_tower.encoder." + k.removeprefix("encoder."): v
+                for k, v in ref.text_encoder_2.state_dict().items() if k.startswith("encoder.")},
+               text / "Glyph-SDXL-v2" / "checkpoints" / "byt5_model.pt")
+    (text / "Glyph-SDXL-v2" / "assets" / "color_idx.json").write_text(json.dumps(colors))
+    (text / "Glyph-SDXL-v2" / "assets" / "multilingual_10-lang_idx.json").write_text(json.dumps(fonts))
+
+    prompt = 'A shop window with a sign that says "OPEN <color-2>", a cat sleeping under it'
+    latents = torch.randn(1, 4, 2, 4, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ref(prompt, negative_prompt="", num_frames=SIZE["frames"], height=SIZE["height"],
+                       width=SIZE["width"], num_inference_steps=3, latents=latents.clone(), output_type="latent")
+    expected = (expected.frames if hasattr(expected, "frames") else expected[0]).permute(0, 2, 3, 4, 1).numpy()
+    assert H.is_hunyuanvideo15(root)
+    request = H.check_request(dict(model=str(root), prompt=prompt))
+    assert (request.shift, request.cfg_scale, request.frames) == (5.0, 6.0, 121)
+    pipe = H.HunyuanVideoPipeline.from_pretrained(root, dtype=mx.float32)
+    assert isinstance(pipe, H15.HunyuanVideo15Pipeline)
+    out = pipe(prompt, negative_prompt="", steps=3, output_type="latent",
+               latents=mx.array(latents.permute(0, 2, 3, 4, 1).numpy()), **SIZE)
+    err = rel_err(np.array(out), expected)
+    print(f"Tencent's folder vs the reference: {err:.2e}")
+    assert err <= TOL, f"relative error {err:.2e} > {TOL}"
