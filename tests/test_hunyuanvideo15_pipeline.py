@@ -21,15 +21,20 @@ TOL = 5e-5
 SIZE = dict(height=64, width=96, frames=5)  # latents 2 x 4 x 6, 32 channels -> 4 here
 
 
+def reference_text_to_video(ref, prompt, latents):
+    """The reference pipeline's final latents (channels-last) at SIZE, 3 steps, from these initial latents."""
+    with torch.no_grad():
+        out = ref(prompt, negative_prompt="", num_frames=SIZE["frames"], height=SIZE["height"], width=SIZE["width"],
+                  num_inference_steps=3, latents=latents.clone(), output_type="latent")
+    return (out.frames if hasattr(out, "frames") else out[0]).permute(0, 2, 3, 4, 1).numpy()
+
+
 @pytest.mark.parametrize("cfg_scale", [6.0, 1.0], ids=["true-cfg", "cfg-distilled"])
 def test_text_to_video_matches_diffusers(tmp_path, cfg_scale):
     ref = reference_pipeline(tmp_path, cfg_scale)
     prompt = 'A shop window with a sign that says "OPEN", a cat sleeping under it'
     latents = torch.randn(1, 4, 2, 4, 6, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = ref(prompt, negative_prompt="", num_frames=SIZE["frames"], height=SIZE["height"],
-                       width=SIZE["width"], num_inference_steps=3, latents=latents.clone(), output_type="latent")
-    expected = (expected.frames if hasattr(expected, "frames") else expected[0]).permute(0, 2, 3, 4, 1).numpy()
+    expected = reference_text_to_video(ref, prompt, latents)
     pipe = H15.HunyuanVideo15Pipeline.from_pretrained(tmp_path / "ckpt", dtype=mx.float32)
     negative = dict(negative_prompt="") if cfg_scale > 1 else {}
     out = pipe(prompt, **negative, cfg_scale=cfg_scale, shift=5.0, steps=3, output_type="latent",
@@ -218,10 +223,7 @@ def test_tencent_s_own_folder_runs_as_the_reference_does(tmp_path, monkeypatch):
 
     prompt = 'A shop window with a sign that says "OPEN <color-2>", a cat sleeping under it'
     latents = torch.randn(1, 4, 2, 4, 6, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = ref(prompt, negative_prompt="", num_frames=SIZE["frames"], height=SIZE["height"],
-                       width=SIZE["width"], num_inference_steps=3, latents=latents.clone(), output_type="latent")
-    expected = (expected.frames if hasattr(expected, "frames") else expected[0]).permute(0, 2, 3, 4, 1).numpy()
+    expected = reference_text_to_video(ref, prompt, latents)
     assert H.is_hunyuanvideo15(root)
     request = H.check_request(dict(model=str(root), prompt=prompt))
     assert (request.shift, request.cfg_scale, request.frames) == (5.0, 6.0, 121)
