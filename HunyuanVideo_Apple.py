@@ -2411,8 +2411,10 @@ TINY_MODELS = {"tiny": None, "tiny-i2v": "token_replace", "tiny15": None, "tiny1
 
 def is_hunyuanvideo15(folder):
     """Whether a checkpoint folder (diffusers' layout) is a HunyuanVideo 1.5: its model_index.json or its DiT's
-    config.json names 1.5's classes; or Tencent's own 1.5 folder (its Qwen2.5-VL in text_encoder/llm/)."""
-    if (Path(folder) / "text_encoder" / "llm").is_dir():
+    config.json names 1.5's classes; or Tencent's own 1.5 folder (HunyuanVideo15_Apple.is_tencent_checkpoint)."""
+    import HunyuanVideo15_Apple as H15  # it imports this module
+
+    if H15.is_tencent_checkpoint(folder):
         return True
     for name in ("model_index.json", "transformer/config.json"):
         try:
